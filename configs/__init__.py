@@ -1,0 +1,1 @@
+"""YAML presets for `mpl-fast train` (installed as the package data mpl_fast.configs)."""

@@ -1,0 +1,63 @@
+"""Which implementation an op runs: the env var MPL_FAST_BACKEND, read at every call.
+
+  triton  the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+  cuda    the compiled csrc kernels (multi-tensor ops; CPU tensors use their CPU kernels)
+  torch   the plain-torch reference beside each op
+unset     the best available: compiled/Triton kernels where they can run, else the reference
+"""
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+
+
+def requested():
+    """The backend named by MPL_FAST_BACKEND, or None when unset/empty."""
+    name = os.environ.get("MPL_FAST_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"MPL_FAST_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors only through the interpreter."""
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and triton_interpreted()
+
+
+def loss_backend(t: torch.Tensor) -> str:
+    """'triton' or 'torch' for the fused loss ops, for tensors like t."""
+    name = requested()
+    if name == "torch":
+        return "torch"
+    if name in ("triton", "cuda"):
+        if not triton_usable(t):
+            raise RuntimeError(
+                f"MPL_FAST_BACKEND={name} cannot run on {t.device.type} tensors "
+                "(Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)")
+        return "triton"
+    return "triton" if t.device.type == "cuda" or triton_interpreted() else "torch"
+
+
+def multi_tensor_backend(device: torch.device) -> str:
+    """'cuda' (the compiled csrc kernels, CPU or CUDA) or 'torch' for the multi-tensor ops."""
+    from mpl_fast.ops import _extension
+
+    name = requested()
+    if name == "torch":
+        return "torch"
+    if device.type == "cuda" and not _extension.cuda_built():
+        if name in ("cuda", "triton"):
+            raise RuntimeError("MPL_FAST_BACKEND asks for compiled kernels on CUDA tensors, but "
+                               "mpl_fast._C was built without CUDA")
+        return "torch"
+    _extension.load()
+    return "cuda"

@@ -1,0 +1,67 @@
+"""Build of mpl-fast: setuptools for the Python packages, CMake for the extension mpl_fast._C.
+
+The extension is compiled against the torch that is already installed (build with
+`pip install --no-build-isolation ...`), so the same source builds CPU-only and CUDA variants.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _nvcc():
+    """The CUDA compiler to use, or None. CUDA_HOME wins over whatever nvcc is on PATH."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        try:
+            import pybind11
+            import torch
+            import torch.utils.cpp_extension as cpp
+        except ImportError as err:  # pragma: no cover - message for users
+            sys.exit(f"mpl-fast build needs torch and pybind11 installed first ({err}); "
+                     "see README: install torch, then pip install --no-build-isolation -e .")
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with_cuda = torch.version.cuda is not None and os.environ.get("MPL_FAST_NO_CUDA") != "1"
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DTORCH_INCLUDE_DIRS={';'.join(cpp.include_paths())}",
+            f"-DTORCH_LIBRARY_DIR={cpp.library_paths()[0]}",
+            f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-DTORCH_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('MPL_FAST_BUILD_TYPE', 'Release')}",
+        ]
+        nvcc = _nvcc()
+        if nvcc and os.environ.get("MPL_FAST_SKIP_CUDA_CHECK") != "1":
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+        if os.environ.get("MPL_FAST_CUDA_ARCHS"):
+            args.append(f"-DMPL_FAST_CUDA_ARCHS={os.environ['MPL_FAST_CUDA_ARCHS']}")
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("mpl_fast._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
