@@ -1,0 +1,1 @@
+"""Data: embedded data sets, label splits, input pipelines."""

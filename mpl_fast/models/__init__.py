@@ -1,0 +1,1 @@
+"""Networks (WRN, ResNet, a timm adapter, small nets) and activation checkpointing."""

@@ -1,0 +1,1 @@
+"""The training loop: config, schedules, optimizers, EMA, eval, checkpoints, logging."""
