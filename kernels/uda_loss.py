@@ -1,0 +1,74 @@
+"""Triton kernel of uda_loss: targets q = softmax(weak / T) (no gradient), a confidence mask
+max(q) >= threshold, and the masked soft cross-entropy of the strong logits against q, with its
+gradient mask * (softmax(strong) - q) written in the same call. Each row of both inputs is
+streamed once for the loss, and once more for the gradient."""
+import torch
+import triton
+import triton.language as tl
+
+from mpl_fast.kernels.softmax_common import block_size, num_warps, online_softmax_update, safe_max
+
+
+@triton.jit
+def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
+                     grad_ptr, grad_stride, C, inv_temperature, threshold,
+                     COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    w_row = weak_ptr + row * weak_stride
+    s_row = strong_ptr + row * strong_stride
+    cols = tl.arange(0, BLOCK)
+    mw = -float("inf")
+    sw = 0.0
+    ms = -float("inf")
+    ss = 0.0
+    qs = 0.0  # sum_c exp(w_c / T - mw) * strong_c, rescaled as mw grows
+    for start in range(0, C, BLOCK):
+        c = start + cols
+        valid = c < C
+        w = tl.load(w_row + c, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
+        x = tl.load(s_row + c, mask=valid, other=-float("inf")).to(tl.float32)
+        mw_new = tl.maximum(mw, tl.max(w, 0))
+        mw_safe = safe_max(mw_new)
+        e = tl.exp(w - mw_safe)
+        scale = tl.exp(mw - mw_safe)
+        sw = sw * scale + tl.sum(e, 0)
+        qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 0)
+        mw = mw_new
+        ms, ss = online_softmax_update(ms, ss, x)
+    mw_safe = safe_max(mw)
+    lse_s = safe_max(ms) + tl.log(ss)
+    max_q = tl.exp(mw - mw_safe) / sw
+    mk = (max_q >= threshold).to(tl.float32)
+    loss = lse_s - qs / sw
+    tl.store(loss_ptr + row, tl.where(mk != 0.0, loss, 0.0))
+    tl.store(mask_ptr + row, mk)
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * grad_stride
+        inv_sw = 1.0 / sw
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            valid = c < C
+            w = tl.load(w_row + c, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
+            x = tl.load(s_row + c, mask=valid, other=-float("inf")).to(tl.float32)
+            g = (tl.exp(x - lse_s) - tl.exp(w - mw_safe) * inv_sw) * mk
+            tl.store(g_row + c, g.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def uda_loss_forward(weak, strong, temperature, threshold, compute_grad):
+    n, c = strong.shape
+    if weak.stride(1) != 1:
+        weak = weak.contiguous()
+    if strong.stride(1) != 1:
+        strong = strong.contiguous()
+    dev = strong.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    mask = torch.empty(n, dtype=torch.float32, device=dev)
+    grad = torch.empty_like(strong) if compute_grad else strong.new_empty(0)
+    if n == 0:
+        return loss, mask, grad
+    block = block_size(c)
+    _uda_loss_kernel[(n,)](weak, weak.stride(0), strong, strong.stride(0), loss, mask,
+                           grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
+                           c, 1.0 / float(temperature), float(threshold),
+                           COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps(block))
+    return loss, mask, grad

@@ -1,0 +1,58 @@
+"""pseudo_labels: softmax(logits / T), its row max, the confidence mask and labels (argmax,
+or a categorical draw) in one op, without gradient."""
+from typing import NamedTuple, Optional
+
+import torch
+
+from mpl_fast.ops import _checks, backend
+
+MODES = ("argmax", "sample")
+
+
+class PseudoLabels(NamedTuple):
+    probs: torch.Tensor  # N x C float32, softmax(logits / temperature)
+    max_prob: torch.Tensor  # N float32
+    mask: torch.Tensor  # N float32: max_prob >= threshold
+    labels: torch.Tensor  # N int64
+
+
+def pseudo_labels_torch(logits, temperature, threshold):
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    max_prob, labels = probs.max(dim=1)
+    return probs, max_prob, (max_prob >= threshold).float(), labels
+
+
+@torch.library.custom_op("mpl_fast::pseudo_labels", mutates_args=())
+def _pseudo_labels_op(logits: torch.Tensor, temperature: float, threshold: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend.loss_backend(logits) == "triton":
+        from mpl_fast.kernels.pseudo_labels import pseudo_labels_forward
+
+        return pseudo_labels_forward(logits, temperature, threshold)
+    return pseudo_labels_torch(logits, temperature, threshold)
+
+
+@_pseudo_labels_op.register_fake
+def _(logits, temperature, threshold):
+    n, c = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (logits.new_empty(n, c, **f32), logits.new_empty(n, **f32),
+            logits.new_empty(n, **f32), logits.new_empty(n, dtype=torch.int64))
+
+
+def pseudo_labels(logits: torch.Tensor, temperature: float = 1.0, threshold: float = 0.0,
+                  mode: str = "argmax", generator: Optional[torch.Generator] = None
+                  ) -> PseudoLabels:
+    """Pseudo labels from teacher logits (N x C). mode 'sample' draws labels from probs with
+    the optional generator (an exponential race: argmax(probs / E), E ~ Exp(1), which needs no
+    host synchronisation)."""
+    _checks.logits_2d("logits", logits)
+    _checks.positive("temperature", temperature)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    probs, max_prob, mask, labels = _pseudo_labels_op(logits.detach(), float(temperature),
+                                                      float(threshold))
+    if mode == "sample":
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        labels = (probs / race).argmax(dim=1)
+    return PseudoLabels(probs, max_prob, mask, labels)

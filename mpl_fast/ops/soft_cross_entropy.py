@@ -1,0 +1,122 @@
+"""soft_cross_entropy: cross-entropy against class indices or probabilities, with label
+smoothing and a row mask; the gradient is computed in the forward pass (backward is a scale).
+
+Per row: loss_i = -sum_c t'_ic log_softmax(logits_i)_c, t' = (1 - ls) t + ls / C, times mask_i.
+A zero target weight contributes 0 even against a -inf logit. reduction "mean" divides by N
+(masked rows stay in the divisor, the official UDA convention; N = 0 gives 0), "sum", "none".
+On CUDA, class indices are not range-checked on the host (that would synchronise): an index
+outside [0, C) gives a NaN loss for its row.
+"""
+from typing import Optional
+
+import torch
+
+from mpl_fast.ops import _checks, backend
+
+
+def soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smoothing,
+                             compute_grad):
+    """The plain-torch kernel of the op: (per-row loss float32, gradient like logits)."""
+    x = logits.float()
+    c = x.shape[1]
+    logp = torch.log_softmax(x, dim=1)
+    if target_index is not None:
+        t = torch.zeros_like(x).scatter_(1, target_index.clamp(0, c - 1)[:, None], 1.0)
+    else:
+        t = target_probs.float()
+    if label_smoothing > 0:
+        t = (1.0 - label_smoothing) * t + label_smoothing / c
+    loss = -torch.where(t != 0, t * logp, torch.zeros_like(logp)).sum(1)
+    if target_index is not None:
+        loss = torch.where((target_index >= 0) & (target_index < c), loss, float("nan"))
+    grad = None
+    if compute_grad:
+        grad = logp.exp() * t.sum(1, keepdim=True) - t
+    if mask is not None:
+        m = mask.float()
+        loss = torch.where(m != 0, loss * m, torch.zeros_like(loss))
+        if grad is not None:
+            grad = grad * m[:, None]
+    grad = grad.to(logits.dtype) if grad is not None else logits.new_empty(0)
+    return loss, grad
+
+
+@torch.library.custom_op("mpl_fast::soft_cross_entropy", mutates_args=())
+def _soft_cross_entropy_op(logits: torch.Tensor, target_index: Optional[torch.Tensor],
+                           target_probs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                           label_smoothing: float, compute_grad: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend.loss_backend(logits) == "triton":
+        from mpl_fast.kernels.soft_cross_entropy import soft_cross_entropy_forward
+
+        return soft_cross_entropy_forward(logits, target_index, target_probs, mask,
+                                          label_smoothing, compute_grad)
+    return soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smoothing,
+                                    compute_grad)
+
+
+@_soft_cross_entropy_op.register_fake
+def _(logits, target_index, target_probs, mask, label_smoothing, compute_grad):
+    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.has_grad = inputs[5]
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.has_grad:
+        raise RuntimeError("soft_cross_entropy was called without compute_grad=True; "
+                           "call it with grad enabled and logits requiring grad")
+    g = (grad.float() * grad_loss[:, None].float()).to(grad.dtype)
+    return g, None, None, None, None, None
+
+
+_soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reduce_rows(loss_rows, reduction):
+    """'mean' (over all N rows, 0 for N = 0), 'sum' or 'none' of per-row losses."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / max(loss_rows.shape[0], 1) if reduction == "mean" else total
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+                       mask: Optional[torch.Tensor] = None, reduction: str = "mean"
+                       ) -> torch.Tensor:
+    """Cross-entropy of logits (N x C) against target: int64 indices (N) or probabilities
+    (N x C); float32 result. Gradient flows to the logits only."""
+    _checks.logits_2d("logits", logits)
+    n, c = logits.shape
+    _checks.reduction(reduction)
+    _checks.in_unit_interval("label_smoothing", label_smoothing)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"target must be a tensor, got {type(target).__name__}")
+    if target.dim() == 1:
+        _checks.class_indices("target", target, n, c, logits.device)
+        index, probs = target, None
+    elif target.dim() == 2:
+        if tuple(target.shape) != (n, c):
+            raise ValueError(f"target probabilities must have the logits' shape {[n, c]}, "
+                             f"got {list(target.shape)}")
+        if not target.is_floating_point():
+            raise ValueError(f"target probabilities must be floating point, got {target.dtype}")
+        if target.device != logits.device:
+            raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+        index, probs = None, target.detach()
+    else:
+        raise ValueError(f"target must be class indices (N) or probabilities (N x C), got "
+                         f"shape {list(target.shape)}")
+    if mask is not None:
+        _checks.row_vector("mask", mask, n, logits.device)
+        mask = mask.detach()
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss_rows, _ = _soft_cross_entropy_op(logits, index, probs, mask, float(label_smoothing),
+                                          compute_grad)
+    return reduce_rows(loss_rows, reduction)

@@ -1,0 +1,73 @@
+"""uda_loss: UDA consistency. Targets q = softmax(weak / T) without gradient; rows whose
+max q is under threshold are masked (kept in the mean's divisor); soft cross-entropy of the
+strong logits against q. Returns (loss, mask)."""
+import torch
+
+from mpl_fast.ops import _checks, backend
+from mpl_fast.ops.soft_cross_entropy import reduce_rows
+
+
+def uda_loss_torch(weak, strong, temperature, threshold, compute_grad):
+    q = torch.softmax(weak.float() / temperature, dim=1)
+    mask = (q.max(dim=1).values >= threshold).float()
+    logp = torch.log_softmax(strong.float(), dim=1)
+    loss = -torch.where(q != 0, q * logp, torch.zeros_like(logp)).sum(1)
+    loss = torch.where(mask != 0, loss, torch.zeros_like(loss))
+    grad = ((logp.exp() - q) * mask[:, None]).to(strong.dtype) if compute_grad \
+        else strong.new_empty(0)
+    return loss, mask, grad
+
+
+@torch.library.custom_op("mpl_fast::uda_loss", mutates_args=())
+def _uda_loss_op(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float,
+                 threshold: float, compute_grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend.loss_backend(logits_strong) == "triton":
+        from mpl_fast.kernels.uda_loss import uda_loss_forward
+
+        return uda_loss_forward(logits_weak, logits_strong, temperature, threshold, compute_grad)
+    return uda_loss_torch(logits_weak, logits_strong, temperature, threshold, compute_grad)
+
+
+@_uda_loss_op.register_fake
+def _(logits_weak, logits_strong, temperature, threshold, compute_grad):
+    n = logits_strong.shape[0]
+    row = logits_strong.new_empty(n, dtype=torch.float32)
+    grad = torch.empty_like(logits_strong) if compute_grad else logits_strong.new_empty(0)
+    return row, row.new_empty(n), grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.has_grad = inputs[4]
+
+
+def _backward(ctx, grad_loss, _grad_mask, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.has_grad:
+        raise RuntimeError("uda_loss was called without a gradient; call it with grad enabled "
+                           "and logits_strong requiring grad")
+    g = (grad.float() * grad_loss[:, None].float()).to(grad.dtype)
+    return None, g, None, None, None
+
+
+_uda_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float = 1.0,
+             threshold: float = 0.0, reduction: str = "mean"):
+    """(loss, mask): masked soft cross-entropy of logits_strong against softmax(weak / T)."""
+    _checks.logits_2d("logits_weak", logits_weak)
+    _checks.logits_2d("logits_strong", logits_strong)
+    if logits_weak.shape != logits_strong.shape:
+        raise ValueError(f"logits_weak {list(logits_weak.shape)} and logits_strong "
+                         f"{list(logits_strong.shape)} must have the same shape")
+    if logits_weak.device != logits_strong.device:
+        raise ValueError(f"logits_weak is on {logits_weak.device} but logits_strong is on "
+                         f"{logits_strong.device}")
+    _checks.positive("temperature", temperature)
+    _checks.reduction(reduction)
+    compute_grad = torch.is_grad_enabled() and logits_strong.requires_grad
+    loss_rows, mask, _ = _uda_loss_op(logits_weak.detach(), logits_strong, float(temperature),
+                                      float(threshold), compute_grad)
+    return reduce_rows(loss_rows, reduction), mask.detach()

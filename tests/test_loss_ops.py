@@ -1,0 +1,323 @@
+"""Fused loss ops (pseudo_labels, soft_cross_entropy, uda_loss) against float64 truth, through
+the plain-torch backend and the Triton kernels (interpreted on CPU; compiled on a GPU)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpl_fast import ops
+from tests import loss_truth
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, C): C from the op contract; large C only with few rows to keep the interpreter quick.
+SHAPES = [(7, 2), (9, 10), (5, 1000), (3, 32000), (2, 50257), (1, 65537)]
+SLACK = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+
+
+def _backends():
+    out = [("torch", "cpu"), ("triton", "cpu")]
+    out.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu))
+    return out
+
+
+@pytest.fixture
+def use(monkeypatch):
+    def set_backend(name):
+        monkeypatch.setenv("MPL_FAST_BACKEND", name)
+    return set_backend
+
+
+def _logits(n, c, dtype, device, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, c, generator=g) * scale).to(dtype).to(device)
+
+
+def _no_worse_than_torch(ours, torch_own, truth, dtype):
+    err = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
+    ref = (torch_own.double() - truth).abs().max().item() if truth.numel() else 0.0
+    scale = max(truth.abs().max().item() if truth.numel() else 0.0, 1.0)
+    if not ref < float("inf"):  # torch itself overflowed (fp16 sums over 50k classes)
+        ref = 0.0
+    assert err <= ref + SLACK[dtype] * scale, (err, ref)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c", SHAPES)
+@pytest.mark.parametrize("hard", [True, False])
+def test_soft_cross_entropy_values_and_grads(use, backend, device, dtype, n, c, hard):
+    use(backend)
+    seed = n * 1000 + c + hard
+    ls = 0.15 if (c % 2) else 0.0
+    x = _logits(n, c, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if hard:
+        target = torch.randint(0, c, (n,), generator=g).to(device)
+    else:
+        target = torch.softmax(torch.randn(n, c, generator=g) * 2, 1).to(device)
+    mask = (torch.rand(n, generator=g) > 0.3).float().to(device)
+
+    x_ours = x.clone().requires_grad_()
+    loss = ops.soft_cross_entropy(x_ours, target, label_smoothing=ls, mask=mask)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x_ours.grad.dtype == dtype
+
+    x64 = x.double().cpu().requires_grad_()
+    truth = loss_truth.reduce(loss_truth.soft_ce_rows(x64, target.cpu(), ls, mask.cpu()), "mean")
+    truth.backward()
+
+    x_torch = x.clone().requires_grad_()  # torch's own op, in the same dtype
+    rows = F.cross_entropy(x_torch, target, label_smoothing=ls, reduction="none") * mask.to(dtype)
+    own = rows.sum() / n
+    own.backward()
+    _no_worse_than_torch(loss.detach().cpu(), own.detach().cpu(), truth.detach(), dtype)
+    _no_worse_than_torch(x_ours.grad.cpu(), x_torch.grad.cpu(), x64.grad, dtype)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_cross_entropy_reductions(use, backend, device, reduction):
+    use(backend)
+    x = _logits(11, 17, torch.float32, device, 4)
+    y = torch.arange(11, device=device) % 17
+    got = ops.soft_cross_entropy(x, y, reduction=reduction)
+    want = loss_truth.reduce(loss_truth.soft_ce_rows(x.double().cpu(), y.cpu()), reduction)
+    assert got.shape == want.shape
+    assert torch.allclose(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_soft_cross_entropy_edge_cases(use, backend, device):
+    use(backend)
+    # N = 0 and N = 1
+    empty = torch.zeros(0, 10, device=device, requires_grad=True)
+    out = ops.soft_cross_entropy(empty, torch.zeros(0, dtype=torch.int64, device=device))
+    out.backward()
+    assert float(out) == 0.0 and empty.grad.shape == (0, 10)
+    one = _logits(1, 10, torch.float32, device, 1)
+    y1 = torch.tensor([3], device=device)
+    assert torch.allclose(ops.soft_cross_entropy(one, y1).cpu().double(),
+                          loss_truth.soft_ce_rows(one.double().cpu(), y1.cpu()).mean(), atol=1e-5)
+    # -inf logits: a zero target weight contributes nothing; the gradient stays finite
+    x = _logits(4, 9, torch.float32, device, 2)
+    x[:, 0] = -float("inf")
+    x[1, 5] = -float("inf")
+    y = torch.tensor([1, 2, 3, 4], device=device)
+    xg = x.clone().requires_grad_()
+    loss = ops.soft_cross_entropy(xg, y)
+    loss.backward()
+    x64 = x.double().cpu().requires_grad_()
+    truth = loss_truth.soft_ce_rows(x64, y.cpu()).mean()
+    truth.backward()
+    assert torch.isfinite(loss) and torch.allclose(loss.cpu().double(), truth, atol=1e-5)
+    assert torch.allclose(xg.grad.cpu().double(), x64.grad, atol=1e-6)
+    # a -inf logit under label smoothing has positive target weight: the loss is infinite
+    assert torch.isinf(ops.soft_cross_entropy(x, y, label_smoothing=0.1))
+    # every row masked: zero loss and zero gradient, and the divisor stays N
+    xg = _logits(5, 6, torch.float32, device, 3).requires_grad_()
+    loss = ops.soft_cross_entropy(xg, torch.zeros(5, dtype=torch.int64, device=device),
+                                  mask=torch.zeros(5, device=device))
+    loss.backward()
+    assert float(loss) == 0.0 and float(xg.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_rows(use, backend, device, dtype):
+    use(backend)
+    wide = _logits(6, 40, dtype, device, 8)
+    x = wide[:, 3:33]  # row stride 40, unit column stride
+    xc = wide[:, ::2][:, :15]  # column stride 2
+    for view in (x, xc):
+        v = view.detach().requires_grad_()
+        y = torch.arange(6, device=device) % view.shape[1]
+        loss = ops.soft_cross_entropy(v, y, label_smoothing=0.15)
+        loss.backward()
+        d = v.detach().contiguous().requires_grad_()
+        want = ops.soft_cross_entropy(d, y, label_smoothing=0.15)
+        want.backward()
+        assert torch.equal(loss, want) and torch.equal(v.grad, d.grad)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_deterministic(use, backend, device):
+    use(backend)
+    x = _logits(33, 1000, torch.bfloat16, device, 5)
+    t = torch.softmax(_logits(33, 1000, torch.float32, device, 6), 1)
+    runs = []
+    for _ in range(2):
+        xg = x.clone().requires_grad_()
+        loss = ops.soft_cross_entropy(xg, t, label_smoothing=0.1)
+        loss.backward()
+        runs.append((loss, xg.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c", SHAPES)
+def test_pseudo_labels(use, backend, device, dtype, n, c):
+    use(backend)
+    x = _logits(n, c, dtype, device, n + c)
+    out = ops.pseudo_labels(x, temperature=0.7, threshold=0.05)
+    probs64 = torch.softmax(x.double().cpu() / 0.7, 1)
+    own = torch.softmax(x.float() / 0.7, 1).cpu()  # torch's own, computed in fp32
+    _no_worse_than_torch(out.probs.cpu(), own, probs64, torch.float32)
+    assert out.probs.dtype == torch.float32 and out.labels.dtype == torch.int64
+    assert torch.equal(out.labels.cpu(), probs64.argmax(1))
+    assert torch.allclose(out.max_prob.cpu().double(), probs64.max(1).values, atol=1e-6)
+    assert torch.equal(out.mask.cpu(), (out.max_prob.cpu() >= 0.05).float())
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_pseudo_labels_edges_and_sampling(use, backend, device):
+    use(backend)
+    empty = ops.pseudo_labels(torch.zeros(0, 5, device=device))
+    assert empty.probs.shape == (0, 5) and empty.labels.shape == (0,)
+    x = torch.tensor([[0.0, 2.0, 2.0, -float("inf")]], device=device)
+    out = ops.pseudo_labels(x, threshold=0.45)
+    assert int(out.labels) == 1  # the first of two maxima, like torch.argmax
+    assert float(out.probs[0, 3]) == 0.0 and float(out.mask) == 1.0
+    # sampling: frequencies follow probs; the same generator seed gives the same draw.
+    # (20000 rows are too many for the interpreter; the draw itself is backend-independent.)
+    if backend == "triton" and device == "cpu":
+        return
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]], device=device)).repeat(20000, 1)
+    g1 = torch.Generator(device=device).manual_seed(7)
+    g2 = torch.Generator(device=device).manual_seed(7)
+    a = ops.pseudo_labels(logits, mode="sample", generator=g1).labels
+    b = ops.pseudo_labels(logits, mode="sample", generator=g2).labels
+    assert torch.equal(a, b)
+    freq = torch.bincount(a.cpu(), minlength=4).double() / a.numel()
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64),
+                          atol=0.015)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c", SHAPES)
+def test_uda_loss(use, backend, device, dtype, n, c):
+    use(backend)
+    weak = _logits(n, c, dtype, device, 2 * c + n, scale=6.0)
+    strong = _logits(n, c, dtype, device, 3 * c + n)
+    threshold = 0.3
+    sg = strong.clone().requires_grad_()
+    loss, mask = ops.uda_loss(weak, sg, temperature=0.7, threshold=threshold)
+    loss.backward()
+    s64 = strong.double().cpu().requires_grad_()
+    rows, mask64 = loss_truth.uda_rows(weak.cpu(), s64, 0.7, threshold)
+    truth = rows.sum() / max(n, 1)
+    truth.backward()
+    assert torch.equal(mask.cpu().double(), mask64)
+    # torch's own, in the dtype: softmax targets and cross_entropy with probabilities
+    st = strong.clone().requires_grad_()
+    q = torch.softmax(weak / 0.7, 1)
+    own = (F.cross_entropy(st, q, reduction="none") * mask64.to(dtype).to(device)).sum() / max(n, 1)
+    own.backward()
+    _no_worse_than_torch(loss.detach().cpu(), own.detach().cpu(), truth.detach(), dtype)
+    _no_worse_than_torch(sg.grad.cpu(), st.grad.cpu(), s64.grad, dtype)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_uda_all_masked_and_empty(use, backend, device):
+    use(backend)
+    weak = torch.zeros(4, 10, device=device)  # uniform: max prob 0.1 < threshold
+    strong = _logits(4, 10, torch.float32, device, 9).requires_grad_()
+    loss, mask = ops.uda_loss(weak, strong, threshold=0.5)
+    loss.backward()
+    assert float(loss) == 0.0 and float(mask.sum()) == 0.0 and float(strong.grad.abs().sum()) == 0
+    loss, mask = ops.uda_loss(torch.zeros(0, 3, device=device), torch.zeros(0, 3, device=device))
+    assert float(loss) == 0.0 and mask.shape == (0,)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: ops.soft_cross_entropy(torch.zeros(3), torch.zeros(3, dtype=torch.int64)), "logits"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4, dtype=torch.int64),
+                                    torch.zeros(3, dtype=torch.int64)), "logits"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64)),
+     "target"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.tensor([0, 4, 1])), "target"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.tensor([0, -1, 1])), "target"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int32)),
+     "target"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.zeros(3, 5)), "target"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64),
+                                    mask=torch.ones(2)), "mask"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64),
+                                    label_smoothing=1.5), "label_smoothing"),
+    (lambda: ops.soft_cross_entropy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64),
+                                    reduction="avg"), "reduction"),
+    (lambda: ops.pseudo_labels(torch.zeros(3, 4), temperature=0.0), "temperature"),
+    (lambda: ops.pseudo_labels(torch.zeros(3, 4), temperature=-1.0), "temperature"),
+    (lambda: ops.pseudo_labels(torch.zeros(3, 4), mode="soft"), "mode"),
+    (lambda: ops.pseudo_labels(torch.zeros(3, 1)), "logits"),
+    (lambda: ops.uda_loss(torch.zeros(3, 4), torch.zeros(3, 5)), "logits_weak"),
+    (lambda: ops.uda_loss(torch.zeros(3, 4), torch.zeros(3, 4), temperature=0), "temperature"),
+])
+def test_bad_input(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_opcheck(use):
+    use("torch")
+    x = _logits(5, 7, torch.float32, "cpu", 1).requires_grad_()
+    y = torch.tensor([0, 1, 2, 3, 6])
+    t = torch.softmax(_logits(5, 7, torch.float32, "cpu", 2), 1)
+    m = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5])
+    op = torch.ops.mpl_fast
+    torch.library.opcheck(op.soft_cross_entropy.default, (x, y, None, m, 0.1, True))
+    torch.library.opcheck(op.soft_cross_entropy.default, (x, None, t, None, 0.0, True))
+    torch.library.opcheck(op.pseudo_labels.default, (x.detach(), 0.7, 0.5))
+    torch.library.opcheck(op.uda_loss.default, (t.log(), x, 0.7, 0.2, True))
+
+
+def test_fullgraph_compile(use):
+    use("triton")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, xs, y):
+        pl = ops.pseudo_labels(x, temperature=0.7, threshold=0.5)
+        ce = ops.soft_cross_entropy(xs, pl.labels, label_smoothing=0.1, mask=pl.mask)
+        uda, _ = ops.uda_loss(x, xs, temperature=0.7, threshold=0.5)
+        return ce + uda + ops.soft_cross_entropy(xs, y)
+
+    x = _logits(6, 10, torch.float32, "cpu", 1)
+    xs = _logits(6, 10, torch.float32, "cpu", 2).requires_grad_()
+    y = torch.arange(6)
+    out = step(x, xs, y)
+    out.backward()
+    g_compiled = xs.grad.clone()
+    xs.grad = None
+    pl = ops.pseudo_labels(x, temperature=0.7, threshold=0.5)
+    eager = (ops.soft_cross_entropy(xs, pl.labels, label_smoothing=0.1, mask=pl.mask)
+             + ops.uda_loss(x, xs, temperature=0.7, threshold=0.5)[0]
+             + ops.soft_cross_entropy(xs, y))
+    eager.backward()
+    assert torch.allclose(out, eager) and torch.allclose(g_compiled, xs.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_inductor():
+    x = _logits(64, 1000, torch.bfloat16, "cuda", 1)
+    xs = _logits(64, 1000, torch.bfloat16, "cuda", 2).requires_grad_()
+    y = torch.randint(0, 1000, (64,), device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+
+    def body():
+        pl = ops.pseudo_labels(x, temperature=0.7, threshold=0.1)
+        loss = ops.soft_cross_entropy(xs, pl.labels, mask=pl.mask) + \
+            ops.uda_loss(x, xs, 0.7, 0.1)[0] + ops.soft_cross_entropy(xs, y)
+        return loss, torch.autograd.grad(loss, xs)[0]
+
+    with torch.cuda.stream(s):
+        want = body()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = body()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(got[0], want[0]) and torch.allclose(got[1].float(), want[1].float())
+    compiled = torch.compile(lambda a, b: ops.soft_cross_entropy(a, b), fullgraph=True)
+    assert torch.allclose(compiled(xs, y), ops.soft_cross_entropy(xs, y))
