@@ -16,9 +16,10 @@ inline void check_tensor_lists(const char* op, at::TensorList a, at::TensorList 
                       "] and ", b_name, "[", i, "] differ in dtype: ", a[i].scalar_type(),
                       " vs ", b[i].scalar_type());
     const auto st = a[i].scalar_type();
-    TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ",
-                      a_name, "[", i, "] has dtype ", st,
-                      "; only float32, float16 and bfloat16 are supported");
+    const bool cpu_double = st == at::kDouble && a[i].device().is_cpu();
+    TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || cpu_double,
+                      op, ": ", a_name, "[", i, "] has dtype ", st,
+                      "; only float32, float16 and bfloat16 are supported (and float64 on CPU)");
     TORCH_CHECK_VALUE(a[i].device() == a[0].device() && b[i].device() == a[0].device(), op,
                       ": all tensors must be on one device; ", a_name, "[0] is on ",
                       a[0].device(), " but ", a_name, "[", i, "] is on ", a[i].device(),

@@ -22,7 +22,8 @@ at::Tensor multi_tensor_dot_cpu(at::TensorList a, at::TensorList b) {
       total += acc;
     });
   }
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
+  const bool all_double = !a.empty() && a[0].scalar_type() == at::kDouble;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(all_double ? at::kDouble : at::kFloat));
 }
 
 void multi_tensor_axpbycpu(at::TensorList y, at::TensorList x, double alpha, double beta) {
@@ -30,7 +31,8 @@ void multi_tensor_axpbycpu(at::TensorList y, at::TensorList x, double alpha, dou
   for (size_t i = 0; i < y.size(); ++i) {
     // fp32 arithmetic, one rounding to the storage dtype, as on the GPU.
     at::Tensor yi = y[i];
-    yi.copy_(x[i].to(at::kFloat).mul(alpha).add_(yi.to(at::kFloat), beta));
+    const auto compute = at::promote_types(yi.scalar_type(), at::kFloat);
+    yi.copy_(x[i].to(compute).mul(alpha).add_(yi.to(compute), beta));
   }
 }
 

@@ -13,8 +13,9 @@ def logits_2d(name, t):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N x C), got shape {list(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES and not (t.dtype == torch.float64 and t.device.type == "cpu"):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16 (float64 on CPU), "
+                         f"got {t.dtype}")
     if t.shape[1] < 2:
         raise ValueError(f"{name} needs at least 2 classes, got C={t.shape[1]}")
 
@@ -50,3 +51,8 @@ def class_indices(name, t, n, c, device):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= c:
             raise ValueError(f"{name} holds class indices outside [0, {c}): min {lo}, max {hi}")
+
+
+def compute_dtype(t):
+    """Results and accumulation: float32, or float64 for float64 inputs (CPU, exact tests)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -15,9 +15,13 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _extension.load()
 
 
+def _result_dtype(a):
+    return torch.float64 if a and a[0].dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("mpl_fast::multi_tensor_dot")
 def _dot_fake(a, b):
-    return a[0].new_empty((), dtype=torch.float32)
+    return a[0].new_empty((), dtype=_result_dtype(a))
 
 
 @torch.library.register_fake("mpl_fast::multi_tensor_axpby")
@@ -38,27 +42,29 @@ def check_lists(op: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], a
         if x.dtype != y.dtype:
             raise ValueError(f"{op}: {a_name}[{i}] and {b_name}[{i}] differ in dtype: "
                              f"{x.dtype} vs {y.dtype}")
-        if x.dtype not in _SUPPORTED:
+        if x.dtype not in _SUPPORTED and not (x.dtype == torch.float64 and x.device.type == "cpu"):
             raise ValueError(f"{op}: {a_name}[{i}] has dtype {x.dtype}; only float32, "
-                             "float16 and bfloat16 are supported")
+                             "float16 and bfloat16 are supported (and float64 on CPU)")
 
 
 def multi_tensor_dot_reference(a, b):
-    """sum_i <a_i, b_i> in plain torch, accumulated in float64, returned as float32."""
+    """sum_i <a_i, b_i> in plain torch, accumulated in float64, returned as float32 (float64
+    for float64 inputs)."""
     check_lists("multi_tensor_dot", a, b, "a", "b")
     if not a:
         return torch.zeros((), dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float64, device=a[0].device)
     for x, y in zip(a, b):
         total = total + (x.double() * y.double()).sum()
-    return total.float()
+    return total.to(_result_dtype(a))
 
 
 def multi_tensor_axpbyreference(y, x, alpha, beta):
     """y_i <- alpha * x_i + beta * y_i in fp32, one rounding to y's dtype."""
     check_lists("multi_tensor_axpby", y, x, "y", "x")
     for yi, xi in zip(y, x):
-        yi.copy_(xi.float() * alpha + yi.float() * beta)
+        compute = torch.promote_types(yi.dtype, torch.float32)
+        yi.copy_(xi.to(compute) * alpha + yi.to(compute) * beta)
 
 
 def _is_list(v):
@@ -79,8 +85,8 @@ def multi_tensor_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> to
     """The sum over i of <a_i, b_i>: a 0-dim float32 tensor on the inputs' device.
 
     a and b are equal-length lists of tensors, pairwise of one shape and dtype (float32,
-    float16 or bfloat16), all on one device; accumulation is at least fp32. An empty list
-    gives 0 (on the CPU).
+    float16 or bfloat16; float64 on CPU, giving a float64 result), all on one device;
+    accumulation is at least fp32. An empty list gives 0 (on the CPU).
     """
     if not (_is_list(a) and _is_list(b)):
         raise TypeError("multi_tensor_dot: a and b must be lists of tensors")

@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from mpl_fast.ops import _checks, backend
+from mpl_fast.ops._checks import compute_dtype as _compute_dtype
 
 MODES = ("argmax", "sample")
 
@@ -17,9 +18,9 @@ class PseudoLabels(NamedTuple):
 
 
 def pseudo_labels_torch(logits, temperature, threshold):
-    probs = torch.softmax(logits.float() / temperature, dim=1)
+    probs = torch.softmax(logits.to(_compute_dtype(logits)) / temperature, dim=1)
     max_prob, labels = probs.max(dim=1)
-    return probs, max_prob, (max_prob >= threshold).float(), labels
+    return probs, max_prob, (max_prob >= threshold).to(probs.dtype), labels
 
 
 @torch.library.custom_op("mpl_fast::pseudo_labels", mutates_args=())
@@ -35,7 +36,7 @@ def _pseudo_labels_op(logits: torch.Tensor, temperature: float, threshold: float
 @_pseudo_labels_op.register_fake
 def _(logits, temperature, threshold):
     n, c = logits.shape
-    f32 = dict(dtype=torch.float32, device=logits.device)
+    f32 = dict(dtype=_compute_dtype(logits), device=logits.device)
     return (logits.new_empty(n, c, **f32), logits.new_empty(n, **f32),
             logits.new_empty(n, **f32), logits.new_empty(n, dtype=torch.int64))
 

@@ -12,18 +12,19 @@ from typing import Optional
 import torch
 
 from mpl_fast.ops import _checks, backend
+from mpl_fast.ops._checks import compute_dtype as _compute_dtype
 
 
 def soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smoothing,
                              compute_grad):
     """The plain-torch kernel of the op: (per-row loss float32, gradient like logits)."""
-    x = logits.float()
+    x = logits.to(_compute_dtype(logits))
     c = x.shape[1]
     logp = torch.log_softmax(x, dim=1)
     if target_index is not None:
         t = torch.zeros_like(x).scatter_(1, target_index.clamp(0, c - 1)[:, None], 1.0)
     else:
-        t = target_probs.float()
+        t = target_probs.to(x.dtype)
     if label_smoothing > 0:
         t = (1.0 - label_smoothing) * t + label_smoothing / c
     loss = -torch.where(t != 0, t * logp, torch.zeros_like(logp)).sum(1)
@@ -33,7 +34,7 @@ def soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smo
     if compute_grad:
         grad = logp.exp() * t.sum(1, keepdim=True) - t
     if mask is not None:
-        m = mask.float()
+        m = mask.to(x.dtype)
         loss = torch.where(m != 0, loss * m, torch.zeros_like(loss))
         if grad is not None:
             grad = grad * m[:, None]
@@ -57,7 +58,7 @@ def _soft_cross_entropy_op(logits: torch.Tensor, target_index: Optional[torch.Te
 
 @_soft_cross_entropy_op.register_fake
 def _(logits, target_index, target_probs, mask, label_smoothing, compute_grad):
-    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    loss = logits.new_empty(logits.shape[0], dtype=_compute_dtype(logits))
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, grad
 
@@ -72,7 +73,7 @@ def _backward(ctx, grad_loss, _grad_grad):
     if not ctx.has_grad:
         raise RuntimeError("soft_cross_entropy was called without compute_grad=True; "
                            "call it with grad enabled and logits requiring grad")
-    g = (grad.float() * grad_loss[:, None].float()).to(grad.dtype)
+    g = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
     return g, None, None, None, None, None
 
 

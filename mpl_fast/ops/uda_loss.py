@@ -4,13 +4,14 @@ strong logits against q. Returns (loss, mask)."""
 import torch
 
 from mpl_fast.ops import _checks, backend
+from mpl_fast.ops._checks import compute_dtype as _compute_dtype
 from mpl_fast.ops.soft_cross_entropy import reduce_rows
 
 
 def uda_loss_torch(weak, strong, temperature, threshold, compute_grad):
-    q = torch.softmax(weak.float() / temperature, dim=1)
-    mask = (q.max(dim=1).values >= threshold).float()
-    logp = torch.log_softmax(strong.float(), dim=1)
+    q = torch.softmax(weak.to(_compute_dtype(weak)) / temperature, dim=1)
+    mask = (q.max(dim=1).values >= threshold).to(q.dtype)
+    logp = torch.log_softmax(strong.to(_compute_dtype(strong)), dim=1)
     loss = -torch.where(q != 0, q * logp, torch.zeros_like(logp)).sum(1)
     loss = torch.where(mask != 0, loss, torch.zeros_like(loss))
     grad = ((logp.exp() - q) * mask[:, None]).to(strong.dtype) if compute_grad \
@@ -32,7 +33,7 @@ def _uda_loss_op(logits_weak: torch.Tensor, logits_strong: torch.Tensor, tempera
 @_uda_loss_op.register_fake
 def _(logits_weak, logits_strong, temperature, threshold, compute_grad):
     n = logits_strong.shape[0]
-    row = logits_strong.new_empty(n, dtype=torch.float32)
+    row = logits_strong.new_empty(n, dtype=_compute_dtype(logits_strong))
     grad = torch.empty_like(logits_strong) if compute_grad else logits_strong.new_empty(0)
     return row, row.new_empty(n), grad
 
@@ -47,7 +48,7 @@ def _backward(ctx, grad_loss, _grad_mask, _grad_grad):
     if not ctx.has_grad:
         raise RuntimeError("uda_loss was called without a gradient; call it with grad enabled "
                            "and logits_strong requiring grad")
-    g = (grad.float() * grad_loss[:, None].float()).to(grad.dtype)
+    g = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
     return None, g, None, None, None
 
 

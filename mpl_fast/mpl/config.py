@@ -1,0 +1,100 @@
+"""MPL algorithm settings and the named presets (paper, official, kekmodel)."""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+PSEUDO_LABELS = ("sample", "argmax", "soft")
+ESTIMATORS = ("loss_diff", "dot", "second_order")
+MPL_TERMS = ("score", "official_soft")
+
+
+@dataclass(frozen=True)
+class MPLConfig:
+    """What one MPL step does. Defaults are the `paper` preset.
+
+    pseudo_labels:   'sample' (a categorical draw from the teacher: the paper's unbiased
+                     score-function estimator), 'argmax', or 'soft' (teacher probabilities).
+    pseudo_label_view: which unlabeled view the pseudo labels come from: 'strong' or 'weak'.
+    estimator:       teacher feedback: 'loss_diff' (h = CE_old - CE_new), 'dot'
+                     (h = lr_S <grad CE_l(theta'), grad CE_u(theta)>) or 'second_order' (the
+                     exact first-order meta-gradient for soft labels, finite-difference HVP).
+    feedback_sign:   +1 is the paper's h = CE_old - CE_new; -1 reproduces the released code's
+                     CE_new - CE_old (presets `official`, `kekmodel`).
+    baseline_decay:  moving baseline b <- b - (1 - d)(b - h), h <- h - b; None for none.
+    mpl_term:        'score' = h * CE(pseudo labels, teacher logits); 'official_soft' =
+                     h * CE(stopgrad(softmax z), z), the released TF code's term, whose gradient is
+                     exactly zero (kept only to reproduce that code; not a working MPL).
+    """
+    pseudo_labels: str = "sample"
+    pseudo_label_view: str = "strong"
+    pseudo_label_temperature: float = 1.0
+    estimator: str = "loss_diff"
+    feedback_sign: int = 1
+    baseline_decay: Optional[float] = 0.99
+    mpl_term: str = "score"
+    mpl_weight: float = 1.0
+    teacher_label_smoothing: float = 0.0
+    student_label_smoothing: float = 0.0
+    uda_weight: float = 0.0
+    uda_temperature: float = 1.0
+    uda_threshold: float = 0.0
+    uda_ramp_steps: int = 0
+    fd_eps: float = 1e-3
+    teacher_weak_no_grad: bool = False
+    grad_clip: float = 0.0
+
+    def __post_init__(self):
+        def bad(key, msg):
+            raise ValueError(f"mpl.{key}: {msg}")
+        if self.pseudo_labels not in PSEUDO_LABELS:
+            bad("pseudo_labels", f"must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}")
+        if self.pseudo_label_view not in ("strong", "weak"):
+            bad("pseudo_label_view", f"must be 'strong' or 'weak', got {self.pseudo_label_view!r}")
+        if self.estimator not in ESTIMATORS:
+            bad("estimator", f"must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.mpl_term not in MPL_TERMS:
+            bad("mpl_term", f"must be one of {MPL_TERMS}, got {self.mpl_term!r}")
+        if self.feedback_sign not in (1, -1):
+            bad("feedback_sign", f"must be 1 or -1, got {self.feedback_sign!r}")
+        if self.baseline_decay is not None and not 0.0 <= self.baseline_decay < 1.0:
+            bad("baseline_decay", f"must be in [0, 1) or null, got {self.baseline_decay}")
+        for key in ("pseudo_label_temperature", "uda_temperature", "fd_eps"):
+            if not getattr(self, key) > 0:
+                bad(key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("teacher_label_smoothing", "student_label_smoothing", "uda_threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                bad(key, f"must be in [0, 1], got {getattr(self, key)}")
+        for key in ("mpl_weight", "uda_weight", "grad_clip", "uda_ramp_steps"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.estimator == "second_order" and self.pseudo_labels != "soft":
+            bad("estimator", "second_order differentiates through soft pseudo labels: set "
+                "pseudo_labels: soft")
+        if (self.pseudo_labels == "soft" and self.estimator != "second_order"
+                and self.mpl_term != "official_soft"):
+            bad("pseudo_labels", "soft labels with a score-function feedback have zero teacher "
+                "gradient: use estimator: second_order (or the `official` preset to reproduce it)")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS = {
+    # The paper's algorithm: sampled hard labels, h = CE_old - CE_new with a moving baseline.
+    "paper": MPLConfig(),
+    # What the released TF code does: soft targets, h = CE_new - CE_old, baseline, and the soft
+    # MPL term CE(stopgrad(softmax z), z), whose gradient is exactly zero. A reproduction of
+    # released code, NOT a working MPL: its teacher gets no feedback from the student.
+    "official": MPLConfig(pseudo_labels="soft", estimator="loss_diff", feedback_sign=-1,
+                          baseline_decay=0.99, mpl_term="official_soft"),
+    # The popular PyTorch port: argmax labels from the weak view, h = CE_new - CE_old, no
+    # baseline.
+    "kekmodel": MPLConfig(pseudo_labels="argmax", pseudo_label_view="weak", feedback_sign=-1,
+                          baseline_decay=None),
+}
+
+
+def preset(name: str, **overrides) -> MPLConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown MPL preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,195 @@
+"""One Meta Pseudo Labels step (../DESIGN.md, "The algorithm, precisely") as a plain object.
+
+    step = MPLStep(teacher, student, teacher_opt, student_opt, MPLConfig())
+    metrics = step(MPLBatch(x_l, y_l, x_uw, x_us), step_index)
+
+Models, optimizers and batches in; a dict of 0-dim tensors out (nothing synchronises with the
+device). Learning-rate schedules (including the student's wait at lr 0) belong to the caller's
+schedulers: the step reads each optimizer's current lr.
+"""
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from mpl_fast import ops
+from mpl_fast.mpl import feedback
+from mpl_fast.mpl.bn import frozen_bn_stats
+from mpl_fast.mpl.config import MPLConfig
+
+
+@dataclass
+class MPLBatch:
+    """A labeled batch (x_l, y_l) and an unlabeled batch in two views (x_uw weak, x_us strong).
+
+    teacher_* replace the teacher's inputs where the teacher does not see images (Reduced MPL:
+    the stored logits of a large teacher); by default the teacher sees the same images.
+    """
+    x_l: torch.Tensor
+    y_l: torch.Tensor
+    x_uw: torch.Tensor
+    x_us: torch.Tensor
+    teacher_l: Optional[torch.Tensor] = None
+    teacher_uw: Optional[torch.Tensor] = None
+    teacher_us: Optional[torch.Tensor] = None
+
+    def teacher_inputs(self):
+        pick = lambda t, x: x if t is None else t  # noqa: E731
+        return (pick(self.teacher_l, self.x_l), pick(self.teacher_uw, self.x_uw),
+                pick(self.teacher_us, self.x_us))
+
+
+class MPLStep(nn.Module):
+    """Teacher/student MPL update. State (the moving baseline) is in the state dict."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module,
+                 teacher_opt: torch.optim.Optimizer, student_opt: torch.optim.Optimizer,
+                 config: MPLConfig = MPLConfig(), autocast_dtype: Optional[torch.dtype] = None,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+        self.teacher_opt, self.student_opt = teacher_opt, student_opt
+        self.config = config
+        self.autocast_dtype = autocast_dtype
+        self.generator = generator
+        self.baseline = (feedback.MovingBaseline(config.baseline_decay)
+                         if config.baseline_decay is not None else None)
+
+    # -- pieces a user (or a test) may call or replace -----------------------------------------
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def uda_scale(self, step: int) -> float:
+        c = self.config
+        if c.uda_weight == 0:
+            return 0.0
+        ramp = min(1.0, (step + 1) / c.uda_ramp_steps) if c.uda_ramp_steps > 0 else 1.0
+        return c.uda_weight * ramp
+
+    def make_pseudo_labels(self, teacher_logits: torch.Tensor):
+        """(targets for the student, labels or None, probs) from teacher logits (no grad)."""
+        c = self.config
+        mode = "sample" if c.pseudo_labels == "sample" else "argmax"
+        pl = ops.pseudo_labels(teacher_logits.detach(), temperature=c.pseudo_label_temperature,
+                               mode=mode, generator=self.generator)
+        if c.pseudo_labels == "soft":
+            return pl.probs, None, pl.probs
+        return pl.labels, pl.labels, pl.probs
+
+    def teacher_forward(self, batch: MPLBatch):
+        t_l, t_uw, t_us = batch.teacher_inputs()
+        n_l, n_u = t_l.shape[0], t_us.shape[0]
+        if self.config.teacher_weak_no_grad:
+            z = self.teacher(torch.cat([t_l, t_us]))
+            z_l, z_us = z.split([n_l, n_u])
+            with torch.no_grad():
+                z_uw = self.teacher(t_uw)
+        else:
+            z = self.teacher(torch.cat([t_l, t_uw, t_us]))
+            z_l, z_uw, z_us = z.split([n_l, n_u, n_u])
+        return z_l, z_uw, z_us
+
+    # -- the step ---------------------------------------------------------------------------
+    def forward(self, batch: MPLBatch, step: int = 0) -> Dict[str, torch.Tensor]:
+        c = self.config
+        dev = batch.x_l.device
+        y_l = batch.y_l
+        n_u = batch.x_us.shape[0]
+        params = feedback.student_params(self.student)
+        lr_s = feedback.optimizer_lr(self.student_opt)
+        lr_t = feedback.optimizer_lr(self.teacher_opt)
+
+        # 1. teacher: supervised + UDA
+        with self.autocast(dev):
+            z_l, z_uw, z_us = self.teacher_forward(batch)
+        t_ce = ops.soft_cross_entropy(z_l, y_l, label_smoothing=c.teacher_label_smoothing)
+        uda_scale = self.uda_scale(step)
+        if c.uda_weight > 0:
+            uda, uda_mask = ops.uda_loss(z_uw, z_us, temperature=c.uda_temperature,
+                                         threshold=c.uda_threshold)
+        else:
+            uda = torch.zeros((), device=dev)
+            uda_mask = torch.zeros(n_u, device=dev)
+
+        # 2. pseudo labels
+        source = z_us if c.pseudo_label_view == "strong" else z_uw
+        targets, labels, _ = self.make_pseudo_labels(source)
+
+        # 3. student on pseudo labels; CE_old on labels from the same forward
+        with self.autocast(dev):
+            s = self.student(torch.cat([batch.x_us, batch.x_l]))
+        s_us, s_l = s.split([n_u, batch.x_l.shape[0]])
+        s_loss = ops.soft_cross_entropy(s_us, targets, label_smoothing=c.student_label_smoothing)
+        with torch.no_grad():
+            ce_old = ops.soft_cross_entropy(s_l.detach(), y_l)
+        self.student_opt.zero_grad(set_to_none=True)
+        s_loss.backward()
+        if c.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
+        grads_u = feedback.current_grads(params) if c.estimator == "dot" else None
+        theta = feedback.snapshot(params) if c.estimator == "second_order" else None
+        self.student_opt.step()
+
+        # 4. student on labels with the new weights (BN statistics not updated again)
+        need_grad = c.estimator in ("dot", "second_order")
+        with frozen_bn_stats(self.student), torch.set_grad_enabled(need_grad), \
+                self.autocast(dev):
+            s_l_new = self.student(batch.x_l)
+        ce_new = ops.soft_cross_entropy(s_l_new, y_l)
+
+        # 5. feedback
+        if c.estimator == "second_order":
+            v = feedback.grads_or_zeros(ce_new, params)
+            ops.multi_tensor_axpby(theta, params, -1.0, 1.0)  # theta <- theta - theta' (delta)
+
+            def strong_logits():
+                with frozen_bn_stats(self.student), self.autocast(dev):
+                    return self.student(batch.x_us)
+
+            q = torch.softmax(z_us.to(torch.promote_types(z_us.dtype, torch.float32))
+                              / c.pseudo_label_temperature, dim=1)
+            mpl = feedback.second_order_term(strong_logits, params, theta, v,
+                                             feedback.smoothed(q, c.student_label_smoothing),
+                                             lr_s, c.fd_eps)
+            h = centered = mpl.detach()  # the surrogate's value: its teacher gradient is exact
+        else:
+            if c.estimator == "dot":
+                h = feedback.dot(lr_s, feedback.grads_or_zeros(ce_new, params), grads_u,
+                                 c.feedback_sign)
+            else:
+                h = feedback.loss_diff(ce_old, ce_new.detach(), c.feedback_sign)
+            centered = self.baseline(h) if self.baseline is not None else h
+            if c.mpl_term == "score":
+                # the mean over unlabeled rows, as in the paper's code: the gradient estimates
+                # (1 / N_u) * d E[CE_l(theta')] / dT
+                mpl = centered.detach() * ops.soft_cross_entropy(z_us, labels)
+            else:  # the released code's soft term: CE(stopgrad(softmax z), z), zero gradient
+                q_const = torch.softmax(z_us.detach().to(torch.promote_types(z_us.dtype, torch.float32)), 1)
+                mpl = centered.detach() * ops.soft_cross_entropy(z_us, q_const)
+
+        # 6. teacher step
+        t_loss = t_ce + uda_scale * uda + c.mpl_weight * mpl
+        self.teacher_opt.zero_grad(set_to_none=True)
+        t_loss.backward()
+        if c.grad_clip > 0:
+            nn.utils.clip_grad_norm_(feedback.student_params(self.teacher), c.grad_clip,
+                                     foreach=True)
+        self.teacher_opt.step()
+
+        metrics = {
+            "teacher/loss": t_loss.detach(), "teacher/ce_labeled": t_ce.detach(),
+            "teacher/uda": uda.detach(), "teacher/mpl": mpl.detach(),
+            "student/loss": s_loss.detach(), "student/ce_old": ce_old.detach(),
+            "student/ce_new": ce_new.detach(), "h": h.detach(),
+            "h_centered": centered.detach(),
+            "baseline": (self.baseline.value.detach() if self.baseline is not None
+                         else torch.zeros((), device=dev)),
+            "uda/mask_ratio": uda_mask.mean() if n_u else torch.zeros((), device=dev),
+            "uda/scale": torch.tensor(uda_scale), "lr/teacher": torch.as_tensor(lr_t),
+            "lr/student": torch.as_tensor(lr_s),
+        }
+        return metrics

@@ -1,0 +1,286 @@
+"""The reason this project exists: MPL's teacher feedback checked against exact meta-gradients
+(float64, tiny MLPs, plain-SGD students)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep, preset
+
+C, D, B, U = 3, 4, 5, 4
+
+
+def mlp(seed, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(D, 8)] + ([nn.BatchNorm1d(8)] if bn else []) + [nn.Tanh(), nn.Linear(8, C)]
+    return nn.Sequential(*layers).double()
+
+
+def batch(seed=0, u=U):
+    g = torch.Generator().manual_seed(seed)
+    x_l = torch.randn(B, D, generator=g, dtype=torch.float64)
+    y_l = torch.randint(0, C, (B,), generator=g)
+    x_uw = torch.randn(u, D, generator=g, dtype=torch.float64)
+    x_us = x_uw + 0.3 * torch.randn(u, D, generator=g, dtype=torch.float64)
+    return MPLBatch(x_l, y_l, x_uw, x_us)
+
+
+def make_step(config, lr_s=0.5, seed=1, fixed_labels=None, teacher=None, student=None):
+    teacher = teacher or mlp(seed)
+    student = student or mlp(seed + 100)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.0)  # lr 0: the gradient stays in .grad
+    s_opt = torch.optim.SGD(student.parameters(), lr=lr_s)
+    step = MPLStep(teacher, student, t_opt, s_opt, config)
+    if fixed_labels is not None:
+        step.make_pseudo_labels = lambda z: (fixed_labels, fixed_labels, None)
+    return step
+
+
+def teacher_grad(step):
+    return torch.cat([p.grad.flatten() for p in step.teacher.parameters()])
+
+
+def supervised_grad(teacher, b, ls=0.0):
+    teacher.zero_grad()
+    z_l = teacher(torch.cat([b.x_l, b.x_uw, b.x_us]))[:B]
+    nn.functional.cross_entropy(z_l, b.y_l, label_smoothing=ls).backward()
+    g = torch.cat([p.grad.flatten() for p in teacher.parameters()])
+    teacher.zero_grad()
+    return g
+
+
+def run_mpl_grad(config, b, **kw):
+    """Teacher gradient of the MPL term alone (the step's gradient minus the supervised part)."""
+    step = make_step(config, **kw)
+    sup = supervised_grad(copy.deepcopy(step.teacher), b, config.teacher_label_smoothing)
+    metrics = step(b)
+    return teacher_grad(step) - sup, metrics, step
+
+
+def exact_soft_meta_grad(teacher, student, b, lr, temperature=1.0, ls=0.0):
+    """d CE_l(theta'(T)) / dT through one plain-SGD student step on soft pseudo labels."""
+    tp = {k: v.detach().clone().requires_grad_() for k, v in teacher.named_parameters()}
+    sp = {k: v.detach().clone().requires_grad_() for k, v in student.named_parameters()}
+    z_us = functional_call(teacher, tp, (b.x_us,))
+    q = torch.softmax(z_us / temperature, 1)
+    t = (1 - ls) * q + ls / C
+    logp = torch.log_softmax(functional_call(student, sp, (b.x_us,)), 1)
+    l_u = -(t * logp).sum(1).mean()
+    grads = torch.autograd.grad(l_u, list(sp.values()), create_graph=True)
+    new = {k: v - lr * g for (k, v), g in zip(sp.items(), grads)}
+    ce_l = nn.functional.cross_entropy(functional_call(student, new, (b.x_l,)), b.y_l)
+    return torch.cat([g.flatten() for g in torch.autograd.grad(ce_l, list(tp.values()))])
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+SECOND_ORDER = MPLConfig(pseudo_labels="soft", estimator="second_order", baseline_decay=None)
+
+
+# The error curve (docs/meta_gradient.md): truncation O(eps^2) for large eps, rounding
+# O(u / eps) for small eps; in float64 the minimum is near eps = 1e-5.
+@pytest.mark.parametrize("eps, bound", [
+    (1e-1, 1e-3), (1e-2, 1e-5), (1e-3, 1e-7), (1e-5, 1e-9), (1e-8, 1e-6), (1e-10, 1e-4),
+])
+def test_second_order_matches_exact_meta_gradient(eps, bound):
+    b = batch(0)
+    config = SECOND_ORDER.replace(fd_eps=eps, student_label_smoothing=0.1)
+    teacher, student = mlp(1), mlp(101)
+    exact = exact_soft_meta_grad(teacher, student, b, lr=0.5, ls=0.1)
+    got, _, _ = run_mpl_grad(config, b, lr_s=0.5, teacher=copy.deepcopy(teacher),
+                             student=copy.deepcopy(student))
+    err = rel_err(got, exact)
+    assert err < bound, err
+    assert err < 1e-4 or eps >= 1e-1
+
+
+def test_second_order_error_curve_has_a_minimum():
+    b = batch(3)
+    teacher, student = mlp(2), mlp(102)
+    exact = exact_soft_meta_grad(teacher, student, b, lr=0.3)
+    errs = {}
+    for eps in (1e-1, 1e-5, 1e-10):
+        got, _, _ = run_mpl_grad(SECOND_ORDER.replace(fd_eps=eps), b, lr_s=0.3,
+                                 teacher=copy.deepcopy(teacher), student=copy.deepcopy(student))
+        errs[eps] = rel_err(got, exact)
+    assert errs[1e-5] < errs[1e-1] and errs[1e-5] < errs[1e-10], errs
+
+
+def test_second_order_restores_student_weights():
+    b = batch(1)
+    step = make_step(SECOND_ORDER, lr_s=0.5)
+    reference = make_step(MPLConfig(pseudo_labels="soft", estimator="loss_diff",
+                                    mpl_term="official_soft", baseline_decay=None), lr_s=0.5)
+    step(b)
+    reference(b)  # the same student update, without perturbations
+    for p, q in zip(step.student.parameters(), reference.student.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
+
+
+def _first_order_h(teacher, student, b, labels, lr):
+    sp = {k: v.detach().clone().requires_grad_() for k, v in student.named_parameters()}
+    loss_u = nn.functional.cross_entropy(functional_call(student, sp, (b.x_us,)), labels)
+    g_u = torch.autograd.grad(loss_u, list(sp.values()))
+    new = {k: (v - lr * g).detach().requires_grad_() for (k, v), g in zip(sp.items(), g_u)}
+    ce_l = nn.functional.cross_entropy(functional_call(student, new, (b.x_l,)), b.y_l)
+    g_l = torch.autograd.grad(ce_l, list(new.values()))
+    return lr * sum((a * c).sum() for a, c in zip(g_l, g_u))
+
+
+def test_dot_equals_exact_first_order_quantity():
+    b = batch(2)
+    labels = torch.tensor([0, 2, 1, 1])
+    teacher, student = mlp(4), mlp(104)
+    want = _first_order_h(teacher, student, b, labels, lr=0.2)
+    cfg = MPLConfig(pseudo_labels="argmax", estimator="dot", baseline_decay=None)
+    _, metrics, _ = run_mpl_grad(cfg, b, lr_s=0.2, fixed_labels=labels,
+                                 teacher=copy.deepcopy(teacher), student=copy.deepcopy(student))
+    assert abs(float(metrics["h"]) - float(want)) <= 1e-6 * abs(float(want))
+
+
+def test_loss_diff_approaches_dot_as_lr_shrinks():
+    b = batch(5)
+    labels = torch.tensor([1, 0, 2, 2])
+    teacher, student = mlp(6), mlp(106)
+    gaps = []
+    for lr in (0.3, 0.03, 0.003):
+        hs = {}
+        for est in ("loss_diff", "dot"):
+            cfg = MPLConfig(pseudo_labels="argmax", estimator=est, baseline_decay=None)
+            _, m, _ = run_mpl_grad(cfg, b, lr_s=lr, fixed_labels=labels,
+                                   teacher=copy.deepcopy(teacher), student=copy.deepcopy(student))
+            hs[est] = float(m["h"])
+        assert hs["loss_diff"] * hs["dot"] > 0  # same sign
+        gaps.append(abs(hs["loss_diff"] - hs["dot"]) / abs(hs["dot"]))
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-2, gaps
+
+
+def test_score_function_estimator_is_unbiased_by_enumeration():
+    """E_y~T[teacher MPL gradient] equals (1/N_u) * d/dT E_y~T[CE_l(theta'(y))], exactly."""
+    u = 2
+    b = batch(7, u=u)
+    teacher, student = mlp(8), mlp(108)
+    lr = 0.4
+    cfg = MPLConfig(pseudo_labels="sample", estimator="loss_diff", baseline_decay=None)
+    tp = {k: v.detach().clone().requires_grad_() for k, v in teacher.named_parameters()}
+    probs = torch.softmax(functional_call(teacher, tp, (b.x_us,)), 1)
+    expected_loss = 0.0
+    estimate = 0.0
+    for y0 in range(C):
+        for y1 in range(C):
+            y = torch.tensor([y0, y1])
+            p_y = (probs[0, y0] * probs[1, y1])
+            got, metrics, step = run_mpl_grad(cfg, b, lr_s=lr, fixed_labels=y,
+                                              teacher=copy.deepcopy(teacher),
+                                              student=copy.deepcopy(student))
+            estimate = estimate + p_y.detach() * got
+            expected_loss = expected_loss + p_y * metrics["student/ce_new"].detach()
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(expected_loss, list(tp.values()))])
+    exact = exact / u
+    cos = float(torch.nn.functional.cosine_similarity(estimate, exact, dim=0))
+    assert cos > 0.999 and rel_err(estimate, exact) < 1e-8, (cos, rel_err(estimate, exact))
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("paper", {}),
+    ("paper", {"estimator": "dot"}),
+    ("paper", {"pseudo_labels": "argmax"}),
+    ("kekmodel", {}),
+    ("paper", {"pseudo_labels": "soft", "estimator": "second_order"}),
+])
+def test_working_presets_give_nonzero_teacher_mpl_gradient(name, overrides):
+    b = batch(9)
+    cfg = preset(name, **overrides).replace(baseline_decay=None)
+    got, metrics, _ = run_mpl_grad(cfg, b, lr_s=0.5)
+    assert float(metrics["h"]) != 0.0
+    assert float(got.norm()) > 1e-6, got.norm()
+
+
+def test_official_preset_has_zero_teacher_mpl_gradient():
+    """The released TF code's soft MPL term: documented as a reproduction, not a working MPL."""
+    b = batch(9)
+    cfg = preset("official").replace(baseline_decay=None)
+    got, metrics, _ = run_mpl_grad(cfg, b, lr_s=0.5)
+    assert float(metrics["h"]) != 0.0
+    assert float(got.norm()) < 1e-12
+
+
+def test_feedback_sign_paper_vs_released():
+    b = batch(11)
+    labels = torch.tensor([0, 1, 2, 0])
+    paper, _, _ = run_mpl_grad(MPLConfig(pseudo_labels="argmax", baseline_decay=None), b,
+                               fixed_labels=labels)
+    flipped, m, _ = run_mpl_grad(MPLConfig(pseudo_labels="argmax", baseline_decay=None,
+                                           feedback_sign=-1), b, fixed_labels=labels)
+    assert torch.allclose(paper, -flipped)
+    # paper sign: h > 0 when the student's labeled loss went down
+    assert (float(m["student/ce_old"]) - float(m["student/ce_new"])) * float(-m["h"]) > 0
+
+
+def test_moving_baseline():
+    cfg = MPLConfig(pseudo_labels="argmax", baseline_decay=0.9)
+    step = make_step(cfg, fixed_labels=torch.tensor([0, 1, 2, 0]))
+    m = step(batch(12))
+    h = float(m["h"])
+    assert float(m["baseline"]) == pytest.approx(0.1 * h, rel=1e-6)
+    assert float(m["h_centered"]) == pytest.approx(0.9 * h, rel=1e-6)
+    assert "baseline.value" in step.state_dict()
+
+
+def test_bn_statistics_updated_once_per_step():
+    b = batch(13)
+    teacher, student = mlp(14, bn=True), mlp(114, bn=True)
+    expected = copy.deepcopy(student)
+    expected.train()
+    with torch.no_grad():
+        expected(torch.cat([b.x_us, b.x_l]))  # the one student forward that should count
+    for estimator, labels in (("loss_diff", "argmax"), ("dot", "argmax"),
+                              ("second_order", "soft")):
+        cfg = MPLConfig(pseudo_labels=labels, estimator=estimator, baseline_decay=None)
+        step = make_step(cfg, teacher=copy.deepcopy(teacher), student=copy.deepcopy(student))
+        step(b)
+        for name, buf in step.student.named_buffers():
+            assert torch.equal(buf, dict(expected.named_buffers())[name]), (estimator, name)
+
+
+def test_uda_and_metrics():
+    b = batch(15)
+    cfg = preset("paper", uda_weight=8.0, uda_temperature=0.7, uda_threshold=0.0,
+                 uda_ramp_steps=10, teacher_label_smoothing=0.15)
+    step = make_step(cfg)
+    m = step(b, step=4)
+    assert float(m["uda/scale"]) == pytest.approx(8.0 * 5 / 10)
+    assert float(m["uda/mask_ratio"]) == 1.0 and float(m["teacher/uda"]) > 0
+    for key in ("teacher/loss", "student/loss", "student/ce_old", "student/ce_new", "h",
+                "baseline", "lr/teacher", "lr/student"):
+        assert torch.isfinite(torch.as_tensor(m[key])), key
+
+
+def test_autocast_bf16_step_close_to_fp32():
+    b = batch(16)
+    to32 = lambda t: t.float()  # noqa: E731
+    b32 = MPLBatch(to32(b.x_l), b.y_l, to32(b.x_uw), to32(b.x_us))
+    results = []
+    for dtype in (None, torch.bfloat16):
+        teacher, student = mlp(17).float(), mlp(117).float()
+        step = MPLStep(teacher, student, torch.optim.SGD(teacher.parameters(), lr=0.1),
+                       torch.optim.SGD(student.parameters(), lr=0.1),
+                       MPLConfig(pseudo_labels="argmax", baseline_decay=None),
+                       autocast_dtype=dtype)
+        results.append(step(b32))
+    for key in ("teacher/loss", "student/loss", "student/ce_new"):
+        assert abs(float(results[0][key]) - float(results[1][key])) < 0.05 * abs(float(results[0][key])) + 1e-2
+
+
+@pytest.mark.parametrize("bad", [
+    dict(estimator="second_order"),  # needs soft labels
+    dict(pseudo_labels="soft"),  # zero-gradient score term
+    dict(feedback_sign=0), dict(baseline_decay=1.0), dict(fd_eps=0.0), dict(estimator="x"),
+])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="mpl\\."):
+        MPLConfig(**bad)
