@@ -63,6 +63,19 @@ def _two_moons(args):
     return 0
 
 
+def _bench(args):
+    import runpy
+    from pathlib import Path
+
+    if args.what != "ops":
+        raise CliError(f"`mpl-fast bench {args.what}` is not built yet")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ops.py"
+    if not script.exists():
+        raise CliError(f"{script} not found: `bench` runs from a source checkout")
+    module = runpy.run_path(str(script))
+    return module["main"](args.rest)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mpl-fast",
@@ -74,9 +87,12 @@ def build_parser():
     p.set_defaults(run=_not_built("train"))
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     p.set_defaults(run=_not_built("eval"))
-    p = sub.add_parser("bench", help="benchmarks: ops, step or data")
+    p = sub.add_parser("bench", help="benchmarks: ops (step and data are not built yet)",
+                       description="`mpl-fast bench ops [options]` runs benchmarks/bench_ops.py "
+                       "(see its --help); `step` and `data` are not built yet.")
     p.add_argument("what", choices=["ops", "step", "data"])
-    p.set_defaults(run=_not_built("bench"))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    p.set_defaults(run=_bench)
     p = sub.add_parser("two-moons", help="the paper's TwoMoons illustration",
                        description="Supervised vs Pseudo Labels vs MPL on two moons (2000 points, "
                        "6 labeled). Writes OUT/metrics.json and OUT/two_moons.png.")
