@@ -76,6 +76,68 @@ def _bench(args):
     return module["main"](args.rest)
 
 
+def _train(args):
+    from pathlib import Path
+
+    from mpl_fast.train import checkpoint, config as cfg
+    from mpl_fast.train.loop import TrainError, train
+
+    overrides = list(args.set)
+    for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device"),
+                      ("eval_every", "train.eval_every"),
+                      ("checkpoint_every", "train.checkpoint_every")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    try:
+        config = cfg.load(args.config, overrides)
+        out = Path(args.out or f"runs/{Path(args.config).stem}")
+        summary = train(config, out, resume=args.resume)
+    except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
+        raise CliError(str(err)) from err
+    line = (f"done: {summary['steps']} steps, {summary['method']}  top-1 student "
+            f"{summary['student_top1']:.4f}  EMA student {summary['ema_student_top1']:.4f}")
+    if summary.get("teacher_top1") is not None:
+        line += f"  teacher {summary['teacher_top1']:.4f}"
+    if "finetuned_student_top1" in summary:
+        line += f"  finetuned {summary['finetuned_student_top1']:.4f}"
+    print(line + f"  -> {out}")
+    return 0
+
+
+def _eval(args):
+    from mpl_fast.train import checkpoint, config as cfg
+    from mpl_fast.train.loop import Run, TrainError
+
+    try:
+        state = checkpoint.load(args.checkpoint)
+        config = state["config"]
+        for item in args.set:
+            cfg._merge(config, _dotted(item))
+        cfg.validate(config)
+        from pathlib import Path
+
+        run = Run(config, Path(args.checkpoint).parent)
+        run.load_state_dict(state, args.checkpoint)
+        result = run.evaluate()
+    except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
+        raise CliError(str(err)) from err
+    for key, value in result.items():
+        print(f"{key[5:]:20s} {value:.4f}")
+    return 0
+
+
+def _dotted(item):
+    from mpl_fast.train import config as cfg
+
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise cfg.ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    update = _parse_value(value)
+    for part in reversed(key.split(".")):
+        update = {part: update}
+    return update
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mpl-fast",
@@ -83,10 +145,29 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"mpl-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train MPL (default: the embedded digits preset)")
-    p.set_defaults(run=_not_built("train"))
-    p = sub.add_parser("eval", help="evaluate a checkpoint")
-    p.set_defaults(run=_not_built("eval"))
+    p = sub.add_parser("train", help="train MPL (default: the embedded digits preset)",
+                       description="Train MPL (or a baseline) from a preset in configs/ or a YAML "
+                       "file. Writes DIR/config.yaml, metrics.jsonl, tensorboard/, last.pt, "
+                       "best.pt, summary.json and curves.png.")
+    p.add_argument("--config", default="digits",
+                   help="preset name (digits, digits_supervised, ...) or YAML file (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.teacher_lr=0.1 (repeatable)")
+    p.add_argument("--out", help="output folder (default: runs/<config>)")
+    p.add_argument("--steps", type=int, help="train.steps")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    p.add_argument("--eval-every", type=int, help="train.eval_every")
+    p.add_argument("--checkpoint-every", type=int, help="train.checkpoint_every")
+    p.set_defaults(run=_train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint",
+                       description="Top-1/top-5 of the student, EMA student and teacher of a "
+                       "checkpoint on its run's test split.")
+    p.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by train")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (e.g. train.device=cpu)")
+    p.set_defaults(run=_eval)
     p = sub.add_parser("bench", help="benchmarks: ops (step and data are not built yet)",
                        description="`mpl-fast bench ops [options]` runs benchmarks/bench_ops.py "
                        "(see its --help); `step` and `data` are not built yet.")

@@ -56,6 +56,9 @@ class MPLStep(nn.Module):
         self.generator = generator
         self.baseline = (feedback.MovingBaseline(config.baseline_decay)
                          if config.baseline_decay is not None else None)
+        # Optional check run on each loss right before the optimizer step it drives (the trainer
+        # raises there on a non-finite loss). None: no check, no host synchronisation.
+        self.finite_check = None
 
     # -- pieces a user (or a test) may call or replace -----------------------------------------
     def autocast(self, device: torch.device):
@@ -126,6 +129,8 @@ class MPLStep(nn.Module):
         s_loss = ops.soft_cross_entropy(s_us, targets, label_smoothing=c.student_label_smoothing)
         with torch.no_grad():
             ce_old = ops.soft_cross_entropy(s_l.detach(), y_l)
+        if self.finite_check is not None:
+            self.finite_check(s_loss, t_ce, uda)
         self.student_opt.zero_grad(set_to_none=True)
         s_loss.backward()
         if c.grad_clip > 0:
@@ -173,6 +178,8 @@ class MPLStep(nn.Module):
 
         # 6. teacher step
         t_loss = t_ce + uda_scale * uda + c.mpl_weight * mpl
+        if self.finite_check is not None:
+            self.finite_check(t_loss)
         self.teacher_opt.zero_grad(set_to_none=True)
         t_loss.backward()
         if c.grad_clip > 0:

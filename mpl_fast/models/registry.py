@@ -1,0 +1,28 @@
+"""Build a network by name: small_cnn, wrn28_2, wrn28_8, resnet50, or timm:<name>."""
+from torch import nn
+
+from mpl_fast.models.resnet import resnet50
+from mpl_fast.models.small_cnn import small_cnn
+from mpl_fast.models.wrn import WideResNet
+
+NAMES = ("small_cnn", "wrn28_2", "wrn28_8", "resnet50", "timm:<name>")
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, **kw) -> nn.Module:
+    if name == "small_cnn":
+        return small_cnn(num_classes, in_channels, **kw)
+    if name in ("wrn28_2", "wrn28_8"):
+        return WideResNet(num_classes, depth=28, widen=int(name[-1]), in_channels=in_channels, **kw)
+    if name == "resnet50":
+        return resnet50(num_classes, in_channels)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as err:
+            raise ValueError("model timm:<name> needs timm: pip install 'mpl-fast[timm]'") from err
+        try:
+            return timm.create_model(name[5:], pretrained=False, num_classes=num_classes,
+                                     in_chans=in_channels)
+        except RuntimeError as err:  # timm: unknown model
+            raise ValueError(f"model {name}: {err}") from err
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}")

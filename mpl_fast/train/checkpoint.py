@@ -1,0 +1,70 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically."""
+import os
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: one-line message."""
+
+
+_saves = {}
+
+
+def _fault_hook(path: Path):
+    """Test hook: MPL_FAST_FAULT=kill-during-save:NAME:N kills the process during the N-th save
+    of the file NAME, after the temporary file is written and before it replaces the old one."""
+    _saves[path.name] = _saves.get(path.name, 0) + 1
+    fault = os.environ.get("MPL_FAST_FAULT", "")
+    if fault.startswith("kill-during-save:"):
+        _, name, count = fault.split(":")
+        if name == path.name and _saves[path.name] == int(count):
+            os._exit(137)
+
+
+def save(state: dict, path: Path):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at
+    any moment leaves either the old checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fault_hook(path)
+
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
+                              f"({type(err).__name__})") from err
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{path} is not an mpl-fast checkpoint")
+    return state
+
+
+def check_compatible(state: dict, config: dict, path: Path):
+    """The parts of the config that shape the models and data must match the checkpoint's."""
+    saved = state.get("config", {})
+    for section, keys in (("method", None), ("model", None), ("data", None)):
+        a, b = saved.get(section), config.get(section)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                raise CheckpointError(f"checkpoint {path} was written with other {section} "
+                                      f"settings ({', '.join(f'{section}.{k}' for k in diff)})")
+            raise CheckpointError(f"checkpoint {path} was written with {section}={a!r}, "
+                                  f"not {b!r}")

@@ -1,0 +1,193 @@
+"""Run configuration: defaults, YAML presets (configs/), --set overrides, validation.
+
+A config is a dict of sections. Presets are partial YAML files merged over DEFAULTS; unknown
+keys and bad values are refused with a one-line ConfigError naming the key.
+"""
+import copy
+import dataclasses
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from mpl_fast.mpl.config import MPLConfig, preset as mpl_preset
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key."""
+
+
+_MPL_FIELDS = {f.name: None for f in dataclasses.fields(MPLConfig)}
+
+DEFAULTS = {
+    "method": "mpl",  # mpl | supervised
+    "mpl": {"preset": "paper", **_MPL_FIELDS},  # null: the preset's value
+    "data": {
+        "name": "digits",  # digits (embedded) | image_folder (JPEG tree; needs the DALI pipeline)
+        "root": None,
+        "image_size": None,
+        "labeled_per_class": 10,
+        "test_fraction": 0.3,
+        "split_seed": 0,
+        "batch_size": 32,
+        "mu": 7,
+        "pad": 1,
+        "hflip": False,
+        "cutout": 3,
+        "strong_strength": 0.5,
+    },
+    "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None},
+    "optim": {
+        "teacher_lr": 0.05,
+        "student_lr": 0.05,
+        "scale_lr_by_batch": False,  # lr * batch_size / 256, as the paper's code does
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "warmup_steps": 0,
+        "student_wait_steps": 0,
+    },
+    "train": {
+        "steps": 1500,
+        "seed": 0,
+        "device": "auto",  # auto | cpu | cuda
+        "log_every": 10,
+        "eval_every": 250,
+        "checkpoint_every": 250,
+        "ema_decay": 0.995,
+        "finetune_steps": 0,
+        "finetune_lr": 0.01,
+        "amp": "auto",  # auto (bf16 on GPU) | bf16 | off
+        "channels_last": "auto",
+        "max_nonfinite_skips": 10,
+        "eval_batch_size": 512,
+    },
+}
+
+CHOICES = {
+    "method": ("mpl", "supervised"),
+    "data.name": ("digits", "image_folder"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("auto", "bf16", "off"),
+    "train.channels_last": ("auto", True, False),
+}
+POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
+            "train.log_every", "train.eval_every", "train.checkpoint_every",
+            "train.eval_batch_size", "train.max_nonfinite_skips")
+NON_NEGATIVE = ("optim.teacher_lr", "optim.student_lr", "optim.momentum", "optim.weight_decay",
+                "optim.warmup_steps", "optim.student_wait_steps", "train.finetune_steps",
+                "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength")
+
+
+def preset_names():
+    return sorted(p.name[:-5] for p in resources.files("mpl_fast.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text, origin):
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: a config must be a mapping of sections")
+    return data
+
+
+def _merge(base, update, prefix=""):
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {name!r}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {name!r} is a section; give it a mapping")
+            _merge(base[key], value, name + ".")
+        else:
+            base[key] = _coerce(name, base[key], value)
+
+
+def _coerce(name, default, value):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool) and not (name in CHOICES and value in CHOICES[name]):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str) and not (
+            name in CHOICES and value in CHOICES[name]):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def get(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def load(name_or_file="digits", overrides=()):
+    """The resolved config: DEFAULTS <- preset (a name in configs/ or a YAML file) <- KEY=VALUE."""
+    config = copy.deepcopy(DEFAULTS)
+    path = Path(name_or_file)
+    if name_or_file in preset_names():
+        text = resources.files("mpl_fast.configs").joinpath(f"{name_or_file}.yaml").read_text()
+        _merge(config, _read_yaml(text, f"preset {name_or_file}"))
+    elif path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        _merge(config, _read_yaml(path.read_text(), str(path)))
+    else:
+        raise ConfigError(f"unknown config {name_or_file!r}: a preset ({', '.join(preset_names())}) "
+                          "or a YAML file")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        parsed = yaml.safe_load(value) if value else None
+        update = parsed
+        for part in reversed(key.split(".")):
+            update = {part: update}
+        _merge(config, update)
+    validate(config)
+    return config
+
+
+def validate(config):
+    for key, allowed in CHOICES.items():
+        if get(config, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {get(config, key)!r}")
+    for key in POSITIVE:
+        if not get(config, key) >= 1:
+            raise ConfigError(f"{key} must be >= 1, got {get(config, key)}")
+    for key in NON_NEGATIVE:
+        if get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(config, key)}")
+    if not 0.0 < config["data"]["test_fraction"] < 1.0:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
+    if not 0.0 <= config["train"]["ema_decay"] < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {config['train']['ema_decay']}")
+    mpl_config(config)  # MPL settings are validated by MPLConfig itself
+
+
+def mpl_config(config) -> MPLConfig:
+    section = dict(config["mpl"])
+    name = section.pop("preset")
+    changes = {k: v for k, v in section.items() if v is not None}
+    try:
+        return mpl_preset(name, **changes)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from err
+
+
+def dump(config) -> str:
+    return yaml.safe_dump(config, sort_keys=False)

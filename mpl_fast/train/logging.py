@@ -1,0 +1,109 @@
+"""Run logging: a live progress line, DIR/metrics.jsonl, TensorBoard events, a PNG of curves."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SHOWN = (("teacher/loss", "t_loss"), ("student/loss", "s_loss"), ("h", "h"),
+         ("uda/mask_ratio", "mask"), ("lr/student", "lr_s"))
+
+
+class RunLogger:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0,
+                 images_per_step: int = 0, enabled: bool = True):
+        self.out_dir, self.total, self.enabled = Path(out_dir), total_steps, enabled
+        self.images_per_step = images_per_step
+        self.path = self.out_dir / "metrics.jsonl"
+        self.tb = None
+        self.progress = self.task = None
+        self._t0, self._s0 = time.time(), start_step
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
+        except ImportError:  # tensorboard is a dependency; stay usable without it
+            self.tb = None
+        self.tty = sys.stderr.isatty()
+        if self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.description}"), TimeRemainingColumn(),
+                                     transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=total_steps, completed=start_step)
+
+    def _truncate_after(self, step):
+        """On resume, drop lines logged after the checkpoint: they are logged again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def images_per_second(self, step):
+        elapsed = time.time() - self._t0
+        return (step - self._s0) * self.images_per_step / elapsed if elapsed > 0 else 0.0
+
+    def log(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+        shown = " ".join(f"{short} {record[k]:.3g}" for k, short in SHOWN if k in record)
+        shown += f" img/s {self.images_per_second(step):.0f}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, description=shown)
+        elif any(k.startswith("eval/") for k in record):
+            print(f"step {step}/{self.total} {shown} " + " ".join(
+                f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval/")),
+                file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.stop()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_curves(metrics_path: Path, png_path: Path):
+    """Accuracy and losses over steps from metrics.jsonl, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("top1")}):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax1.plot(*zip(*pts), marker="o", label=key[5:])
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("top-1")
+    ax1.legend()
+    for key in ("teacher/loss", "student/loss", "teacher/ce_labeled", "teacher/uda"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax2.plot(*zip(*pts), label=key)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("loss")
+    ax2.set_yscale("log")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png_path)

@@ -1,0 +1,267 @@
+"""`mpl-fast train`: the training loop around mpl_fast.mpl.MPLStep (or a supervised step)."""
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpl_fast.data.digits import digits
+from mpl_fast.data.stream import InMemoryStream
+from mpl_fast.models.registry import build_model
+from mpl_fast.mpl import MPLStep
+from mpl_fast.train import checkpoint, config as cfg_mod, optim, schedules
+from mpl_fast.train.ema import ModelEMA
+from mpl_fast.train.evaluate import accuracy
+from mpl_fast.train.logging import RunLogger, plot_curves
+from mpl_fast.train.supervised import SupervisedStep
+
+FORMAT = 1
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on: one-line message."""
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def _check_finite(*losses):
+    for loss in losses:
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLoss
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """Everything a run holds; built from a resolved config."""
+
+    def __init__(self, config, out_dir: Path):
+        self.config, self.out = config, Path(out_dir)
+        d, m, o, t = config["data"], config["model"], config["optim"], config["train"]
+        self.device = resolve_device(t["device"])
+        gpu = self.device.type == "cuda"
+        self.amp = torch.bfloat16 if (t["amp"] == "bf16" or (t["amp"] == "auto" and gpu)) else None
+        self.channels_last = t["channels_last"] is True or (t["channels_last"] == "auto" and gpu)
+        torch.manual_seed(t["seed"])
+        random.seed(t["seed"])
+        np.random.seed(t["seed"])
+        if d["name"] != "digits":
+            raise TrainError(f"data.name={d['name']} needs the DALI input pipeline, which is not "
+                             "built yet; use data.name=digits")
+        self.split = digits(d["labeled_per_class"], d["test_fraction"], d["split_seed"])
+        in_ch = self.split.train_x.shape[1]
+        self.stream = InMemoryStream(self.split, d["batch_size"], d["mu"], seed=t["seed"] + 1,
+                                     pad=d["pad"], hflip=d["hflip"], cutout=d["cutout"],
+                                     strength=d["strong_strength"])
+        self.images_per_step = d["batch_size"] * (1 + 2 * d["mu"]) if config["method"] == "mpl" \
+            else d["batch_size"]
+        model_kw = {"bn_momentum": m["bn_momentum"]} if m["bn_momentum"] is not None else {}
+
+        def make(name):
+            try:
+                net = build_model(name, self.split.num_classes, in_ch, **model_kw).to(self.device)
+            except (ValueError, TypeError) as err:
+                raise TrainError(f"model: {err}") from err
+            return net.to(memory_format=torch.channels_last) if self.channels_last else net
+
+        scale = d["batch_size"] / 256 if o["scale_lr_by_batch"] else 1.0
+        steps = t["steps"]
+        self.student = make(m["student"])
+        self.student_opt = optim.sgd(self.student, o["student_lr"] * scale, o["momentum"],
+                                     o["nesterov"], o["weight_decay"])
+        self.student_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.student_opt, schedules.wait_warmup_cosine(
+                o["student_wait_steps"] if config["method"] == "mpl" else 0, o["warmup_steps"], steps))
+        self.ema = ModelEMA(self.student, t["ema_decay"])
+        self.teacher = self.teacher_opt = self.teacher_sched = None
+        if config["method"] == "mpl":
+            self.teacher = make(m["teacher"])
+            self.teacher_opt = optim.sgd(self.teacher, o["teacher_lr"] * scale, o["momentum"],
+                                         o["nesterov"], o["weight_decay"])
+            self.teacher_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.teacher_opt, schedules.warmup_cosine(o["warmup_steps"], steps))
+            self.mpl_gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 2)
+            self.step_fn = MPLStep(self.teacher, self.student, self.teacher_opt,
+                                   self.student_opt, cfg_mod.mpl_config(config),
+                                   autocast_dtype=self.amp, generator=self.mpl_gen)
+        else:
+            self.mpl_gen = None
+            ls = config["mpl"]["student_label_smoothing"] or 0.0
+            self.step_fn = SupervisedStep(self.student, self.student_opt, ls, self.amp)
+        self.step_fn.finite_check = _check_finite
+        self.step, self.best, self.skipped, self.consecutive_skips = 0, -1.0, 0, 0
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def state_dict(self):
+        state = {"format": FORMAT, "config": self.config, "step": self.step, "best": self.best,
+                 "skipped": self.skipped, "consecutive_skips": self.consecutive_skips,
+                 "student": self.student.state_dict(), "ema": self.ema.state_dict(),
+                 "student_opt": self.student_opt.state_dict(),
+                 "student_sched": self.student_sched.state_dict(),
+                 "data": self.stream.state_dict(), "rng": _rng_state()}
+        if self.teacher is not None:
+            state.update(teacher=self.teacher.state_dict(),
+                         teacher_opt=self.teacher_opt.state_dict(),
+                         teacher_sched=self.teacher_sched.state_dict(),
+                         mpl=self.step_fn.state_dict(), mpl_gen=self.mpl_gen.get_state())
+        return state
+
+    def load_state_dict(self, state, path):
+        checkpoint.check_compatible(state, self.config, path)
+        try:
+            self.student.load_state_dict(state["student"])
+            self.ema.load_state_dict(state["ema"])
+            self.student_opt.load_state_dict(state["student_opt"])
+            self.student_sched.load_state_dict(state["student_sched"])
+            if self.teacher is not None:
+                self.teacher.load_state_dict(state["teacher"])
+                self.teacher_opt.load_state_dict(state["teacher_opt"])
+                self.teacher_sched.load_state_dict(state["teacher_sched"])
+                self.step_fn.load_state_dict(state["mpl"], strict=False)
+                self.mpl_gen.set_state(state["mpl_gen"])
+            self.stream.load_state_dict(state["data"])
+        except (KeyError, RuntimeError) as err:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} does not fit this run ({str(err).splitlines()[0]})") from err
+        _set_rng_state(state["rng"])
+        self.step, self.best = state["step"], state["best"]
+        self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
+
+    def save(self, name):
+        checkpoint.save(self.state_dict(), self.out / name)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self):
+        kw = dict(batch_size=self.config["train"]["eval_batch_size"], device=self.device,
+                  channels_last=self.channels_last, autocast_dtype=self.amp)
+        x, y = self.split.test_x, self.split.test_y
+        out = {}
+        models = {"student": self.student, "ema_student": self.ema.module}
+        if self.teacher is not None:
+            models["teacher"] = self.teacher
+        for name, model in models.items():
+            acc = accuracy(model, x, y, **kw)
+            out[f"eval/{name}_top1"], out[f"eval/{name}_top5"] = acc["top1"], acc["top5"]
+        return out
+
+    def to_device(self, batch):
+        def mv(t):
+            t = t.to(self.device, non_blocking=True)
+            if self.channels_last and t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            return t
+        for field in ("x_l", "y_l", "x_uw", "x_us"):
+            setattr(batch, field, mv(getattr(batch, field)))
+        return batch
+
+
+def train(config, out_dir, resume=False):
+    """Run (or continue) training; returns the summary dict also written to summary.json."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainError(f"cannot create output folder {out}: {err.strerror}") from err
+    run = Run(config, out)
+    t = config["train"]
+    if resume:
+        last = out / "last.pt"
+        if not last.exists():
+            raise TrainError(f"--resume: no checkpoint at {last}")
+        run.load_state_dict(checkpoint.load(last), last)
+    (out / "config.yaml").write_text(cfg_mod.dump(config))
+    (out / "split.json").write_text(json.dumps(run.split.describe()) + "\n")
+    logger = RunLogger(out, t["steps"], run.step, run.images_per_step)
+    started = time.time()
+    try:
+        while run.step < t["steps"]:
+            batch = run.to_device(run.stream.next())
+            try:
+                metrics = run.step_fn(batch, run.step)
+                run.consecutive_skips = 0
+            except NonFiniteLoss:
+                run.skipped += 1
+                run.consecutive_skips += 1
+                metrics = {"nonfinite_skipped": run.skipped}
+                if run.consecutive_skips >= t["max_nonfinite_skips"]:
+                    logger.log(run.step + 1, metrics)
+                    raise TrainError(f"stopping: {run.consecutive_skips} consecutive steps with a "
+                                     f"non-finite loss (at step {run.step + 1})")
+            for sched in (run.student_sched, run.teacher_sched):
+                if sched is not None:
+                    sched.step()
+            run.ema.update(run.student)
+            run.step += 1
+            if run.step % t["eval_every"] == 0 or run.step == t["steps"]:
+                metrics = {**metrics, **run.evaluate()}
+                if metrics["eval/ema_student_top1"] > run.best:
+                    run.best = metrics["eval/ema_student_top1"]
+                    run.save("best.pt")
+            if run.step % t["log_every"] == 0 or "eval/student_top1" in metrics \
+                    or "nonfinite_skipped" in metrics:
+                metrics["nonfinite_skipped"] = run.skipped
+                logger.log(run.step, metrics)
+            if run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]:
+                run.save("last.pt")
+        final = run.evaluate()
+        summary = {"steps": run.step, "method": config["method"],
+                   "student_top1": final["eval/student_top1"],
+                   "ema_student_top1": final["eval/ema_student_top1"],
+                   "teacher_top1": final.get("eval/teacher_top1"),
+                   "best_ema_student_top1": run.best, "nonfinite_skipped": run.skipped,
+                   "seconds_this_session": round(time.time() - started, 1)}
+        if t["finetune_steps"] > 0:
+            summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"])
+    finally:
+        logger.close()
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    return summary
+
+
+def finetune(run, steps, lr):
+    """Finetune a copy of the EMA student on the labels alone; returns its top-1."""
+    import copy
+
+    model = copy.deepcopy(run.ema.module).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = optim.sgd(model, lr, run.config["optim"]["momentum"], run.config["optim"]["nesterov"],
+                    run.config["optim"]["weight_decay"])
+    step = SupervisedStep(model, opt, autocast_dtype=run.amp)
+    for _ in range(steps):
+        step(run.to_device(run.stream.next()))
+    acc = accuracy(model, run.split.test_x, run.split.test_y, device=run.device,
+                   channels_last=run.channels_last, autocast_dtype=run.amp)
+    checkpoint.save({"format": FORMAT, "config": run.config, "student": model.state_dict()},
+                    run.out / "finetuned.pt")
+    return acc["top1"]

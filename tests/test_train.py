@@ -1,0 +1,224 @@
+"""The trainer: config, schedules, optimizer groups, EMA, checkpoints, exact resume after
+SIGKILL (also during a save), non-finite skipping, outputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from mpl_fast import cli
+from mpl_fast.train import checkpoint, config as cfg, optim, schedules
+from mpl_fast.train.ema import ModelEMA
+from mpl_fast.train.loop import Run, TrainError, train
+
+TINY = ["data.batch_size=8", "data.mu=2", "train.log_every=1", "train.eval_every=10",
+        "train.checkpoint_every=10", "train.finetune_steps=0", "optim.student_wait_steps=3",
+        "train.eval_batch_size=128"]
+
+
+def test_config_presets_and_errors(tmp_path):
+    for name in cfg.preset_names():
+        cfg.load(name)
+    c = cfg.load("digits", ["train.steps=7", "optim.teacher_lr=0.1"])
+    assert c["train"]["steps"] == 7 and c["optim"]["teacher_lr"] == 0.1
+    for bad, key in ((["train.stepz=1"], "train.stepz"), (["train.steps=0"], "train.steps"),
+                     (["data.batch_size=x"], "data.batch_size"), (["mpl.estimator=x"], "mpl.estimator"),
+                     (["method=x"], "method"), (["train.ema_decay=1.5"], "train.ema_decay")):
+        with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
+            cfg.load("digits", bad)
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 3\n")
+    assert cfg.load(str(f))["train"]["steps"] == 3
+    f.write_text("train: [1, 2\n")
+    with pytest.raises(cfg.ConfigError, match="YAML"):
+        cfg.load(str(f))
+    with pytest.raises(cfg.ConfigError, match="unknown config"):
+        cfg.load("nonexistent_preset")
+
+
+def test_schedules():
+    f = schedules.wait_warmup_cosine(wait=10, warmup=5, total=100)
+    assert all(f(s) == 0.0 for s in range(10))
+    assert f(10) == pytest.approx(1 / 5) and f(14) == pytest.approx(1.0)
+    assert f(99) < 0.01 and f(50) < f(20)
+    g = schedules.warmup_cosine(0, 100)
+    assert g(0) == pytest.approx(1.0) and g(100) == pytest.approx(0.0)
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4, 2))
+    groups = optim.param_groups(model, 5e-4)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert decayed == {id(model[0].weight), id(model[3].weight)}
+    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 3
+
+
+def test_ema_decay_schedule_and_buffers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = ModelEMA(model, decay=0.99)
+    w0 = ema.module[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update(model)  # t = 0: d = min(0.99, 1/10)
+    assert torch.allclose(ema.module[0].weight, 0.1 * w0 + 0.9 * model[0].weight)
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 1.8))
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _train_cmd(out, steps, *extra):
+    return [sys.executable, "-m", "mpl_fast.cli", "train", "--out", str(out), "--steps",
+            str(steps), "--device", "cpu", *sum((["--set", s] for s in TINY), []), *extra]
+
+
+def _wait_for_step(path, step, proc, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists():
+            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            if lines and lines[-1]["step"] >= step:
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_and_kill_during_save(tmp_path):
+    steps = 30
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, steps), check=True, capture_output=True, timeout=600)
+    want = _metrics(ref / "metrics.jsonl")
+
+    # SIGKILL mid-run, after the step-10 and step-20 checkpoints
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(run, steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_step(run / "metrics.jsonl", 24, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _metrics(run / "metrics.jsonl")[-1]["step"] < steps
+    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600)
+    assert _metrics(run / "metrics.jsonl") == want
+
+    # killed while writing the step-20 last.pt: the step-10 checkpoint stays usable
+    run = tmp_path / "killed_in_save"
+    env = dict(os.environ, MPL_FAST_FAULT="kill-during-save:last.pt:2")
+    proc = subprocess.run(_train_cmd(run, steps), env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 137
+    assert (run / "last.pt.tmp").exists()
+    assert checkpoint.load(run / "last.pt")["step"] == 10
+    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600)
+    assert _metrics(run / "metrics.jsonl") == want
+
+
+def test_run_outputs_and_summary(tmp_path):
+    config = cfg.load("digits", TINY + ["train.steps=20", "train.finetune_steps=5"])
+    summary = train(config, tmp_path)
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "summary.json", "curves.png",
+                 "last.pt", "best.pt", "finetuned.pt"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    for key in ("student_top1", "ema_student_top1", "teacher_top1", "finetuned_student_top1"):
+        assert 0.0 <= summary[key] <= 1.0
+    rows = _metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert {"teacher/loss", "student/loss", "h", "uda/mask_ratio", "lr/student"} <= set(rows[0])
+    assert rows[0]["lr/student"] == 0.0  # the student waits
+    assert any("eval/ema_student_top1" in r for r in rows)
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path):
+    config = cfg.load("digits", TINY + ["train.steps=6", "train.max_nonfinite_skips=3"])
+    run_dir = tmp_path / "nan"
+    from mpl_fast.train import loop
+
+    original_next = loop.InMemoryStream.next
+    calls = {"n": 0}
+
+    def poisoned(self):
+        batch = original_next(self)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            batch.x_l = batch.x_l * float("nan")
+            batch.x_us = batch.x_us * float("nan")
+        return batch
+
+    loop.InMemoryStream.next = poisoned
+    seen = {}
+    original_step = loop.MPLStep.forward
+
+    def spy(self, batch, step=0):
+        before = [p.detach().clone() for p in list(self.student.parameters()) +
+                  list(self.teacher.parameters())]
+        try:
+            return original_step(self, batch, step)
+        except loop.NonFiniteLoss:
+            after = list(self.student.parameters()) + list(self.teacher.parameters())
+            seen["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
+            raise
+
+    loop.MPLStep.forward = spy
+    try:
+        summary = train(config, run_dir)
+    finally:
+        loop.InMemoryStream.next = original_next
+        loop.MPLStep.forward = original_step
+    assert seen["unchanged"] and summary["nonfinite_skipped"] == 1
+    rows = _metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["nonfinite_skipped"] == 1
+
+    loop.InMemoryStream.next = lambda self: (lambda b: (setattr(b, "x_l", b.x_l * float("nan")), b)[1])(original_next(self))
+    try:
+        with pytest.raises(TrainError, match="3 consecutive steps"):
+            train(config, tmp_path / "allnan")
+    finally:
+        loop.InMemoryStream.next = original_next
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
+    config = cfg.load("digits", TINY + ["train.steps=10"])
+    train(config, tmp_path)
+    last = tmp_path / "last.pt"
+    other = cfg.load("digits", TINY + ["train.steps=10", "model.student=wrn28_2"])
+    with pytest.raises(checkpoint.CheckpointError, match="model.student"):
+        Run(other, tmp_path).load_state_dict(checkpoint.load(last), last)
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
+        checkpoint.load(last)
+    args = ["train", "--out", str(tmp_path), "--resume", "--steps", "20",
+            *sum((["--set", s] for s in TINY), [])]
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated" in err and err.count("\n") == 1
+
+
+def test_eval_command(tmp_path, capsys):
+    train(cfg.load("digits", TINY + ["train.steps=10"]), tmp_path)
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "ema_student_top1" in out and "teacher_top1" in out
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+
+
+def test_train_cli_bad_input(tmp_path, capsys):
+    for args in (["--set", "train.nosuch=1"], ["--config", "nope"], ["--steps", "0"],
+                 ["--resume"]):
+        assert cli.main(["train", "--out", str(tmp_path / "x"), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, err
