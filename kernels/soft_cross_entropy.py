@@ -93,8 +93,13 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     hard = target_index is not None
-    if not hard and target_probs.stride(1) != 1:
+    # the kernel indexes targets and mask by row: make strided views dense
+    if hard:
+        target_index = target_index.contiguous()
+    elif target_probs.stride(1) != 1:
         target_probs = target_probs.contiguous()
+    if mask is not None:
+        mask = mask.contiguous()
     if n == 0:
         return loss, grad
     block = block_size(c)

@@ -1,5 +1,6 @@
 """The `mpl-fast` command line."""
 import argparse
+import os
 import sys
 
 from mpl_fast import __version__
@@ -88,12 +89,18 @@ def _train(args):
                       ("checkpoint_every", "train.checkpoint_every")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    from mpl_fast.train import distributed
+
     try:
         config = cfg.load(args.config, overrides)
         out = Path(args.out or f"runs/{Path(args.config).stem}")
         summary = train(config, out, resume=args.resume)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     line = (f"done: {summary['steps']} steps, {summary['method']}  top-1 student "
             f"{summary['student_top1']:.4f}  EMA student {summary['ema_student_top1']:.4f}")
     if summary.get("teacher_top1") is not None:

@@ -139,6 +139,21 @@ def test_strided_rows(use, backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", _backends())
+def test_strided_targets_and_mask(use, backend, device):
+    use(backend)
+    x = _logits(7, 12, torch.float32, device, 21)
+    y_wide = torch.arange(14, device=device) % 12
+    m_wide = torch.tensor([1.0, 0.0] * 7, device=device)
+    y, m = y_wide[1::2], m_wide[::2]  # strided views, as a per-rank slice of a batch makes
+    got = ops.soft_cross_entropy(x, y, label_smoothing=0.1, mask=m, reduction="none")
+    want = ops.soft_cross_entropy(x, y.contiguous(), label_smoothing=0.1, mask=m.contiguous(),
+                                  reduction="none")
+    truth = loss_truth.soft_ce_rows(x.double().cpu(), y.cpu(), 0.1, m.cpu())
+    assert torch.equal(got, want)
+    assert torch.allclose(got.cpu().double(), truth, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
 def test_deterministic(use, backend, device):
     use(backend)
     x = _logits(33, 1000, torch.bfloat16, device, 5)

@@ -222,3 +222,41 @@ def test_train_cli_bad_input(tmp_path, capsys):
         assert cli.main(["train", "--out", str(tmp_path / "x"), *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, err
+
+
+# no UDA threshold: a confidence mask can flip on a 1e-8 difference and amplify it
+DDP = TINY + ["model.teacher=mlp", "model.student=mlp", "mpl.pseudo_labels=argmax",
+             "mpl.uda_weight=0.0"]
+
+
+def _ddp_cmd(out, steps, nproc, *extra):
+    sets = sum((["--set", s] for s in DDP), [])
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}", "-m", "mpl_fast.cli"] if nproc > 1
+                else [sys.executable, "-m", "mpl_fast.cli"])
+    return [*launcher, "train", "--out", str(out), "--steps", str(steps), "--device", "cpu",
+            *sets, *extra]
+
+
+def _weights(path):
+    state = checkpoint.load(path)
+    return {f"{m}.{k}": v for m in ("student", "teacher", "ema") for k, v in state[m].items()}
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda cmd: subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)  # noqa: E731
+    run(_ddp_cmd(tmp_path / "one", 20, 1))
+    run(_ddp_cmd(tmp_path / "two", 20, 2))
+    one, two = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
+    rows = _metrics(tmp_path / "one" / "metrics.jsonl")
+    assert any(r.get("lr/student", 0) > 0 and r.get("h", 0) != 0 for r in rows)  # both learn
+    for k in one:
+        assert torch.allclose(one[k].float(), two[k].float(), atol=1e-5), k
+    # two processes, stopped at step 10 and resumed to 20
+    run(_ddp_cmd(tmp_path / "resumed", 10, 2))
+    run(_ddp_cmd(tmp_path / "resumed", 20, 2, "--resume"))
+    resumed = _weights(tmp_path / "resumed" / "last.pt")
+    for k in one:
+        assert torch.allclose(two[k].float(), resumed[k].float(), atol=1e-6), k

@@ -5,10 +5,19 @@ from mpl_fast.models.resnet import resnet50
 from mpl_fast.models.small_cnn import small_cnn
 from mpl_fast.models.wrn import WideResNet
 
-NAMES = ("small_cnn", "wrn28_2", "wrn28_8", "resnet50", "timm:<name>")
+NAMES = ("mlp", "small_cnn", "wrn28_2", "wrn28_8", "resnet50", "timm:<name>")
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, **kw) -> nn.Module:
+def mlp(num_classes: int, in_features: int, hidden: int = 64) -> nn.Module:
+    """A BatchNorm-free MLP over flattened images (tiny data, exact data-parallel checks)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 8,
+                **kw) -> nn.Module:
+    if name == "mlp":
+        return mlp(num_classes, in_channels * image_size * image_size)
     if name == "small_cnn":
         return small_cnn(num_classes, in_channels, **kw)
     if name in ("wrn28_2", "wrn28_8"):

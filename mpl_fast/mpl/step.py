@@ -59,6 +59,9 @@ class MPLStep(nn.Module):
         # Optional check run on each loss right before the optimizer step it drives (the trainer
         # raises there on a non-finite loss). None: no check, no host synchronisation.
         self.finite_check = None
+        # Optional mean across data-parallel replicas for the labeled losses that form h, so that
+        # every replica uses the feedback of the global batch (set by the trainer under DDP).
+        self.cross_replica_mean = None
 
     # -- pieces a user (or a test) may call or replace -----------------------------------------
     def autocast(self, device: torch.device):
@@ -162,6 +165,8 @@ class MPLStep(nn.Module):
                                              lr_s, c.fd_eps)
             h = centered = mpl.detach()  # the surrogate's value: its teacher gradient is exact
         else:
+            if self.cross_replica_mean is not None:
+                ce_old, ce_new = self.cross_replica_mean(ce_old), self.cross_replica_mean(ce_new)
             if c.estimator == "dot":
                 h = feedback.dot(lr_s, feedback.grads_or_zeros(ce_new, params), grads_u,
                                  c.feedback_sign)

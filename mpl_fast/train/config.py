@@ -61,6 +61,7 @@ DEFAULTS = {
         "channels_last": "auto",
         "max_nonfinite_skips": 10,
         "eval_batch_size": 512,
+        "sync_bn": False,  # under torchrun: SyncBatchNorm (GPU)
     },
 }
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from mpl_fast.data.digits import digits
 from mpl_fast.data.stream import InMemoryStream
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
-from mpl_fast.train import checkpoint, config as cfg_mod, optim, schedules
+from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import accuracy
 from mpl_fast.train.logging import RunLogger, plot_curves
@@ -66,6 +67,13 @@ class Run:
         self.config, self.out = config, Path(out_dir)
         d, m, o, t = config["data"], config["model"], config["optim"], config["train"]
         self.device = resolve_device(t["device"])
+        self.dist = distributed.init(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if self.dist.enabled and config["method"] == "mpl" and \
+                cfg_mod.mpl_config(config).estimator != "loss_diff":
+            raise TrainError("under torchrun only mpl.estimator=loss_diff is supported so far")
         gpu = self.device.type == "cuda"
         self.amp = torch.bfloat16 if (t["amp"] == "bf16" or (t["amp"] == "auto" and gpu)) else None
         self.channels_last = t["channels_last"] is True or (t["channels_last"] == "auto" and gpu)
@@ -79,17 +87,28 @@ class Run:
         in_ch = self.split.train_x.shape[1]
         self.stream = InMemoryStream(self.split, d["batch_size"], d["mu"], seed=t["seed"] + 1,
                                      pad=d["pad"], hflip=d["hflip"], cutout=d["cutout"],
-                                     strength=d["strong_strength"])
+                                     strength=d["strong_strength"], rank=self.dist.rank,
+                                     world=self.dist.world)
         self.images_per_step = d["batch_size"] * (1 + 2 * d["mu"]) if config["method"] == "mpl" \
             else d["batch_size"]
         model_kw = {"bn_momentum": m["bn_momentum"]} if m["bn_momentum"] is not None else {}
 
         def make(name):
             try:
-                net = build_model(name, self.split.num_classes, in_ch, **model_kw).to(self.device)
+                net = build_model(name, self.split.num_classes, in_ch,
+                                  image_size=self.split.train_x.shape[-1], **model_kw).to(self.device)
             except (ValueError, TypeError) as err:
                 raise TrainError(f"model: {err}") from err
-            return net.to(memory_format=torch.channels_last) if self.channels_last else net
+            net = net.to(memory_format=torch.channels_last) if self.channels_last else net
+            if self.dist.enabled and t["sync_bn"]:
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            return net
+
+        def parallel(net):
+            if not self.dist.enabled:
+                return net
+            return nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if gpu else None)
 
         scale = d["batch_size"] / 256 if o["scale_lr_by_batch"] else 1.0
         steps = t["steps"]
@@ -108,13 +127,14 @@ class Run:
             self.teacher_sched = torch.optim.lr_scheduler.LambdaLR(
                 self.teacher_opt, schedules.warmup_cosine(o["warmup_steps"], steps))
             self.mpl_gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 2)
-            self.step_fn = MPLStep(self.teacher, self.student, self.teacher_opt,
-                                   self.student_opt, cfg_mod.mpl_config(config),
+            self.step_fn = MPLStep(parallel(self.teacher), parallel(self.student),
+                                   self.teacher_opt, self.student_opt, cfg_mod.mpl_config(config),
                                    autocast_dtype=self.amp, generator=self.mpl_gen)
+            self.step_fn.cross_replica_mean = self.dist.mean if self.dist.enabled else None
         else:
             self.mpl_gen = None
             ls = config["mpl"]["student_label_smoothing"] or 0.0
-            self.step_fn = SupervisedStep(self.student, self.student_opt, ls, self.amp)
+            self.step_fn = SupervisedStep(parallel(self.student), self.student_opt, ls, self.amp)
         self.step_fn.finite_check = _check_finite
         self.step, self.best, self.skipped, self.consecutive_skips = 0, -1.0, 0, 0
 
@@ -130,7 +150,7 @@ class Run:
             state.update(teacher=self.teacher.state_dict(),
                          teacher_opt=self.teacher_opt.state_dict(),
                          teacher_sched=self.teacher_sched.state_dict(),
-                         mpl=self.step_fn.state_dict(), mpl_gen=self.mpl_gen.get_state())
+                         mpl=self._mpl_state(), mpl_gen=self.mpl_gen.get_state())
         return state
 
     def load_state_dict(self, state, path):
@@ -144,7 +164,8 @@ class Run:
                 self.teacher.load_state_dict(state["teacher"])
                 self.teacher_opt.load_state_dict(state["teacher_opt"])
                 self.teacher_sched.load_state_dict(state["teacher_sched"])
-                self.step_fn.load_state_dict(state["mpl"], strict=False)
+                if self.step_fn.baseline is not None:
+                    self.step_fn.baseline.load_state_dict(state["mpl"]["baseline"])
                 self.mpl_gen.set_state(state["mpl_gen"])
             self.stream.load_state_dict(state["data"])
         except (KeyError, RuntimeError) as err:
@@ -154,8 +175,15 @@ class Run:
         self.step, self.best = state["step"], state["best"]
         self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
 
+    def _mpl_state(self):
+        b = self.step_fn.baseline
+        return {"baseline": b.state_dict() if b is not None else None}
+
     def save(self, name):
-        checkpoint.save(self.state_dict(), self.out / name)
+        """Rank 0 writes; the other replicas wait until the file is in place."""
+        if self.dist.main:
+            checkpoint.save(self.state_dict(), self.out / name)
+        self.dist.barrier()
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self):
@@ -196,9 +224,11 @@ def train(config, out_dir, resume=False):
         if not last.exists():
             raise TrainError(f"--resume: no checkpoint at {last}")
         run.load_state_dict(checkpoint.load(last), last)
-    (out / "config.yaml").write_text(cfg_mod.dump(config))
-    (out / "split.json").write_text(json.dumps(run.split.describe()) + "\n")
-    logger = RunLogger(out, t["steps"], run.step, run.images_per_step)
+    main = run.dist.main
+    if main:
+        (out / "config.yaml").write_text(cfg_mod.dump(config))
+        (out / "split.json").write_text(json.dumps(run.split.describe()) + "\n")
+    logger = RunLogger(out, t["steps"], run.step, run.images_per_step, enabled=main)
     started = time.time()
     try:
         while run.step < t["steps"]:
@@ -237,10 +267,13 @@ def train(config, out_dir, resume=False):
                    "teacher_top1": final.get("eval/teacher_top1"),
                    "best_ema_student_top1": run.best, "nonfinite_skipped": run.skipped,
                    "seconds_this_session": round(time.time() - started, 1)}
-        if t["finetune_steps"] > 0:
+        if t["finetune_steps"] > 0 and main:
             summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"])
     finally:
         logger.close()
+    run.dist.barrier()
+    if not main:
+        return summary
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")

@@ -1,0 +1,48 @@
+"""Data parallelism through torch.distributed: launched by torchrun (which sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), NCCL on GPUs, gloo on CPUs."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The average of t over replicas (an all-reduce; no host synchronisation)."""
+        if not self.enabled:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t / self.world
+
+
+def init(device_type: str) -> Context:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Context()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
