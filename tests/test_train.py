@@ -260,3 +260,34 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
     resumed = _weights(tmp_path / "resumed" / "last.pt")
     for k in one:
         assert torch.allclose(two[k].float(), resumed[k].float(), atol=1e-6), k
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path):
+    """The GPU defaults (bf16 autocast, channels_last), forced on the CPU."""
+    config = cfg.load("digits", TINY + ["train.steps=12", "train.amp=bf16",
+                                        "train.channels_last=true"])
+    summary = train(config, tmp_path)
+    rows = _metrics(tmp_path / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["teacher/loss"])) for r in rows)
+    assert 0.0 <= summary["ema_student_top1"] <= 1.0
+
+
+def test_models_by_name(monkeypatch):
+    import types
+
+    from mpl_fast.models.registry import build_model
+
+    for name, size in (("mlp", 8), ("small_cnn", 8), ("wrn28_2", 32)):
+        net = build_model(name, 7, 3, image_size=size)
+        assert net(torch.randn(2, 3, size, size)).shape == (2, 7)
+    wrn = build_model("wrn28_2", 10)
+    assert 1.4e6 < sum(p.numel() for p in wrn.parameters()) < 1.6e6  # WRN-28-2: 1.5M
+    calls = {}
+    fake = types.SimpleNamespace(create_model=lambda name, **kw: calls.update(name=name, **kw)
+                                 or nn.Linear(1, 1))
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    build_model("timm:vit_tiny_patch16_224", 10, 3)
+    assert calls == {"name": "vit_tiny_patch16_224", "pretrained": False, "num_classes": 10,
+                     "in_chans": 3}
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("nope", 10)
