@@ -143,9 +143,10 @@ def test_run_outputs_and_summary(tmp_path):
 def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path):
     config = cfg.load("digits", TINY + ["train.steps=6", "train.max_nonfinite_skips=3"])
     run_dir = tmp_path / "nan"
+    from mpl_fast.data import stream as stream_mod
     from mpl_fast.train import loop
 
-    original_next = loop.InMemoryStream.next
+    original_next = stream_mod.InMemoryStream.next
     calls = {"n": 0}
 
     def poisoned(self):
@@ -156,7 +157,7 @@ def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path):
             batch.x_us = batch.x_us * float("nan")
         return batch
 
-    loop.InMemoryStream.next = poisoned
+    stream_mod.InMemoryStream.next = poisoned
     seen = {}
     original_step = loop.MPLStep.forward
 
@@ -174,18 +175,23 @@ def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path):
     try:
         summary = train(config, run_dir)
     finally:
-        loop.InMemoryStream.next = original_next
+        stream_mod.InMemoryStream.next = original_next
         loop.MPLStep.forward = original_step
     assert seen["unchanged"] and summary["nonfinite_skipped"] == 1
     rows = _metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["nonfinite_skipped"] == 1
 
-    loop.InMemoryStream.next = lambda self: (lambda b: (setattr(b, "x_l", b.x_l * float("nan")), b)[1])(original_next(self))
+    def all_nan(self):
+        batch = original_next(self)
+        batch.x_l = batch.x_l * float("nan")
+        return batch
+
+    stream_mod.InMemoryStream.next = all_nan
     try:
         with pytest.raises(TrainError, match="3 consecutive steps"):
             train(config, tmp_path / "allnan")
     finally:
-        loop.InMemoryStream.next = original_next
+        stream_mod.InMemoryStream.next = original_next
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path, capsys):

@@ -24,9 +24,12 @@ DEFAULTS = {
     "mpl": {"preset": "paper", **_MPL_FIELDS},  # null: the preset's value
     "data": {
         "name": "digits",  # digits (embedded) | image_folder (JPEG tree; needs the DALI pipeline)
-        "root": None,
+        "root": None,  # image_folder: root/train + root/test (or data.test_root)
+        "test_root": None,
         "image_size": None,
         "labeled_per_class": 10,
+        "labeled_percent": None,  # image_folder: a class-balanced percentage instead
+        "split_list": None,  # image_folder: a file of names, as in ImageNet's 1%/10% lists
         "test_fraction": 0.3,
         "split_seed": 0,
         "batch_size": 32,
@@ -34,7 +37,10 @@ DEFAULTS = {
         "pad": 1,
         "hflip": False,
         "cutout": 3,
-        "strong_strength": 0.5,
+        "strong_strength": 0.5,  # digits: colour jitter + noise of the strong view
+        "randaugment_n": 2,  # image_folder: RandAugment layers and level (0-10, see DALI docs)
+        "randaugment_m": 9,
+        "num_threads": 4,
     },
     "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None},
     "optim": {

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpl_fast.data.digits import digits
-from mpl_fast.data.stream import InMemoryStream
+from mpl_fast.data.image_folder import DataError
+from mpl_fast.data.sources import build_data
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
@@ -80,23 +80,19 @@ class Run:
         torch.manual_seed(t["seed"])
         random.seed(t["seed"])
         np.random.seed(t["seed"])
-        if d["name"] != "digits":
-            raise TrainError(f"data.name={d['name']} needs the DALI input pipeline, which is not "
-                             "built yet; use data.name=digits")
-        self.split = digits(d["labeled_per_class"], d["test_fraction"], d["split_seed"])
-        in_ch = self.split.train_x.shape[1]
-        self.stream = InMemoryStream(self.split, d["batch_size"], d["mu"], seed=t["seed"] + 1,
-                                     pad=d["pad"], hflip=d["hflip"], cutout=d["cutout"],
-                                     strength=d["strong_strength"], rank=self.dist.rank,
-                                     world=self.dist.world)
+        try:
+            self.data = build_data(d, t["seed"] + 1, self.device, self.dist.rank, self.dist.world)
+        except DataError as err:
+            raise TrainError(str(err)) from err
+        in_ch = self.data.in_channels
         self.images_per_step = d["batch_size"] * (1 + 2 * d["mu"]) if config["method"] == "mpl" \
             else d["batch_size"]
         model_kw = {"bn_momentum": m["bn_momentum"]} if m["bn_momentum"] is not None else {}
 
         def make(name):
             try:
-                net = build_model(name, self.split.num_classes, in_ch,
-                                  image_size=self.split.train_x.shape[-1], **model_kw).to(self.device)
+                net = build_model(name, self.data.num_classes, in_ch,
+                                  image_size=self.data.image_size, **model_kw).to(self.device)
             except (ValueError, TypeError) as err:
                 raise TrainError(f"model: {err}") from err
             net = net.to(memory_format=torch.channels_last) if self.channels_last else net
@@ -145,7 +141,7 @@ class Run:
                  "student": self.student.state_dict(), "ema": self.ema.state_dict(),
                  "student_opt": self.student_opt.state_dict(),
                  "student_sched": self.student_sched.state_dict(),
-                 "data": self.stream.state_dict(), "rng": _rng_state()}
+                 "data": self.data.state_dict(), "rng": _rng_state()}
         if self.teacher is not None:
             state.update(teacher=self.teacher.state_dict(),
                          teacher_opt=self.teacher_opt.state_dict(),
@@ -167,7 +163,7 @@ class Run:
                 if self.step_fn.baseline is not None:
                     self.step_fn.baseline.load_state_dict(state["mpl"]["baseline"])
                 self.mpl_gen.set_state(state["mpl_gen"])
-            self.stream.load_state_dict(state["data"])
+            self.data.load_state_dict(state["data"])
         except (KeyError, RuntimeError) as err:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not fit this run ({str(err).splitlines()[0]})") from err
@@ -187,15 +183,14 @@ class Run:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self):
-        kw = dict(batch_size=self.config["train"]["eval_batch_size"], device=self.device,
-                  channels_last=self.channels_last, autocast_dtype=self.amp)
-        x, y = self.split.test_x, self.split.test_y
         out = {}
         models = {"student": self.student, "ema_student": self.ema.module}
         if self.teacher is not None:
             models["teacher"] = self.teacher
         for name, model in models.items():
-            acc = accuracy(model, x, y, **kw)
+            acc = accuracy(model, self.data.eval_batches(self.config["train"]["eval_batch_size"],
+                                                         self.device),
+                           channels_last=self.channels_last, autocast_dtype=self.amp)
             out[f"eval/{name}_top1"], out[f"eval/{name}_top5"] = acc["top1"], acc["top5"]
         return out
 
@@ -227,12 +222,15 @@ def train(config, out_dir, resume=False):
     main = run.dist.main
     if main:
         (out / "config.yaml").write_text(cfg_mod.dump(config))
-        (out / "split.json").write_text(json.dumps(run.split.describe()) + "\n")
+        (out / "split.json").write_text(json.dumps(run.data.describe()) + "\n")
     logger = RunLogger(out, t["steps"], run.step, run.images_per_step, enabled=main)
     started = time.time()
     try:
         while run.step < t["steps"]:
-            batch = run.to_device(run.stream.next())
+            try:
+                batch = run.to_device(run.data.next())
+            except DataError as err:
+                raise TrainError(str(err)) from err
             try:
                 metrics = run.step_fn(batch, run.step)
                 run.consecutive_skips = 0
@@ -292,8 +290,8 @@ def finetune(run, steps, lr):
                     run.config["optim"]["weight_decay"])
     step = SupervisedStep(model, opt, autocast_dtype=run.amp)
     for _ in range(steps):
-        step(run.to_device(run.stream.next()))
-    acc = accuracy(model, run.split.test_x, run.split.test_y, device=run.device,
+        step(run.to_device(run.data.next()))
+    acc = accuracy(model, run.data.eval_batches(run.config["train"]["eval_batch_size"], run.device),
                    channels_last=run.channels_last, autocast_dtype=run.amp)
     checkpoint.save({"format": FORMAT, "config": run.config, "student": model.state_dict()},
                     run.out / "finetuned.pt")

@@ -1,0 +1,97 @@
+"""NVIDIA DALI pipelines for MPL: a labeled stream, an unlabeled stream in two views (weak and
+strong, both from one decode of each image), an evaluation stream, and a bare decode + crop
+pipeline for comparison. GPU ('mixed') decoding when a device id is given; CPU otherwise.
+
+RandAugment comes from nvidia.dali.auto_aug. Magnitudes: the paper and its TF code give the
+level on a 0-10 scale (CIFAR: n=2, level 16 or 17, i.e. beyond the top of the scale, which the TF
+code extrapolates). DALI's rand_augment uses `num_magnitude_bins` bins; we use 11, so
+`randaugment_m` is the paper's 0-10 level directly, and levels above 10 are clamped to 10 (DALI's
+largest magnitudes, weaker than the TF code's extrapolation).
+"""
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug import rand_augment
+
+MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+MAGNITUDE_BINS = 11
+
+
+def _decode(jpegs, gpu):
+    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+
+def _crop(images, size, small):
+    """Small images: resize to size, pad by size/8 on each side and take a random size x size
+    crop (pad-and-crop). Large images: random-resized-crop to size."""
+    if not small:
+        return fn.random_resized_crop(images, size=[size, size])
+    images = fn.resize(images, resize_x=size, resize_y=size)
+    pad = max(1, size // 8)
+    images = fn.crop(images, crop_h=size + 2 * pad, crop_w=size + 2 * pad,
+                     out_of_bounds_policy="pad", fill_values=128)
+    return fn.crop(images, crop_h=size, crop_w=size, crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                   crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
+
+
+def _normalize(images, gpu, mirror=None):
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if gpu else types.FLOAT,
+                                    output_layout="HWC", mean=MEAN, std=STD,
+                                    mirror=mirror if mirror is not None else 0)
+
+
+def _cutout(images, size, cut):
+    if cut <= 0:
+        return images
+    anchor = fn.random.uniform(range=[0.0, float(max(size - cut, 0))], shape=[2])
+    return fn.erase(images, anchor=anchor, shape=[float(cut), float(cut)], axis_names="HW",
+                    fill_value=128.0)
+
+
+def _reader(files, labels, shard_id, num_shards, seed, shuffle, name="reader"):
+    return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                           shuffle_after_epoch=shuffle, seed=seed, name=name)
+
+
+@pipeline_def
+def labeled_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, reader_seed=0):
+    jpegs, y = _reader(files, labels, shard_id, num_shards, reader_seed, True)
+    images = _crop(_decode(jpegs, gpu), size, small)
+    return _normalize(images, gpu, fn.random.coin_flip()), y
+
+
+@pipeline_def(enable_conditionals=True)
+def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, num_shards=1,
+                       reader_seed=0):
+    """Each image decoded once; weak = flip + crop; strong = its own flip + crop, then
+    RandAugment(n, m) and cutout. Also returns the file index of each row."""
+    jpegs, index = _reader(files, list(range(len(files))), shard_id, num_shards, reader_seed, True)
+    images = _decode(jpegs, gpu)
+    weak = _normalize(_crop(images, size, small), gpu, fn.random.coin_flip())
+    strong = _crop(images, size, small)
+    if ra_n > 0:
+        strong = rand_augment.rand_augment(strong, n=ra_n, m=min(ra_m, MAGNITUDE_BINS - 1),
+                                           num_magnitude_bins=MAGNITUDE_BINS)
+    strong = _normalize(_cutout(strong, size, cutout), gpu, fn.random.coin_flip())
+    return weak, strong, index
+
+
+@pipeline_def
+def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1):
+    jpegs, y = _reader(files, labels, shard_id, num_shards, 0, False)
+    images = _decode(jpegs, gpu)
+    if small:
+        images = fn.resize(images, resize_x=size, resize_y=size)
+    else:
+        images = fn.resize(images, resize_shorter=int(size / 0.875))
+        images = fn.crop(images, crop_h=size, crop_w=size)
+    return _normalize(images, gpu), y
+
+
+@pipeline_def
+def bare_pipeline(files, size, small, gpu, reader_seed=0):
+    """Decode + crop only: the throughput ceiling the MPL streams are compared with."""
+    jpegs, _ = _reader(files, list(range(len(files))), 0, 1, reader_seed, True)
+    images = _decode(jpegs, gpu)
+    if small:
+        return fn.crop(images, crop_h=size, crop_w=size, out_of_bounds_policy="pad")
+    return fn.random_resized_crop(images, size=[size, size])

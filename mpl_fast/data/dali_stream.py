@@ -1,0 +1,109 @@
+"""MPL batches from the DALI pipelines: labeled B and unlabeled mu*B (weak + strong views) in
+lockstep, endless, sharded by DDP rank, as torch tensors (channels_last; fp16 on GPU, fp32 on
+CPU).
+
+Resume position: DALI readers cannot seek, so on resume the pipelines restart with seeds derived
+from (seed, step): the run continues with fresh, deterministic data order and augmentation, not
+the exact batches an uninterrupted run would have drawn (an in-memory data set resumes exactly).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from mpl_fast.data.image_folder import DataError, FolderIndex
+from mpl_fast.mpl.step import MPLBatch
+
+
+def _to_torch(dali_tensor_list, device):
+    """DALI TensorList (N x H x W x C, or N x 1 labels) -> torch, NCHW in channels_last."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: F401  (checks the plugin)
+
+    if hasattr(dali_tensor_list, "as_cpu"):
+        dali_tensor_list = dali_tensor_list.as_cpu()
+    t = torch.from_numpy(dali_tensor_list.as_array())
+    t = t.to(device, non_blocking=True)
+    if t.dim() == 4:
+        t = t.permute(0, 3, 1, 2)  # NHWC memory is NCHW channels_last
+    return t
+
+
+@dataclass
+class StreamSpec:
+    batch_size: int
+    mu: int
+    image_size: int
+    small: bool
+    ra_n: int = 2
+    ra_m: int = 9
+    cutout: int = 16
+    num_threads: int = 4
+    seed: int = 0
+
+
+class DaliStream:
+    def __init__(self, index: FolderIndex, labeled: list, spec: StreamSpec, device, rank=0,
+                 world=1, start_step=0):
+        from mpl_fast.data import dali_pipelines as P
+
+        if spec.batch_size % world:
+            raise DataError(f"batch size {spec.batch_size} must divide by the world size {world}")
+        self.index, self.spec, self.device = index, spec, torch.device(device)
+        self.labeled = labeled
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index or 0) if gpu else None
+        b = spec.batch_size // world
+        seed = spec.seed + 7919 * start_step
+        common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
+        self.lab = P.labeled_pipeline(
+            [index.files[i] for i in labeled], [index.labels[i] for i in labeled], spec.image_size,
+            spec.small, gpu, rank, world, seed, batch_size=b, seed=seed + 1, **common)
+        self.unl = P.unlabeled_pipeline(
+            index.files, spec.image_size, spec.small, gpu, spec.ra_n, spec.ra_m, spec.cutout,
+            rank, world, seed + 2, batch_size=b * spec.mu, seed=seed + 3, **common)
+        self.lab.build()
+        self.unl.build()
+        self.labels = torch.tensor(index.labels)
+        self.batches = start_step
+
+    def _run(self, pipe):
+        try:
+            return pipe.run()
+        except RuntimeError as err:
+            raise DataError("the DALI pipeline failed to decode an image that passed the index "
+                            f"check ({str(err).splitlines()[0]})") from err
+
+    def next(self) -> MPLBatch:
+        x_l, y_l = self._run(self.lab)
+        weak, strong, idx = self._run(self.unl)
+        self.batches += 1
+        idx = _to_torch(idx, "cpu").flatten().long()
+        batch = MPLBatch(_to_torch(x_l, self.device), _to_torch(y_l, self.device).flatten().long(),
+                         _to_torch(weak, self.device), _to_torch(strong, self.device))
+        batch.unlabeled_index = idx  # file indices (e.g. rows of a Reduced-MPL logit store)
+        return batch
+
+    def state_dict(self):
+        return {"batches": self.batches, "seed": self.spec.seed}
+
+    def load_state_dict(self, state):
+        # see the module docstring: restarted with step-derived seeds by the caller
+        self.batches = state["batches"]
+
+
+def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=256,
+                 num_threads=4):
+    """(images, labels) over every file of `index` once, in order."""
+    from mpl_fast.data import dali_pipelines as P
+
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    pipe = P.eval_pipeline(index.files, index.labels, size, small, gpu, batch_size=batch_size,
+                           num_threads=num_threads, device_id=(dev.index or 0) if gpu else None)
+    pipe.build()
+    seen = 0
+    while seen < len(index):
+        x, y = pipe.run()
+        x, y = _to_torch(x, dev), _to_torch(y, dev).flatten().long()
+        keep = min(len(y), len(index) - seen)  # the reader wraps around in the last batch
+        seen += keep
+        yield x[:keep], y[:keep]

@@ -1,0 +1,114 @@
+"""Image-folder trees (`root/<class>/<file>.jpg`, ImageNet's train layout): indexing with
+cheap integrity checks, and the labeled/unlabeled split.
+
+Files that cannot be images are skipped and counted, never given a wrong label: a name without
+an image extension, or a file whose bytes do not start like a JPEG/PNG, or a JPEG without its
+end-of-image marker (truncated). The skipped files and their reasons are saved with the run.
+"""
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class DataError(ValueError):
+    """Bad input data: a one-line message."""
+
+
+@dataclass
+class FolderIndex:
+    root: str
+    files: List[str]  # absolute paths
+    labels: List[int]
+    classes: List[str]
+    skipped: List[tuple] = field(default_factory=list)  # (path, reason)
+
+    def __len__(self):
+        return len(self.files)
+
+
+def check_image(path: Path) -> Optional[str]:
+    """Why `path` is not a usable image, or None. Reads a few bytes at each end only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:3] == b"\xff\xd8\xff":
+                f.seek(max(0, size - 64))
+                if b"\xff\xd9" not in f.read():
+                    return "truncated JPEG (no end-of-image marker)"
+                return None
+            if head == b"\x89PNG\r\n\x1a\n":
+                return None
+            return "not a JPEG or PNG file"
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+
+
+def index_folder(root) -> FolderIndex:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"no class folders under {root} (expected root/<class>/<image>)")
+    files, labels, skipped = [], [], []
+    for label, name in enumerate(classes):
+        kept = 0
+        for entry in sorted(os.scandir(root / name), key=lambda e: e.name):
+            if not entry.is_file():
+                continue
+            path = Path(entry.path)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append((str(path), "not an image file name"))
+                continue
+            reason = check_image(path)
+            if reason:
+                skipped.append((str(path), reason))
+                continue
+            files.append(str(path.resolve()))
+            labels.append(label)
+            kept += 1
+        if kept == 0:
+            raise DataError(f"class folder {root / name} holds no usable images")
+    return FolderIndex(str(root.resolve()), files, labels, classes, skipped)
+
+
+def balanced_split(index: FolderIndex, per_class: Optional[int] = None,
+                   percent: Optional[float] = None, seed: int = 0) -> List[int]:
+    """Seeded, class-balanced labeled subset: `per_class` files of each class, or `percent` of
+    each class (rounded, at least 1). Sorted indices into index.files."""
+    if (per_class is None) == (percent is None):
+        raise DataError("give exactly one of labeled_per_class and labeled_percent")
+    labels = torch.tensor(index.labels)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(len(index.classes)):
+        members = torch.nonzero(labels == c).flatten()
+        k = per_class if per_class is not None else max(1, round(len(members) * percent / 100))
+        if k > len(members):
+            raise DataError(f"labeled_per_class={k} but class {index.classes[c]} has only "
+                            f"{len(members)} images")
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return sorted(torch.cat(chosen).tolist())
+
+
+def split_from_list(index: FolderIndex, list_file) -> List[int]:
+    """The labeled subset named by a file list in the format of the public ImageNet 1%/10%
+    subsets: one file name a line (e.g. n01440764_10026.JPEG). Every name must exist."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"split list {list_file} not found")
+    names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    by_name = {}
+    for i, f in enumerate(index.files):
+        by_name.setdefault(Path(f).name, i)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(f"split list {list_file}: {len(missing)} of {len(names)} files are not "
+                        f"in {index.root} (first: {missing[0]})")
+    return sorted({by_name[n] for n in names})

@@ -1,0 +1,109 @@
+"""The data a run trains on, behind one small interface the trainer uses:
+
+    next() -> MPLBatch, state_dict(), load_state_dict(), eval_batches() -> (x, y) batches,
+    num_classes, in_channels, image_size, describe() -> what to save with the run.
+"""
+import torch
+
+from mpl_fast.data.digits import digits
+from mpl_fast.data.image_folder import DataError, balanced_split, index_folder, split_from_list
+from mpl_fast.data.stream import InMemoryStream
+
+
+class DigitsData:
+    def __init__(self, d, seed, rank=0, world=1):
+        self.split = digits(d["labeled_per_class"], d["test_fraction"], d["split_seed"])
+        self.stream = InMemoryStream(self.split, d["batch_size"], d["mu"], seed=seed,
+                                     pad=d["pad"], hflip=d["hflip"], cutout=d["cutout"],
+                                     strength=d["strong_strength"], rank=rank, world=world)
+        self.num_classes = self.split.num_classes
+        self.in_channels = self.split.train_x.shape[1]
+        self.image_size = self.split.train_x.shape[-1]
+        self.next, self.state_dict = self.stream.next, self.stream.state_dict
+        self.load_state_dict = self.stream.load_state_dict
+
+    def eval_batches(self, batch_size, device):
+        x, y = self.split.test_x, self.split.test_y
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+
+    def describe(self):
+        return self.split.describe()
+
+
+class FolderData:
+    """A JPEG tree through DALI: root/train and root/test, or data.root and data.test_root."""
+
+    def __init__(self, d, seed, device, rank=0, world=1):
+        from pathlib import Path
+
+        if d["root"] is None or d["image_size"] is None:
+            raise DataError("data.name=image_folder needs data.root and data.image_size")
+        root = Path(d["root"])
+        train_root = root / "train" if (root / "train").is_dir() else root
+        test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
+        self.index = index_folder(train_root)
+        self.test_index = index_folder(test_root)
+        if self.test_index.classes != self.index.classes:
+            raise DataError(f"the class folders of {test_root} differ from those of {train_root}")
+        if d["split_list"]:
+            self.labeled = split_from_list(self.index, d["split_list"])
+        elif d["labeled_percent"] is not None:
+            self.labeled = balanced_split(self.index, percent=d["labeled_percent"],
+                                          seed=d["split_seed"])
+        else:
+            self.labeled = balanced_split(self.index, per_class=d["labeled_per_class"],
+                                          seed=d["split_seed"])
+        self.d, self.seed, self.device, self.rank, self.world = d, seed, device, rank, world
+        self.num_classes, self.in_channels = len(self.index.classes), 3
+        self.image_size = d["image_size"]
+        self.small = self.image_size <= 64
+        self.batches = 0
+        self.stream = None
+
+    def _build(self):
+        from mpl_fast.data.dali_stream import DaliStream, StreamSpec
+
+        d = self.d
+        spec = StreamSpec(d["batch_size"], d["mu"], self.image_size, self.small,
+                          d["randaugment_n"], d["randaugment_m"], d["cutout"],
+                          d["num_threads"], self.seed)
+        self.stream = DaliStream(self.index, self.labeled, spec, self.device, self.rank,
+                                 self.world, start_step=self.batches)
+
+    def next(self):
+        if self.stream is None:
+            self._build()
+        self.batches += 1
+        return self.stream.next()
+
+    def state_dict(self):
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state):
+        self.batches = state["batches"]
+        self.stream = None  # rebuilt with seeds derived from the step (see dali_stream)
+
+    def eval_batches(self, batch_size, device):
+        from mpl_fast.data.dali_stream import eval_batches
+
+        return eval_batches(self.test_index, self.image_size, self.small, device, batch_size,
+                            self.d["num_threads"])
+
+    def describe(self):
+        return {"root": self.index.root, "classes": self.index.classes,
+                "train": len(self.index), "labeled": len(self.labeled),
+                "unlabeled": len(self.index), "test": len(self.test_index),
+                "labeled_files": [self.index.files[i] for i in self.labeled],
+                "skipped": self.index.skipped + self.test_index.skipped}
+
+
+def build_data(d, seed, device, rank=0, world=1):
+    if d["name"] == "digits":
+        return DigitsData(d, seed, rank, world)
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as err:
+        raise DataError("data.name=image_folder needs NVIDIA DALI: pip install "
+                        "'mpl-fast[dali]' (nvidia-dali-cuda130)") from err
+    return FolderData(d, seed, device, rank, world)

@@ -1,0 +1,170 @@
+"""Image-folder indexing, splits, and the DALI pipelines in CPU mode, on small JPEGs written
+here with PIL (solid colours, so a crop of an image keeps its file's colour)."""
+import numpy as np
+import pytest
+import torch
+
+from mpl_fast.data.image_folder import (DataError, balanced_split, index_folder,
+                                        split_from_list)
+
+CLASSES = ("ant", "bee", "cat")
+PER_CLASS = 8
+
+
+def _color(c, i):
+    return (40 + 60 * c, 20 + 25 * i, 200 - 50 * c)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder") / "train"
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            img = np.zeros((40, 48, 3), dtype=np.uint8) + np.array(_color(c, i), dtype=np.uint8)
+            Image.fromarray(img).save(root / name / f"{name}_{i}.JPEG", quality=95)
+    return root
+
+
+def test_index_labels_match_folders(tree):
+    index = index_folder(tree)
+    assert index.classes == list(CLASSES) and len(index) == 24 and not index.skipped
+    for f, y in zip(index.files, index.labels):
+        assert f.split("/")[-2] == CLASSES[y]
+
+
+def test_bad_input(tree, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        index_folder(tmp_path / "missing")
+    with pytest.raises(DataError, match="no class folders"):
+        index_folder(tmp_path)
+    bad = tmp_path / "bad"
+    (bad / "a").mkdir(parents=True)
+    (bad / "empty").mkdir()
+    good = (tree / "ant" / "ant_0.JPEG").read_bytes()
+    (bad / "a" / "ok.jpg").write_bytes(good)
+    (bad / "a" / "cut.jpg").write_bytes(good[:200])
+    (bad / "a" / "text.jpg").write_text("not an image")
+    (bad / "a" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="empty holds no usable images"):
+        index_folder(bad)
+    (bad / "empty").rmdir()
+    index = index_folder(bad)
+    assert len(index) == 1
+    reasons = {p.split("/")[-1]: r for p, r in index.skipped}
+    assert reasons == {"cut.jpg": "truncated JPEG (no end-of-image marker)",
+                       "text.jpg": "not a JPEG or PNG file", "notes.txt": "not an image file name"}
+
+
+def test_splits(tree, tmp_path):
+    index = index_folder(tree)
+    a, b = balanced_split(index, per_class=3, seed=1), balanced_split(index, per_class=3, seed=1)
+    assert a == b and a != balanced_split(index, per_class=3, seed=2)
+    assert np.bincount([index.labels[i] for i in a]).tolist() == [3, 3, 3]
+    assert len(balanced_split(index, percent=25, seed=0)) == 6
+    with pytest.raises(DataError, match="only 8"):
+        balanced_split(index, per_class=9)
+    lst = tmp_path / "subset.txt"
+    lst.write_text("ant_1.JPEG\ncat_7.JPEG\n")
+    assert [index.files[i].split("/")[-1] for i in split_from_list(index, lst)] == \
+        ["ant_1.JPEG", "cat_7.JPEG"]
+    lst.write_text("ant_1.JPEG\nn0000_1.JPEG\n")
+    with pytest.raises(DataError, match="1 of 2 files are not"):
+        split_from_list(index, lst)
+
+
+def _stream(tree, **kw):
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import DaliStream, StreamSpec
+
+    index = index_folder(tree)
+    spec = StreamSpec(**{"batch_size": 4, "mu": 2, "image_size": 16, "small": False,
+                         "num_threads": 1, "cutout": 6, **kw})
+    return index, DaliStream(index, balanced_split(index, per_class=2), spec, "cpu")
+
+
+def test_stream_shapes_labels_and_views(tree):
+    index, stream = _stream(tree)
+    for _ in range(3):
+        b = stream.next()
+        assert b.x_l.shape == (4, 3, 16, 16) and b.x_uw.shape == b.x_us.shape == (8, 3, 16, 16)
+        assert b.x_l.dtype == torch.float32
+        assert b.x_l.is_contiguous(memory_format=torch.channels_last)
+        assert b.y_l.dtype == torch.int64 and set(b.y_l.tolist()) <= {0, 1, 2}
+        # the weak view of each row is its file's solid colour (normalised)
+        mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+        std = torch.tensor([0.229, 0.224, 0.225]) * 255
+        for row, i in enumerate(b.unlabeled_index.tolist()):
+            c, k = index.labels[i], int(index.files[i].split("_")[-1].split(".")[0])
+            want = (torch.tensor(_color(c, k), dtype=torch.float32) - mean) / std
+            got = b.x_uw[row].mean(dim=(1, 2))
+            assert torch.allclose(got, want, atol=0.1), (row, got, want)
+            assert not torch.allclose(b.x_us[row], b.x_uw[row])  # strong differs (cutout, RA)
+
+
+def test_labeled_rows_match_their_class_colour(tree):
+    index, stream = _stream(tree)
+    b = stream.next()
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    blue = (b.x_l[:, 2].mean(dim=(1, 2)) * std[2] + mean[2]).tolist()
+    for y, value in zip(b.y_l.tolist(), blue):
+        assert abs(value - (200 - 50 * y)) < 8  # the blue channel encodes the class
+
+
+def test_shards_are_disjoint_and_cover(tree):
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data import dali_pipelines as P
+
+    index = index_folder(tree)
+    seen = []
+    for shard in range(2):
+        pipe = P.unlabeled_pipeline(index.files, 16, False, False, 0, 0, 0, shard, 2, 5,
+                                    batch_size=4, num_threads=1, device_id=None, seed=1)
+        pipe.build()
+        got = []
+        for _ in range(3):  # 12 files per shard, batch 4: one epoch
+            got += pipe.run()[2].as_array().flatten().tolist()
+        seen.append(set(got))
+        assert len(got) == len(set(got)) == 12
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(24))
+
+
+def test_eval_batches_cover_every_file_once(tree):
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import eval_batches
+
+    index = index_folder(tree)
+    labels = []
+    for x, y in eval_batches(index, 16, True, "cpu", batch_size=5, num_threads=1):
+        assert x.shape[1:] == (3, 16, 16)
+        labels += y.tolist()
+    assert labels == index.labels
+
+
+def test_train_on_an_image_folder(tree, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.train import config as cfg
+    from mpl_fast.train.loop import train
+
+    root = tree.parent
+    if not (root / "test").exists():
+        (root / "test").symlink_to(tree)
+    config = cfg.load("digits", [
+        "data.name=image_folder", f"data.root={root}", "data.image_size=16",
+        "data.labeled_per_class=2", "data.batch_size=4", "data.mu=2", "data.num_threads=1",
+        "data.cutout=4", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3",
+        "train.log_every=1", "train.finetune_steps=0", "optim.student_wait_steps=2",
+        "train.device=cpu"])
+    summary = train(config, tmp_path)
+    assert 0.0 <= summary["teacher_top1"] <= 1.0
+    import json
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert split["labeled"] == 6 and split["classes"] == list(CLASSES)
+    config = cfg.load("digits", ["data.name=image_folder", f"data.root={tmp_path}/none",
+                                 "data.image_size=16"])
+    from mpl_fast.train.loop import TrainError
+    with pytest.raises(TrainError, match="does not exist"):
+        train(config, tmp_path / "x")
