@@ -168,3 +168,19 @@ def test_train_on_an_image_folder(tree, tmp_path):
     from mpl_fast.train.loop import TrainError
     with pytest.raises(TrainError, match="does not exist"):
         train(config, tmp_path / "x")
+
+
+def test_bench_data_command(tree, tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    import json
+
+    from mpl_fast import cli
+
+    assert cli.main(["bench", "data", "--root", str(tree), "--device", "cpu", "--batch-size",
+                     "4", "--mu", "2", "--steps", "3", "--threads", "1", "--out",
+                     str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("summary:") and "img/s" in last
+    record = json.loads((tmp_path / "data.jsonl").read_text())
+    assert record["mpl_images_per_s"] > 0 and record["bare_images_per_s"] > 0
+    assert cli.main(["bench", "data", "--root", str(tmp_path / "none")]) == 2

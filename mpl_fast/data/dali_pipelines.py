@@ -8,8 +8,14 @@ code extrapolates). DALI's rand_augment uses `num_magnitude_bins` bins; we use 1
 `randaugment_m` is the paper's 0-10 level directly, and levels above 10 are clamped to 10 (DALI's
 largest magnitudes, weaker than the TF code's extrapolation).
 """
+import warnings
+
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
+
+# DALI's own RandAugment still calls operators by their old experimental names
+warnings.filterwarnings("ignore", message=".*is now deprecated.*", category=DeprecationWarning,
+                        module="nvidia.dali")
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]

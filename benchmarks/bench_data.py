@@ -1,0 +1,90 @@
+"""Input pipeline throughput: the MPL streams (labeled B + unlabeled mu*B in two views) against a
+bare decode + crop pipeline over the same files.
+
+    mpl-fast bench data --root DIR [--device cpu|gpu] [--batch-size B] [--mu M] [--steps K]
+
+Images/s counts decoded source images (B + mu*B per step; each unlabeled image gives two views).
+Appends a JSON record to benchmarks/results/data.jsonl; the last line printed is a summary.
+"""
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="mpl-fast bench data", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="an image-folder tree (root/<class>/*.jpg)")
+    parser.add_argument("--device", choices=["cpu", "gpu"],
+                        default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--mu", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="output size (default: 32 for small images, else 224)")
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.mu < 1 or args.steps < 1:
+        parser.error("--batch-size, --mu and --steps must be >= 1")
+
+    from mpl_fast.data import dali_pipelines as P
+    from mpl_fast.data.dali_stream import DaliStream, StreamSpec
+    from mpl_fast.data.image_folder import balanced_split, index_folder
+
+    root = Path(args.root)
+    index = index_folder(root / "train" if (root / "train").is_dir() else root)
+    from PIL import Image
+
+    with Image.open(index.files[0]) as im:
+        small = max(im.size) <= 64
+    size = args.image_size or (32 if small else 224)
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    per_class = max(1, min(len(index) // len(index.classes) // 10, 400))
+    stream = DaliStream(index, balanced_split(index, per_class=per_class),
+                        StreamSpec(args.batch_size, args.mu, size, small,
+                                   num_threads=args.threads), device)
+    per_step = args.batch_size * (1 + args.mu)
+
+    def timed(fn, steps):
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    mpl_s = timed(stream.next, args.steps)
+    bare = P.bare_pipeline(index.files, size, small, device.type == "cuda",
+                           batch_size=per_step, num_threads=args.threads,
+                           device_id=0 if device.type == "cuda" else None, seed=0)
+    bare.build()
+    bare_s = timed(bare.run, args.steps)
+    mpl_ips, bare_ips = args.steps * per_step / mpl_s, args.steps * per_step / bare_s
+    record = {"benchmark": "data", "date": datetime.date.today().isoformat(),
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "root": str(root), "files": len(index),
+              "image_size": size, "batch_size": args.batch_size, "mu": args.mu,
+              "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
+              "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "data.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"MPL streams (labeled + weak/strong unlabeled): {mpl_ips:,.0f} img/s")
+    print(f"bare decode + crop:                           {bare_ips:,.0f} img/s")
+    print(f"summary: {record['device']} {size}px B={args.batch_size} mu={args.mu}: MPL streams "
+          f"{mpl_ips:,.0f} img/s = {100 * mpl_ips / bare_ips:.0f}% of bare decode+crop "
+          f"({bare_ips:,.0f} img/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
