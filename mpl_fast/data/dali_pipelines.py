@@ -1,4 +1,4 @@
-"""NVIDIA DALI pipelines for MPL: a labeled stream, an unlabeled stream in two views (weak and
+"""NVIDIA DALI pipelines for MPL (sources: JPEG files, or in-memory arrays via ArraySource): a labeled stream, an unlabeled stream in two views (weak and
 strong, both from one decode of each image), an evaluation stream, and a bare decode + crop
 pipeline for comparison. GPU ('mixed') decoding when a device id is given; CPU otherwise.
 
@@ -14,8 +14,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
 
 # DALI's own RandAugment still calls operators by their old experimental names
-warnings.filterwarnings("ignore", message=".*is now deprecated.*", category=DeprecationWarning,
-                        module="nvidia.dali")
+warnings.filterwarnings("ignore", message="WARNING: `nvidia.dali.fn.experimental",
+                        category=DeprecationWarning)
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -53,15 +53,60 @@ def _cutout(images, size, cut):
                     fill_value=128.0)
 
 
+class ArraySource:
+    """Images already in memory (N x H x W x 3 uint8, e.g. CIFAR python batches) fed to DALI
+    sample by sample through external_source: endless epochs of a seeded permutation shared by
+    all shards, each shard taking every num_shards-th sample (disjoint, covering)."""
+
+    def __init__(self, images, labels, batch_size, shard_id=0, num_shards=1, seed=0,
+                 shuffle=True):
+        import numpy as np
+
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int32)
+        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
+        self.seed, self.shuffle = seed, shuffle
+        self.per_shard = len(images) // num_shards if shuffle else -(-len(images) // num_shards)
+        self._epoch, self._perm = None, None
+
+    def _order(self, epoch):
+        import numpy as np
+
+        if epoch != self._epoch:
+            n = len(self.images)
+            perm = (np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle
+                    else np.arange(n))
+            self._epoch, self._perm = epoch, perm[self.shard_id::self.num_shards]
+        return self._perm
+
+    def __call__(self, info):
+        import numpy as np
+
+        k = info.iteration * self.batch_size + info.idx_in_batch
+        order = self._order(k // self.per_shard)
+        i = int(order[(k % self.per_shard) % len(order)])
+        return self.images[i], np.array([self.labels[i]], dtype=np.int32)
+
+
 def _reader(files, labels, shard_id, num_shards, seed, shuffle, name="reader"):
     return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                            shuffle_after_epoch=shuffle, seed=seed, name=name)
 
 
+def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu):
+    """(decoded images, labels): JPEG files through the file reader and decoder, or an
+    ArraySource (its images are already decoded) through external_source."""
+    if isinstance(files, ArraySource):
+        images, y = fn.external_source(source=files, num_outputs=2, batch=False,
+                                       layout=["HWC", ""], dtype=[types.UINT8, types.INT32])
+        return (images.gpu() if gpu else images), y
+    jpegs, y = _reader(files, labels, shard_id, num_shards, seed, shuffle)
+    return _decode(jpegs, gpu), y
+
+
 @pipeline_def
 def labeled_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, reader_seed=0):
-    jpegs, y = _reader(files, labels, shard_id, num_shards, reader_seed, True)
-    images = _crop(_decode(jpegs, gpu), size, small)
+    images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, gpu)
+    images = _crop(images, size, small)
     return _normalize(images, gpu, fn.random.coin_flip()), y
 
 
@@ -70,8 +115,8 @@ def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, 
                        reader_seed=0):
     """Each image decoded once; weak = flip + crop; strong = its own flip + crop, then
     RandAugment(n, m) and cutout. Also returns the file index of each row."""
-    jpegs, index = _reader(files, list(range(len(files))), shard_id, num_shards, reader_seed, True)
-    images = _decode(jpegs, gpu)
+    index_labels = None if isinstance(files, ArraySource) else list(range(len(files)))
+    images, index = _source(files, index_labels, shard_id, num_shards, reader_seed, True, gpu)
     weak = _normalize(_crop(images, size, small), gpu, fn.random.coin_flip())
     strong = _crop(images, size, small)
     if ra_n > 0:
@@ -83,8 +128,7 @@ def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, 
 
 @pipeline_def
 def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1):
-    jpegs, y = _reader(files, labels, shard_id, num_shards, 0, False)
-    images = _decode(jpegs, gpu)
+    images, y = _source(files, labels, shard_id, num_shards, 0, False, gpu)
     if small:
         images = fn.resize(images, resize_x=size, resize_y=size)
     else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpl_fast.data.image_folder import DataError, FolderIndex
+from mpl_fast.data.image_folder import DataError, FolderIndex  # or cifar_batches.ArrayIndex
 from mpl_fast.mpl.step import MPLBatch
 
 
@@ -54,11 +54,18 @@ class DaliStream:
         b = spec.batch_size // world
         seed = spec.seed + 7919 * start_step
         common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
+        lab_labels = [index.labels[i] for i in labeled]
+        if hasattr(index, "images"):  # in-memory arrays (CIFAR python batches)
+            lab_src = P.ArraySource(index.images[labeled], lab_labels, b, rank, world, seed)
+            unl_src = P.ArraySource(index.images, list(range(len(index))), b * spec.mu, rank,
+                                    world, seed + 2)
+        else:
+            lab_src, unl_src = [index.files[i] for i in labeled], index.files
         self.lab = P.labeled_pipeline(
-            [index.files[i] for i in labeled], [index.labels[i] for i in labeled], spec.image_size,
-            spec.small, gpu, rank, world, seed, batch_size=b, seed=seed + 1, **common)
+            lab_src, lab_labels, spec.image_size, spec.small, gpu, rank, world, seed,
+            batch_size=b, seed=seed + 1, **common)
         self.unl = P.unlabeled_pipeline(
-            index.files, spec.image_size, spec.small, gpu, spec.ra_n, spec.ra_m, spec.cutout,
+            unl_src, spec.image_size, spec.small, gpu, spec.ra_n, spec.ra_m, spec.cutout,
             rank, world, seed + 2, batch_size=b * spec.mu, seed=seed + 3, **common)
         self.lab.build()
         self.unl.build()
@@ -97,7 +104,9 @@ def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=
 
     dev = torch.device(device)
     gpu = dev.type == "cuda"
-    pipe = P.eval_pipeline(index.files, index.labels, size, small, gpu, batch_size=batch_size,
+    source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
+              if hasattr(index, "images") else index.files)
+    pipe = P.eval_pipeline(source, index.labels, size, small, gpu, batch_size=batch_size,
                            num_threads=num_threads, device_id=(dev.index or 0) if gpu else None)
     pipe.build()
     seen = 0

@@ -32,7 +32,8 @@ class DigitsData:
 
 
 class FolderData:
-    """A JPEG tree through DALI: root/train and root/test, or data.root and data.test_root."""
+    """Through DALI: a JPEG tree (root/train and root/test, or data.root and data.test_root),
+    or CIFAR python batches (data.name=cifar_batches, data.root the batches folder)."""
 
     def __init__(self, d, seed, device, rank=0, world=1):
         from pathlib import Path
@@ -40,12 +41,20 @@ class FolderData:
         if d["root"] is None or d["image_size"] is None:
             raise DataError("data.name=image_folder needs data.root and data.image_size")
         root = Path(d["root"])
-        train_root = root / "train" if (root / "train").is_dir() else root
-        test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
-        self.index = index_folder(train_root)
-        self.test_index = index_folder(test_root)
-        if self.test_index.classes != self.index.classes:
-            raise DataError(f"the class folders of {test_root} differ from those of {train_root}")
+        if d["name"] == "cifar_batches":
+            from mpl_fast.data import cifar_batches
+
+            self.index, self.test_index = cifar_batches.load(root)
+        else:
+            train_root = root / "train" if (root / "train").is_dir() else root
+            test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
+            self.index = index_folder(train_root)
+            self.test_index = index_folder(test_root)
+            if self.test_index.classes != self.index.classes:
+                raise DataError(f"the class folders of {test_root} differ from those of "
+                                f"{train_root}")
+        if d["split_list"] and d["name"] == "cifar_batches":
+            raise DataError("data.split_list names files; CIFAR python batches have none")
         if d["split_list"]:
             self.labeled = split_from_list(self.index, d["split_list"])
         elif d["labeled_percent"] is not None:
@@ -94,7 +103,9 @@ class FolderData:
         return {"root": self.index.root, "classes": self.index.classes,
                 "train": len(self.index), "labeled": len(self.labeled),
                 "unlabeled": len(self.index), "test": len(self.test_index),
-                "labeled_files": [self.index.files[i] for i in self.labeled],
+                "labeled_indices": self.labeled,
+                **({"labeled_files": [self.index.files[i] for i in self.labeled]}
+                   if hasattr(self.index, "files") else {}),
                 "skipped": self.index.skipped + self.test_index.skipped}
 
 

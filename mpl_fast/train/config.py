@@ -73,7 +73,7 @@ DEFAULTS = {
 
 CHOICES = {
     "method": ("mpl", "supervised"),
-    "data.name": ("digits", "image_folder"),
+    "data.name": ("digits", "image_folder", "cifar_batches"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),

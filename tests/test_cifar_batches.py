@@ -1,0 +1,85 @@
+"""CIFAR python batches (torchvision's download format) fed to DALI as arrays."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mpl_fast.data import cifar_batches
+from mpl_fast.data.image_folder import DataError, balanced_split
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+
+    def batch(n, offset):
+        labels = [(offset + i) % 10 for i in range(n)]
+        # each image is a solid colour whose red channel encodes its position in the set
+        data = np.zeros((n, 3, 32, 32), dtype=np.uint8)
+        for i in range(n):
+            data[i, 0] = (offset + i) % 250
+            data[i, 1] = 10 * labels[i]
+            data[i, 2] = rng.integers(0, 255)
+        return {b"data": data.reshape(n, 3072), b"labels": labels}
+
+    for k in range(1, 6):
+        (root / f"data_batch_{k}").write_bytes(pickle.dumps(batch(20, 20 * (k - 1))))
+    (root / "test_batch").write_bytes(pickle.dumps(batch(20, 0)))
+    names = [f"c{i}".encode() for i in range(10)]
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    return root
+
+
+def test_load(cifar10, tmp_path):
+    train, test = cifar_batches.load(cifar10)
+    assert train.images.shape == (100, 32, 32, 3) and train.images.dtype == np.uint8
+    assert len(test) == 20 and train.classes[3] == "c3"
+    assert train.images[7, 0, 0, 0] == 7 and train.images[7, 5, 5, 1] == 70
+    with pytest.raises(DataError, match="neither"):
+        cifar_batches.load(tmp_path)
+    (tmp_path / "data_batch_1").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        cifar_batches.load(tmp_path)
+
+
+def test_stream_from_arrays(cifar10):
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import DaliStream, StreamSpec, eval_batches
+
+    train, test = cifar_batches.load(cifar10)
+    labeled = balanced_split(train, per_class=2, seed=0)
+    stream = DaliStream(train, labeled, StreamSpec(4, 2, 32, True, num_threads=1, cutout=0,
+                                                   ra_n=0), "cpu")
+    std = 0.229 * 255
+    for _ in range(3):
+        b = stream.next()
+        assert b.x_l.shape == (4, 3, 32, 32) and b.x_us.shape == (8, 3, 32, 32)
+        assert b.x_l.is_contiguous(memory_format=torch.channels_last)
+        assert set(b.y_l.tolist()) <= {train.labels[i] for i in labeled}
+        # the centre pixel of the weak view carries its image's red value
+        red = (b.x_uw[:, 0, 16, 16] * std + 0.485 * 255).round().long()
+        assert red.tolist() == [i % 250 for i in b.unlabeled_index.tolist()]
+    labels = []
+    for x, y in eval_batches(test, 32, True, "cpu", batch_size=6, num_threads=1):
+        labels += y.tolist()
+    assert labels == test.labels
+
+
+def test_array_source_shards_are_disjoint_and_cover():
+    pytest.importorskip("nvidia.dali")
+    from types import SimpleNamespace
+
+    from mpl_fast.data.dali_pipelines import ArraySource
+
+    images = np.zeros((10, 2, 2, 3), dtype=np.uint8)
+    seen = []
+    for shard in range(2):
+        src = ArraySource(images, list(range(10)), batch_size=5, shard_id=shard, num_shards=2,
+                          seed=3)
+        got = [int(src(SimpleNamespace(iteration=0, idx_in_batch=i))[1][0]) for i in range(5)]
+        seen.append(set(got))
+        assert len(set(got)) == 5
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
