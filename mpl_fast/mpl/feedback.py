@@ -2,7 +2,7 @@
 
 All return tensors and never synchronise with the device.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
@@ -98,6 +98,3 @@ def smoothed(probs: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         return probs
     return (1.0 - label_smoothing) * probs + label_smoothing / probs.shape[1]
 
-
-def maybe(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return x if x is not None else torch.zeros((), dtype=torch.float32, device=like.device)
