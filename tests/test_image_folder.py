@@ -156,10 +156,11 @@ def test_train_on_an_image_folder(tree, tmp_path):
         "data.name=image_folder", f"data.root={root}", "data.image_size=16",
         "data.labeled_per_class=2", "data.batch_size=4", "data.mu=2", "data.num_threads=1",
         "data.cutout=4", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3",
-        "train.log_every=1", "train.finetune_steps=0", "optim.student_wait_steps=2",
+        "train.log_every=1", "train.finetune_steps=2", "optim.student_wait_steps=2",
         "train.device=cpu"])
     summary = train(config, tmp_path)
     assert 0.0 <= summary["teacher_top1"] <= 1.0
+    assert 0.0 <= summary["finetuned_student_top1"] <= 1.0
     import json
     split = json.loads((tmp_path / "split.json").read_text())
     assert split["labeled"] == 6 and split["classes"] == list(CLASSES)

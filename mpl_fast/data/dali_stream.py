@@ -89,6 +89,12 @@ class DaliStream:
         batch.unlabeled_index = idx  # file indices (e.g. rows of a Reduced-MPL logit store)
         return batch
 
+    def next_labeled(self) -> MPLBatch:
+        """A labeled batch alone (finetuning): the unlabeled pipeline does not run."""
+        x_l, y_l = self._run(self.lab)
+        x_l = _to_torch(x_l, self.device)
+        return MPLBatch(x_l, _to_torch(y_l, self.device).flatten().long(), x_l[:0], x_l[:0])
+
     def state_dict(self):
         return {"batches": self.batches, "seed": self.spec.seed}
 

@@ -20,6 +20,7 @@ class DigitsData:
         self.in_channels = self.split.train_x.shape[1]
         self.image_size = self.split.train_x.shape[-1]
         self.next, self.state_dict = self.stream.next, self.stream.state_dict
+        self.next_labeled = self.stream.next_labeled
         self.load_state_dict = self.stream.load_state_dict
 
     def eval_batches(self, batch_size, device):
@@ -85,6 +86,11 @@ class FolderData:
             self._build()
         self.batches += 1
         return self.stream.next()
+
+    def next_labeled(self):
+        if self.stream is None:
+            self._build()
+        return self.stream.next_labeled()
 
     def state_dict(self):
         return {"batches": self.batches}

@@ -55,6 +55,14 @@ class InMemoryStream:
         return MPLBatch(self._mine(x_l), self._mine(s.train_y[li]), self._mine(x_uw),
                         self._mine(x_us))
 
+    def next_labeled(self) -> MPLBatch:
+        """A labeled batch alone (finetuning), without drawing unlabeled views."""
+        s = self.split
+        li = s.labeled[self.labeled.take(self.batch_size)]
+        x_l = augment.weak(s.train_x[li], self.gen, **self.aug)
+        empty = x_l[:0]
+        return MPLBatch(self._mine(x_l), self._mine(s.train_y[li]), empty, empty)
+
     def state_dict(self):
         return {"gen": self.gen.get_state(), "batches": self.batches,
                 "labeled": (self.labeled.perm, self.labeled.pos),

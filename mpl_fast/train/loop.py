@@ -225,6 +225,7 @@ def train(config, out_dir, resume=False):
         (out / "split.json").write_text(json.dumps(run.data.describe()) + "\n")
     logger = RunLogger(out, t["steps"], run.step, run.images_per_step, enabled=main)
     started = time.time()
+    last_eval = None
     try:
         while run.step < t["steps"]:
             try:
@@ -248,7 +249,8 @@ def train(config, out_dir, resume=False):
             run.ema.update(run.student)
             run.step += 1
             if run.step % t["eval_every"] == 0 or run.step == t["steps"]:
-                metrics = {**metrics, **run.evaluate()}
+                last_eval = run.evaluate()
+                metrics = {**metrics, **last_eval}
                 if metrics["eval/ema_student_top1"] > run.best:
                     run.best = metrics["eval/ema_student_top1"]
                     run.save("best.pt")
@@ -258,7 +260,7 @@ def train(config, out_dir, resume=False):
                 logger.log(run.step, metrics)
             if run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]:
                 run.save("last.pt")
-        final = run.evaluate()
+        final = last_eval if last_eval is not None else run.evaluate()  # the last step's
         summary = {"steps": run.step, "method": config["method"],
                    "student_top1": final["eval/student_top1"],
                    "ema_student_top1": final["eval/ema_student_top1"],
@@ -290,7 +292,7 @@ def finetune(run, steps, lr):
                     run.config["optim"]["weight_decay"])
     step = SupervisedStep(model, opt, autocast_dtype=run.amp)
     for _ in range(steps):
-        step(run.to_device(run.data.next()))
+        step(run.to_device(run.data.next_labeled()))
     acc = accuracy(model, run.data.eval_batches(run.config["train"]["eval_batch_size"], run.device),
                    channels_last=run.channels_last, autocast_dtype=run.amp)
     checkpoint.save({"format": FORMAT, "config": run.config, "student": model.state_dict()},
