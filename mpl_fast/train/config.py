@@ -42,7 +42,8 @@ DEFAULTS = {
         "randaugment_m": 9,
         "num_threads": 4,
     },
-    "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None},
+    "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None,
+              "checkpoint": "none"},  # activation checkpointing: none|teacher|student|both
     "optim": {
         "teacher_lr": 0.05,
         "student_lr": 0.05,
@@ -75,6 +76,7 @@ CHOICES = {
     "method": ("mpl", "supervised"),
     "data.name": ("digits", "image_folder", "cifar_batches"),
     "train.device": ("auto", "cpu", "cuda"),
+    "model.checkpoint": ("none", "teacher", "student", "both"),
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
 }

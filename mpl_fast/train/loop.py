@@ -11,6 +11,7 @@ from torch import nn
 
 from mpl_fast.data.image_folder import DataError
 from mpl_fast.data.sources import build_data
+from mpl_fast.models.checkpointing import checkpoint_blocks
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
@@ -89,12 +90,14 @@ class Run:
             else d["batch_size"]
         model_kw = {"bn_momentum": m["bn_momentum"]} if m["bn_momentum"] is not None else {}
 
-        def make(name):
+        def make(name, role):
             try:
                 net = build_model(name, self.data.num_classes, in_ch,
                                   image_size=self.data.image_size, **model_kw).to(self.device)
             except (ValueError, TypeError) as err:
                 raise TrainError(f"model: {err}") from err
+            if m["checkpoint"] in (role, "both"):
+                checkpoint_blocks(net)
             net = net.to(memory_format=torch.channels_last) if self.channels_last else net
             if self.dist.enabled and t["sync_bn"]:
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -108,7 +111,7 @@ class Run:
 
         scale = d["batch_size"] / 256 if o["scale_lr_by_batch"] else 1.0
         steps = t["steps"]
-        self.student = make(m["student"])
+        self.student = make(m["student"], "student")
         self.student_opt = optim.sgd(self.student, o["student_lr"] * scale, o["momentum"],
                                      o["nesterov"], o["weight_decay"])
         self.student_sched = torch.optim.lr_scheduler.LambdaLR(
@@ -117,7 +120,7 @@ class Run:
         self.ema = ModelEMA(self.student, t["ema_decay"])
         self.teacher = self.teacher_opt = self.teacher_sched = None
         if config["method"] == "mpl":
-            self.teacher = make(m["teacher"])
+            self.teacher = make(m["teacher"], "teacher")
             self.teacher_opt = optim.sgd(self.teacher, o["teacher_lr"] * scale, o["momentum"],
                                          o["nesterov"], o["weight_decay"])
             self.teacher_sched = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,118 @@
+"""BN-aware activation checkpointing: same outputs, gradients and BN buffers as the plain model,
+BN statistics updated once per forward, less saved activation memory."""
+import copy
+
+import torch
+
+from mpl_fast.models.checkpointing import CheckpointedBlock, checkpoint_blocks
+from mpl_fast.models.resnet import resnet50
+from mpl_fast.models.wrn import WideResNet
+
+
+def _saved_bytes(fn):
+    total = [0, 0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        total[1] = max(total[1], total[0])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[1]
+
+
+def _check_equal(make, shape):
+    torch.manual_seed(0)
+    plain = make().double()
+    ckpt = copy.deepcopy(plain)
+    assert checkpoint_blocks(ckpt) > 0
+    x = torch.randn(*shape, dtype=torch.float64)
+    for model in (plain, ckpt):
+        model.train()
+        for _ in range(2):  # two steps: running statistics compound
+            model(x).square().mean().backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), n
+    for (n, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14), n
+    return plain, ckpt, x
+
+
+def test_wrn_checkpointed_equals_plain_and_counts_bn_once():
+    plain, ckpt, x = _check_equal(lambda: WideResNet(10, depth=10, widen=1), (4, 3, 16, 16))
+    tracked = [int(b) for n, b in ckpt.named_buffers() if n.endswith("num_batches_tracked")]
+    assert set(tracked) == {2}  # two training forwards, each counted once
+
+
+def test_resnet_block_checkpointing_equals_plain():
+    torch.manual_seed(1)
+
+    def small_resnet():
+        return torch.nn.Sequential(*list(resnet50(10).children())[:5],
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    _check_equal(small_resnet, (2, 3, 32, 32))
+
+
+def test_naive_checkpointing_updates_bn_twice():
+    """The trap this module exists for: plain torch.utils.checkpoint counts BN twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(2)
+    model = WideResNet(10, depth=10, widen=1)
+    block = model.blocks[0]
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert int(block.bn1.num_batches_tracked) == 2
+    wrapped = CheckpointedBlock(copy.deepcopy(WideResNet(10, depth=10, widen=1).blocks[0]))
+    wrapped(x).sum().backward()
+    assert int(wrapped.block.bn1.num_batches_tracked) == 1
+
+
+def test_checkpointing_saves_activation_memory():
+    torch.manual_seed(3)
+    plain = WideResNet(10, depth=16, widen=2)
+    ckpt = copy.deepcopy(plain)
+    checkpoint_blocks(ckpt)
+    x = torch.randn(8, 3, 32, 32)
+    full = _saved_bytes(lambda: plain(x).sum().backward())
+    less = _saved_bytes(lambda: ckpt(x).sum().backward())
+    assert less < 0.6 * full, (less, full)
+
+
+def test_eval_and_no_grad_run_the_block_directly():
+    model = WideResNet(10, depth=10, widen=1)
+    checkpoint_blocks(model)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_checkpointed_student_in_the_mpl_step_with_every_estimator():
+    """Extra forwards under frozen_bn_stats with gradients (dot, second_order) recompute too."""
+    from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+
+    x = torch.randn(4, 3, 8, 8)
+    batch = MPLBatch(x, torch.tensor([0, 1, 2, 3]), torch.randn(6, 3, 8, 8),
+                     torch.randn(6, 3, 8, 8))
+    for estimator, labels in (("loss_diff", "argmax"), ("dot", "argmax"),
+                              ("second_order", "soft")):
+        results = []
+        for ckpt in (False, True):
+            torch.manual_seed(4)
+            teacher, student = WideResNet(10, depth=10, widen=1), WideResNet(10, depth=10, widen=1)
+            if ckpt:
+                checkpoint_blocks(teacher)
+                checkpoint_blocks(student)
+            step = MPLStep(teacher, student, torch.optim.SGD(teacher.parameters(), lr=0.1),
+                           torch.optim.SGD(student.parameters(), lr=0.1),
+                           MPLConfig(pseudo_labels=labels, estimator=estimator, baseline_decay=None))
+            m = step(batch)
+            results.append((m, dict(student.named_buffers()), dict(teacher.named_parameters())))
+        (m0, b0, p0), (m1, b1, p1) = results
+        for key in ("teacher/loss", "student/loss", "student/ce_new", "h"):
+            assert torch.allclose(m0[key], m1[key], rtol=1e-4, atol=1e-6), (estimator, key)
+        b1 = {n.replace(".block.", "."): b for n, b in b1.items()}  # unwrap CheckpointedBlock
+        assert b0.keys() == b1.keys()
+        for name, buf in b0.items():
+            assert torch.allclose(buf.float(), b1[name].float(), atol=1e-5), (estimator, name)
