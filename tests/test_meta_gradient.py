@@ -284,3 +284,13 @@ def test_autocast_bf16_step_close_to_fp32():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="mpl\\."):
         MPLConfig(**bad)
+
+
+def test_teacher_supervised_weight_zero_leaves_only_the_meta_gradient():
+    b = batch(17)
+    teacher, student = mlp(18), mlp(118)
+    exact = exact_soft_meta_grad(teacher, student, b, lr=0.5)
+    step = make_step(SECOND_ORDER.replace(fd_eps=1e-5, teacher_supervised_weight=0.0), lr_s=0.5,
+                     teacher=copy.deepcopy(teacher), student=copy.deepcopy(student))
+    step(b)
+    assert rel_err(teacher_grad(step), exact) < 1e-8

@@ -21,6 +21,8 @@ class MPLConfig:
     feedback_sign:   +1 is the paper's h = CE_old - CE_new; -1 reproduces the released code's
                      CE_new - CE_old (presets `official`, `kekmodel`).
     baseline_decay:  moving baseline b <- b - (1 - d)(b - h), h <- h - b; None for none.
+    teacher_supervised_weight: weight of the teacher's own CE on labeled data (1 in the paper's
+                     code; 0 leaves the teacher to the student's feedback and UDA alone).
     mpl_term:        'score' = h * CE(pseudo labels, teacher logits); 'official_soft' =
                      h * CE(stopgrad(softmax z), z), the released TF code's term, whose gradient is
                      exactly zero (kept only to reproduce that code; not a working MPL).
@@ -33,6 +35,7 @@ class MPLConfig:
     baseline_decay: Optional[float] = 0.99
     mpl_term: str = "score"
     mpl_weight: float = 1.0
+    teacher_supervised_weight: float = 1.0
     teacher_label_smoothing: float = 0.0
     student_label_smoothing: float = 0.0
     uda_weight: float = 0.0
@@ -64,7 +67,8 @@ class MPLConfig:
         for key in ("teacher_label_smoothing", "student_label_smoothing", "uda_threshold"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 bad(key, f"must be in [0, 1], got {getattr(self, key)}")
-        for key in ("mpl_weight", "uda_weight", "grad_clip", "uda_ramp_steps"):
+        for key in ("mpl_weight", "teacher_supervised_weight", "uda_weight", "grad_clip",
+                    "uda_ramp_steps"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.estimator == "second_order" and self.pseudo_labels != "soft":

@@ -182,7 +182,7 @@ class MPLStep(nn.Module):
                 mpl = centered.detach() * ops.soft_cross_entropy(z_us, q_const)
 
         # 6. teacher step
-        t_loss = t_ce + uda_scale * uda + c.mpl_weight * mpl
+        t_loss = c.teacher_supervised_weight * t_ce + uda_scale * uda + c.mpl_weight * mpl
         if self.finite_check is not None:
             self.finite_check(t_loss)
         self.teacher_opt.zero_grad(set_to_none=True)
