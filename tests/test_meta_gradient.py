@@ -294,3 +294,25 @@ def test_teacher_supervised_weight_zero_leaves_only_the_meta_gradient():
                      teacher=copy.deepcopy(teacher), student=copy.deepcopy(student))
     step(b)
     assert rel_err(teacher_grad(step), exact) < 1e-8
+
+
+def test_teacher_weak_view_without_autograd():
+    """Same step without autograd on the weak view: BN counted once (from labeled + strong), and
+    with a BN-free teacher exactly the same teacher gradient."""
+    b = batch(19)
+    cfg = MPLConfig(pseudo_labels="argmax", baseline_decay=None, uda_weight=2.0,
+                    uda_temperature=0.7)
+    grads = []
+    for no_grad in (False, True):
+        step = make_step(cfg.replace(teacher_weak_no_grad=no_grad), seed=20)
+        step(b)
+        grads.append(teacher_grad(step))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    teacher = mlp(21, bn=True)
+    expected = copy.deepcopy(teacher)
+    with torch.no_grad():
+        expected(torch.cat([b.x_l, b.x_us]))
+    step = make_step(cfg.replace(teacher_weak_no_grad=True), teacher=teacher)
+    step(b)
+    for name, buf in step.teacher.named_buffers():
+        assert torch.equal(buf, dict(expected.named_buffers())[name]), name

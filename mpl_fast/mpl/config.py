@@ -23,6 +23,9 @@ class MPLConfig:
     baseline_decay:  moving baseline b <- b - (1 - d)(b - h), h <- h - b; None for none.
     teacher_supervised_weight: weight of the teacher's own CE on labeled data (1 in the paper's
                      code; 0 leaves the teacher to the student's feedback and UDA alone).
+    teacher_weak_no_grad: run the teacher's weak view in its own forward without autograd (less
+                     backward work). BN: that view is normalised with its own batch statistics
+                     instead of the joint batch's, and leaves the running statistics alone.
     mpl_term:        'score' = h * CE(pseudo labels, teacher logits); 'official_soft' =
                      h * CE(stopgrad(softmax z), z), the released TF code's term, whose gradient is
                      exactly zero (kept only to reproduce that code; not a working MPL).

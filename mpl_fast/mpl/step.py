@@ -90,9 +90,12 @@ class MPLStep(nn.Module):
         t_l, t_uw, t_us = batch.teacher_inputs()
         n_l, n_u = t_l.shape[0], t_us.shape[0]
         if self.config.teacher_weak_no_grad:
+            # The weak view needs no gradient: a separate forward without autograd. It is
+            # normalised with its own batch statistics, and does not count in the BN running
+            # statistics (those come from the labeled + strong forward, once per step).
             z = self.teacher(torch.cat([t_l, t_us]))
             z_l, z_us = z.split([n_l, n_u])
-            with torch.no_grad():
+            with torch.no_grad(), frozen_bn_stats(self.teacher):
                 z_uw = self.teacher(t_uw)
         else:
             z = self.teacher(torch.cat([t_l, t_uw, t_us]))
