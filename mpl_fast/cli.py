@@ -68,8 +68,6 @@ def _bench(args):
     import runpy
     from pathlib import Path
 
-    if args.what == "step":
-        raise CliError("`mpl-fast bench step` is not built yet")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.what}.py"
     if not script.exists():
         raise CliError(f"{script} not found: `bench` runs from a source checkout")
@@ -178,10 +176,9 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (e.g. train.device=cpu)")
     p.set_defaults(run=_eval)
-    p = sub.add_parser("bench", help="benchmarks: ops, data (step is not built yet)",
-                       description="`mpl-fast bench ops|data [options]` runs "
-                       "benchmarks/bench_ops.py or bench_data.py (see `mpl-fast bench data "
-                       "--help`); `step` is not built yet.")
+    p = sub.add_parser("bench", help="benchmarks: ops, step, data",
+                       description="`mpl-fast bench ops|step|data [options]` runs "
+                       "benchmarks/bench_<what>.py (see e.g. `mpl-fast bench step --help`).")
     p.add_argument("what", choices=["ops", "step", "data"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(run=_bench)

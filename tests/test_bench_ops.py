@@ -18,6 +18,19 @@ def test_bench_ops_records_rows(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
 
 
-def test_bench_unbuilt_parts_fail_cleanly(capsys):
-    assert cli.main(["bench", "step"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_bench_step_smoke_on_cpu(tmp_path, capsys):
+    """Eager on a CPU (no graphs, no compile): the record has every field the issue names."""
+    assert cli.main(["bench", "step", "--model", "small_cnn", "--batch-size", "4", "--mu", "2",
+                     "--image-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "step.jsonl").read_text())
+    for key in ("model", "batch_size", "mu", "image_size", "gpu", "torch", "date", "ms_per_step",
+                "reference_ms_per_step", "compiled_reference_ms_per_step", "floor_ms_per_step",
+                "speedup_vs_reference", "speedup_vs_compiled_reference", "overhead_vs_floor",
+                "peak_mem_gib"):
+        assert key in record, key
+    assert record["ms_per_step"] > 0 and record["floor_ms_per_step"] > 0
+    assert set(record["phases_ms"]) == {"teacher_forward", "student_forward_backward_step",
+                                        "student_new_forward", "feedback",
+                                        "teacher_backward_step"}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")

@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from mpl_fast import ops
 from mpl_fast.mpl import feedback
@@ -113,7 +114,7 @@ class MPLStep(nn.Module):
         lr_t = feedback.optimizer_lr(self.teacher_opt)
 
         # 1. teacher: supervised + UDA
-        with self.autocast(dev):
+        with record_function("mpl/teacher_forward"), self.autocast(dev):
             z_l, z_uw, z_us = self.teacher_forward(batch)
         t_ce = ops.soft_cross_entropy(z_l, y_l, label_smoothing=c.teacher_label_smoothing)
         uda_scale = self.uda_scale(step)
@@ -129,71 +130,77 @@ class MPLStep(nn.Module):
         targets, labels, _ = self.make_pseudo_labels(source)
 
         # 3. student on pseudo labels; CE_old on labels from the same forward
-        with self.autocast(dev):
-            s = self.student(torch.cat([batch.x_us, batch.x_l]))
-        s_us, s_l = s.split([n_u, batch.x_l.shape[0]])
-        s_loss = ops.soft_cross_entropy(s_us, targets, label_smoothing=c.student_label_smoothing)
-        with torch.no_grad():
-            ce_old = ops.soft_cross_entropy(s_l.detach(), y_l)
-        if self.finite_check is not None:
-            self.finite_check(s_loss, t_ce, uda)
-        self.student_opt.zero_grad(set_to_none=True)
-        s_loss.backward()
-        if c.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
-        grads_u = feedback.current_grads(params) if c.estimator == "dot" else None
-        theta = feedback.snapshot(params) if c.estimator == "second_order" else None
-        self.student_opt.step()
+        with record_function("mpl/student_forward_backward_step"):
+            with self.autocast(dev):
+                s = self.student(torch.cat([batch.x_us, batch.x_l]))
+            s_us, s_l = s.split([n_u, batch.x_l.shape[0]])
+            s_loss = ops.soft_cross_entropy(s_us, targets,
+                                            label_smoothing=c.student_label_smoothing)
+            with torch.no_grad():
+                ce_old = ops.soft_cross_entropy(s_l.detach(), y_l)
+            if self.finite_check is not None:
+                self.finite_check(s_loss, t_ce, uda)
+            self.student_opt.zero_grad(set_to_none=True)
+            s_loss.backward()
+            if c.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
+            grads_u = feedback.current_grads(params) if c.estimator == "dot" else None
+            theta = feedback.snapshot(params) if c.estimator == "second_order" else None
+            self.student_opt.step()
 
         # 4. student on labels with the new weights (BN statistics not updated again)
-        need_grad = c.estimator in ("dot", "second_order")
-        with frozen_bn_stats(self.student), torch.set_grad_enabled(need_grad), \
-                self.autocast(dev):
-            s_l_new = self.student(batch.x_l)
-        ce_new = ops.soft_cross_entropy(s_l_new, y_l)
+        with record_function("mpl/student_new_forward"):
+            need_grad = c.estimator in ("dot", "second_order")
+            with frozen_bn_stats(self.student), torch.set_grad_enabled(need_grad), \
+                    self.autocast(dev):
+                s_l_new = self.student(batch.x_l)
+            ce_new = ops.soft_cross_entropy(s_l_new, y_l)
 
         # 5. feedback
-        if c.estimator == "second_order":
-            v = feedback.grads_or_zeros(ce_new, params)
-            ops.multi_tensor_axpby(theta, params, -1.0, 1.0)  # theta <- theta - theta' (delta)
+        with record_function("mpl/feedback"):
+            if c.estimator == "second_order":
+                v = feedback.grads_or_zeros(ce_new, params)
+                ops.multi_tensor_axpby(theta, params, -1.0, 1.0)  # theta <- theta - theta' (delta)
 
-            def strong_logits():
-                with frozen_bn_stats(self.student), self.autocast(dev):
-                    return self.student(batch.x_us)
+                def strong_logits():
+                    with frozen_bn_stats(self.student), self.autocast(dev):
+                        return self.student(batch.x_us)
 
-            q = torch.softmax(z_us.to(torch.promote_types(z_us.dtype, torch.float32))
-                              / c.pseudo_label_temperature, dim=1)
-            mpl = feedback.second_order_term(strong_logits, params, theta, v,
-                                             feedback.smoothed(q, c.student_label_smoothing),
-                                             lr_s, c.fd_eps)
-            h = centered = mpl.detach()  # the surrogate's value: its teacher gradient is exact
-        else:
-            if self.cross_replica_mean is not None:
-                ce_old, ce_new = self.cross_replica_mean(ce_old), self.cross_replica_mean(ce_new)
-            if c.estimator == "dot":
-                h = feedback.dot(lr_s, feedback.grads_or_zeros(ce_new, params), grads_u,
-                                 c.feedback_sign)
+                q = torch.softmax(z_us.to(torch.promote_types(z_us.dtype, torch.float32))
+                                  / c.pseudo_label_temperature, dim=1)
+                mpl = feedback.second_order_term(strong_logits, params, theta, v,
+                                                 feedback.smoothed(q, c.student_label_smoothing),
+                                                 lr_s, c.fd_eps)
+                h = centered = mpl.detach()  # the surrogate's value: its teacher gradient is exact
             else:
-                h = feedback.loss_diff(ce_old, ce_new.detach(), c.feedback_sign)
-            centered = self.baseline(h) if self.baseline is not None else h
-            if c.mpl_term == "score":
-                # the mean over unlabeled rows, as in the paper's code: the gradient estimates
-                # (1 / N_u) * d E[CE_l(theta')] / dT
-                mpl = centered.detach() * ops.soft_cross_entropy(z_us, labels)
-            else:  # the released code's soft term: CE(stopgrad(softmax z), z), zero gradient
-                q_const = torch.softmax(z_us.detach().to(torch.promote_types(z_us.dtype, torch.float32)), 1)
-                mpl = centered.detach() * ops.soft_cross_entropy(z_us, q_const)
+                if self.cross_replica_mean is not None:
+                    ce_old, ce_new = self.cross_replica_mean(ce_old), self.cross_replica_mean(ce_new)
+                if c.estimator == "dot":
+                    h = feedback.dot(lr_s, feedback.grads_or_zeros(ce_new, params), grads_u,
+                                     c.feedback_sign)
+                else:
+                    h = feedback.loss_diff(ce_old, ce_new.detach(), c.feedback_sign)
+                centered = self.baseline(h) if self.baseline is not None else h
+                if c.mpl_term == "score":
+                    # the mean over unlabeled rows, as in the paper's code: the gradient estimates
+                    # (1 / N_u) * d E[CE_l(theta')] / dT
+                    mpl = centered.detach() * ops.soft_cross_entropy(z_us, labels)
+                else:  # the released code's soft term: CE(stopgrad(softmax z), z), zero gradient
+                    wide = torch.promote_types(z_us.dtype, torch.float32)
+                    q_const = torch.softmax(z_us.detach().to(wide), 1)
+                    mpl = centered.detach() * ops.soft_cross_entropy(z_us, q_const)
 
         # 6. teacher step
-        t_loss = c.teacher_supervised_weight * t_ce + uda_scale * uda + c.mpl_weight * mpl
-        if self.finite_check is not None:
-            self.finite_check(t_loss)
-        self.teacher_opt.zero_grad(set_to_none=True)
-        t_loss.backward()
-        if c.grad_clip > 0:
-            nn.utils.clip_grad_norm_(feedback.student_params(self.teacher), c.grad_clip,
-                                     foreach=True)
-        self.teacher_opt.step()
+        with record_function("mpl/teacher_backward_step"):
+            t_loss = c.teacher_supervised_weight * t_ce + uda_scale * uda + c.mpl_weight * mpl
+            if self.finite_check is not None:
+                self.finite_check(t_loss)
+            self.teacher_opt.zero_grad(set_to_none=True)
+            t_loss.backward()
+            if c.grad_clip > 0:
+                nn.utils.clip_grad_norm_(feedback.student_params(self.teacher), c.grad_clip,
+                                         foreach=True)
+            self.teacher_opt.step()
 
         metrics = {
             "teacher/loss": t_loss.detach(), "teacher/ce_labeled": t_ce.detach(),

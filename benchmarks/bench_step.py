@@ -1,0 +1,255 @@
+"""The MPL step's speed against what a user writes by hand.
+
+    mpl-fast bench step --model wrn28_2|resnet50|timm:<name> [--batch-size B] [--mu M]
+                        [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph] ...
+
+Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
+channels_last, fused SGD, optionally the whole step captured in one CUDA graph); (a) a plain
+PyTorch MPL step written here as a user would (autocast bf16, channels_last, torch SGD,
+kekmodel-style losses), eager; (b) the same step with both networks under
+torch.compile(mode="max-autotune-no-cudagraphs") and the whole step in one CUDA graph; (c) a
+supervised step of the same shapes (the floor). Median ms/step, teacher images/s, peak memory,
+a per-phase breakdown of ours (eager, from profiler ranges), ratios; one JSON object per
+configuration appended to benchmarks/results/step.jsonl.
+On a CPU it runs eagerly (no graphs, no compile) as a smoke test; its numbers mean nothing.
+"""
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mpl_fast.models.registry import build_model
+from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+from mpl_fast.train.optim import sgd
+
+
+def timed(fn, steps, warmup, device):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graphed(step_fn, device, warmup=3):
+    """Capture step_fn() (which reads static input buffers) in one CUDA graph; returns replay."""
+    if device.type != "cuda":
+        return step_fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step_fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_fn()
+    return graph.replay
+
+
+def make_batch(args, device, gen):
+    shape = (3, args.image_size, args.image_size)
+
+    def images(n):
+        x = torch.randn(n, *shape, generator=gen).to(device)
+        return x.contiguous(memory_format=torch.channels_last)
+    b, u = args.batch_size, args.batch_size * args.mu
+    return MPLBatch(images(b), torch.randint(0, args.num_classes, (b,), generator=gen).to(device),
+                    images(u), images(u))
+
+
+def networks(args, device):
+    torch.manual_seed(0)
+    t = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
+    s = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
+    return t, s
+
+
+def reference_step(teacher, student, t_opt, s_opt, batch, amp, uda_weight=8.0):
+    """A plain PyTorch MPL step, the way the popular port writes it (kekmodel-style losses)."""
+    b, u = batch.x_l.shape[0], batch.x_us.shape[0]
+    with torch.autocast(batch.x_l.device.type, dtype=torch.bfloat16, enabled=amp):
+        t_logits = teacher(torch.cat([batch.x_l, batch.x_uw, batch.x_us]))
+        t_l, t_uw, t_us = t_logits[:b], t_logits[b:b + u], t_logits[b + u:]
+        t_loss_l = F.cross_entropy(t_l.float(), batch.y_l, label_smoothing=0.15)
+        soft = torch.softmax(t_uw.detach().float() / 0.7, dim=-1)
+        max_probs, hard = torch.max(soft, dim=-1)
+        mask = max_probs.ge(0.6).float()
+        t_loss_u = torch.mean(-(soft * torch.log_softmax(t_us.float(), dim=-1)).sum(-1) * mask)
+        s_logits = student(torch.cat([batch.x_l, batch.x_us]))
+        s_l, s_us = s_logits[:b], s_logits[b:]
+        s_loss_l_old = F.cross_entropy(s_l.detach().float(), batch.y_l)
+        s_loss = F.cross_entropy(s_us.float(), hard, label_smoothing=0.15)
+    s_opt.zero_grad(set_to_none=True)
+    s_loss.backward()
+    s_opt.step()
+    with torch.autocast(batch.x_l.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.no_grad():
+            s_l_new = student(batch.x_l)
+        s_loss_l_new = F.cross_entropy(s_l_new.float(), batch.y_l)
+        dot = s_loss_l_new - s_loss_l_old
+        _, hard_us = torch.max(t_us.detach(), dim=-1)
+        t_loss_mpl = dot * F.cross_entropy(t_us.float(), hard_us)
+        t_loss = t_loss_l + uda_weight * t_loss_u + t_loss_mpl
+    t_opt.zero_grad(set_to_none=True)
+    t_loss.backward()
+    t_opt.step()
+
+
+def supervised_floor(teacher, student, t_opt, s_opt, batch, amp):
+    """The same networks and shapes, trained on labels only: forward + backward of the teacher on
+    B + 2 mu B images and of the student on (mu + 1) B images, two optimizer steps."""
+    xt = torch.cat([batch.x_l, batch.x_uw, batch.x_us])
+    xs = torch.cat([batch.x_l, batch.x_us])
+    for net, opt, x in ((teacher, t_opt, xt), (student, s_opt, xs)):
+        y = batch.y_l.repeat((x.shape[0] + batch.y_l.shape[0] - 1) // batch.y_l.shape[0])[:x.shape[0]]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+PHASES = ("mpl/teacher_forward", "mpl/student_forward_backward_step", "mpl/student_new_forward",
+          "mpl/feedback", "mpl/teacher_backward_step")
+
+
+def phase_breakdown(step_fn, device):
+    """ms per phase of one eager step of ours, from the profiler ranges MPLStep records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.key in PHASES:
+            us = getattr(ev, "device_time_total", 0) if device.type == "cuda" else ev.cpu_time_total
+            out[ev.key.split("/", 1)[1]] = round(us / 1e3, 3)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mpl-fast bench step", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="wrn28_2")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mu", type=int, default=7)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"])
+    p.add_argument("--weak-no-grad", action="store_true", help="teacher weak view without autograd")
+    p.add_argument("--no-graph", action="store_true", help="do not capture our step in a CUDA graph")
+    p.add_argument("--no-reference", action="store_true", help="skip the eager reference")
+    p.add_argument("--no-compiled", action="store_true", help="skip the compiled reference")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if min(args.batch_size, args.mu, args.image_size, args.steps) < 1:
+        p.error("--batch-size, --mu, --image-size and --steps must be >= 1")
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    amp = gpu
+    gen = torch.Generator().manual_seed(0)
+    batch = make_batch(args, device, gen)
+    rows = {}
+
+    def peak(fn):
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ms = timed(fn, args.steps, args.warmup, device)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+        return ms, mem
+
+    # ours
+    teacher, student = networks(args, device)
+    cfg = MPLConfig(pseudo_labels="argmax", estimator=args.estimator, uda_weight=8.0,
+                    uda_temperature=0.7, uda_threshold=0.6, teacher_label_smoothing=0.15,
+                    student_label_smoothing=0.15, teacher_weak_no_grad=args.weak_no_grad)
+    step = MPLStep(teacher, student, sgd(teacher, 0.05, 0.9, True, 5e-4),
+                   sgd(student, 0.05, 0.9, True, 5e-4), cfg,
+                   autocast_dtype=torch.bfloat16 if amp else None)
+    phases = phase_breakdown(lambda: step(batch, 0), device)
+    ours = graphed(lambda: step(batch, 0), device) if gpu and not args.no_graph else \
+        (lambda: step(batch, 0))
+    rows["ours"] = peak(ours)
+    del step, teacher, student, ours
+    # (a) eager reference, (b) compiled + graphed reference, (c) supervised floor
+    variants = [("floor", supervised_floor, False)]
+    if not args.no_reference:
+        variants.append(("reference", reference_step, False))
+    if not args.no_compiled and gpu:
+        variants.append(("compiled_reference", reference_step, True))
+    for name, fn, compiled in variants:
+        teacher, student = networks(args, device)
+        t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        s_opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        if compiled:
+            teacher = torch.compile(teacher, mode="max-autotune-no-cudagraphs")
+            student = torch.compile(student, mode="max-autotune-no-cudagraphs")
+        run = lambda: fn(teacher, student, t_opt, s_opt, batch, amp)  # noqa: E731
+        if compiled:
+            run = graphed(run, device, warmup=5)
+        rows[name] = peak(run)
+        del teacher, student, t_opt, s_opt, run
+    ms = {k: v[0] for k, v in rows.items()}
+    teacher_images = args.batch_size * (1 + 2 * args.mu)
+    record = {
+        "model": args.model, "batch_size": args.batch_size, "mu": args.mu,
+        "image_size": args.image_size, "estimator": args.estimator,
+        "weak_no_grad": args.weak_no_grad, "graph": gpu and not args.no_graph,
+        "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "ms_per_step": round(ms["ours"], 3),
+        "teacher_images_per_s": round(teacher_images / ms["ours"] * 1e3, 1),
+        "reference_ms_per_step": round(ms["reference"], 3) if "reference" in ms else None,
+        "compiled_reference_ms_per_step": (round(ms["compiled_reference"], 3)
+                                           if "compiled_reference" in ms else None),
+        "floor_ms_per_step": round(ms["floor"], 3),
+        "speedup_vs_reference": round(ms["reference"] / ms["ours"], 3) if "reference" in ms else None,
+        "speedup_vs_compiled_reference": (round(ms["compiled_reference"] / ms["ours"], 3)
+                                          if "compiled_reference" in ms else None),
+        "overhead_vs_floor": round(ms["ours"] / ms["floor"], 3),
+        "peak_mem_gib": round(rows["ours"][1], 3) if gpu else None,
+        "phases_ms": phases,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "step.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for name, (t, mem) in rows.items():
+        extra = f"  peak {mem:.2f} GiB" if mem is not None else ""
+        print(f"{name:20s} {t:9.2f} ms/step  {teacher_images / t * 1e3:10.0f} teacher img/s{extra}")
+    print("phases (ours, eager): " + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
+    ratios = [f"{record['speedup_vs_reference']}x vs eager reference"] if "reference" in ms else []
+    if "compiled_reference" in ms:
+        ratios.append(f"{record['speedup_vs_compiled_reference']}x vs compiled reference")
+    ratios.append(f"{record['overhead_vs_floor']}x the supervised floor")
+    print(f"summary: {args.model} B={args.batch_size} mu={args.mu} on {record['gpu']}: "
+          f"{ms['ours']:.2f} ms/step; " + ", ".join(ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    main()
