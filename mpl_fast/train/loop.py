@@ -17,7 +17,7 @@ from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import accuracy
-from mpl_fast.train.logging import RunLogger, plot_curves
+from mpl_fast.train.run_log import RunLogger, plot_curves
 from mpl_fast.train.supervised import SupervisedStep
 
 FORMAT = 1
