@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
+from mpl_fast.data.splits import balanced_indices
+
 
 @dataclass
 class InMemorySplit:
@@ -20,19 +22,6 @@ class InMemorySplit:
         return {"train": len(self.train_x), "labeled": len(self.labeled),
                 "unlabeled": len(self.train_x), "test": len(self.test_x),
                 "labeled_indices": self.labeled.tolist()}
-
-
-def balanced_labeled(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """per_class indices of each class, chosen by a seeded permutation; sorted."""
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in torch.unique(y).tolist():
-        members = torch.nonzero(y == c).flatten()
-        if len(members) < per_class:
-            raise ValueError(f"data.labeled_per_class={per_class} but class {c} has only "
-                             f"{len(members)} training images")
-        picks.append(members[torch.randperm(len(members), generator=g)[:per_class]])
-    return torch.cat(picks).sort().values
 
 
 def digits(labeled_per_class: int = 10, test_fraction: float = 0.3, seed: int = 0
@@ -51,5 +40,6 @@ def digits(labeled_per_class: int = 10, test_fraction: float = 0.3, seed: int = 
     train_x, train_y = x[~test_mask], y[~test_mask]
     mean, std = train_x.mean(), train_x.std()
     norm = lambda t: (t - mean) / std  # noqa: E731
-    return InMemorySplit(norm(train_x), train_y, balanced_labeled(train_y, labeled_per_class, seed),
+    labeled = balanced_indices(train_y, per_class=labeled_per_class, seed=seed).sort().values
+    return InMemorySplit(norm(train_x), train_y, labeled,
                          norm(x[test_mask]), y[test_mask], 10)

@@ -12,11 +12,9 @@ from typing import List, Optional
 
 import torch
 
+from mpl_fast.data.splits import DataError, balanced_indices
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-class DataError(ValueError):
-    """Bad input data: a one-line message."""
 
 
 @dataclass
@@ -82,19 +80,8 @@ def balanced_split(index: FolderIndex, per_class: Optional[int] = None,
                    percent: Optional[float] = None, seed: int = 0) -> List[int]:
     """Seeded, class-balanced labeled subset: `per_class` files of each class, or `percent` of
     each class (rounded, at least 1). Sorted indices into index.files."""
-    if (per_class is None) == (percent is None):
-        raise DataError("give exactly one of labeled_per_class and labeled_percent")
-    labels = torch.tensor(index.labels)
-    g = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in range(len(index.classes)):
-        members = torch.nonzero(labels == c).flatten()
-        k = per_class if per_class is not None else max(1, round(len(members) * percent / 100))
-        if k > len(members):
-            raise DataError(f"labeled_per_class={k} but class {index.classes[c]} has only "
-                            f"{len(members)} images")
-        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
-    return sorted(torch.cat(chosen).tolist())
+    chosen = balanced_indices(torch.tensor(index.labels), per_class, percent, seed, index.classes)
+    return sorted(chosen.tolist())
 
 
 def split_from_list(index: FolderIndex, list_file) -> List[int]:

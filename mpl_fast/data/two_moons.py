@@ -4,6 +4,8 @@ from dataclasses import dataclass
 import torch
 from sklearn.datasets import make_moons
 
+from mpl_fast.data.splits import balanced_indices
+
 
 @dataclass
 class TwoMoons:
@@ -16,9 +18,4 @@ def two_moons(seed: int, n: int = 2000, noise: float = 0.1, labeled_per_class: i
               ) -> TwoMoons:
     x, y = make_moons(n, noise=noise, random_state=seed)
     x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in (0, 1):
-        members = torch.nonzero(y == c).flatten()
-        picks.append(members[torch.randperm(len(members), generator=g)[:labeled_per_class]])
-    return TwoMoons(x, y, torch.cat(picks))
+    return TwoMoons(x, y, balanced_indices(y, per_class=labeled_per_class, seed=seed))
