@@ -16,8 +16,6 @@ from mpl_fast.mpl.step import MPLBatch
 
 def _to_torch(dali_tensor_list, device):
     """DALI TensorList (N x H x W x C, or N x 1 labels) -> torch, NCHW in channels_last."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: F401  (checks the plugin)
-
     if hasattr(dali_tensor_list, "as_cpu"):
         dali_tensor_list = dali_tensor_list.as_cpu()
     t = torch.from_numpy(dali_tensor_list.as_array())
@@ -41,14 +39,16 @@ class StreamSpec:
 
 
 class DaliStream:
+    """Endless MPL batches; its position is kept by the caller, which restarts it with
+    `start_step` on resume (see the module docstring)."""
+
     def __init__(self, index: FolderIndex, labeled: list, spec: StreamSpec, device, rank=0,
                  world=1, start_step=0):
         from mpl_fast.data import dali_pipelines as P
 
         if spec.batch_size % world:
             raise DataError(f"batch size {spec.batch_size} must divide by the world size {world}")
-        self.index, self.spec, self.device = index, spec, torch.device(device)
-        self.labeled = labeled
+        self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         device_id = (self.device.index or 0) if gpu else None
         b = spec.batch_size // world
@@ -69,8 +69,6 @@ class DaliStream:
             rank, world, seed + 2, batch_size=b * spec.mu, seed=seed + 3, **common)
         self.lab.build()
         self.unl.build()
-        self.labels = torch.tensor(index.labels)
-        self.batches = start_step
 
     def _run(self, pipe):
         try:
@@ -82,7 +80,6 @@ class DaliStream:
     def next(self) -> MPLBatch:
         x_l, y_l = self._run(self.lab)
         weak, strong, idx = self._run(self.unl)
-        self.batches += 1
         idx = _to_torch(idx, "cpu").flatten().long()
         batch = MPLBatch(_to_torch(x_l, self.device), _to_torch(y_l, self.device).flatten().long(),
                          _to_torch(weak, self.device), _to_torch(strong, self.device))
@@ -94,13 +91,6 @@ class DaliStream:
         x_l, y_l = self._run(self.lab)
         x_l = _to_torch(x_l, self.device)
         return MPLBatch(x_l, _to_torch(y_l, self.device).flatten().long(), x_l[:0], x_l[:0])
-
-    def state_dict(self):
-        return {"batches": self.batches, "seed": self.spec.seed}
-
-    def load_state_dict(self, state):
-        # see the module docstring: restarted with step-derived seeds by the caller
-        self.batches = state["batches"]
 
 
 def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=256,
