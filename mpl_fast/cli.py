@@ -16,26 +16,22 @@ def _not_built(name):
     return run
 
 
-def _parse_value(text):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def _mpl_config(preset_name, overrides):
     from mpl_fast.mpl import PRESETS, MPLConfig
+    from mpl_fast.train.config import ConfigError, parse_override
 
     if preset_name not in PRESETS:
         raise CliError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
     fields = set(MPLConfig.__dataclass_fields__)
     changes = {}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CliError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            key, value = parse_override(item)
+        except ConfigError as err:
+            raise CliError(str(err)) from err
         if key not in fields:
             raise CliError(f"--set {key}: unknown MPL setting")
-        changes[key] = _parse_value(value)
+        changes[key] = value
     try:
         return PRESETS[preset_name].replace(**changes)
     except (ValueError, TypeError) as err:
@@ -119,9 +115,7 @@ def _eval(args):
     try:
         state = checkpoint.load(args.checkpoint)
         config = state["config"]
-        for item in args.set:
-            cfg._merge(config, _dotted(item))
-        cfg.validate(config)
+        cfg.apply_overrides(config, args.set)
         from pathlib import Path
 
         run = Run(config, Path(args.checkpoint).parent)
@@ -132,18 +126,6 @@ def _eval(args):
     for key, value in result.items():
         print(f"{key[5:]:20s} {value:.4f}")
     return 0
-
-
-def _dotted(item):
-    from mpl_fast.train import config as cfg
-
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise cfg.ConfigError(f"--set {item!r}: expected KEY=VALUE")
-    update = _parse_value(value)
-    for part in reversed(key.split(".")):
-        update = {part: update}
-    return update
 
 
 def build_parser():

@@ -158,17 +158,26 @@ def load(name_or_file="digits", overrides=()):
     else:
         raise ConfigError(f"unknown config {name_or_file!r}: a preset ({', '.join(preset_names())}) "
                           "or a YAML file")
+    apply_overrides(config, overrides)
+    return config
+
+
+def parse_override(item):
+    """'section.key=value' -> ('section.key', value parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value) if value else None
+
+
+def apply_overrides(config, overrides):
+    """Merge KEY=VALUE items into `config` (unknown keys refused), then validate it."""
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        parsed = yaml.safe_load(value) if value else None
-        update = parsed
+        key, update = parse_override(item)
         for part in reversed(key.split(".")):
             update = {part: update}
         _merge(config, update)
     validate(config)
-    return config
 
 
 def validate(config):

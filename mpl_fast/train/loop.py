@@ -72,8 +72,8 @@ class Run:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        if self.dist.enabled and config["method"] == "mpl" and \
-                cfg_mod.mpl_config(config).estimator != "loss_diff":
+        mpl_config = cfg_mod.mpl_config(config)
+        if self.dist.enabled and config["method"] == "mpl" and mpl_config.estimator != "loss_diff":
             raise TrainError("under torchrun only mpl.estimator=loss_diff is supported so far")
         gpu = self.device.type == "cuda"
         self.amp = torch.bfloat16 if (t["amp"] == "bf16" or (t["amp"] == "auto" and gpu)) else None
@@ -127,7 +127,7 @@ class Run:
                 self.teacher_opt, schedules.warmup_cosine(o["warmup_steps"], steps))
             self.mpl_gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 2)
             self.step_fn = MPLStep(parallel(self.teacher), parallel(self.student),
-                                   self.teacher_opt, self.student_opt, cfg_mod.mpl_config(config),
+                                   self.teacher_opt, self.student_opt, mpl_config,
                                    autocast_dtype=self.amp, generator=self.mpl_gen)
             self.step_fn.cross_replica_mean = self.dist.mean if self.dist.enabled else None
         else:
