@@ -114,7 +114,7 @@ def _eval(args):
 
     try:
         state = checkpoint.load(args.checkpoint)
-        config = state["config"]
+        config = cfg.from_saved(state["config"])
         cfg.apply_overrides(config, args.set)
         from pathlib import Path
 

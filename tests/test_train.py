@@ -220,6 +220,13 @@ def test_eval_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ema_student_top1" in out and "teacher_top1" in out
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    # a checkpoint written before a config key existed still evaluates (the key's default)
+    state = checkpoint.load(tmp_path / "last.pt")
+    del state["config"]["model"]["checkpoint"]
+    checkpoint.save(state, tmp_path / "old.pt")
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "old.pt")]) == 0
+    assert "teacher_top1" in capsys.readouterr().out
 
 
 def test_train_cli_bad_input(tmp_path, capsys):

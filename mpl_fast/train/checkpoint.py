@@ -58,7 +58,13 @@ def load(path: Path) -> dict:
 
 def check_compatible(state: dict, config: dict, path: Path):
     """The parts of the config that shape the models and data must match the checkpoint's."""
-    saved = state.get("config", {})
+    from mpl_fast.train.config import ConfigError, from_saved
+
+    try:  # keys added since the checkpoint was written take their defaults
+        saved = from_saved(state.get("config", {}))
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot read "
+                              f"({err})") from err
     for section, keys in (("method", None), ("model", None), ("data", None)):
         a, b = saved.get(section), config.get(section)
         if a != b:

@@ -162,6 +162,13 @@ def load(name_or_file="digits", overrides=()):
     return config
 
 
+def from_saved(saved: dict) -> dict:
+    """A config stored in a checkpoint, completed with the defaults of keys added since."""
+    config = copy.deepcopy(DEFAULTS)
+    _merge(config, saved)
+    return config
+
+
 def parse_override(item):
     """'section.key=value' -> ('section.key', value parsed as YAML)."""
     key, sep, value = item.partition("=")
