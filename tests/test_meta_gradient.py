@@ -286,6 +286,20 @@ def test_config_rejects_bad_values(bad):
         MPLConfig(**bad)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("baseline_decay", "none", "must be a number or null, got 'none'"),
+    ("mpl_weight", "2", "must be a number, got '2'"),
+    ("uda_ramp_steps", 1.5, "must be an integer"),
+    ("feedback_sign", True, "must be an integer"),
+    ("teacher_weak_no_grad", 1, "must be true or false"),
+    ("estimator", 3, "must be a string"),
+])
+def test_config_names_the_key_of_a_value_of_the_wrong_type(key, value, message):
+    with pytest.raises(ValueError, match=f"mpl.{key}: {message}"):
+        MPLConfig(**{key: value})
+    assert MPLConfig(baseline_decay=None, mpl_weight=2).mpl_weight == 2  # ints are numbers
+
+
 def test_teacher_supervised_weight_zero_leaves_only_the_meta_gradient():
     b = batch(17)
     teacher, student = mlp(18), mlp(118)

@@ -52,6 +52,22 @@ class MPLConfig:
     def __post_init__(self):
         def bad(key, msg):
             raise ValueError(f"mpl.{key}: {msg}")
+
+        # Types first, so a value like 'none' (YAML's null is `null`) fails with its key named.
+        for field in dataclasses.fields(self):
+            value, optional = getattr(self, field.name), "Optional" in str(field.type)
+            kind = field.type if isinstance(field.type, type) else float
+            if value is None and optional:
+                continue
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                bad(field.name, f"must be {_TYPE_NAMES[kind]}{' or null' if optional else ''}, "
+                    f"got {value!r}")
         if self.pseudo_labels not in PSEUDO_LABELS:
             bad("pseudo_labels", f"must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}")
         if self.pseudo_label_view not in ("strong", "weak"):
@@ -85,6 +101,8 @@ class MPLConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+
+_TYPE_NAMES = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
 
 PRESETS = {
     # The paper's algorithm: sampled hard labels, h = CE_old - CE_new with a moving baseline.
