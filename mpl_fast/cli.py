@@ -98,10 +98,13 @@ def _bench(args):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.what}.py"
     if not script.exists():
         raise CliError(f"{script} not found: `bench` runs from a source checkout")
+    from mpl_fast.train.checkpoint import CheckpointError
+    from mpl_fast.train.loop import TrainError
+
     module = runpy.run_path(str(script))
     try:
         return module["main"](args.rest)
-    except ValueError as err:  # bad data (DataError) and the like: one line
+    except (ValueError, TrainError, CheckpointError) as err:  # bad data, config, run: one line
         raise CliError(str(err)) from err
 
 
@@ -189,10 +192,11 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (e.g. train.device=cpu)")
     p.set_defaults(run=_eval)
-    p = sub.add_parser("bench", help="benchmarks: ops, step, data",
-                       description="`mpl-fast bench ops|step|data [options]` runs "
-                       "benchmarks/bench_<what>.py (see e.g. `mpl-fast bench step --help`).")
-    p.add_argument("what", choices=["ops", "step", "data"])
+    p = sub.add_parser("bench", help="benchmarks: ops, step, data, methods",
+                       description="`mpl-fast bench ops|step|data|methods [options]` runs "
+                       "benchmarks/bench_<what>.py (see e.g. `mpl-fast bench step --help`); "
+                       "methods trains supervised, UDA-only and MPL at one budget.")
+    p.add_argument("what", choices=["ops", "step", "data", "methods"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(run=_bench)
     p = sub.add_parser("two-moons", help="the paper's TwoMoons illustration",

@@ -185,3 +185,49 @@ def test_bench_data_command(tree, tmp_path, capsys):
     record = json.loads((tmp_path / "data.jsonl").read_text())
     assert record["mpl_images_per_s"] > 0 and record["bare_images_per_s"] > 0
     assert cli.main(["bench", "data", "--root", str(tmp_path / "none")]) == 2
+
+
+def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    import json
+
+    from mpl_fast import cli
+
+    root = tree.parent
+    if not (root / "test").exists():
+        (root / "test").symlink_to(tree)
+    tiny = ["--set", f"data.root={root}", "--set", "data.image_size=16", "--set",
+            "data.labeled_per_class=2", "--set", "data.batch_size=4", "--set", "data.mu=2",
+            "--set", "data.num_threads=1", "--set", "data.cutout=4", "--set",
+            "model.teacher=small_cnn", "--set", "model.student=small_cnn", "--set",
+            "train.steps=4", "--set", "train.eval_every=2", "--set", "train.finetune_steps=0",
+            "--set", "train.device=cpu", "--set", "optim.student_wait_steps=1",
+            "--set", "mpl.uda_ramp_steps=2", "--set", "optim.warmup_steps=1"]
+    out, results = tmp_path / "runs", tmp_path / "results"
+    args = ["bench", "methods", *tiny, "--out", str(out), "--results", str(results)]
+    assert cli.main(args) == 0
+    records = [json.loads(line) for line in (results / "methods.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["supervised", "uda", "mpl"]
+    for r in records:
+        saved = (out / r["method"] / "config.yaml").read_text()
+        assert ("method: supervised" in saved) == (r["method"] == "supervised")
+        assert [step for step, _ in r["ema_student_top1_curve"]] == [2, 4]
+        assert r["ema_student_top1_curve"][-1][1] == r["ema_student_top1"]
+        assert r["images_per_second"] > 0 and r["gpu"] == "cpu" and r["steps"] == 4
+    assert records[0]["teacher_top1"] is None and records[2]["teacher_top1"] is not None
+    import yaml
+    assert yaml.safe_load((out / "uda" / "config.yaml").read_text())["mpl"]["mpl_weight"] == 0
+    assert yaml.safe_load((out / "mpl" / "config.yaml").read_text())["mpl"]["mpl_weight"] is None
+    assert "h" in records[2]["last_logged"] and "h" not in records[0]["last_logged"]
+    png = (out / "methods.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # --resume: finished runs are not trained again; the records are appended once more.
+    before = (out / "mpl" / "metrics.jsonl").read_text()
+    assert cli.main([*args, "--resume", "--methods", "mpl"]) == 0
+    assert (out / "mpl" / "metrics.jsonl").read_text() == before
+    assert len((results / "methods.jsonl").read_text().splitlines()) == 4
+    capsys.readouterr()
+    for bad in (["--methods", "uda,bogus"], ["--set", "data.nokey=1"]):
+        assert cli.main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, err

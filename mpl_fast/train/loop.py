@@ -269,7 +269,8 @@ def train(config, out_dir, resume=False):
                    "ema_student_top1": final["eval/ema_student_top1"],
                    "teacher_top1": final.get("eval/teacher_top1"),
                    "best_ema_student_top1": run.best, "nonfinite_skipped": run.skipped,
-                   "seconds_this_session": round(time.time() - started, 1)}
+                   "seconds_this_session": round(time.time() - started, 1),
+                   "images_per_second": round(logger.images_per_second(run.step), 1)}
         if t["finetune_steps"] > 0 and main:
             summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"])
     finally:

@@ -1,0 +1,143 @@
+"""Supervised vs UDA-only vs MPL at one budget and seed: does the teacher's feedback help?
+
+    mpl-fast bench methods [--config NAME|FILE] [--set KEY=VALUE ...] [--out DIR]
+                           [--methods supervised,uda,mpl] [--resume] [--results DIR]
+
+Each method trains into OUT/<method>/ with the trainer on the same config (default
+cifar10_4k_short), changed only by:
+  supervised  method=supervised (the student on the labels alone)
+  uda         mpl.mpl_weight=0: the teacher keeps its supervised and UDA losses and the student
+              learns from its pseudo labels, but the teacher gets no feedback from the student
+  mpl         the config as given
+Then one JSON object per method is appended to RESULTS/methods.jsonl (card, versions, date,
+final top-1 of the EMA student, student and teacher, wall seconds, images/s, the last logged h
+and UDA mask ratio, and the EMA-student top-1 curve), and OUT/methods.png draws the three
+curves. With --resume a method continues from OUT/<method>/last.pt (runs can span several
+sittings); a method whose run already reached its last step is not trained again.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+METHODS = {
+    "supervised": ["method=supervised"],
+    "uda": ["mpl.mpl_weight=0"],
+    "mpl": [],
+}
+LABELS = {"supervised": "Supervised", "uda": "UDA only (no feedback)", "mpl": "MPL"}
+# What the record keeps of the last logged line of each run (diagnostics of the feedback).
+LAST_LOGGED = ("h", "baseline", "uda/mask_ratio", "teacher/ce_labeled", "student/ce_new")
+
+
+def _curve(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    curve = [(r["step"], r["eval/ema_student_top1"]) for r in rows
+             if "eval/ema_student_top1" in r]
+    last = {}
+    for r in rows:
+        last.update({k: r[k] for k in LAST_LOGGED if k in r})
+    return curve, last
+
+
+def _finished(run_dir, steps):
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["steps"] >= steps
+
+
+def plot(path, curves, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=LABELS[method])
+    ax.set_xlabel("step")
+    ax.set_ylabel("EMA student top-1")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    from mpl_fast.train import config as cfg
+    from mpl_fast.train.loop import train
+
+    p = argparse.ArgumentParser(prog="mpl-fast bench methods",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="cifar10_4k_short",
+                   help="preset name or YAML file (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every method, e.g. data.root=DIR")
+    p.add_argument("--methods", default="supervised,uda,mpl",
+                   help="comma-separated subset of supervised,uda,mpl (default: %(default)s)")
+    p.add_argument("--out", default="runs/methods", help="run folders (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue each method's run")
+    p.add_argument("--results", default="benchmarks/results",
+                   help="where methods.jsonl is appended (default: %(default)s)")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: expected a subset of {','.join(METHODS)}, "
+                         f"got {args.methods!r}")
+    # Resolve every config before training anything, so a bad key fails in the first second.
+    configs = {m: cfg.load(args.config, [*args.set, *METHODS[m]]) for m in methods}
+    out = Path(args.out)
+    gpu = torch.cuda.is_available() and configs[methods[0]]["train"]["device"] != "cpu"
+    card = torch.cuda.get_device_name() if gpu else "cpu"
+    records, curves = [], {}
+    for method in methods:
+        config, run_dir = configs[method], out / method
+        steps = config["train"]["steps"]
+        if args.resume and _finished(run_dir, steps):
+            print(f"{method}: already at step {steps}, not trained again", flush=True)
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            resume = args.resume and (run_dir / "last.pt").exists()
+            print(f"{method}: {'resuming' if resume else 'training'} {steps} steps -> {run_dir}",
+                  flush=True)
+            summary = train(config, run_dir, resume=resume)
+        curve, last = _curve(run_dir)
+        curves[method] = curve
+        records.append({
+            "method": method, "config": args.config, "overrides": args.set,
+            "steps": summary["steps"], "seed": config["train"]["seed"],
+            "labeled_per_class": config["data"]["labeled_per_class"],
+            "batch_size": config["data"]["batch_size"], "mu": config["data"]["mu"],
+            "ema_student_top1": summary["ema_student_top1"],
+            "student_top1": summary["student_top1"], "teacher_top1": summary["teacher_top1"],
+            "finetuned_student_top1": summary.get("finetuned_student_top1"),
+            "seconds_last_sitting": summary["seconds_this_session"],
+            "images_per_second": summary.get("images_per_second"),
+            "last_logged": last, "ema_student_top1_curve": curve,
+            "gpu": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        })
+        print(f"{method}: EMA student top-1 {summary['ema_student_top1']:.4f}", flush=True)
+    plot(out / "methods.png", curves,
+         f"{args.config}: {configs[methods[0]]['train']['steps']} steps, {card}")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / "methods.jsonl", "a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    print("summary: " + ", ".join(f"{r['method']} {r['ema_student_top1']:.4f}" for r in records)
+          + f" (EMA student top-1) -> {out / 'methods.png'}, {results / 'methods.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
