@@ -8,11 +8,11 @@ Appends a JSON record to benchmarks/results/data.jsonl; the last line printed is
 """
 import argparse
 import datetime
-import json
 import time
 from pathlib import Path
 
 import torch
+from mpl_fast.train.run_log import append_jsonl
 
 
 def main(argv=None):
@@ -75,9 +75,7 @@ def main(argv=None):
               "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
               "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "data.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(out / "data.jsonl", [record])
     print(f"MPL streams (labeled + weak/strong unlabeled): {mpl_ips:,.0f} img/s")
     print(f"bare decode + crop:                           {bare_ips:,.0f} img/s")
     print(f"summary: {record['device']} {size}px B={args.batch_size} mu={args.mu}: MPL streams "

@@ -18,7 +18,6 @@ sittings); a method whose run already reached its last step is not trained again
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -53,6 +52,8 @@ def _finished(run_dir, steps):
 def plot(path, curves, title):
     import matplotlib
 
+    from mpl_fast.train.run_log import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -66,15 +67,13 @@ def plot(path, curves, title):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv=None):
     from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import train
+    from mpl_fast.train.run_log import append_jsonl
 
     p = argparse.ArgumentParser(prog="mpl-fast bench methods",
                                 description=__doc__.splitlines()[0])
@@ -130,10 +129,7 @@ def main(argv=None):
     plot(out / "methods.png", curves,
          f"{args.config}: {configs[methods[0]]['train']['steps']} steps, {card}")
     results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "methods.jsonl", "a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    append_jsonl(results / "methods.jsonl", records)
     print("summary: " + ", ".join(f"{r['method']} {r['ema_student_top1']:.4f}" for r in records)
           + f" (EMA student top-1) -> {out / 'methods.png'}, {results / 'methods.jsonl'}")
     return 0

@@ -9,7 +9,6 @@ JSON object per row to benchmarks/results/ops.jsonl with the card, versions and 
 """
 import argparse
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mpl_fast import ops
+from mpl_fast.train.run_log import append_jsonl
 
 SHAPES = [(15360, 10), (15360, 1000), (4096, 32000)]
 
@@ -123,10 +123,7 @@ def main(argv=None):
                       f"{t_eager:9.3f} {comp} {t_eager / t_ours:8.2f} {gbps:7.0f} "
                       f"{100 * row['bandwidth_fraction']:5.0f}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "ops.jsonl", "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(out / "ops.jsonl", rows)
     worst = min(r["speedup_vs_eager"] for r in rows)
     print(f"summary: {len(rows)} rows on {card}; slowest speedup vs eager {worst:.2f}x; "
           f"appended to {out / 'ops.jsonl'}")

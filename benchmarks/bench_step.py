@@ -14,9 +14,7 @@ configuration appended to benchmarks/results/step.jsonl.
 On a CPU it runs eagerly (no graphs, no compile) as a smoke test; its numbers mean nothing.
 """
 import argparse
-import copy
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.train.optim import sgd
+from mpl_fast.train.run_log import append_jsonl
 
 
 def timed(fn, steps, warmup, device):
@@ -235,9 +234,7 @@ def main(argv=None):
         "phases_ms": phases,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "step.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(out / "step.jsonl", [record])
     for name, (t, mem) in rows.items():
         extra = f"  peak {mem:.2f} GiB" if mem is not None else ""
         print(f"{name:20s} {t:9.2f} ms/step  {teacher_images / t * 1e3:10.0f} teacher img/s{extra}")

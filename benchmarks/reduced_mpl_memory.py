@@ -7,7 +7,6 @@ GPU it also reports torch.cuda.max_memory_allocated.
 """
 import argparse
 import datetime
-import json
 import platform
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.mpl.reduced import ReducedTeacher
+from mpl_fast.train.run_log import append_jsonl
 
 
 def convnet(width, classes=10):
@@ -108,9 +108,7 @@ def main():
               f"{r['peak_saved_activation_bytes'] / 2**20:8.2f} MiB")
     print(f"Reduced MPL holds {100 * record['saving']:.1f}% less memory in this step")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "reduced_mpl_memory.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(out / "reduced_mpl_memory.jsonl", [record])
 
 
 if __name__ == "__main__":

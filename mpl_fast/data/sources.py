@@ -3,7 +3,6 @@
     next() -> MPLBatch, state_dict(), load_state_dict(), eval_batches() -> (x, y) batches,
     num_classes, in_channels, image_size, describe() -> what to save with the run.
 """
-import torch
 
 from mpl_fast.data.digits import digits
 from mpl_fast.data.image_folder import DataError, balanced_split, index_folder, split_from_list

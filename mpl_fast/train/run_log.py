@@ -79,6 +79,25 @@ class RunLogger:
             self.tb.close()
 
 
+def append_jsonl(path, records):
+    """Append one JSON object per line to path (benchmark results, run records)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def save_figure(fig, path, dpi=90):
+    """Write a matplotlib figure atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_curves(metrics_path: Path, png_path: Path):
     """Accuracy and losses over steps from metrics.jsonl, written atomically."""
     import matplotlib
@@ -103,7 +122,4 @@ def plot_curves(metrics_path: Path, png_path: Path):
     ax2.set_yscale("log")
     ax2.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)

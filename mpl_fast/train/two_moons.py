@@ -9,6 +9,7 @@ from torch import nn
 
 from mpl_fast.data.two_moons import two_moons
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep, preset
+from mpl_fast.train.run_log import save_figure
 
 
 def mlp():
@@ -177,10 +178,7 @@ def plot(path: Path, data, models, metrics):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_json(path: Path, obj):
