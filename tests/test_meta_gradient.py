@@ -330,3 +330,20 @@ def test_teacher_weak_view_without_autograd():
     step(b)
     for name, buf in step.teacher.named_buffers():
         assert torch.equal(buf, dict(expected.named_buffers())[name]), name
+
+
+def test_moving_baseline_values_and_device():
+    from mpl_fast.mpl.feedback import MovingBaseline
+
+    base = MovingBaseline(0.9)
+    out = [float(base(torch.tensor(h))) for h in (1.0, 1.0, -2.0)]
+    b1 = 0.1
+    b2 = b1 + 0.1 * (1.0 - b1)
+    b3 = b2 + 0.1 * (-2.0 - b2)
+    assert out == pytest.approx([1.0 - b1, 1.0 - b2, -2.0 - b3])
+    assert float(base.value) == pytest.approx(b3)
+    # The buffer follows the feedback's device (a GPU step whose MPLStep was never .to()'d);
+    # "meta" stands in for a second device on a CPU-only machine.
+    centered = base(torch.zeros((), device="meta"))
+    assert base.value.device.type == "meta" and centered.device.type == "meta"
+    assert "value" in dict(base.named_buffers())

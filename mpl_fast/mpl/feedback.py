@@ -22,6 +22,10 @@ class MovingBaseline(nn.Module):
         self.register_buffer("value", torch.zeros((), dtype=torch.float32))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.value.device != h.device:
+            # Nobody calls .to() on the step object (only on its networks): follow the feedback's
+            # device once, instead of mixing a CPU buffer into GPU math every step.
+            self.value = self.value.to(h.device)
         b = self.value
         b.sub_((1.0 - self.decay) * (b - h.detach().to(b.dtype)))
         return h - b.to(h.dtype)

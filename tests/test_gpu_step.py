@@ -1,0 +1,134 @@
+"""The MPL step and the data pipeline on a GPU: no host synchronisation inside the step, a
+step captured in a CUDA graph gives the eager step's losses, and DALI's GPU ('mixed') stream
+gives the CPU stream's batches. All `gpu`-marked: skipped without a CUDA device."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+
+pytestmark = pytest.mark.gpu
+
+
+def small_cnn(seed, classes=10):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes)).cuda()
+
+
+def batch(seed, b=8, mu=3, classes=10):
+    g = torch.Generator().manual_seed(seed)
+    img = lambda n: torch.randn(n, 3, 16, 16, generator=g).cuda()  # noqa: E731
+    return MPLBatch(img(b), torch.randint(0, classes, (b,), generator=g).cuda(), img(b * mu),
+                    img(b * mu))
+
+
+def make_step(config, seed=0, amp=True):
+    teacher, student = small_cnn(seed), small_cnn(seed + 1)
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,  # noqa: E731
+                                    nesterov=True, fused=True)
+    return MPLStep(teacher, student, opt(teacher), opt(student), config,
+                   autocast_dtype=torch.bfloat16 if amp else None,
+                   generator=torch.Generator(device="cuda").manual_seed(seed))
+
+
+CONFIGS = {
+    "paper": MPLConfig(uda_weight=1.0, uda_threshold=0.5),
+    "argmax_dot": MPLConfig(pseudo_labels="argmax", estimator="dot", uda_weight=1.0),
+    "soft_second_order": MPLConfig(pseudo_labels="soft", estimator="second_order",
+                                   baseline_decay=None),
+    "weak_no_grad": MPLConfig(pseudo_labels="argmax", teacher_weak_no_grad=True, uda_weight=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_step_never_synchronises_with_the_host(name):
+    step = make_step(CONFIGS[name])
+    step(batch(0), 0)  # first call: lazy state (momentum buffers, kernels)
+    b = batch(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metrics = step(b, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+def test_step_in_a_cuda_graph_gives_the_eager_losses():
+    config = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, baseline_decay=0.9)
+    eager, graphed = make_step(config), make_step(config)
+    graphed.load_state_dict(copy.deepcopy(eager.state_dict()))
+    batches = [batch(10 + i) for i in range(6)]
+    static = batch(0)
+
+    def feed(b):
+        for f in ("x_l", "y_l", "x_uw", "x_us"):
+            getattr(static, f).copy_(getattr(b, f))
+
+    # Warm up both on the same first batches (optimizer state, lazy kernels), on a side stream
+    # for the one that will be captured, as CUDA graphs require.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for b in batches[:2]:
+            feed(b)
+            graphed(static, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    for b in batches[:2]:
+        eager(b, 0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = graphed(static, 0)
+    # Capturing ran nothing; replays must now track the eager step batch by batch.
+    for b in batches[2:]:
+        feed(b)
+        graph.replay()
+        want = eager(b, 0)
+        for key in ("teacher/loss", "student/loss", "student/ce_new", "h"):
+            got, ref = float(out[key]), float(want[key])
+            assert abs(got - ref) <= 0.03 * abs(ref) + 0.03, (key, got, ref)
+
+
+def _colour(c, i):
+    return (40 + 60 * c, 30 + 30 * i, 200 - 50 * c)
+
+
+def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    from mpl_fast.data.dali_stream import DaliStream, StreamSpec
+    from mpl_fast.data.image_folder import balanced_split, index_folder
+
+    root = tmp_path / "train"
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            pixels = np.zeros((40, 48, 3), np.uint8) + np.array(_colour(c, i), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=95)
+    index = index_folder(root)
+    split = balanced_split(index, per_class=2)
+    spec = StreamSpec(batch_size=4, mu=2, image_size=16, small=False, num_threads=1, cutout=0)
+    gpu, cpu = DaliStream(index, split, spec, "cuda"), DaliStream(index, split, spec, "cpu")
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    for _ in range(2):
+        g, c = gpu.next(), cpu.next()
+        assert g.x_l.is_cuda and g.x_uw.is_cuda and g.y_l.is_cuda
+        assert g.x_l.dtype == torch.float16 and c.x_l.dtype == torch.float32
+        assert g.x_l.shape == c.x_l.shape == (4, 3, 16, 16)
+        assert g.x_uw.shape == g.x_us.shape == c.x_uw.shape == (8, 3, 16, 16)
+        assert g.x_l.is_contiguous(memory_format=torch.channels_last)
+        assert set(g.y_l.tolist()) <= {0, 1, 2}
+        # Solid-colour files: each weak-view row is its file's colour (normalised), as the CPU
+        # stream's test checks for the CPU decoder.
+        for row, i in enumerate(g.unlabeled_index.tolist()):
+            cls, k = index.labels[i], int(index.files[i].split("/")[-1].split(".")[0])
+            want = (torch.tensor(_colour(cls, k), dtype=torch.float32) - mean) / std
+            got = g.x_uw[row].float().mean(dim=(1, 2)).cpu()
+            assert torch.allclose(got, want, atol=0.1), (row, got, want)
