@@ -347,3 +347,31 @@ def test_moving_baseline_values_and_device():
     centered = base(torch.zeros((), device="meta"))
     assert base.value.device.type == "meta" and centered.device.type == "meta"
     assert "value" in dict(base.named_buffers())
+
+
+@pytest.mark.parametrize("config", [
+    MPLConfig(pseudo_labels="argmax", uda_weight=1.0),
+    MPLConfig(pseudo_labels="argmax", estimator="dot"),
+    MPLConfig(pseudo_labels="soft", estimator="second_order", baseline_decay=None),
+    MPLConfig(pseudo_labels="argmax", teacher_weak_no_grad=True),
+], ids=["loss_diff", "dot", "second_order", "weak_no_grad"])
+def test_step_runs_on_another_device_without_cpu_state_leaking_in(config):
+    # "meta" stands in for a GPU: every tensor the step computes must come out on the models'
+    # device (a CPU buffer mixed into GPU math costs a copy each step, or fails); only the
+    # host-side schedule values (uda/scale, the lrs) are CPU scalars.
+    dev = torch.device("meta")
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).to(dev)
+
+    teacher, student = net(), net()
+    step = MPLStep(teacher, student, torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9),
+                   torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9), config)
+    b = MPLBatch(torch.empty(4, 3, 8, 8, device=dev), torch.zeros(4, dtype=torch.long, device=dev),
+                 torch.empty(8, 3, 8, 8, device=dev), torch.empty(8, 3, 8, 8, device=dev))
+    for i in range(2):
+        metrics = step(b, i)
+    host = {"uda/scale", "lr/teacher", "lr/student"}
+    assert {k for k, v in metrics.items() if v.device != dev} == host
+    assert all(buf.device == dev for buf in step.buffers())
