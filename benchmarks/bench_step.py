@@ -1,17 +1,19 @@
 """The MPL step's speed against what a user writes by hand.
 
     mpl-fast bench step --model wrn28_2|resnet50|timm:<name> [--batch-size B] [--mu M]
-                        [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph] ...
+                        [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph]
+                        [--compile MODE] ...
 
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
-channels_last, fused SGD, optionally the whole step captured in one CUDA graph); (a) a plain
-PyTorch MPL step written here as a user would (autocast bf16, channels_last, torch SGD,
-kekmodel-style losses), eager; (b) the same step with both networks under
+channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one
+CUDA graph); (a) a plain PyTorch MPL step written here as a user would (autocast bf16,
+channels_last, torch SGD, kekmodel-style losses), eager; (b) the same step with both networks under
 torch.compile(mode="max-autotune-no-cudagraphs") and the whole step in one CUDA graph; (c) a
 supervised step of the same shapes (the floor). Median ms/step, teacher images/s, peak memory,
 a per-phase breakdown of ours (eager, from profiler ranges), ratios; one JSON object per
 configuration appended to benchmarks/results/step.jsonl.
-On a CPU it runs eagerly (no graphs, no compile) as a smoke test; its numbers mean nothing.
+On a CPU it runs without graphs (and without compile unless --compile) as a smoke test; its
+numbers mean nothing.
 """
 import argparse
 import datetime
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+from mpl_fast.train.loop import compile_net
 from mpl_fast.train.optim import sgd
 from mpl_fast.train.run_log import append_jsonl
 
@@ -157,6 +160,10 @@ def main(argv=None):
     p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"])
     p.add_argument("--weak-no-grad", action="store_true", help="teacher weak view without autograd")
     p.add_argument("--no-graph", action="store_true", help="do not capture our step in a CUDA graph")
+    p.add_argument("--compile", default="none",
+                   choices=["none", "default", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile our networks' forward, as model.compile does in the trainer "
+                   "(default: %(default)s)")
     p.add_argument("--no-reference", action="store_true", help="skip the eager reference")
     p.add_argument("--no-compiled", action="store_true", help="skip the compiled reference")
     p.add_argument("--steps", type=int, default=30)
@@ -183,12 +190,16 @@ def main(argv=None):
 
     # ours
     teacher, student = networks(args, device)
+    for net in (teacher, student):
+        compile_net(net, args.compile)
     cfg = MPLConfig(pseudo_labels="argmax", estimator=args.estimator, uda_weight=8.0,
                     uda_temperature=0.7, uda_threshold=0.6, teacher_label_smoothing=0.15,
                     student_label_smoothing=0.15, teacher_weak_no_grad=args.weak_no_grad)
     step = MPLStep(teacher, student, sgd(teacher, 0.05, 0.9, True, 5e-4),
                    sgd(student, 0.05, 0.9, True, 5e-4), cfg,
                    autocast_dtype=torch.bfloat16 if amp else None)
+    for _ in range(2):  # lazy state and, with --compile, compilation: not in the phases
+        step(batch, 0)
     phases = phase_breakdown(lambda: step(batch, 0), device)
     ours = graphed(lambda: step(batch, 0), device) if gpu and not args.no_graph else \
         (lambda: step(batch, 0))
@@ -218,6 +229,7 @@ def main(argv=None):
         "model": args.model, "batch_size": args.batch_size, "mu": args.mu,
         "image_size": args.image_size, "estimator": args.estimator,
         "weak_no_grad": args.weak_no_grad, "graph": gpu and not args.no_graph,
+        "compile": args.compile,
         "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "ms_per_step": round(ms["ours"], 3),

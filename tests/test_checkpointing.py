@@ -2,6 +2,7 @@
 BN statistics updated once per forward, less saved activation memory."""
 import copy
 
+import pytest
 import torch
 
 from mpl_fast.models.checkpointing import CheckpointedBlock, checkpoint_blocks
@@ -43,6 +44,31 @@ def test_wrn_checkpointed_equals_plain_and_counts_bn_once():
     plain, ckpt, x = _check_equal(lambda: WideResNet(10, depth=10, widen=1), (4, 3, 16, 16))
     tracked = [int(b) for n, b in ckpt.named_buffers() if n.endswith("num_batches_tracked")]
     assert set(tracked) == {2}  # two training forwards, each counted once
+
+
+@pytest.mark.slow
+def test_checkpointing_under_torch_compile_counts_bn_once():
+    # model.compile + model.checkpoint: dynamo traces the checkpoint as a higher-order op; the
+    # recomputation must still leave the BatchNorm statistics alone.
+    from mpl_fast.train.loop import compile_net
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    plain = WideResNet(10, depth=10, widen=1)
+    ckpt = copy.deepcopy(plain)
+    checkpoint_blocks(ckpt)
+    compile_net(ckpt, "default")
+    counters.clear()
+    x = torch.randn(4, 3, 16, 16)
+    for model in (plain, ckpt):
+        model.train()
+        for _ in range(2):
+            model(x).square().mean().backward()
+    assert counters["stats"]["unique_graphs"] >= 1
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), n
+    for (n, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), n
 
 
 def test_resnet_block_checkpointing_equals_plain():

@@ -304,3 +304,30 @@ def test_models_by_name(monkeypatch):
                      "in_chans": 3}
     with pytest.raises(ValueError, match="unknown model"):
         build_model("nope", 10)
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_like_eager_ones(tmp_path, monkeypatch):
+    """model.compile (torch.compile in place, inductor on the CPU here) gives the eager run's
+    losses, and its checkpoints load into an eager run (same parameter names)."""
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")  # the interpreter would dominate the time
+    from torch._dynamo.utils import counters
+
+    runs, graphs = {}, {}
+    for mode in ("none", "default"):
+        config = cfg.load("digits", TINY + ["train.steps=4", "train.eval_every=4",
+                                            f"model.compile={mode}"])
+        counters.clear()
+        train(config, tmp_path / mode)
+        runs[mode] = _metrics(tmp_path / mode / "metrics.jsonl")
+        graphs[mode] = counters["stats"]["unique_graphs"]
+    assert graphs["none"] == 0 and graphs["default"] >= 2  # both networks went through dynamo
+    assert len(runs["none"]) == len(runs["default"]) == 4
+    for eager, compiled in zip(runs["none"], runs["default"]):
+        for key in ("teacher/loss", "student/loss", "h", "eval/ema_student_top1"):
+            if key in eager:
+                assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-4), key
+    eager_state = torch.load(tmp_path / "none" / "last.pt", weights_only=False)
+    compiled_state = torch.load(tmp_path / "default" / "last.pt", weights_only=False)
+    assert eager_state["student"].keys() == compiled_state["student"].keys()
+    assert eager_state["teacher"].keys() == compiled_state["teacher"].keys()

@@ -43,7 +43,8 @@ DEFAULTS = {
         "num_threads": 4,
     },
     "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None,
-              "checkpoint": "none"},  # activation checkpointing: none|teacher|student|both
+              "checkpoint": "none",  # activation checkpointing: none|teacher|student|both
+              "compile": "none"},  # torch.compile of both networks: none|default|max-autotune...
     "optim": {
         "teacher_lr": 0.05,
         "student_lr": 0.05,
@@ -77,6 +78,8 @@ CHOICES = {
     "data.name": ("digits", "image_folder", "cifar_batches"),
     "train.device": ("auto", "cpu", "cuda"),
     "model.checkpoint": ("none", "teacher", "student", "both"),
+    "model.compile": ("none", "default", "reduce-overhead", "max-autotune",
+                      "max-autotune-no-cudagraphs"),
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
 }

@@ -61,6 +61,14 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def compile_net(net, mode):
+    """torch.compile of the network's forward, in place: parameter names, checkpoints and the
+    optimizer see the same module. (Module.compile() traced nothing with torch 2.13: dynamo skips
+    the nn.Module._call_impl frame it wraps.) mode 'none' leaves it eager."""
+    if mode != "none":
+        net.forward = torch.compile(net.forward, mode=None if mode == "default" else mode)
+
+
 class Run:
     """Everything a run holds; built from a resolved config."""
 
@@ -118,9 +126,11 @@ class Run:
             self.student_opt, schedules.wait_warmup_cosine(
                 o["student_wait_steps"] if config["method"] == "mpl" else 0, o["warmup_steps"], steps))
         self.ema = ModelEMA(self.student, t["ema_decay"])
+        compile_net(self.student, m["compile"])  # after the EMA's copy, which stays eager
         self.teacher = self.teacher_opt = self.teacher_sched = None
         if config["method"] == "mpl":
             self.teacher = make(m["teacher"], "teacher")
+            compile_net(self.teacher, m["compile"])
             self.teacher_opt = optim.sgd(self.teacher, o["teacher_lr"] * scale, o["momentum"],
                                          o["nesterov"], o["weight_decay"])
             self.teacher_sched = torch.optim.lr_scheduler.LambdaLR(
