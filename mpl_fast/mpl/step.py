@@ -42,6 +42,11 @@ class MPLBatch:
                 pick(self.teacher_us, self.x_us))
 
 
+def as_metric(value) -> torch.Tensor:
+    """A metric from a float or from a tensor that changes later (a device lr, a scale)."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
+
+
 class MPLStep(nn.Module):
     """Teacher/student MPL update. State (the moving baseline) is in the state dict."""
 
@@ -63,6 +68,9 @@ class MPLStep(nn.Module):
         # Optional mean across data-parallel replicas for the labeled losses that form h, so that
         # every replica uses the feedback of the global batch (set by the trainer under DDP).
         self.cross_replica_mean = None
+        # Set by prepare_replay (CUDA-graph runs): the UDA ramp's value as a device scalar,
+        # written before each replay instead of a Python float baked into the graph.
+        self.uda_scale_buffer = None
 
     # -- pieces a user (or a test) may call or replace -----------------------------------------
     def autocast(self, device: torch.device):
@@ -76,6 +84,13 @@ class MPLStep(nn.Module):
             return 0.0
         ramp = min(1.0, (step + 1) / c.uda_ramp_steps) if c.uda_ramp_steps > 0 else 1.0
         return c.uda_weight * ramp
+
+    def prepare_replay(self, step: int):
+        """Write this step's host-side values into device scalars (see train/graphed.py)."""
+        if self.uda_scale_buffer is None:
+            device = next(self.teacher.parameters()).device
+            self.uda_scale_buffer = torch.zeros((), device=device)
+        self.uda_scale_buffer.fill_(self.uda_scale(step))
 
     def make_pseudo_labels(self, teacher_logits: torch.Tensor):
         """(targets for the student, labels or None, probs) from teacher logits (no grad)."""
@@ -117,7 +132,7 @@ class MPLStep(nn.Module):
         with record_function("mpl/teacher_forward"), self.autocast(dev):
             z_l, z_uw, z_us = self.teacher_forward(batch)
         t_ce = ops.soft_cross_entropy(z_l, y_l, label_smoothing=c.teacher_label_smoothing)
-        uda_scale = self.uda_scale(step)
+        uda_scale = self.uda_scale(step) if self.uda_scale_buffer is None else self.uda_scale_buffer
         if c.uda_weight > 0:
             uda, uda_mask = ops.uda_loss(z_uw, z_us, temperature=c.uda_temperature,
                                          threshold=c.uda_threshold)
@@ -211,7 +226,7 @@ class MPLStep(nn.Module):
             "baseline": (self.baseline.value.detach() if self.baseline is not None
                          else torch.zeros((), device=dev)),
             "uda/mask_ratio": uda_mask.mean() if n_u else torch.zeros((), device=dev),
-            "uda/scale": torch.tensor(uda_scale), "lr/teacher": torch.as_tensor(lr_t),
-            "lr/student": torch.as_tensor(lr_s),
+            "uda/scale": as_metric(uda_scale), "lr/teacher": as_metric(lr_t),
+            "lr/student": as_metric(lr_s),
         }
         return metrics

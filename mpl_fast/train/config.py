@@ -70,6 +70,7 @@ DEFAULTS = {
         "max_nonfinite_skips": 10,
         "eval_batch_size": 512,
         "sync_bn": False,  # under torchrun: SyncBatchNorm (GPU)
+        "cuda_graph": False,  # true: the step replayed as one CUDA graph; emulate: same path, no graph
     },
 }
 
@@ -82,6 +83,7 @@ CHOICES = {
                       "max-autotune-no-cudagraphs"),
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
+    "train.cuda_graph": (False, True, "emulate"),
 }
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
             "train.log_every", "train.eval_every", "train.checkpoint_every",

@@ -18,6 +18,7 @@ from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, sc
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves
+from mpl_fast.train.graphed import GraphedStep
 from mpl_fast.train.supervised import SupervisedStep
 
 FORMAT = 1
@@ -35,6 +36,16 @@ def _check_finite(*losses):
     for loss in losses:
         if not bool(torch.isfinite(loss).all()):
             raise NonFiniteLoss
+
+
+def _check_graphed_losses(metrics, step):
+    """A graphed step cannot stop on the host before a non-finite loss reaches the weights, so
+    the loop checks the losses it logs (and before each checkpoint) and stops the run."""
+    for key in ("teacher/loss", "student/loss"):
+        if key in metrics and not bool(torch.isfinite(metrics[key]).all()):
+            raise TrainError(f"non-finite {key} by step {step} under train.cuda_graph (graphed "
+                             f"steps are not skipped): resume from an earlier checkpoint "
+                             f"without train.cuda_graph")
 
 
 def resolve_device(name):
@@ -117,11 +128,18 @@ class Run:
             return nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if gpu else None)
 
+        self.graph_mode = t["cuda_graph"]
+        if self.graph_mode is True and not gpu:
+            raise TrainError("train.cuda_graph needs a CUDA device (train.cuda_graph=emulate runs "
+                             "its static-buffer path without a graph, on any device)")
+        if self.graph_mode and self.dist.enabled:
+            raise TrainError("train.cuda_graph is not supported under torchrun yet")
         scale = d["batch_size"] / 256 if o["scale_lr_by_batch"] else 1.0
         steps = t["steps"]
         self.student = make(m["student"], "student")
         self.student_opt = optim.sgd(self.student, o["student_lr"] * scale, o["momentum"],
-                                     o["nesterov"], o["weight_decay"])
+                                     o["nesterov"], o["weight_decay"],
+                                     lr_on_device=bool(self.graph_mode))
         self.student_sched = torch.optim.lr_scheduler.LambdaLR(
             self.student_opt, schedules.wait_warmup_cosine(
                 o["student_wait_steps"] if config["method"] == "mpl" else 0, o["warmup_steps"], steps))
@@ -132,7 +150,8 @@ class Run:
             self.teacher = make(m["teacher"], "teacher")
             compile_net(self.teacher, m["compile"])
             self.teacher_opt = optim.sgd(self.teacher, o["teacher_lr"] * scale, o["momentum"],
-                                         o["nesterov"], o["weight_decay"])
+                                         o["nesterov"], o["weight_decay"],
+                                         lr_on_device=bool(self.graph_mode))
             self.teacher_sched = torch.optim.lr_scheduler.LambdaLR(
                 self.teacher_opt, schedules.warmup_cosine(o["warmup_steps"], steps))
             self.mpl_gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 2)
@@ -144,7 +163,13 @@ class Run:
             self.mpl_gen = None
             ls = config["mpl"]["student_label_smoothing"] or 0.0
             self.step_fn = SupervisedStep(parallel(self.student), self.student_opt, ls, self.amp)
-        self.step_fn.finite_check = _check_finite
+        # train_step is what the loop calls: the step itself, or the step replayed as a CUDA graph
+        # (which cannot stop on the host to check each loss: the loop checks logged losses).
+        if self.graph_mode:
+            self.train_step = GraphedStep(self.step_fn, emulate=self.graph_mode == "emulate")
+        else:
+            self.step_fn.finite_check = _check_finite
+            self.train_step = self.step_fn
         self.step, self.best, self.skipped, self.consecutive_skips = 0, -1.0, 0, 0
 
     # -- checkpoint ------------------------------------------------------------------------
@@ -177,6 +202,9 @@ class Run:
                     self.step_fn.baseline.load_state_dict(state["mpl"]["baseline"])
                 self.mpl_gen.set_state(state["mpl_gen"])
             self.data.load_state_dict(state["data"])
+            for opt in (self.student_opt, self.teacher_opt):
+                if opt is not None:  # the saved lr kind (float or tensor) may not be this run's
+                    optim.set_lr_kind(opt, self.device if self.graph_mode else None)
         except (KeyError, RuntimeError) as err:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not fit this run ({str(err).splitlines()[0]})") from err
@@ -246,7 +274,7 @@ def train(config, out_dir, resume=False):
             except DataError as err:
                 raise TrainError(str(err)) from err
             try:
-                metrics = run.step_fn(batch, run.step)
+                metrics = run.train_step(batch, run.step)
                 run.consecutive_skips = 0
             except NonFiniteLoss:
                 run.skipped += 1
@@ -267,11 +295,15 @@ def train(config, out_dir, resume=False):
                 if metrics["eval/ema_student_top1"] > run.best:
                     run.best = metrics["eval/ema_student_top1"]
                     run.save("best.pt")
-            if run.step % t["log_every"] == 0 or "eval/student_top1" in metrics \
-                    or "nonfinite_skipped" in metrics:
+            logging = run.step % t["log_every"] == 0 or "eval/student_top1" in metrics \
+                or "nonfinite_skipped" in metrics
+            saving = run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]
+            if run.graph_mode and (logging or saving):
+                _check_graphed_losses(metrics, run.step)
+            if logging:
                 metrics["nonfinite_skipped"] = run.skipped
                 logger.log(run.step, metrics)
-            if run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]:
+            if saving:
                 run.save("last.pt")
         final = last_eval if last_eval is not None else run.evaluate()  # the last step's
         summary = {"steps": run.step, "method": config["method"],

@@ -17,8 +17,22 @@ def param_groups(model: nn.Module, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float):
+def sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+        lr_on_device: bool = False):
+    """lr_on_device: the learning rate lives in a device tensor that schedulers fill in place,
+    so a step captured in a CUDA graph reads the current value (fused SGD takes a tensor lr)."""
     device = next(model.parameters()).device
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum,
-                           nesterov=nesterov and momentum > 0, **kw)
+    kw = {"fused": True} if device.type == "cuda" or lr_on_device else {"foreach": True}
+    opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum,
+                          nesterov=nesterov and momentum > 0, **kw)
+    if lr_on_device:
+        set_lr_kind(opt, device)
+    return opt
+
+
+def set_lr_kind(opt: torch.optim.Optimizer, device=None):
+    """Each group's lr as its own device tensor (device given) or as a float (None). After
+    load_state_dict, which brings the saved kind back."""
+    for group in opt.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if device is not None else lr

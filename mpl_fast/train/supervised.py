@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mpl_fast import ops
+from mpl_fast.mpl.step import as_metric
 
 
 class SupervisedStep:
@@ -28,4 +29,4 @@ class SupervisedStep:
         loss.backward()
         self.opt.step()
         return {"student/loss": loss.detach(),
-                "lr/student": torch.as_tensor(self.opt.param_groups[0]["lr"])}
+                "lr/student": as_metric(self.opt.param_groups[0]["lr"])}
