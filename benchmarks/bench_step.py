@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+from mpl_fast.train.graphed import GraphedStep
 from mpl_fast.train.loop import compile_net
 from mpl_fast.train.optim import sgd
 from mpl_fast.train.run_log import append_jsonl
@@ -51,7 +52,8 @@ def timed(fn, steps, warmup, device):
 
 
 def graphed(step_fn, device, warmup=3):
-    """Capture step_fn() (which reads static input buffers) in one CUDA graph; returns replay."""
+    """Capture step_fn() (a closure over fixed inputs) in one CUDA graph; returns replay. For the
+    compiled reference, written the way a user captures a step by hand."""
     if device.type != "cuda":
         return step_fn
     side = torch.cuda.Stream()
@@ -195,16 +197,19 @@ def main(argv=None):
     cfg = MPLConfig(pseudo_labels="argmax", estimator=args.estimator, uda_weight=8.0,
                     uda_temperature=0.7, uda_threshold=0.6, teacher_label_smoothing=0.15,
                     student_label_smoothing=0.15, teacher_weak_no_grad=args.weak_no_grad)
-    step = MPLStep(teacher, student, sgd(teacher, 0.05, 0.9, True, 5e-4),
-                   sgd(student, 0.05, 0.9, True, 5e-4), cfg,
+    use_graph = gpu and not args.no_graph
+    step = MPLStep(teacher, student, sgd(teacher, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph),
+                   sgd(student, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph), cfg,
                    autocast_dtype=torch.bfloat16 if amp else None)
     for _ in range(2):  # lazy state and, with --compile, compilation: not in the phases
         step(batch, 0)
     phases = phase_breakdown(lambda: step(batch, 0), device)
-    ours = graphed(lambda: step(batch, 0), device) if gpu and not args.no_graph else \
-        (lambda: step(batch, 0))
+    # Graphed the way the trainer does it (train.cuda_graph): static buffers the batch is copied
+    # into each step, device lrs, warm-up, capture at the first call after it.
+    trainer_step = GraphedStep(step) if use_graph else step
+    ours = lambda: trainer_step(batch, 0)  # noqa: E731
     rows["ours"] = peak(ours)
-    del step, teacher, student, ours
+    del step, trainer_step, teacher, student, ours
     # (a) eager reference, (b) compiled + graphed reference, (c) supervised floor
     variants = [("floor", supervised_floor, False)]
     if not args.no_reference:
@@ -228,7 +233,7 @@ def main(argv=None):
     record = {
         "model": args.model, "batch_size": args.batch_size, "mu": args.mu,
         "image_size": args.image_size, "estimator": args.estimator,
-        "weak_no_grad": args.weak_no_grad, "graph": gpu and not args.no_graph,
+        "weak_no_grad": args.weak_no_grad, "graph": use_graph,
         "compile": args.compile,
         "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
