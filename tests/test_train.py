@@ -66,9 +66,12 @@ def test_ema_decay_schedule_and_buffers():
     with torch.no_grad():
         model[0].weight.add_(1.0)
         model[1].running_mean.fill_(2.0)
+        model[1].num_batches_tracked.fill_(7)
     ema.update(model)  # t = 0: d = min(0.99, 1/10)
     assert torch.allclose(ema.module[0].weight, 0.1 * w0 + 0.9 * model[0].weight)
     assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 1.8))
+    assert torch.allclose(ema.module[1].running_var, torch.ones(2))  # lerp of equal values
+    assert int(ema.module[1].num_batches_tracked) == 7  # integer buffers are copied
 
 
 def _metrics(path):

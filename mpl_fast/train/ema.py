@@ -21,14 +21,17 @@ class ModelEMA(nn.Module):
     def update(self, model: nn.Module):
         t = int(self.updates)
         d = min(self.decay, (t + 1) / (t + 10))
-        ema_p = list(self.module.parameters())
-        src_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
-        for e, s in zip(self.module.buffers(), model.buffers()):
-            if e.dtype.is_floating_point:
-                e.lerp_(s, 1.0 - d)
-            else:
-                e.copy_(s)
+        # One foreach launch per kind instead of one per tensor: this runs every step, outside a
+        # captured step's graph, and a ResNet has over a hundred BN buffers.
+        ema = list(self.module.parameters())
+        src = [p.detach() for p in model.parameters()]
+        ints, int_src = [], []
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            (ema if e.dtype.is_floating_point else ints).append(e)
+            (src if e.dtype.is_floating_point else int_src).append(b)
+        torch._foreach_lerp_(ema, src, 1.0 - d)
+        if ints:
+            torch._foreach_copy_(ints, int_src)
         self.updates += 1
 
     def forward(self, x):
