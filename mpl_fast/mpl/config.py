@@ -1,7 +1,7 @@
 """MPL algorithm settings and the named presets (paper, official, kekmodel)."""
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
 PSEUDO_LABELS = ("sample", "argmax", "soft")
 ESTIMATORS = ("loss_diff", "dot", "second_order")
@@ -55,8 +55,9 @@ class MPLConfig:
 
         # Types first, so a value like 'none' (YAML's null is `null`) fails with its key named.
         for field in dataclasses.fields(self):
-            value, optional = getattr(self, field.name), "Optional" in str(field.type)
-            kind = field.type if isinstance(field.type, type) else float
+            value, optional = getattr(self, field.name), type(None) in get_args(field.type)
+            kind = next(a for a in get_args(field.type) if a is not type(None)) if optional \
+                else field.type
             if value is None and optional:
                 continue
             if kind is float:
