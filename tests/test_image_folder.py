@@ -169,6 +169,7 @@ def test_train_on_an_image_folder(tree, tmp_path):
     from mpl_fast.train.loop import TrainError
     with pytest.raises(TrainError, match="does not exist"):
         train(config, tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # a run that cannot start leaves no folder behind
 
 
 def test_bench_data_command(tree, tmp_path, capsys):

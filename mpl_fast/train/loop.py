@@ -249,11 +249,11 @@ class Run:
 def train(config, out_dir, resume=False):
     """Run (or continue) training; returns the summary dict also written to summary.json."""
     out = Path(out_dir)
+    run = Run(config, out)  # first: a run that cannot start (data, model) leaves no folder behind
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TrainError(f"cannot create output folder {out}: {err.strerror}") from err
-    run = Run(config, out)
     t = config["train"]
     if resume:
         last = out / "last.pt"
