@@ -408,3 +408,28 @@ def test_graphed_run_stops_on_a_nonfinite_loss_and_needs_a_gpu(tmp_path, monkeyp
 def test_cuda_graph_run_matches_the_eager_run_on_a_gpu(tmp_path):
     runs = _graph_runs(tmp_path, (False, True), device="cuda", extra=("train.amp=off",))
     _assert_same_run(runs[False], runs[True], rel=1e-3)
+
+
+def test_graphed_step_refuses_a_batch_of_another_shape():
+    from mpl_fast.mpl import MPLBatch
+    from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
+
+    calls = []
+
+    def step(batch, i):
+        calls.append(batch)
+        return {"loss": batch.x_l.sum()}
+
+    graphed = GraphedStep(step, warmup_steps=1, emulate=True)
+
+    def make(n):
+        return MPLBatch(torch.randn(n, 2), torch.zeros(n, dtype=torch.long), torch.randn(3, 2),
+                        torch.randn(3, 2))
+
+    first, second = make(4), make(4)
+    graphed(first, 0)
+    out = graphed(second, 1)
+    assert calls[0] is first and calls[1] is not second  # after warm-up: the static copy
+    assert float(out["loss"]) == pytest.approx(float(second.x_l.sum()))
+    with pytest.raises(BatchShapeChanged, match="x_l was \\[4, 2\\] at capture, now \\[5, 2\\]"):
+        graphed(make(5), 2)

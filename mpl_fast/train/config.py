@@ -70,7 +70,7 @@ DEFAULTS = {
         "max_nonfinite_skips": 10,
         "eval_batch_size": 512,
         "sync_bn": False,  # under torchrun: SyncBatchNorm (GPU)
-        "cuda_graph": False,  # true: the step replayed as one CUDA graph; emulate: same path, no graph
+        "cuda_graph": False,  # true: the step replayed as a CUDA graph; emulate: no graph
     },
 }
 

@@ -19,6 +19,10 @@ from typing import Callable, Dict
 import torch
 
 
+class BatchShapeChanged(ValueError):
+    """A batch whose shape differs from the one the graph was captured with."""
+
+
 class GraphedStep:
     def __init__(self, step_fn: Callable, warmup_steps: int = 3, emulate: bool = False):
         self.step_fn, self.warmup_steps, self.emulate = step_fn, warmup_steps, emulate
@@ -42,8 +46,9 @@ class GraphedStep:
             src, dst = getattr(batch, f.name), getattr(self.static_batch, f.name)
             if isinstance(src, torch.Tensor):
                 if src.shape != dst.shape:
-                    raise ValueError(f"train.cuda_graph needs batches of one shape: {f.name} "
-                                     f"was {list(dst.shape)} at capture, now {list(src.shape)}")
+                    raise BatchShapeChanged(
+                        f"train.cuda_graph needs batches of one shape: {f.name} was "
+                        f"{list(dst.shape)} at capture, now {list(src.shape)}")
                 dst.copy_(src, non_blocking=True)
 
     def __call__(self, batch, step: int):

@@ -18,7 +18,7 @@ from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, sc
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves
-from mpl_fast.train.graphed import GraphedStep
+from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
 from mpl_fast.train.supervised import SupervisedStep
 
 FORMAT = 1
@@ -276,6 +276,8 @@ def train(config, out_dir, resume=False):
             try:
                 metrics = run.train_step(batch, run.step)
                 run.consecutive_skips = 0
+            except BatchShapeChanged as err:
+                raise TrainError(str(err)) from err
             except NonFiniteLoss:
                 run.skipped += 1
                 run.consecutive_skips += 1

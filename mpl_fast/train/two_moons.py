@@ -34,7 +34,7 @@ def _supervised(data, steps, lr):
 
 
 def _student_on_labels(data, labels, steps, lr, batch, gen):
-    """A student trained on fixed labels for every point (Pseudo Labels, and the objective check)."""
+    """A student trained on fixed labels for every point (Pseudo Labels; the objective check)."""
     student = mlp()
     opt = torch.optim.SGD(student.parameters(), lr=lr)
     for _ in range(steps):
