@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.train.graphed import GraphedStep
-from mpl_fast.train.loop import compile_net
 from mpl_fast.train.optim import sgd
 from mpl_fast.train.run_log import append_jsonl
 

@@ -50,7 +50,7 @@ def test_wrn_checkpointed_equals_plain_and_counts_bn_once():
 def test_checkpointing_under_torch_compile_counts_bn_once():
     # model.compile + model.checkpoint: dynamo traces the checkpoint as a higher-order op; the
     # recomputation must still leave the BatchNorm statistics alone.
-    from mpl_fast.train.loop import compile_net
+    from mpl_fast.models.compiling import compile_net
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ class GraphedStep:
         self._prepare(step)
         self.calls += 1
         if self.calls <= self.warmup_steps:
-            if self.emulate or not batch.x_l.is_cuda:
+            if self.emulate:
                 return self.step_fn(batch, step)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -12,6 +12,7 @@ from torch import nn
 from mpl_fast.data.image_folder import DataError
 from mpl_fast.data.sources import build_data
 from mpl_fast.models.checkpointing import checkpoint_blocks
+from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
@@ -70,14 +71,6 @@ def _set_rng_state(state):
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def compile_net(net, mode):
-    """torch.compile of the network's forward, in place: parameter names, checkpoints and the
-    optimizer see the same module. (Module.compile() traced nothing with torch 2.13: dynamo skips
-    the nn.Module._call_impl frame it wraps.) mode 'none' leaves it eager."""
-    if mode != "none":
-        net.forward = torch.compile(net.forward, mode=None if mode == "default" else mode)
 
 
 class Run:
