@@ -4,37 +4,39 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import block_size, num_warps, online_softmax_update, safe_max
+from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for
 
 
 @triton.jit
 def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
-                          mask_ptr, labels_ptr, C, inv_temperature, threshold,
-                          BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * logits_stride
-    cols = tl.arange(0, BLOCK)
-    m = -float("inf")
-    s = 0.0
-    best = 0
+                          mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    x_rows = logits_ptr + rows[:, None] * logits_stride
+    cols = tl.arange(0, BLOCK)[None, :]
+    m = tl.full([ROWS], -float("inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    best = tl.zeros([ROWS], tl.int32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        x = tl.load(x_row + c, mask=c < C, other=-float("inf")).to(tl.float32) * inv_temperature
-        chunk_best = tl.argmax(x, 0, tie_break_left=True) + start
-        best = tl.where(tl.max(x, 0) > m, chunk_best, best)  # strict: the first maximum wins
+        ok = row_ok[:, None] & (c < C)
+        x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        chunk_best = tl.argmax(x, 1, tie_break_left=True) + start
+        best = tl.where(tl.max(x, 1) > m, chunk_best, best)  # strict: the first maximum wins
         m, s = online_softmax_update(m, s, x)
     m_safe = safe_max(m)
     inv_s = 1.0 / s
-    p_row = probs_ptr + row * probs_stride
+    p_rows = probs_ptr + rows[:, None] * probs_stride
     for start in range(0, C, BLOCK):
         c = start + cols
-        valid = c < C
-        x = tl.load(x_row + c, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
-        tl.store(p_row + c, tl.exp(x - m_safe) * inv_s, mask=valid)
+        ok = row_ok[:, None] & (c < C)
+        x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        tl.store(p_rows + c, tl.exp(x - m_safe[:, None]) * inv_s[:, None], mask=ok)
     max_prob = tl.exp(m - m_safe) * inv_s
-    tl.store(max_prob_ptr + row, max_prob)
-    tl.store(mask_ptr + row, (max_prob >= threshold).to(tl.float32))
-    tl.store(labels_ptr + row, best.to(tl.int64))
+    tl.store(max_prob_ptr + rows, max_prob, mask=row_ok)
+    tl.store(mask_ptr + rows, (max_prob >= threshold).to(tl.float32), mask=row_ok)
+    tl.store(labels_ptr + rows, best.to(tl.int64), mask=row_ok)
 
 
 def pseudo_labels_forward(logits, temperature, threshold):
@@ -48,8 +50,9 @@ def pseudo_labels_forward(logits, temperature, threshold):
     labels = torch.empty(n, dtype=torch.int64, device=dev)
     if n == 0:
         return probs, max_prob, mask, labels
-    block = block_size(c)
-    _pseudo_labels_kernel[(n,)](logits, logits.stride(0), probs, probs.stride(0), max_prob, mask,
-                                labels, c, 1.0 / float(temperature), float(threshold),
-                                BLOCK=block, num_warps=num_warps(block))
+    tile = tile_for(c)
+    _pseudo_labels_kernel[(triton.cdiv(n, tile.rows),)](
+        logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
+        1.0 / float(temperature), float(threshold),
+        ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
     return probs, max_prob, mask, labels

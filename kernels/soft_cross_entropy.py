@@ -1,87 +1,95 @@
 """Triton kernel of soft_cross_entropy: per-row loss and, in the same pass, its gradient.
 
-One program per row. Pass 1 streams the row once (online softmax; for soft targets also the
-target mass and the target-weighted logits); pass 2, only when a gradient is wanted, writes
+One program per tile of rows (several rows to a program when C is small). Pass 1 streams each
+row once (online softmax; for soft targets also the target mass and the target-weighted
+logits); pass 2, only when a gradient is wanted, writes
 d loss_i / d logits_i = mask_i * (softmax_i * sum(t'_i) - t'_i), so backward is a scale.
 """
 import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import block_size, num_warps, online_softmax_update, safe_max
+from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for
 
 
 @triton.jit
 def _soft_cross_entropy_kernel(
         logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride, mask_ptr,
-        loss_ptr, grad_ptr, grad_stride, C, label_smoothing,
+        loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing,
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
-        COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * logits_stride
-    t_row = probs_ptr + row * probs_stride
-    cols = tl.arange(0, BLOCK)
+        COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    x_rows = logits_ptr + rows[:, None] * logits_stride
+    t_rows = probs_ptr + rows[:, None] * probs_stride
+    cols = tl.arange(0, BLOCK)[None, :]
     off = label_smoothing / C
     keep = 1.0 - label_smoothing
 
-    m = -float("inf")
-    s = 0.0
-    sum_t = 0.0
-    sum_tx = 0.0
-    sum_x = 0.0
+    m = tl.full([ROWS], -float("inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    # the target sums accumulate per lane and are reduced once after the loop: fewer reductions
+    # per chunk, and triton 3.6 fails to compile loop-carried row sums in the 1-row fp32 case
+    acc_t = tl.zeros([ROWS, BLOCK], tl.float32)
+    acc_tx = tl.zeros([ROWS, BLOCK], tl.float32)
+    acc_x = tl.zeros([ROWS, BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        valid = c < C
-        x = tl.load(x_row + c, mask=valid, other=-float("inf")).to(tl.float32)
+        ok = row_ok[:, None] & (c < C)
+        x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
         m, s = online_softmax_update(m, s, x)
         if HARD:
             if SMOOTH:
-                sum_x += tl.sum(tl.where(valid, x, 0.0), 0)
+                acc_x += tl.where(ok, x, 0.0)
         else:
-            t = tl.load(t_row + c, mask=valid, other=0.0).to(tl.float32)
+            t = tl.load(t_rows + c, mask=ok, other=0.0).to(tl.float32)
             if SMOOTH:
-                t = tl.where(valid, keep * t + off, 0.0)
-            sum_t += tl.sum(t, 0)
+                t = tl.where(ok, keep * t + off, 0.0)
+            acc_t += t
             # a zero target weight contributes nothing, even against a -inf logit
-            sum_tx += tl.sum(tl.where(t != 0.0, t * x, 0.0), 0)
+            acc_tx += tl.where(t != 0.0, t * x, 0.0)
 
     lse = safe_max(m) + tl.log(s)
     if HARD:
-        y = tl.load(index_ptr + row)
+        y = tl.load(index_ptr + rows, mask=row_ok, other=0)
         in_range = (y >= 0) & (y < C)
-        x_y = tl.load(x_row + tl.where(in_range, y, 0)).to(tl.float32)
-        sum_t = 1.0
+        x_y = tl.load(logits_ptr + rows * logits_stride + tl.where(in_range, y, 0),
+                      mask=row_ok, other=0.0).to(tl.float32)
+        sum_t = tl.full([ROWS], 1.0, tl.float32)
         if SMOOTH:
-            sum_tx = keep * x_y + off * sum_x
+            sum_tx = keep * x_y + off * tl.sum(acc_x, 1)
         else:
             sum_tx = x_y
+    else:
+        sum_t = tl.sum(acc_t, 1)
+        sum_tx = tl.sum(acc_tx, 1)
     loss = lse * sum_t - sum_tx
     if HARD:
         loss = tl.where(in_range, loss, float("nan"))
     if HAS_MASK:
-        mk = tl.load(mask_ptr + row).to(tl.float32)
+        mk = tl.load(mask_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         loss = tl.where(mk != 0.0, loss * mk, 0.0)
-    tl.store(loss_ptr + row, loss)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
 
     if COMPUTE_GRAD:
-        g_row = grad_ptr + row * grad_stride
+        g_rows = grad_ptr + rows[:, None] * grad_stride
         for start in range(0, C, BLOCK):
             c = start + cols
-            valid = c < C
-            x = tl.load(x_row + c, mask=valid, other=-float("inf")).to(tl.float32)
-            p = tl.exp(x - lse)
+            ok = row_ok[:, None] & (c < C)
+            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+            p = tl.exp(x - lse[:, None])
             if HARD:
-                t = tl.where(c == y, keep, 0.0)
+                t = tl.where(c == y[:, None], keep, 0.0)
                 if SMOOTH:
                     t += off
             else:
-                t = tl.load(t_row + c, mask=valid, other=0.0).to(tl.float32)
+                t = tl.load(t_rows + c, mask=ok, other=0.0).to(tl.float32)
                 if SMOOTH:
                     t = keep * t + off
-            g = p * sum_t - t
+            g = p * sum_t[:, None] - t
             if HAS_MASK:
-                g = g * mk
-            tl.store(g_row + c, g.to(grad_ptr.dtype.element_ty), mask=valid)
+                g = g * mk[:, None]
+            tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_smoothing,
@@ -102,15 +110,15 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         mask = mask.contiguous()
     if n == 0:
         return loss, grad
-    block = block_size(c)
+    tile = tile_for(c)
     dummy = loss
-    _soft_cross_entropy_kernel[(n,)](
+    _soft_cross_entropy_kernel[(triton.cdiv(n, tile.rows),)](
         logits, logits.stride(0),
         target_index if hard else dummy,
         dummy if hard else target_probs, 0 if hard else target_probs.stride(0),
         mask if mask is not None else dummy,
         loss, grad if compute_grad else dummy, grad.stride(0) if compute_grad else 0,
-        c, float(label_smoothing),
+        n, c, float(label_smoothing),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
-        COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps(block))
+        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
     return loss, grad

@@ -1,17 +1,25 @@
-"""Triton helpers shared by the loss kernels: the online (streaming) softmax update."""
+"""Triton helpers shared by the loss kernels: the online (streaming) softmax update over a tile
+of ROWS rows x BLOCK columns, and the choice of that tile."""
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
+
+# Elements one program holds per loop iteration. Rows of fewer classes are packed several to a
+# program so that, e.g., 15360 x 10 logits are 240 programs of 64 rows, not 15360 of one.
+TILE_ELEMENTS = 1024
+MAX_BLOCK = 4096
 
 
 @triton.jit
 def online_softmax_update(m, s, x):
-    """Fold a chunk x into the running max m and sum s of exp(x - m) over a row.
+    """Fold a chunk x [ROWS, BLOCK] into the running max m and sum s of exp(x - m) [ROWS].
 
     -inf entries (and rows that are -inf so far) are handled without producing NaN.
     """
-    m_new = tl.maximum(m, tl.max(x, 0))
+    m_new = tl.maximum(m, tl.max(x, 1))
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
     return m_new, s
 
 
@@ -21,10 +29,17 @@ def safe_max(m):
     return tl.where(m == -float("inf"), 0.0, m)
 
 
-def block_size(num_classes: int, max_block: int = 4096) -> int:
-    """Columns one program reads per loop iteration: the whole row when it fits."""
-    return min(triton.next_power_of_2(max(num_classes, 2)), max_block)
+class Tile(NamedTuple):
+    rows: int       # rows per program
+    block: int      # columns per loop iteration: the whole row when it fits
+    num_warps: int
 
 
-def num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
+def tile_for(num_classes: int) -> Tile:
+    """The tile of a row-wise kernel over num_classes columns (depends on C only, so the number
+    of compiled variants stays small whatever the batch size)."""
+    block = min(triton.next_power_of_2(max(num_classes, 2)), MAX_BLOCK)
+    rows = max(1, TILE_ELEMENTS // block)
+    elements = rows * block
+    warps = 8 if elements >= 2048 else 4 if elements >= 512 else 2 if elements >= 128 else 1
+    return Tile(rows, block, warps)

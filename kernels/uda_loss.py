@@ -6,33 +6,34 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import block_size, num_warps, online_softmax_update, safe_max
+from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for
 
 
 @triton.jit
 def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
-                     grad_ptr, grad_stride, C, inv_temperature, threshold,
-                     COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    w_row = weak_ptr + row * weak_stride
-    s_row = strong_ptr + row * strong_stride
-    cols = tl.arange(0, BLOCK)
-    mw = -float("inf")
-    sw = 0.0
-    ms = -float("inf")
-    ss = 0.0
-    qs = 0.0  # sum_c exp(w_c / T - mw) * strong_c, rescaled as mw grows
+                     grad_ptr, grad_stride, N, C, inv_temperature, threshold,
+                     COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    w_rows = weak_ptr + rows[:, None] * weak_stride
+    s_rows = strong_ptr + rows[:, None] * strong_stride
+    cols = tl.arange(0, BLOCK)[None, :]
+    mw = tl.full([ROWS], -float("inf"), tl.float32)
+    sw = tl.zeros([ROWS], tl.float32)
+    ms = tl.full([ROWS], -float("inf"), tl.float32)
+    ss = tl.zeros([ROWS], tl.float32)
+    qs = tl.zeros([ROWS], tl.float32)  # sum_c exp(w_c / T - mw) * strong_c, rescaled as mw grows
     for start in range(0, C, BLOCK):
         c = start + cols
-        valid = c < C
-        w = tl.load(w_row + c, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
-        x = tl.load(s_row + c, mask=valid, other=-float("inf")).to(tl.float32)
-        mw_new = tl.maximum(mw, tl.max(w, 0))
+        ok = row_ok[:, None] & (c < C)
+        w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+        mw_new = tl.maximum(mw, tl.max(w, 1))
         mw_safe = safe_max(mw_new)
-        e = tl.exp(w - mw_safe)
+        e = tl.exp(w - mw_safe[:, None])
         scale = tl.exp(mw - mw_safe)
-        sw = sw * scale + tl.sum(e, 0)
-        qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 0)
+        sw = sw * scale + tl.sum(e, 1)
+        qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
         mw = mw_new
         ms, ss = online_softmax_update(ms, ss, x)
     mw_safe = safe_max(mw)
@@ -40,18 +41,19 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
     max_q = tl.exp(mw - mw_safe) / sw
     mk = (max_q >= threshold).to(tl.float32)
     loss = lse_s - qs / sw
-    tl.store(loss_ptr + row, tl.where(mk != 0.0, loss, 0.0))
-    tl.store(mask_ptr + row, mk)
+    tl.store(loss_ptr + rows, tl.where(mk != 0.0, loss, 0.0), mask=row_ok)
+    tl.store(mask_ptr + rows, mk, mask=row_ok)
     if COMPUTE_GRAD:
-        g_row = grad_ptr + row * grad_stride
+        g_rows = grad_ptr + rows[:, None] * grad_stride
         inv_sw = 1.0 / sw
         for start in range(0, C, BLOCK):
             c = start + cols
-            valid = c < C
-            w = tl.load(w_row + c, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
-            x = tl.load(s_row + c, mask=valid, other=-float("inf")).to(tl.float32)
-            g = (tl.exp(x - lse_s) - tl.exp(w - mw_safe) * inv_sw) * mk
-            tl.store(g_row + c, g.to(grad_ptr.dtype.element_ty), mask=valid)
+            ok = row_ok[:, None] & (c < C)
+            w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+            x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+            g = (tl.exp(x - lse_s[:, None]) - tl.exp(w - mw_safe[:, None]) * inv_sw[:, None]) \
+                * mk[:, None]
+            tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def uda_loss_forward(weak, strong, temperature, threshold, compute_grad):
@@ -66,9 +68,10 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad):
     grad = torch.empty_like(strong) if compute_grad else strong.new_empty(0)
     if n == 0:
         return loss, mask, grad
-    block = block_size(c)
-    _uda_loss_kernel[(n,)](weak, weak.stride(0), strong, strong.stride(0), loss, mask,
-                           grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
-                           c, 1.0 / float(temperature), float(threshold),
-                           COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps(block))
+    tile = tile_for(c)
+    _uda_loss_kernel[(triton.cdiv(n, tile.rows),)](
+        weak, weak.stride(0), strong, strong.stride(0), loss, mask,
+        grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
+        n, c, 1.0 / float(temperature), float(threshold),
+        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
     return loss, mask, grad

@@ -1,0 +1,144 @@
+"""Compile every Triton loss kernel for a GPU target on a machine without one (run as a script).
+
+The interpreter that CI runs the kernels under (TRITON_INTERPRET=1) executes them as numpy and
+accepts programs that the real compiler rejects (dtype mixes in tl.where, loop-carried values
+changing type, ...). This script drives the real launchers with CPU tensors, catches each launch
+(kernel, arguments, meta-parameters) before it reaches a driver, and compiles it ahead of time
+for the target (default sm_90, the H100/H200) down to a cubin, whose register, spill and
+shared-memory use it reads with cuobjdump. One JSON object a line per distinct kernel variant.
+
+It must run without TRITON_INTERPRET (then @triton.jit gives compilable functions).
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                 torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+
+class LaunchRecorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](...)` records the call, runs nothing."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, kwargs))
+        return launch
+
+
+def signature_of(kernel, args, kwargs):
+    """Triton's (signature, constexprs, options) for one recorded launch."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: cannot type argument {param.name}={value!r}")
+    return signature, constexprs, options
+
+
+def resource_usage(cubin: bytes):
+    """{'REG': n, 'STACK': n, 'SHARED': n, 'LOCAL': n} of the one kernel in a cubin."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+    usage = dict(field.split(":", 1) for field in line.split() if ":" in field)
+    return {k: int(usage[k]) for k in ("REG", "STACK", "SHARED", "LOCAL")}
+
+
+def record_launches(num_classes, dtypes):
+    """Drive every launcher over its options; returns [(kernel, args, kwargs), ...]."""
+    from mpl_fast.kernels import pseudo_labels, soft_cross_entropy, uda_loss
+
+    recorders = {}
+    for module, name in ((pseudo_labels, "_pseudo_labels_kernel"),
+                         (soft_cross_entropy, "_soft_cross_entropy_kernel"),
+                         (uda_loss, "_uda_loss_kernel")):
+        recorders[name] = LaunchRecorder(getattr(module, name))
+        setattr(module, name, recorders[name])
+    n = 3
+    for c, dtype in itertools.product(num_classes, dtypes):
+        logits = torch.zeros(n, c, dtype=dtype)
+        index = torch.zeros(n, dtype=torch.int64)
+        probs = torch.zeros(n, c, dtype=torch.float32)
+        row_mask = torch.ones(n, dtype=torch.float32)
+        pseudo_labels.pseudo_labels_forward(logits, 0.7, 0.6)
+        for hard, smooth, masked, grad in itertools.product((True, False), repeat=4):
+            soft_cross_entropy.soft_cross_entropy_forward(
+                logits, index if hard else None, None if hard else probs.to(dtype),
+                row_mask if masked else None, 0.15 if smooth else 0.0, grad)
+        for grad in (True, False):
+            uda_loss.uda_loss_forward(logits, logits, 0.7, 0.6, grad)
+    return [(rec.kernel, args, kwargs) for rec in recorders.values()
+            for args, kwargs in rec.calls]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--classes", default="10,100,1000,32000",
+                        help="class counts to launch with (each picks a tile)")
+    parser.add_argument("--shard", default="0/1",
+                        help="i/n: compile only every n-th variant from the i-th (parallel runs)")
+    args = parser.parse_args(argv)
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("compile_kernels_for_gpu: unset TRITON_INTERPRET (it makes kernels uncompilable)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", args.arch, 32)
+    seen = set()
+    classes = [int(c) for c in args.classes.split(",")]
+    for kernel, call_args, kwargs in record_launches(
+            classes, (torch.float32, torch.bfloat16, torch.float16)):
+        signature, constexprs, options = signature_of(kernel, call_args, dict(kwargs))
+        key = (kernel.__name__, json.dumps(signature), json.dumps(constexprs),
+               json.dumps(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        if (len(seen) - 1) % shards != shard:
+            continue
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
+                                  options=options)
+        record = {"kernel": kernel.__name__, "arch": f"sm_{args.arch}",
+                  "signature": {k: v for k, v in signature.items() if v != "constexpr"},
+                  "constexprs": constexprs, **options,
+                  **resource_usage(compiled.asm["cubin"])}
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
