@@ -3,7 +3,8 @@
 One program per tile of rows (several rows to a program when C is small). Pass 1 streams each
 row once (online softmax; for soft targets also the target mass and the target-weighted
 logits); pass 2, only when a gradient is wanted, writes
-d loss_i / d logits_i = mask_i * (softmax_i * sum(t'_i) - t'_i), so backward is a scale.
+grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i) (grad_scale
+is 1/N for a mean), so backward is a scale, and none at all when its grad_output is 1.
 """
 import torch
 import triton
@@ -15,7 +16,7 @@ from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, til
 @triton.jit
 def _soft_cross_entropy_kernel(
         logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride, mask_ptr,
-        loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing,
+        loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale,
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -86,14 +87,14 @@ def _soft_cross_entropy_kernel(
                 t = tl.load(t_rows + c, mask=ok, other=0.0).to(tl.float32)
                 if SMOOTH:
                     t = keep * t + off
-            g = p * sum_t[:, None] - t
+            g = (p * sum_t[:, None] - t) * grad_scale
             if HAS_MASK:
                 g = g * mk[:, None]
             tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_smoothing,
-                               compute_grad):
+                               compute_grad, grad_scale=1.0):
     """Launch the kernel: (per-row loss float32 [N], grad like logits or an empty tensor)."""
     n, c = logits.shape
     if logits.stride(1) != 1:
@@ -118,7 +119,7 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         dummy if hard else target_probs, 0 if hard else target_probs.stride(0),
         mask if mask is not None else dummy,
         loss, grad if compute_grad else dummy, grad.stride(0) if compute_grad else 0,
-        n, c, float(label_smoothing),
+        n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
     return loss, grad

@@ -1,7 +1,7 @@
 """Triton kernel of uda_loss: targets q = softmax(weak / T) (no gradient), a confidence mask
 max(q) >= threshold, and the masked soft cross-entropy of the strong logits against q, with its
-gradient mask * (softmax(strong) - q) written in the same call. Each row of both inputs is
-streamed once for the loss, and once more for the gradient."""
+gradient grad_scale * mask * (softmax(strong) - q) written in the same call. Each row of both
+inputs is streamed once for the loss, and once more for the gradient."""
 import torch
 import triton
 import triton.language as tl
@@ -11,7 +11,7 @@ from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, til
 
 @triton.jit
 def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
-                     grad_ptr, grad_stride, N, C, inv_temperature, threshold,
+                     grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                      COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
@@ -52,11 +52,11 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
             w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
             x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
             g = (tl.exp(x - lse_s[:, None]) - tl.exp(w - mw_safe[:, None]) * inv_sw[:, None]) \
-                * mk[:, None]
+                * (mk * grad_scale)[:, None]
             tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def uda_loss_forward(weak, strong, temperature, threshold, compute_grad):
+def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_scale=1.0):
     n, c = strong.shape
     if weak.stride(1) != 1:
         weak = weak.contiguous()
@@ -72,6 +72,6 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad):
     _uda_loss_kernel[(triton.cdiv(n, tile.rows),)](
         weak, weak.stride(0), strong, strong.stride(0), loss, mask,
         grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
-        n, c, 1.0 / float(temperature), float(threshold),
+        n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
     return loss, mask, grad

@@ -78,12 +78,13 @@ def resource_usage(cubin: bytes):
 
 def record_launches(num_classes, dtypes):
     """Drive every launcher over its options; returns [(kernel, args, kwargs), ...]."""
-    from mpl_fast.kernels import pseudo_labels, soft_cross_entropy, uda_loss
+    from mpl_fast.kernels import pseudo_labels, scale_rows, soft_cross_entropy, uda_loss
 
     recorders = {}
     for module, name in ((pseudo_labels, "_pseudo_labels_kernel"),
                          (soft_cross_entropy, "_soft_cross_entropy_kernel"),
-                         (uda_loss, "_uda_loss_kernel")):
+                         (uda_loss, "_uda_loss_kernel"),
+                         (scale_rows, "_scale_rows_kernel")):
         recorders[name] = LaunchRecorder(getattr(module, name))
         setattr(module, name, recorders[name])
     n = 3
@@ -99,6 +100,8 @@ def record_launches(num_classes, dtypes):
                 row_mask if masked else None, 0.15 if smooth else 0.0, grad)
         for grad in (True, False):
             uda_loss.uda_loss_forward(logits, logits, 0.7, 0.6, grad)
+        for scale in (torch.tensor(0.5), row_mask):
+            scale_rows.scale_rows_forward(logits, scale)
     return [(rec.kernel, args, kwargs) for rec in recorders.values()
             for args, kwargs in rec.calls]
 

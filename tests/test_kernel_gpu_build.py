@@ -53,7 +53,7 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         by_kernel.setdefault(r["kernel"], []).append(r)
     # every launcher was driven, in every dtype and at every block size
     assert set(by_kernel) == {"_pseudo_labels_kernel", "_soft_cross_entropy_kernel",
-                              "_uda_loss_kernel"}
+                              "_uda_loss_kernel", "_scale_rows_kernel"}
     for name, rs in by_kernel.items():
         tiles = {(r["constexprs"]["ROWS"], r["constexprs"]["BLOCK"]) for r in rs}
         assert tiles == {(64, 16), (8, 128), (1, 1024), (1, 4096)}, name

@@ -87,6 +87,89 @@ def test_soft_cross_entropy_reductions(use, backend, device, reduction):
 
 
 @pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_scales_by_grad_output(use, backend, device, dtype):
+    """The forward-written gradient is scaled in place by grad_output: 1 (left as is), a scalar
+    weight, per-row weights with some rows exactly 1, and several ops summed into one input."""
+    use(backend)
+    n, c = 70, 11  # two programs of 64 rows for the Triton kernels
+    x = _logits(n, c, dtype, device, 21)
+    weak = _logits(n, c, dtype, device, 22)
+    g = torch.Generator().manual_seed(23)
+    y = torch.randint(0, c, (n,), generator=g).to(device)
+    t = torch.softmax(torch.randn(n, c, generator=g), 1).to(device)
+    w = torch.where(torch.rand(n, generator=g) > 0.5, 1.0, torch.rand(n, generator=g) * 3)
+    w = w.to(device)
+
+    def total(x, sce, uda):
+        return (sce(x, y, label_smoothing=0.1)                            # grad_output 1
+                + 2.5 * sce(x, t, reduction="sum")                        # scalar weight
+                + (sce(x, y, reduction="none") * w).sum()                 # per-row weights
+                + 0.3 * uda(weak, x))
+
+    xg = x.clone().requires_grad_()
+    got = total(xg, ops.soft_cross_entropy,
+                lambda a, b: ops.uda_loss(a, b, temperature=0.7, threshold=0.2)[0])
+    got.backward()
+
+    x64 = x.double().cpu().requires_grad_()
+
+    def sce64(a, target, label_smoothing=0.0, reduction="mean"):
+        return loss_truth.reduce(loss_truth.soft_ce_rows(a, target.cpu(), label_smoothing),
+                                 reduction)
+
+    def uda64(a, b):
+        return loss_truth.uda_rows(a.double().cpu(), b, 0.7, 0.2)[0].mean()
+
+    w, y, t = w.cpu().double(), y.cpu(), t.cpu().double()
+    want = total(x64, sce64, uda64)
+    want.backward()
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.cpu().double(), want, rtol=tol, atol=tol)
+    assert torch.allclose(xg.grad.cpu().double(), x64.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("weight", [1.0, 2.0])
+def test_backward_hands_on_the_forward_gradient_without_a_copy(use, backend, device, weight):
+    """x.grad is the very buffer the forward wrote (scaled in place when weighted): backward
+    allocates and copies nothing."""
+    use(backend)
+    x = _logits(9, 5, torch.float32, device, 41).requires_grad_()
+    y = torch.arange(9, device=device) % 5
+    loss, g = torch.ops.mpl_fast.soft_cross_entropy(x, y, None, None, 0.0, "mean", True)
+    ptr = g.data_ptr()
+    del g
+    (weight * loss).backward()
+    assert x.grad.data_ptr() == ptr
+    x.grad = None
+    loss, _, g = torch.ops.mpl_fast.uda_loss(x.detach(), x, 0.7, 0.0, "sum", True)
+    ptr = g.data_ptr()
+    del g, _
+    (weight * loss).backward()
+    assert x.grad.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_second_backward_through_a_loss_op_fails_loudly(use, backend, device):
+    """Backward scales the saved gradient in place, so a retained graph cannot be reused: autograd
+    must refuse (the in-place op bumps the version) rather than scale twice."""
+    use(backend)
+    xg = _logits(5, 7, torch.float32, device, 31).requires_grad_()
+    y = torch.arange(5, device=device)
+    loss = 2.0 * ops.soft_cross_entropy(xg, y)
+    loss.backward(retain_graph=True)
+    first = xg.grad.clone()
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+    assert torch.equal(xg.grad, first)
+    loss_u = 3.0 * ops.uda_loss(xg.detach(), xg, temperature=0.7)[0]
+    loss_u.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss_u.backward()
+
+
+@pytest.mark.parametrize("backend,device", _backends())
 def test_soft_cross_entropy_edge_cases(use, backend, device):
     use(backend)
     # N = 0 and N = 1
@@ -281,10 +364,10 @@ def test_opcheck(use):
     t = torch.softmax(_logits(5, 7, torch.float32, "cpu", 2), 1)
     m = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5])
     op = torch.ops.mpl_fast
-    torch.library.opcheck(op.soft_cross_entropy.default, (x, y, None, m, 0.1, True))
-    torch.library.opcheck(op.soft_cross_entropy.default, (x, None, t, None, 0.0, True))
+    torch.library.opcheck(op.soft_cross_entropy.default, (x, y, None, m, 0.1, "mean", True))
+    torch.library.opcheck(op.soft_cross_entropy.default, (x, None, t, None, 0.0, "none", True))
     torch.library.opcheck(op.pseudo_labels.default, (x.detach(), 0.7, 0.5))
-    torch.library.opcheck(op.uda_loss.default, (t.log(), x, 0.7, 0.2, True))
+    torch.library.opcheck(op.uda_loss.default, (t.log(), x, 0.7, 0.2, "sum", True))
 
 
 def test_fullgraph_compile(use):

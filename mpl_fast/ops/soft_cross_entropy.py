@@ -4,6 +4,8 @@ smoothing and a row mask; the gradient is computed in the forward pass (backward
 Per row: loss_i = -sum_c t'_ic log_softmax(logits_i)_c, t' = (1 - ls) t + ls / C, times mask_i.
 A zero target weight contributes 0 even against a -inf logit. reduction "mean" divides by N
 (masked rows stay in the divisor, the official UDA convention; N = 0 gives 0), "sum", "none".
+The gradient written in the forward already holds the reduction's factor; backward scales it in
+place by grad_output (see scale_rows), so one graph can be backpropagated once, not twice.
 On CUDA, class indices are not range-checked on the host (that would synchronise): an index
 outside [0, C) gives a NaN loss for its row.
 """
@@ -13,11 +15,12 @@ import torch
 
 from mpl_fast.ops import _checks, backend
 from mpl_fast.ops._checks import compute_dtype as _compute_dtype
+from mpl_fast.ops.scale_rows import scaled_gradient
 
 
 def soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smoothing,
-                             compute_grad):
-    """The plain-torch kernel of the op: (per-row loss float32, gradient like logits)."""
+                             compute_grad, grad_scale=1.0):
+    """The plain-torch kernel of the op: (per-row loss float32, grad_scale * its gradient)."""
     x = logits.to(_compute_dtype(logits))
     c = x.shape[1]
     logp = torch.log_softmax(x, dim=1)
@@ -32,7 +35,7 @@ def soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smo
         loss = torch.where((target_index >= 0) & (target_index < c), loss, float("nan"))
     grad = None
     if compute_grad:
-        grad = logp.exp() * t.sum(1, keepdim=True) - t
+        grad = (logp.exp() * t.sum(1, keepdim=True) - t) * grad_scale
     if mask is not None:
         m = mask.to(x.dtype)
         loss = torch.where(m != 0, loss * m, torch.zeros_like(loss))
@@ -42,30 +45,51 @@ def soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smo
     return loss, grad
 
 
+def reduce_rows(loss_rows, reduction):
+    """'mean' (over all N rows, 0 for N = 0), 'sum' or 'none' of per-row losses."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / max(loss_rows.shape[0], 1) if reduction == "mean" else total
+
+
+def grad_scale(n, reduction):
+    """What the forward folds into the gradient it writes: d(reduced loss) / d(row loss)."""
+    return 1.0 / max(n, 1) if reduction == "mean" else 1.0
+
+
+def reduced_shape(n, reduction):
+    return (n,) if reduction == "none" else ()
+
+
 @torch.library.custom_op("mpl_fast::soft_cross_entropy", mutates_args=())
 def _soft_cross_entropy_op(logits: torch.Tensor, target_index: Optional[torch.Tensor],
                            target_probs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                           label_smoothing: float, compute_grad: bool
+                           label_smoothing: float, reduction: str, compute_grad: bool
                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = grad_scale(logits.shape[0], reduction)
     if backend.loss_backend(logits) == "triton":
         from mpl_fast.kernels.soft_cross_entropy import soft_cross_entropy_forward
 
-        return soft_cross_entropy_forward(logits, target_index, target_probs, mask,
-                                          label_smoothing, compute_grad)
-    return soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smoothing,
-                                    compute_grad)
+        rows, grad = soft_cross_entropy_forward(logits, target_index, target_probs, mask,
+                                                label_smoothing, compute_grad, scale)
+    else:
+        rows, grad = soft_cross_entropy_torch(logits, target_index, target_probs, mask,
+                                              label_smoothing, compute_grad, scale)
+    return reduce_rows(rows, reduction), grad
 
 
 @_soft_cross_entropy_op.register_fake
-def _(logits, target_index, target_probs, mask, label_smoothing, compute_grad):
-    loss = logits.new_empty(logits.shape[0], dtype=_compute_dtype(logits))
+def _(logits, target_index, target_probs, mask, label_smoothing, reduction, compute_grad):
+    loss = logits.new_empty(reduced_shape(logits.shape[0], reduction),
+                            dtype=_compute_dtype(logits))
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, grad
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    ctx.has_grad = inputs[5]
+    ctx.has_grad = inputs[6]
 
 
 def _backward(ctx, grad_loss, _grad_grad):
@@ -73,8 +97,7 @@ def _backward(ctx, grad_loss, _grad_grad):
     if not ctx.has_grad:
         raise RuntimeError("soft_cross_entropy was called without compute_grad=True; "
                            "call it with grad enabled and logits requiring grad")
-    g = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
-    return g, None, None, None, None, None
+    return scaled_gradient(grad, grad_loss), None, None, None, None, None, None
 
 
 _soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -118,6 +141,6 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothi
         _checks.row_vector("mask", mask, n, logits.device)
         mask = mask.detach()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss_rows, _ = _soft_cross_entropy_op(logits, index, probs, mask, float(label_smoothing),
-                                          compute_grad)
-    return reduce_rows(loss_rows, reduction)
+    loss, _ = _soft_cross_entropy_op(logits, index, probs, mask, float(label_smoothing),
+                                     reduction, compute_grad)
+    return loss

@@ -5,42 +5,49 @@ import torch
 
 from mpl_fast.ops import _checks, backend
 from mpl_fast.ops._checks import compute_dtype as _compute_dtype
-from mpl_fast.ops.soft_cross_entropy import reduce_rows
+from mpl_fast.ops.scale_rows import scaled_gradient
+from mpl_fast.ops.soft_cross_entropy import grad_scale, reduce_rows, reduced_shape
 
 
-def uda_loss_torch(weak, strong, temperature, threshold, compute_grad):
+def uda_loss_torch(weak, strong, temperature, threshold, compute_grad, grad_scale=1.0):
     q = torch.softmax(weak.to(_compute_dtype(weak)) / temperature, dim=1)
     mask = (q.max(dim=1).values >= threshold).to(q.dtype)
     logp = torch.log_softmax(strong.to(_compute_dtype(strong)), dim=1)
     loss = -torch.where(q != 0, q * logp, torch.zeros_like(logp)).sum(1)
     loss = torch.where(mask != 0, loss, torch.zeros_like(loss))
-    grad = ((logp.exp() - q) * mask[:, None]).to(strong.dtype) if compute_grad \
+    grad = ((logp.exp() - q) * (mask * grad_scale)[:, None]).to(strong.dtype) if compute_grad \
         else strong.new_empty(0)
     return loss, mask, grad
 
 
 @torch.library.custom_op("mpl_fast::uda_loss", mutates_args=())
 def _uda_loss_op(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float,
-                 threshold: float, compute_grad: bool
+                 threshold: float, reduction: str, compute_grad: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = grad_scale(logits_strong.shape[0], reduction)
     if backend.loss_backend(logits_strong) == "triton":
         from mpl_fast.kernels.uda_loss import uda_loss_forward
 
-        return uda_loss_forward(logits_weak, logits_strong, temperature, threshold, compute_grad)
-    return uda_loss_torch(logits_weak, logits_strong, temperature, threshold, compute_grad)
+        rows, mask, grad = uda_loss_forward(logits_weak, logits_strong, temperature, threshold,
+                                            compute_grad, scale)
+    else:
+        rows, mask, grad = uda_loss_torch(logits_weak, logits_strong, temperature, threshold,
+                                          compute_grad, scale)
+    return reduce_rows(rows, reduction), mask, grad
 
 
 @_uda_loss_op.register_fake
-def _(logits_weak, logits_strong, temperature, threshold, compute_grad):
+def _(logits_weak, logits_strong, temperature, threshold, reduction, compute_grad):
     n = logits_strong.shape[0]
-    row = logits_strong.new_empty(n, dtype=_compute_dtype(logits_strong))
+    dtype = _compute_dtype(logits_strong)
+    loss = logits_strong.new_empty(reduced_shape(n, reduction), dtype=dtype)
     grad = torch.empty_like(logits_strong) if compute_grad else logits_strong.new_empty(0)
-    return row, row.new_empty(n), grad
+    return loss, logits_strong.new_empty(n, dtype=dtype), grad
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[2])
-    ctx.has_grad = inputs[4]
+    ctx.has_grad = inputs[5]
 
 
 def _backward(ctx, grad_loss, _grad_mask, _grad_grad):
@@ -48,8 +55,7 @@ def _backward(ctx, grad_loss, _grad_mask, _grad_grad):
     if not ctx.has_grad:
         raise RuntimeError("uda_loss was called without a gradient; call it with grad enabled "
                            "and logits_strong requiring grad")
-    g = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
-    return None, g, None, None, None
+    return None, scaled_gradient(grad, grad_loss), None, None, None, None
 
 
 _uda_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -69,6 +75,6 @@ def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature
     _checks.positive("temperature", temperature)
     _checks.reduction(reduction)
     compute_grad = torch.is_grad_enabled() and logits_strong.requires_grad
-    loss_rows, mask, _ = _uda_loss_op(logits_weak.detach(), logits_strong, float(temperature),
-                                      float(threshold), compute_grad)
-    return reduce_rows(loss_rows, reduction), mask.detach()
+    loss, mask, _ = _uda_loss_op(logits_weak.detach(), logits_strong, float(temperature),
+                                 float(threshold), reduction, compute_grad)
+    return loss, mask.detach()
