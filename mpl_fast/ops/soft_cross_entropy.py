@@ -103,14 +103,6 @@ def _backward(ctx, grad_loss, _grad_grad):
 _soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reduce_rows(loss_rows, reduction):
-    """'mean' (over all N rows, 0 for N = 0), 'sum' or 'none' of per-row losses."""
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    return total / max(loss_rows.shape[0], 1) if reduction == "mean" else total
-
-
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
                        mask: Optional[torch.Tensor] = None, reduction: str = "mean"
                        ) -> torch.Tensor:
