@@ -1,6 +1,8 @@
 """The ops benchmark runs end to end and records what the issue asks for (numbers on a CPU
 through the Triton interpreter mean nothing; the figures come from GPU runs)."""
 import json
+import os
+from pathlib import Path
 
 from mpl_fast import cli
 
@@ -35,3 +37,15 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
                                         "student_new_forward", "feedback",
                                         "teacher_backward_step"}
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
+
+
+def test_gpu_sitting_script_refuses_unknown_stages_before_running_any(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    bad = subprocess.run(["bash", str(script), "run", "tests", "bogus"], capture_output=True,
+                         text=True, env={**os.environ, "OUT": str(tmp_path)})
+    assert bad.returncode == 2 and "unknown stage bogus" in bad.stderr
+    assert not (tmp_path / "tests.log").exists()  # the valid stage before it did not run

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One GPU sitting, scripted: the checks and measurements the open issues need, in priority
+# order, each stage under its own time limit so that one slow stage cannot eat the others.
+# A device call may run 10 minutes and a session has ~15 minutes of device time in all
+# (machine start included), so the default stages fit one call.
+#
+#   here (with network):  bash benchmarks/gpu_sitting.sh prepare
+#       downloads pure wheels the GPU machine lacks (pyyaml, matplotlib and its deps, for its
+#       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]).
+#   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
+#       STAGE: build tests ops step step-compiled (default: build tests ops step).
+#       Logs go to $OUT/<stage>.log, result records to $OUT/results/, a summary line per stage
+#       to stdout and $OUT/summary.txt. Copy the records you report into benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# what the trainer and figures need beyond the machine's torch/numpy/pillow/scikit-learn
+WHEELS=(pyyaml matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six)
+
+prepare() {
+  set -e
+  mkdir -p .whl
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
+  du -sh .whl
+}
+
+stage_build() {
+  python3 -m pip install --no-build-isolation --no-deps --no-index -e . &&
+    python3 -c "import mpl_fast._C, mpl_fast.ops._extension as e; assert e.cuda_built(), 'no CUDA'"
+}
+
+stage_tests() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/
+}
+
+stage_ops() {
+  mpl-fast bench ops --out "$OUT/results"
+}
+
+stage_step() {
+  mpl-fast bench step --model wrn28_2 --no-compiled --out "$OUT/results" &&
+    mpl-fast bench step --model wrn28_2 --weak-no-grad --no-reference --no-compiled \
+      --out "$OUT/results"
+}
+
+stage_step_compiled() {
+  mpl-fast bench step --model wrn28_2 --compile max-autotune-no-cudagraphs --out "$OUT/results"
+}
+
+declare -A LIMIT=([build]=120 [tests]=240 [ops]=180 [step]=150 [step-compiled]=420)
+
+run() {
+  : "${OUT:?set OUT to the folder that comes back}"
+  mkdir -p "$OUT/results"
+  if ! python3 -c "import yaml, matplotlib" 2>/dev/null; then
+    [ -d .whl ] && python3 -m pip install -q --no-deps --no-index --find-links .whl \
+      --target /tmp/sitting-site "${WHEELS[@]}"
+    export PYTHONPATH=/tmp/sitting-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    | tee "$OUT/gpu.txt"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$OUT/gpu.txt"
+  local stages=("$@")
+  [ ${#stages[@]} -eq 0 ] && stages=(build tests ops step)
+  for s in "${stages[@]}"; do
+    if [ -z "${LIMIT[$s]:-}" ]; then
+      echo "gpu_sitting: unknown stage $s (build tests ops step step-compiled)" >&2
+      return 2
+    fi
+  done
+  for s in "${stages[@]}"; do
+    local t0=$SECONDS
+    local fn="stage_${s//-/_}"
+    timeout "${LIMIT[$s]}" bash -c "$(declare -f "$fn"); OUT='$OUT' $fn" > "$OUT/$s.log" 2>&1
+    local rc=$?
+    local line="stage $s: rc=$rc in $((SECONDS - t0)) s (limit ${LIMIT[$s]} s); $(tail -n 1 "$OUT/$s.log")"
+    echo "$line" | tee -a "$OUT/summary.txt"
+    [ "$s" = build ] && [ $rc -ne 0 ] && return 1
+  done
+  return 0
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops step step-compiled]" >&2
+     exit 2 ;;
+esac
