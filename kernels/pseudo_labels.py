@@ -1,5 +1,6 @@
 """Triton kernel of pseudo_labels: softmax(logits / T), its max, the confidence mask and the
-argmax of each row, from one streaming pass over the logits (plus the write of probs)."""
+argmax of each row. A row that fits in one tile (C <= 4096) is read once; a longer row is
+streamed twice (statistics, then probs), the second time mostly from cache."""
 import torch
 import triton
 import triton.language as tl
@@ -10,29 +11,41 @@ from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, til
 @triton.jit
 def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
                           mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     x_rows = logits_ptr + rows[:, None] * logits_stride
-    cols = tl.arange(0, BLOCK)[None, :]
-    m = tl.full([ROWS], -float("inf"), tl.float32)
-    s = tl.zeros([ROWS], tl.float32)
-    best = tl.zeros([ROWS], tl.int32)
-    for start in range(0, C, BLOCK):
-        c = start + cols
-        ok = row_ok[:, None] & (c < C)
-        x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
-        chunk_best = tl.argmax(x, 1, tie_break_left=True) + start
-        best = tl.where(tl.max(x, 1) > m, chunk_best, best)  # strict: the first maximum wins
-        m, s = online_softmax_update(m, s, x)
-    m_safe = safe_max(m)
-    inv_s = 1.0 / s
     p_rows = probs_ptr + rows[:, None] * probs_stride
-    for start in range(0, C, BLOCK):
-        c = start + cols
-        ok = row_ok[:, None] & (c < C)
-        x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
-        tl.store(p_rows + c, tl.exp(x - m_safe[:, None]) * inv_s[:, None], mask=ok)
+    cols = tl.arange(0, BLOCK)[None, :]
+    if SINGLE:  # the row is one tile: read once, probs written from registers
+        ok = row_ok[:, None] & (cols < C)
+        x = tl.load(x_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        m = tl.max(x, 1)
+        best = tl.argmax(x, 1, tie_break_left=True)  # the first maximum wins
+        m_safe = safe_max(m)
+        e = tl.exp(x - m_safe[:, None])
+        inv_s = 1.0 / tl.sum(e, 1)
+        tl.store(p_rows + cols, e * inv_s[:, None], mask=ok)
+    else:
+        m = tl.full([ROWS], -float("inf"), tl.float32)
+        s = tl.zeros([ROWS], tl.float32)
+        best = tl.zeros([ROWS], tl.int32)
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            ok = row_ok[:, None] & (c < C)
+            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
+                * inv_temperature
+            chunk_best = tl.argmax(x, 1, tie_break_left=True) + start
+            best = tl.where(tl.max(x, 1) > m, chunk_best, best)  # strict: the first maximum wins
+            m, s = online_softmax_update(m, s, x)
+        m_safe = safe_max(m)
+        inv_s = 1.0 / s
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            ok = row_ok[:, None] & (c < C)
+            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
+                * inv_temperature
+            tl.store(p_rows + c, tl.exp(x - m_safe[:, None]) * inv_s[:, None], mask=ok)
     max_prob = tl.exp(m - m_safe) * inv_s
     tl.store(max_prob_ptr + rows, max_prob, mask=row_ok)
     tl.store(mask_ptr + rows, (max_prob >= threshold).to(tl.float32), mask=row_ok)
@@ -54,5 +67,6 @@ def pseudo_labels_forward(logits, temperature, threshold):
     _pseudo_labels_kernel[(triton.cdiv(n, tile.rows),)](
         logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
         1.0 / float(temperature), float(threshold),
-        ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
+        ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
+        num_warps=tile.num_warps)
     return probs, max_prob, mask, labels

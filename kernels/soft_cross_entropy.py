@@ -1,10 +1,11 @@
 """Triton kernel of soft_cross_entropy: per-row loss and, in the same pass, its gradient.
 
-One program per tile of rows (several rows to a program when C is small). Pass 1 streams each
-row once (online softmax; for soft targets also the target mass and the target-weighted
-logits); pass 2, only when a gradient is wanted, writes
-grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i) (grad_scale
-is 1/N for a mean), so backward is a scale, and none at all when its grad_output is 1.
+One program per tile of rows (several rows to a program when C is small). When a row fits in
+one tile (C <= 4096) it is read once and the gradient comes from registers. Otherwise pass 1
+streams each row (online softmax; for soft targets also the target mass and the
+target-weighted logits) and pass 2, only when a gradient is wanted, writes
+grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i)
+(grad_scale is 1/N for a mean), so backward is a scale, and none when grad_output is 1.
 """
 import torch
 import triton
@@ -14,11 +15,38 @@ from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, til
 
 
 @triton.jit
+def _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD: tl.constexpr, SMOOTH: tl.constexpr):
+    """Logits (fp32, -inf outside the row) and, for soft targets, the smoothed targets."""
+    x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+    t = x  # hard targets are built from the index where needed
+    if not HARD:
+        t = tl.load(t_rows + c, mask=ok, other=0.0).to(tl.float32)
+        if SMOOTH:
+            t = tl.where(ok, keep * t + off, 0.0)
+    return x, t
+
+
+@triton.jit
+def _grad_chunk(x, t, c, y, lse, sum_t, mk, keep, off, grad_scale, HARD: tl.constexpr,
+                SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr):
+    """grad_scale * mask * (softmax * sum(t') - t') of one chunk."""
+    if HARD:
+        t = tl.where(c == y[:, None], keep, 0.0)
+        if SMOOTH:
+            t += off
+    g = (tl.exp(x - lse[:, None]) * sum_t[:, None] - t) * grad_scale
+    if HAS_MASK:
+        g = g * mk[:, None]
+    return g
+
+
+@triton.jit
 def _soft_cross_entropy_kernel(
         logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride, mask_ptr,
         loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale,
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
-        COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        SINGLE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     x_rows = logits_ptr + rows[:, None] * logits_stride
@@ -27,30 +55,38 @@ def _soft_cross_entropy_kernel(
     off = label_smoothing / C
     keep = 1.0 - label_smoothing
 
-    m = tl.full([ROWS], -float("inf"), tl.float32)
-    s = tl.zeros([ROWS], tl.float32)
-    # the target sums accumulate per lane and are reduced once after the loop: fewer reductions
-    # per chunk, and triton 3.6 fails to compile loop-carried row sums in the 1-row fp32 case
-    acc_t = tl.zeros([ROWS, BLOCK], tl.float32)
-    acc_tx = tl.zeros([ROWS, BLOCK], tl.float32)
-    acc_x = tl.zeros([ROWS, BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
-        c = start + cols
-        ok = row_ok[:, None] & (c < C)
-        x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
-        m, s = online_softmax_update(m, s, x)
-        if HARD:
-            if SMOOTH:
-                acc_x += tl.where(ok, x, 0.0)
-        else:
-            t = tl.load(t_rows + c, mask=ok, other=0.0).to(tl.float32)
-            if SMOOTH:
-                t = tl.where(ok, keep * t + off, 0.0)
-            acc_t += t
-            # a zero target weight contributes nothing, even against a -inf logit
-            acc_tx += tl.where(t != 0.0, t * x, 0.0)
+    if SINGLE:  # the row is one tile: read once, the gradient comes from registers
+        ok = row_ok[:, None] & (cols < C)
+        x, t = _load_chunk(x_rows, t_rows, cols, ok, keep, off, HARD, SMOOTH)
+        m = tl.max(x, 1)
+        s = tl.sum(tl.exp(x - safe_max(m)[:, None]), 1)
+        acc_x = tl.where(ok, x, 0.0)
+        acc_t = t
+        acc_tx = tl.where(t != 0.0, t * x, 0.0)
+    else:
+        m = tl.full([ROWS], -float("inf"), tl.float32)
+        s = tl.zeros([ROWS], tl.float32)
+        # the target sums accumulate per lane and are reduced once after the loop: fewer
+        # reductions per chunk, and triton 3.6 fails to compile loop-carried row sums in the
+        # 1-row fp32 case
+        acc_t = tl.zeros([ROWS, BLOCK], tl.float32)
+        acc_tx = tl.zeros([ROWS, BLOCK], tl.float32)
+        acc_x = tl.zeros([ROWS, BLOCK], tl.float32)
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            ok = row_ok[:, None] & (c < C)
+            x, t = _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD, SMOOTH)
+            m, s = online_softmax_update(m, s, x)
+            if HARD:
+                if SMOOTH:
+                    acc_x += tl.where(ok, x, 0.0)
+            else:
+                acc_t += t
+                # a zero target weight contributes nothing, even against a -inf logit
+                acc_tx += tl.where(t != 0.0, t * x, 0.0)
 
     lse = safe_max(m) + tl.log(s)
+    y = rows  # stands in for the class index when the targets are soft
     if HARD:
         y = tl.load(index_ptr + rows, mask=row_ok, other=0)
         in_range = (y >= 0) & (y < C)
@@ -67,6 +103,7 @@ def _soft_cross_entropy_kernel(
     loss = lse * sum_t - sum_tx
     if HARD:
         loss = tl.where(in_range, loss, float("nan"))
+    mk = sum_t  # stands in for the mask when there is none
     if HAS_MASK:
         mk = tl.load(mask_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         loss = tl.where(mk != 0.0, loss * mk, 0.0)
@@ -74,23 +111,18 @@ def _soft_cross_entropy_kernel(
 
     if COMPUTE_GRAD:
         g_rows = grad_ptr + rows[:, None] * grad_stride
-        for start in range(0, C, BLOCK):
-            c = start + cols
-            ok = row_ok[:, None] & (c < C)
-            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
-            p = tl.exp(x - lse[:, None])
-            if HARD:
-                t = tl.where(c == y[:, None], keep, 0.0)
-                if SMOOTH:
-                    t += off
-            else:
-                t = tl.load(t_rows + c, mask=ok, other=0.0).to(tl.float32)
-                if SMOOTH:
-                    t = keep * t + off
-            g = (p * sum_t[:, None] - t) * grad_scale
-            if HAS_MASK:
-                g = g * mk[:, None]
-            tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        if SINGLE:
+            g = _grad_chunk(x, t, cols, y, lse, sum_t, mk, keep, off, grad_scale, HARD, SMOOTH,
+                            HAS_MASK)
+            tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        else:
+            for start in range(0, C, BLOCK):
+                c = start + cols
+                ok = row_ok[:, None] & (c < C)
+                x, t = _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD, SMOOTH)
+                g = _grad_chunk(x, t, c, y, lse, sum_t, mk, keep, off, grad_scale, HARD,
+                                SMOOTH, HAS_MASK)
+                tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_smoothing,
@@ -121,5 +153,6 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         loss, grad if compute_grad else dummy, grad.stride(0) if compute_grad else 0,
         n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
-        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
+        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
+        num_warps=tile.num_warps)
     return loss, grad

@@ -1,7 +1,8 @@
 """Triton kernel of uda_loss: targets q = softmax(weak / T) (no gradient), a confidence mask
 max(q) >= threshold, and the masked soft cross-entropy of the strong logits against q, with its
-gradient grad_scale * mask * (softmax(strong) - q) written in the same call. Each row of both
-inputs is streamed once for the loss, and once more for the gradient."""
+gradient grad_scale * mask * (softmax(strong) - q) written in the same call. A row that fits in
+one tile (C <= 4096) of both inputs is read once; longer rows are streamed once for the loss
+and once more for the gradient."""
 import torch
 import triton
 import triton.language as tl
@@ -12,30 +13,43 @@ from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, til
 @triton.jit
 def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
                      grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
-                     COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     SINGLE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     w_rows = weak_ptr + rows[:, None] * weak_stride
     s_rows = strong_ptr + rows[:, None] * strong_stride
     cols = tl.arange(0, BLOCK)[None, :]
-    mw = tl.full([ROWS], -float("inf"), tl.float32)
-    sw = tl.zeros([ROWS], tl.float32)
-    ms = tl.full([ROWS], -float("inf"), tl.float32)
-    ss = tl.zeros([ROWS], tl.float32)
-    qs = tl.zeros([ROWS], tl.float32)  # sum_c exp(w_c / T - mw) * strong_c, rescaled as mw grows
-    for start in range(0, C, BLOCK):
-        c = start + cols
-        ok = row_ok[:, None] & (c < C)
-        w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
-        x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
-        mw_new = tl.maximum(mw, tl.max(w, 1))
-        mw_safe = safe_max(mw_new)
-        e = tl.exp(w - mw_safe[:, None])
-        scale = tl.exp(mw - mw_safe)
-        sw = sw * scale + tl.sum(e, 1)
-        qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
-        mw = mw_new
-        ms, ss = online_softmax_update(ms, ss, x)
+    if SINGLE:  # the row is one tile: both inputs read once, the gradient from registers
+        ok = row_ok[:, None] & (cols < C)
+        w = tl.load(w_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        x = tl.load(s_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
+        mw = tl.max(w, 1)
+        e = tl.exp(w - safe_max(mw)[:, None])
+        sw = tl.sum(e, 1)
+        qs = tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
+        ms = tl.max(x, 1)
+        ss = tl.sum(tl.exp(x - safe_max(ms)[:, None]), 1)
+    else:
+        mw = tl.full([ROWS], -float("inf"), tl.float32)
+        sw = tl.zeros([ROWS], tl.float32)
+        ms = tl.full([ROWS], -float("inf"), tl.float32)
+        ss = tl.zeros([ROWS], tl.float32)
+        qs = tl.zeros([ROWS], tl.float32)  # sum_c exp(w_c / T - mw) * strong_c, rescaled with mw
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            ok = row_ok[:, None] & (c < C)
+            w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
+                * inv_temperature
+            x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+            mw_new = tl.maximum(mw, tl.max(w, 1))
+            mw_safe = safe_max(mw_new)
+            e = tl.exp(w - mw_safe[:, None])
+            scale = tl.exp(mw - mw_safe)
+            sw = sw * scale + tl.sum(e, 1)
+            qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
+            mw = mw_new
+            ms, ss = online_softmax_update(ms, ss, x)
     mw_safe = safe_max(mw)
     lse_s = safe_max(ms) + tl.log(ss)
     max_q = tl.exp(mw - mw_safe) / sw
@@ -46,14 +60,20 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
     if COMPUTE_GRAD:
         g_rows = grad_ptr + rows[:, None] * grad_stride
         inv_sw = 1.0 / sw
-        for start in range(0, C, BLOCK):
-            c = start + cols
-            ok = row_ok[:, None] & (c < C)
-            w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
-            x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
-            g = (tl.exp(x - lse_s[:, None]) - tl.exp(w - mw_safe[:, None]) * inv_sw[:, None]) \
-                * (mk * grad_scale)[:, None]
-            tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        row_scale = (mk * grad_scale)[:, None]
+        if SINGLE:
+            g = (tl.exp(x - lse_s[:, None]) - e * inv_sw[:, None]) * row_scale
+            tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        else:
+            for start in range(0, C, BLOCK):
+                c = start + cols
+                ok = row_ok[:, None] & (c < C)
+                w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
+                    * inv_temperature
+                x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+                g = (tl.exp(x - lse_s[:, None]) - tl.exp(w - mw_safe[:, None]) * inv_sw[:, None]) \
+                    * row_scale
+                tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_scale=1.0):
@@ -73,5 +93,6 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
         weak, weak.stride(0), strong, strong.stride(0), loss, mask,
         grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
-        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
+        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
+        num_warps=tile.num_warps)
     return loss, mask, grad

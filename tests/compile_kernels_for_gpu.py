@@ -109,7 +109,7 @@ def record_launches(num_classes, dtypes):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
-    parser.add_argument("--classes", default="10,100,1000,32000",
+    parser.add_argument("--classes", default="10,100,1000,4000,32000",
                         help="class counts to launch with (each picks a tile)")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: compile only every n-th variant from the i-th (parallel runs)")

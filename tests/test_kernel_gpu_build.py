@@ -35,7 +35,7 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
     for i in range(2):
         out, err = (open(tmp_path / f"shard{i}.{ext}", "w+") for ext in ("jsonl", "log"))
         procs.append((subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--arch", "90", "--classes", "10,100,1000,32000",
+            [sys.executable, str(SCRIPT), "--arch", "90", "--classes", "10,100,1000,4000,32000",
              "--shard", f"{i}/2"], stdout=out, stderr=err, text=True, env=env), out, err))
     lines = []
     for proc, out, err in procs:
@@ -55,12 +55,14 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
     assert set(by_kernel) == {"_pseudo_labels_kernel", "_soft_cross_entropy_kernel",
                               "_uda_loss_kernel", "_scale_rows_kernel"}
     for name, rs in by_kernel.items():
-        tiles = {(r["constexprs"]["ROWS"], r["constexprs"]["BLOCK"]) for r in rs}
-        assert tiles == {(64, 16), (8, 128), (1, 1024), (1, 4096)}, name
+        tiles = {(r["constexprs"]["ROWS"], r["constexprs"]["BLOCK"],
+                  r["constexprs"].get("SINGLE", True)) for r in rs}
+        assert tiles == {(64, 16, True), (8, 128, True), (1, 1024, True), (1, 4096, True),
+                         (1, 4096, name == "_scale_rows_kernel")}, name
         first_ptr = {next(iter(r["signature"].values())) for r in rs}
         assert first_ptr == {"*fp32", "*bf16", "*fp16"}, name
-    # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile
-    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 4
+    # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked)
+    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 5
     for r in records:
         assert r["arch"] == "sm_90"
         # ptxas 13 under triton's --regAllocOptLevel=2 may park a word or two on the stack;

@@ -49,8 +49,9 @@ def reduce_rows(loss_rows, reduction):
     """'mean' (over all N rows, 0 for N = 0), 'sum' or 'none' of per-row losses."""
     if reduction == "none":
         return loss_rows
-    total = loss_rows.sum()
-    return total / max(loss_rows.shape[0], 1) if reduction == "mean" else total
+    if reduction == "sum" or loss_rows.shape[0] == 0:  # the mean of no rows is 0, not NaN
+        return loss_rows.sum()
+    return loss_rows.mean()  # one kernel, not a sum and a division
 
 
 def grad_scale(n, reduction):
