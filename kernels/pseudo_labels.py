@@ -5,15 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for
+from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for, tile_rows
 
 
 @triton.jit
 def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
                           mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
+    rows, row_ok = tile_rows(N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     p_rows = probs_ptr + rows[:, None] * probs_stride
     cols = tl.arange(0, BLOCK)[None, :]

@@ -7,14 +7,13 @@ when its grad_output is 1 (a loss backpropagated on its own), with no host synch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import tile_for
+from mpl_fast.kernels.softmax_common import tile_for, tile_rows
 
 
 @triton.jit
 def _scale_rows_kernel(grad_ptr, grad_stride, scale_ptr, scale_stride, N, C,
                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
+    rows, row_ok = tile_rows(N, ROWS)
     s = tl.load(scale_ptr + rows * scale_stride, mask=row_ok, other=1.0).to(tl.float32)
     todo = row_ok & (s != 1.0)
     g_rows = grad_ptr + rows[:, None] * grad_stride

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for
+from mpl_fast.kernels.softmax_common import (online_softmax_update, safe_max, softmax_stats,
+                                             tile_for, tile_rows)
 
 
 @triton.jit
@@ -47,8 +48,7 @@ def _soft_cross_entropy_kernel(
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         SINGLE: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
+    rows, row_ok = tile_rows(N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     t_rows = probs_ptr + rows[:, None] * probs_stride
     cols = tl.arange(0, BLOCK)[None, :]
@@ -58,8 +58,7 @@ def _soft_cross_entropy_kernel(
     if SINGLE:  # the row is one tile: read once, the gradient comes from registers
         ok = row_ok[:, None] & (cols < C)
         x, t = _load_chunk(x_rows, t_rows, cols, ok, keep, off, HARD, SMOOTH)
-        m = tl.max(x, 1)
-        s = tl.sum(tl.exp(x - safe_max(m)[:, None]), 1)
+        m, s = softmax_stats(x)
         acc_x = tl.where(ok, x, 0.0)
         acc_t = t
         acc_tx = tl.where(t != 0.0, t * x, 0.0)

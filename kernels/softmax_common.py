@@ -24,6 +24,20 @@ def online_softmax_update(m, s, x):
 
 
 @triton.jit
+def softmax_stats(x):
+    """The max m and the sum of exp(x - m) of each row of a whole-row tile x [ROWS, BLOCK]."""
+    m = tl.max(x, 1)
+    return m, tl.sum(tl.exp(x - safe_max(m)[:, None]), 1)
+
+
+@triton.jit
+def tile_rows(N, ROWS: tl.constexpr):
+    """This program's rows (int64, so that row * stride cannot overflow) and which exist."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    return rows, rows < N
+
+
+@triton.jit
 def safe_max(m):
     """The running max with an all -inf row mapped to 0, so that exp(x - m) stays finite."""
     return tl.where(m == -float("inf"), 0.0, m)

@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for
+from mpl_fast.kernels.softmax_common import (online_softmax_update, safe_max, softmax_stats,
+                                             tile_for, tile_rows)
 
 
 @triton.jit
@@ -15,8 +16,7 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
                      grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                      COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                      SINGLE: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
+    rows, row_ok = tile_rows(N, ROWS)
     w_rows = weak_ptr + rows[:, None] * weak_stride
     s_rows = strong_ptr + rows[:, None] * strong_stride
     cols = tl.arange(0, BLOCK)[None, :]
@@ -28,8 +28,7 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         e = tl.exp(w - safe_max(mw)[:, None])
         sw = tl.sum(e, 1)
         qs = tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
-        ms = tl.max(x, 1)
-        ss = tl.sum(tl.exp(x - safe_max(ms)[:, None]), 1)
+        ms, ss = softmax_stats(x)
     else:
         mw = tl.full([ROWS], -float("inf"), tl.float32)
         sw = tl.zeros([ROWS], tl.float32)
