@@ -54,7 +54,7 @@ def reduce_rows(loss_rows, reduction):
     return loss_rows.mean()  # one kernel, not a sum and a division
 
 
-def grad_scale(n, reduction):
+def reduction_scale(n, reduction):
     """What the forward folds into the gradient it writes: d(reduced loss) / d(row loss)."""
     return 1.0 / max(n, 1) if reduction == "mean" else 1.0
 
@@ -68,7 +68,7 @@ def _soft_cross_entropy_op(logits: torch.Tensor, target_index: Optional[torch.Te
                            target_probs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                            label_smoothing: float, reduction: str, compute_grad: bool
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = grad_scale(logits.shape[0], reduction)
+    scale = reduction_scale(logits.shape[0], reduction)
     if backend.loss_backend(logits) == "triton":
         from mpl_fast.kernels.soft_cross_entropy import soft_cross_entropy_forward
 

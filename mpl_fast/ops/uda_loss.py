@@ -6,7 +6,7 @@ import torch
 from mpl_fast.ops import _checks, backend
 from mpl_fast.ops._checks import compute_dtype as _compute_dtype
 from mpl_fast.ops.scale_rows import scaled_gradient
-from mpl_fast.ops.soft_cross_entropy import grad_scale, reduce_rows, reduced_shape
+from mpl_fast.ops.soft_cross_entropy import reduce_rows, reduced_shape, reduction_scale
 
 
 def uda_loss_torch(weak, strong, temperature, threshold, compute_grad, grad_scale=1.0):
@@ -24,7 +24,7 @@ def uda_loss_torch(weak, strong, temperature, threshold, compute_grad, grad_scal
 def _uda_loss_op(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float,
                  threshold: float, reduction: str, compute_grad: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    scale = grad_scale(logits_strong.shape[0], reduction)
+    scale = reduction_scale(logits_strong.shape[0], reduction)
     if backend.loss_backend(logits_strong) == "triton":
         from mpl_fast.kernels.uda_loss import uda_loss_forward
 
