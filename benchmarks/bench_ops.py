@@ -111,6 +111,7 @@ def main(argv=None):
     print(f"{card}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'op':20s} {'N x C':>12s} {'dtype':>8s} {'ours ms':>9s} {'eager ms':>9s} "
           f"{'compile ms':>10s} {'x eager':>8s} {'GB/s':>7s} {'% bw':>5s}")
+    out = Path(args.out)
     rows = []
     for n, c in shapes:
         for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
@@ -126,12 +127,11 @@ def main(argv=None):
                            speedup_vs_eager=round(t_eager / t_ours, 2),
                            GBps=round(gbps, 1), bandwidth_fraction=round(gbps * 1e9 / bandwidth, 3))
                 rows.append(row)
-                append_jsonl(Path(args.out) / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows
+                append_jsonl(out / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows
                 comp = f"{t_comp:10.3f}" if t_comp else f"{'-':>10s}"
                 print(f"{name:20s} {f'{n}x{c}':>12s} {row['dtype']:>8s} {t_ours:9.3f} "
                       f"{t_eager:9.3f} {comp} {t_eager / t_ours:8.2f} {gbps:7.0f} "
                       f"{100 * row['bandwidth_fraction']:5.0f}")
-    out = Path(args.out)
     worst = min(r["speedup_vs_eager"] for r in rows)
     print(f"summary: {len(rows)} rows on {card}; slowest speedup vs eager {worst:.2f}x; "
           f"appended to {out / 'ops.jsonl'}")
