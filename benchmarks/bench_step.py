@@ -2,7 +2,7 @@
 
     mpl-fast bench step --model wrn28_2|resnet50|timm:<name> [--batch-size B] [--mu M]
                         [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph]
-                        [--compile MODE] ...
+                        [--compile MODE] [--checkpoint WHICH] [--max-batch] ...
 
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
 channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one
@@ -12,11 +12,17 @@ torch.compile(mode="max-autotune-no-cudagraphs") and the whole step in one CUDA 
 supervised step of the same shapes (the floor). Median ms/step, teacher images/s, peak memory,
 a per-phase breakdown of ours (eager, from profiler ranges), ratios; one JSON object per
 configuration appended to benchmarks/results/step.jsonl.
+Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
+model.checkpoint does in the trainer; the record's activation_mem_gib is the step's peak above
+what stays allocated between steps (weights, optimizer state, the batch), so runs with and
+without checkpointing compare activations. --max-batch also searches the largest labeled batch
+(mu fixed) at which one eager step of ours fits on the card.
 On a CPU it runs without graphs (and without compile unless --compile) as a smoke test; its
 numbers mean nothing.
 """
 import argparse
 import datetime
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mpl_fast.models.checkpointing import checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
@@ -84,6 +91,73 @@ def networks(args, device):
     t = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
     s = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
     return t, s
+
+
+def our_step(args, device, use_graph=False):
+    """Our MPL step on fresh networks, configured by the command line (compile, checkpoint)."""
+    teacher, student = networks(args, device)
+    for role, net in (("teacher", teacher), ("student", student)):
+        if args.checkpoint in (role, "both") and checkpoint_blocks(net) == 0:
+            raise ValueError(f"--checkpoint {args.checkpoint}: {args.model} has no WRN or ResNet "
+                             "blocks to checkpoint")
+        compile_net(net, args.compile)
+    cfg = MPLConfig(pseudo_labels="argmax", estimator=args.estimator, uda_weight=8.0,
+                    uda_temperature=0.7, uda_threshold=0.6, teacher_label_smoothing=0.15,
+                    student_label_smoothing=0.15, teacher_weak_no_grad=args.weak_no_grad)
+    amp = device.type == "cuda"
+    return MPLStep(teacher, student, sgd(teacher, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph),
+                   sgd(student, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph), cfg,
+                   autocast_dtype=torch.bfloat16 if amp else None)
+
+
+def largest_batch(fits, start, cap=1 << 16):
+    """The largest b in [1, cap] with fits(b), for a monotone fits (True up to some b, then False),
+    or 0 if fits(1) is False. Doubles from `start`, then bisects to within 1/32 of the answer
+    (each probe is a whole step at that batch, so a few percent of precision saves probes)."""
+    lo, hi = 0, None
+    b = max(1, min(start, cap))
+    while hi is None:
+        if fits(b):
+            lo = b
+            if b == cap:
+                return cap
+            b = min(2 * b, cap)
+        else:
+            hi = b
+    while hi - lo > max(1, lo // 32):
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def fits_on_card(args, device):
+    """fits(b): does one eager step of ours (after the one that allocates optimizer state) run at
+    labeled batch b without running out of device memory?"""
+    def fits(b):
+        probe = argparse.Namespace(**{**vars(args), "batch_size": b})
+        step = batch = None
+        try:
+            step = our_step(probe, device)
+            batch = make_batch(probe, device, torch.Generator().manual_seed(0))
+            for _ in range(2):
+                step(batch, 0)
+            torch.cuda.synchronize(device)
+            ok = True
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        except RuntimeError as err:  # cuDNN/cuBLAS report a failed allocation in their own words
+            if not any(w in str(err) for w in ("out of memory", "ALLOC_FAILED", "WORKSPACE")):
+                raise
+            ok = False
+        del step, batch
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"max batch: B={b} {'fits' if ok else 'out of memory'}", flush=True)
+        return ok
+    return fits
 
 
 def reference_step(teacher, student, t_opt, s_opt, batch, amp, uda_weight=8.0):
@@ -166,6 +240,12 @@ def main(argv=None):
                    choices=["none", "default", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile our networks' forward, as model.compile does in the trainer "
                    "(default: %(default)s)")
+    p.add_argument("--checkpoint", default="none", choices=["none", "teacher", "student", "both"],
+                   help="activation checkpointing of our networks' blocks, as model.checkpoint "
+                   "does in the trainer (default: %(default)s)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="also search the largest labeled batch (mu fixed) at which our eager step "
+                   "fits on the GPU")
     p.add_argument("--no-reference", action="store_true", help="skip the eager reference")
     p.add_argument("--no-compiled", action="store_true", help="skip the compiled reference")
     p.add_argument("--steps", type=int, default=30)
@@ -177,6 +257,8 @@ def main(argv=None):
         p.error("--batch-size, --mu, --image-size and --steps must be >= 1")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if args.max_batch and not gpu:
+        p.error("--max-batch needs a CUDA device (it probes for out-of-memory)")
     amp = gpu
     gen = torch.Generator().manual_seed(0)
     batch = make_batch(args, device, gen)
@@ -191,25 +273,25 @@ def main(argv=None):
         return ms, mem
 
     # ours
-    teacher, student = networks(args, device)
-    for net in (teacher, student):
-        compile_net(net, args.compile)
-    cfg = MPLConfig(pseudo_labels="argmax", estimator=args.estimator, uda_weight=8.0,
-                    uda_temperature=0.7, uda_threshold=0.6, teacher_label_smoothing=0.15,
-                    student_label_smoothing=0.15, teacher_weak_no_grad=args.weak_no_grad)
     use_graph = gpu and not args.no_graph
-    step = MPLStep(teacher, student, sgd(teacher, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph),
-                   sgd(student, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph), cfg,
-                   autocast_dtype=torch.bfloat16 if amp else None)
+    step = our_step(args, device, use_graph)
     for _ in range(2):  # lazy state and, with --compile, compilation: not in the phases
         step(batch, 0)
+    activation_mem = None
+    if gpu:  # one eager step's peak above what stays allocated between steps
+        torch.cuda.synchronize()
+        between_steps = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(batch, 0)
+        torch.cuda.synchronize()
+        activation_mem = (torch.cuda.max_memory_allocated() - between_steps) / 2**30
     phases = phase_breakdown(lambda: step(batch, 0), device)
     # Graphed the way the trainer does it (train.cuda_graph): static buffers the batch is copied
     # into each step, device lrs, warm-up, capture at the first call after it.
     trainer_step = GraphedStep(step) if use_graph else step
     ours = lambda: trainer_step(batch, 0)  # noqa: E731
     rows["ours"] = peak(ours)
-    del step, trainer_step, teacher, student, ours
+    del step, trainer_step, ours
     # (a) eager reference, (b) compiled + graphed reference, (c) supervised floor
     variants = [("floor", supervised_floor, False)]
     if not args.no_reference:
@@ -228,13 +310,18 @@ def main(argv=None):
             run = graphed(run, device, warmup=5)
         rows[name] = peak(run)
         del teacher, student, t_opt, s_opt, run
+    max_batch = None
+    if args.max_batch:
+        gc.collect()
+        torch.cuda.empty_cache()
+        max_batch = largest_batch(fits_on_card(args, device), args.batch_size)
     ms = {k: v[0] for k, v in rows.items()}
     teacher_images = args.batch_size * (1 + 2 * args.mu)
     record = {
         "model": args.model, "batch_size": args.batch_size, "mu": args.mu,
         "image_size": args.image_size, "estimator": args.estimator,
         "weak_no_grad": args.weak_no_grad, "graph": use_graph,
-        "compile": args.compile,
+        "compile": args.compile, "checkpoint": args.checkpoint,
         "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "ms_per_step": round(ms["ours"], 3),
@@ -248,6 +335,8 @@ def main(argv=None):
                                           if "compiled_reference" in ms else None),
         "overhead_vs_floor": round(ms["ours"] / ms["floor"], 3),
         "peak_mem_gib": round(rows["ours"][1], 3) if gpu else None,
+        "activation_mem_gib": round(activation_mem, 3) if gpu else None,
+        "max_batch_size": max_batch,
         "phases_ms": phases,
     }
     out = Path(args.out)
@@ -260,6 +349,10 @@ def main(argv=None):
     if "compiled_reference" in ms:
         ratios.append(f"{record['speedup_vs_compiled_reference']}x vs compiled reference")
     ratios.append(f"{record['overhead_vs_floor']}x the supervised floor")
+    if activation_mem is not None:
+        ratios.append(f"activations {activation_mem:.2f} GiB (checkpoint {args.checkpoint})")
+    if max_batch is not None:
+        ratios.append(f"largest batch that fits {max_batch}")
     print(f"summary: {args.model} B={args.batch_size} mu={args.mu} on {record['gpu']}: "
           f"{ms['ours']:.2f} ms/step; " + ", ".join(ratios))
     return 0

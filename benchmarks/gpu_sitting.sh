@@ -8,7 +8,7 @@
 #       downloads pure wheels the GPU machine lacks (pyyaml, matplotlib and its deps, for its
 #       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
-#       STAGE: build tests ops step step-compiled (default: build tests ops step).
+#       STAGE: build tests ops step step-compiled memory (default: build tests ops step).
 #       Logs go to $OUT/<stage>.log, result records to $OUT/results/, a summary line per stage
 #       to stdout and $OUT/summary.txt. Copy the records you report into benchmarks/results/.
 set -uo pipefail
@@ -45,12 +45,20 @@ stage_step() {
       --out "$OUT/results"
 }
 
+# activation checkpointing (#7): time, activation memory and the largest batch, without and with
+stage_memory() {
+  mpl-fast bench step --model wrn28_2 --no-reference --no-compiled --max-batch \
+      --out "$OUT/results" &&
+    mpl-fast bench step --model wrn28_2 --checkpoint both --no-reference --no-compiled \
+      --max-batch --out "$OUT/results"
+}
+
 stage_step_compiled() {
   mpl-fast bench step --model wrn28_2 --compile max-autotune-no-cudagraphs --out "$OUT/results"
 }
 
 # the default four stages sum to 570 s, inside one 600 s device call even if each hits its limit
-declare -A LIMIT=([build]=90 [tests]=180 [ops]=180 [step]=120 [step-compiled]=420)
+declare -A LIMIT=([build]=90 [tests]=180 [ops]=180 [step]=120 [step-compiled]=420 [memory]=300)
 
 run() {
   : "${OUT:?set OUT to the folder that comes back}"
@@ -68,7 +76,7 @@ run() {
   [ ${#stages[@]} -eq 0 ] && stages=(build tests ops step)
   for s in "${stages[@]}"; do
     if [ -z "${LIMIT[$s]:-}" ]; then
-      echo "gpu_sitting: unknown stage $s (build tests ops step step-compiled)" >&2
+      echo "gpu_sitting: unknown stage $s (build tests ops step step-compiled memory)" >&2
       return 2
     fi
   done
@@ -87,6 +95,6 @@ run() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops step step-compiled]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops step step-compiled memory]" >&2
      exit 2 ;;
 esac

@@ -49,3 +49,44 @@ def test_gpu_sitting_script_refuses_unknown_stages_before_running_any(tmp_path):
                          text=True, env={**os.environ, "OUT": str(tmp_path)})
     assert bad.returncode == 2 and "unknown stage bogus" in bad.stderr
     assert not (tmp_path / "tests.log").exists()  # the valid stage before it did not run
+
+
+def _bench_step_module():
+    import runpy
+
+    return runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                              "bench_step.py"))
+
+
+def test_largest_batch_search_finds_the_limit_with_few_probes():
+    largest_batch = _bench_step_module()["largest_batch"]
+    for limit, start in ((37, 64), (1000, 64), (64, 64), (5, 1), (3000, 8)):
+        probes = []
+
+        def fits(b):
+            probes.append(b)
+            return b <= limit
+        found = largest_batch(fits, start)
+        assert found <= limit and limit - found <= max(1, limit // 32), (limit, found)
+        assert len(probes) <= 2 * limit.bit_length() + 2, (limit, probes)
+        assert len(set(probes)) == len(probes)  # no batch probed twice
+    assert largest_batch(lambda b: False, 64) == 0  # not even one image fits
+    assert largest_batch(lambda b: True, 64, cap=500) == 500
+
+
+def test_bench_step_checkpointing_is_recorded_and_refused_without_blocks(tmp_path, capsys):
+    common = ["bench", "step", "--batch-size", "2", "--mu", "1", "--image-size", "8", "--steps",
+              "1", "--warmup", "0", "--no-reference", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main([*common, "--model", "wrn28_2", "--checkpoint", "both"]) == 0
+    record = json.loads((tmp_path / "step.jsonl").read_text())
+    assert record["checkpoint"] == "both" and record["ms_per_step"] > 0
+    assert record["max_batch_size"] is None and record["activation_mem_gib"] is None  # no GPU
+    capsys.readouterr()
+    assert cli.main([*common, "--model", "small_cnn", "--checkpoint", "teacher"]) == 2
+    assert "small_cnn has no WRN or ResNet blocks" in capsys.readouterr().err
+    assert len((tmp_path / "step.jsonl").read_text().splitlines()) == 1  # nothing appended
+    import pytest
+
+    with pytest.raises(SystemExit):  # argparse: one line, exit 2
+        cli.main([*common, "--model", "small_cnn", "--max-batch"])
+    assert "--max-batch needs a CUDA device" in capsys.readouterr().err
