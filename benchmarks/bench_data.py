@@ -1,10 +1,14 @@
-"""Input pipeline throughput: the MPL streams (labeled B + unlabeled mu*B in two views) against a
-bare decode + crop pipeline over the same files.
+"""Input pipeline throughput: the MPL streams against bare decode + crop on the same files.
 
     mpl-fast bench data --root DIR [--device cpu|gpu] [--batch-size B] [--mu M] [--steps K]
+    mpl-fast bench data --synthetic N --root DIR ...
 
-Images/s counts decoded source images (B + mu*B per step; each unlabeled image gives two views).
-Appends a JSON record to benchmarks/results/data.jsonl; the last line printed is a summary.
+The MPL streams are labeled B + unlabeled mu*B images a step, each unlabeled image in two views
+(weak, strong); the comparison is a bare decode + crop pipeline over the same files. Images/s
+counts decoded source images (B + mu*B per step). --synthetic N first writes N ImageNet-sized
+(500x375) JPEGs in 10 class folders under DIR (DIR must not exist; a tree written by an earlier
+--synthetic N is reused). Appends a JSON record to benchmarks/results/data.jsonl; the last line
+printed is a summary.
 """
 import argparse
 import datetime
@@ -18,6 +22,8 @@ from mpl_fast.train.run_log import append_jsonl
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mpl-fast bench data", description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="an image-folder tree (root/<class>/*.jpg)")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="N",
+                        help="first write N synthetic 500x375 JPEGs under --root (a new folder)")
     parser.add_argument("--device", choices=["cpu", "gpu"],
                         default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -30,12 +36,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.mu < 1 or args.steps < 1:
         parser.error("--batch-size, --mu and --steps must be >= 1")
+    if args.synthetic is not None and args.synthetic < 10:
+        parser.error("--synthetic: at least 10 images (one per class)")
 
     from mpl_fast.data import dali_pipelines as P
     from mpl_fast.data.dali_stream import DaliStream, StreamSpec
     from mpl_fast.data.image_folder import balanced_split, index_folder
 
     root = Path(args.root)
+    if args.synthetic is not None:
+        from mpl_fast.data.synthetic import synthetic_tree
+
+        synthetic_tree(root, args.synthetic)
     index = index_folder(root / "train" if (root / "train").is_dir() else root)
     from PIL import Image
 
@@ -71,6 +83,7 @@ def main(argv=None):
     record = {"benchmark": "data", "date": datetime.date.today().isoformat(),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "root": str(root), "files": len(index),
+              "synthetic": args.synthetic is not None,
               "image_size": size, "batch_size": args.batch_size, "mu": args.mu,
               "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
               "fraction_of_bare": round(mpl_ips / bare_ips, 3)}

@@ -232,3 +232,35 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
         assert cli.main([*args, *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, err
+
+
+def test_bench_data_writes_a_synthetic_imagenet_sized_tree_once(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    import json
+
+    from PIL import Image
+
+    from mpl_fast import cli
+
+    root, out = tmp_path / "synth", tmp_path / "results"
+    args = ["bench", "data", "--synthetic", "20", "--root", str(root), "--device", "cpu",
+            "--batch-size", "2", "--mu", "1", "--steps", "1", "--threads", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    files = sorted(root.glob("c*/*.jpg"))
+    assert len(files) == 20 and len({f.parent.name for f in files}) == 10
+    with Image.open(files[0]) as im:
+        assert im.size == (500, 375) and im.format == "JPEG"
+    assert not list(tmp_path.glob("synth.partial-*"))  # written aside, renamed into place
+    record = json.loads((out / "data.jsonl").read_text())
+    assert record["synthetic"] and record["files"] == 20 and record["image_size"] == 224
+    mtime = files[0].stat().st_mtime_ns
+    assert cli.main(args) == 0  # the same tree is reused, not rewritten
+    assert files[0].stat().st_mtime_ns == mtime
+    capsys.readouterr()
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    args[args.index(str(root))] = str(other)
+    assert cli.main(args) == 2  # an existing folder is never written into
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
