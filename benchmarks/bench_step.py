@@ -16,7 +16,7 @@ Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
 model.checkpoint does in the trainer; the record's activation_mem_gib is the step's peak above
 what stays allocated between steps (weights, optimizer state, the batch), so runs with and
 without checkpointing compare activations. --max-batch also searches the largest labeled batch
-(mu fixed) at which one eager step of ours fits on the card.
+(mu fixed) at which one eager, uncompiled step of ours fits on the card.
 On a CPU it runs without graphs (and without compile unless --compile) as a smoke test; its
 numbers mean nothing.
 """
@@ -135,9 +135,10 @@ def largest_batch(fits, start, cap=1 << 16):
 
 def fits_on_card(args, device):
     """fits(b): does one eager step of ours (after the one that allocates optimizer state) run at
-    labeled batch b without running out of device memory?"""
+    labeled batch b without running out of device memory? Uncompiled (--compile would compile
+    again for every probe), with the run's checkpointing."""
     def fits(b):
-        probe = argparse.Namespace(**{**vars(args), "batch_size": b})
+        probe = argparse.Namespace(**{**vars(args), "batch_size": b, "compile": "none"})
         step = batch = None
         try:
             step = our_step(probe, device)
