@@ -1,6 +1,6 @@
 """The MPL step's speed against what a user writes by hand.
 
-    mpl-fast bench step --model wrn28_2|resnet50|timm:<name> [--batch-size B] [--mu M]
+    mpl-fast bench step --model wrn28_2|resnet50|<timm name> [--batch-size B] [--mu M]
                         [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph]
                         [--compile MODE] [--checkpoint WHICH] [--max-batch] ...
 
@@ -229,7 +229,9 @@ def phase_breakdown(step_fn, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mpl-fast bench step", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="wrn28_2")
+    p.add_argument("--model", default="wrn28_2",
+                   help="small_cnn, wrn28_2, wrn28_8, resnet50, or a timm model name (needs timm) "
+                   "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mu", type=int, default=7)
     p.add_argument("--image-size", type=int, default=32)

@@ -299,13 +299,20 @@ def test_models_by_name(monkeypatch):
     wrn = build_model("wrn28_2", 10)
     assert 1.4e6 < sum(p.numel() for p in wrn.parameters()) < 1.6e6  # WRN-28-2: 1.5M
     calls = {}
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm not installed
+    with pytest.raises(ValueError, match="unknown model 'resnet18'.*need mpl-fast.timm"):
+        build_model("resnet18", 10)
     fake = types.SimpleNamespace(create_model=lambda name, **kw: calls.update(name=name, **kw)
-                                 or nn.Linear(1, 1))
+                                 or nn.Linear(1, 1), is_model=lambda name: name == "resnet18")
     monkeypatch.setitem(sys.modules, "timm", fake)
     build_model("timm:vit_tiny_patch16_224", 10, 3)
     assert calls == {"name": "vit_tiny_patch16_224", "pretrained": False, "num_classes": 10,
                      "in_chans": 3}
-    with pytest.raises(ValueError, match="unknown model"):
+    build_model("resnet18", 5, 1)  # a bare timm name
+    assert calls == {"name": "resnet18", "pretrained": False, "num_classes": 5, "in_chans": 1}
+    build_model("resnet50", 5)  # ours first, never timm's namesake
+    assert calls["name"] == "resnet18"
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
         build_model("nope", 10)
 
 

@@ -1,11 +1,12 @@
-"""Build a network by name: small_cnn, wrn28_2, wrn28_8, resnet50, or timm:<name>."""
+"""Build a network by name: small_cnn, wrn28_2, wrn28_8, resnet50, or a timm model (timm:<name>,
+or the bare name when it is not one of ours)."""
 from torch import nn
 
 from mpl_fast.models.resnet import resnet50
 from mpl_fast.models.small_cnn import small_cnn
 from mpl_fast.models.wrn import WideResNet
 
-NAMES = ("mlp", "small_cnn", "wrn28_2", "wrn28_8", "resnet50", "timm:<name>")
+NAMES = ("mlp", "small_cnn", "wrn28_2", "wrn28_8", "resnet50", "timm:<name>", "<timm name>")
 
 
 def mlp(num_classes: int, in_features: int, hidden: int = 64) -> nn.Module:
@@ -34,4 +35,16 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
                                      in_chans=in_channels)
         except RuntimeError as err:  # timm: unknown model
             raise ValueError(f"model {name}: {err}") from err
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}")
+    timm = _timm_or_none()
+    if timm is not None and timm.is_model(name):  # a bare timm name, e.g. resnet18
+        return build_model("timm:" + name, num_classes, in_channels, image_size)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}"
+                     + ("" if timm is not None else " (timm names need mpl-fast[timm])"))
+
+
+def _timm_or_none():
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
