@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from mpl_fast import __version__, cli
+from mpl_fast import __version__
 
 
 def _run(*args):
