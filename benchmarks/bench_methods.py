@@ -49,6 +49,13 @@ def _finished(run_dir, steps):
     return summary.exists() and json.loads(summary.read_text())["steps"] >= steps
 
 
+def _title(name, config, card):
+    """What the curves were trained with: preset, student network, batches, steps, card."""
+    d = config["data"]
+    return (f"{name}: {config['model']['student']}, B={d['batch_size']}, mu={d['mu']}, "
+            f"{config['train']['steps']} steps, {card}")
+
+
 def plot(path, curves, title):
     import matplotlib
 
@@ -126,8 +133,7 @@ def main(argv=None):
             "gpu": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         })
         print(f"{method}: EMA student top-1 {summary['ema_student_top1']:.4f}", flush=True)
-    plot(out / "methods.png", curves,
-         f"{args.config}: {configs[methods[0]]['train']['steps']} steps, {card}")
+    plot(out / "methods.png", curves, _title(args.config, configs[methods[0]], card))
     results = Path(args.results)
     append_jsonl(results / "methods.jsonl", records)
     print("summary: " + ", ".join(f"{r['method']} {r['ema_student_top1']:.4f}" for r in records)
