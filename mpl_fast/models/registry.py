@@ -25,17 +25,15 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         return WideResNet(num_classes, depth=28, widen=int(name[-1]), in_channels=in_channels, **kw)
     if name == "resnet50":
         return resnet50(num_classes, in_channels)
+    timm = _timm_or_none()
     if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as err:
-            raise ValueError("model timm:<name> needs timm: pip install 'mpl-fast[timm]'") from err
+        if timm is None:
+            raise ValueError("model timm:<name> needs timm: pip install 'mpl-fast[timm]'")
         try:
             return timm.create_model(name[5:], pretrained=False, num_classes=num_classes,
                                      in_chans=in_channels)
         except RuntimeError as err:  # timm: unknown model
             raise ValueError(f"model {name}: {err}") from err
-    timm = _timm_or_none()
     if timm is not None and timm.is_model(name):  # a bare timm name, e.g. resnet18
         return build_model("timm:" + name, num_classes, in_channels, image_size)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}"
