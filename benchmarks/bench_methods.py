@@ -13,7 +13,9 @@ Then one JSON object per method is appended to RESULTS/methods.jsonl (card, vers
 final top-1 of the EMA student, student and teacher, wall seconds, images/s, the last logged h
 and UDA mask ratio, and the EMA-student top-1 curve), and OUT/methods.png draws the three
 curves. With --resume a method continues from OUT/<method>/last.pt (runs can span several
-sittings); a method whose run already reached its last step is not trained again.
+sittings); a method whose run already reached its last step is not trained again. A run saved
+with other settings than the ones given now (anything but where it runs and how often it is
+evaluated, logged or saved) is refused, so one comparison never mixes configurations.
 """
 import argparse
 import datetime
@@ -42,6 +44,38 @@ def _curve(run_dir):
     for r in rows:
         last.update({k: r[k] for k in LAST_LOGGED if k in r})
     return curve, last
+
+
+# Keys that change where a run executes or how it is watched, not what it learns: a run may be
+# resumed with other values (another machine, more frequent evaluation).
+NOT_COMPARED = {"train.device", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                "train.eval_batch_size", "train.max_nonfinite_skips", "train.cuda_graph",
+                "train.channels_last", "model.compile", "data.num_threads"}
+
+
+def _flat(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _changed_settings(run_dir, config):
+    """Keys whose value in the run's saved config.yaml differs from `config`: a comparison at
+    one budget must not mix runs trained with other settings."""
+    import yaml
+
+    from mpl_fast.train import config as cfg
+
+    saved = _flat(cfg.from_saved(yaml.safe_load((run_dir / "config.yaml").read_text())))
+    now = _flat(config)
+    keys = set(saved) | set(now)
+    if config["method"] == "supervised":  # the MPL settings it does not use
+        keys = {k for k in keys if not k.startswith("mpl.") or k == "mpl.student_label_smoothing"}
+    return sorted(k for k in keys - NOT_COMPARED if saved.get(k) != now.get(k))
 
 
 def _finished(run_dir, steps):
@@ -106,6 +140,14 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and configs[methods[0]]["train"]["device"] != "cpu"
     card = torch.cuda.get_device_name() if gpu else "cpu"
     records, curves = [], {}
+    if args.resume:  # refuse before training anything
+        for method in methods:
+            run_dir = out / method
+            changed = (run_dir / "config.yaml").exists() and _changed_settings(run_dir,
+                                                                            configs[method])
+            if changed:
+                raise ValueError(f"--resume: {run_dir} was trained with other settings "
+                                 f"({', '.join(changed)}); remove it or train into another --out")
     for method in methods:
         config, run_dir = configs[method], out / method
         steps = config["train"]["steps"]

@@ -228,6 +228,17 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert (out / "mpl" / "metrics.jsonl").read_text() == before
     assert len((results / "methods.jsonl").read_text().splitlines()) == 4
     capsys.readouterr()
+    # --resume with other settings is refused before anything trains or is recorded; settings
+    # the supervised run does not use, and where a run executes, are not compared.
+    assert cli.main([*args, "--resume", "--set", "mpl.uda_weight=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'uda'} was trained with other settings (mpl.uda_weight)" in err, err
+    assert len((results / "methods.jsonl").read_text().splitlines()) == 4
+    assert cli.main([*args, "--resume", "--methods", "supervised", "--set", "mpl.uda_weight=3",
+                     "--set", "train.eval_every=1"]) == 0
+    assert cli.main([*args, "--resume", "--methods", "supervised",
+                     "--set", "data.labeled_per_class=1"]) == 2
+    assert "(data.labeled_per_class)" in capsys.readouterr().err
     for bad in (["--methods", "uda,bogus"], ["--set", "data.nokey=1"]):
         assert cli.main([*args, *bad]) == 2
         err = capsys.readouterr().err
