@@ -29,8 +29,13 @@ prepare() {
 }
 
 stage_build() {
-  python3 -m pip install --no-build-isolation --no-deps --no-index -e . &&
-    python3 -c "import mpl_fast._C, mpl_fast.ops._extension as e; assert e.cuda_built(), 'no CUDA'"
+  python3 -m pip install --no-build-isolation --no-deps --no-index -e . || return 1
+  python3 -c "import mpl_fast.ops._extension as e; assert e.cuda_built(), 'no CUDA'; print('extension built with CUDA')" &&
+    return 0
+  # what the failed import had to work with, for the next sitting
+  local so; so=$(ls mpl_fast/_C*.so)
+  readelf -d "$so" | grep -E "NEEDED|PATH"; ldd "$so" | grep -E "cuda|torch|c10|stdc"
+  return 1
 }
 
 # TRITON_INTERPRET=0: conftest turns the interpreter on unless told otherwise, and the gpu tests
