@@ -41,6 +41,18 @@ def test_config_presets_and_errors(tmp_path):
         cfg.load("nonexistent_preset")
 
 
+def test_bare_off_is_the_word_not_false(tmp_path):
+    # YAML 1.1 reads `off` as false; train.amp's choice is the word "off" (first seen on a GPU)
+    assert cfg.load("digits", ["train.amp=off"])["train"]["amp"] == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  amp: off\n  cuda_graph: off\n")
+    c = cfg.load(str(f))
+    assert c["train"]["amp"] == "off" and c["train"]["cuda_graph"] is False
+    for bad in ("train.amp=on", "train.amp=true", "model.checkpoint=off"):
+        with pytest.raises(cfg.ConfigError, match=bad.split("=")[0].replace(".", "\\.")):
+            cfg.load("digits", [bad])
+
+
 def test_schedules():
     f = schedules.wait_warmup_cosine(wait=10, warmup=5, total=100)
     assert all(f(s) == 0.0 for s in range(10))

@@ -136,6 +136,11 @@ def _coerce(name, default, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
+    if isinstance(default, str) and isinstance(value, bool) and name in CHOICES:
+        # YAML 1.1 reads a bare off/on as false/true; the choice meant is the word
+        word = "on" if value else "off"
+        if word in CHOICES[name] and value not in CHOICES[name]:
+            return word
     if isinstance(default, str) and not isinstance(value, str) and not (
             name in CHOICES and value in CHOICES[name]):
         raise ConfigError(f"{name} must be a string, got {value!r}")
