@@ -11,8 +11,10 @@
 #       STAGE: build tests ops step memory step-imagenet step-compiled (default: all but
 #       step-compiled, in that order, each under its own limit and all under SITTING_SECONDS,
 #       default 570).
-#       Logs go to $OUT/<stage>.log, result records to $OUT/results/, a summary line per stage
-#       to stdout and $OUT/summary.txt. Copy the records you report into benchmarks/results/.
+#       Logs (<stage>.log), result records (results/) and summary.txt (a line per stage, also on
+#       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz after every
+#       stage: only 8 files come back from a device call. Unpack it here and copy the records
+#       you report into benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,31 +48,31 @@ stage_tests() {
 }
 
 stage_ops() {
-  mpl-fast bench ops --out "$OUT/results"
+  mpl-fast bench ops --out "$DIR/results"
 }
 
 stage_step() {
-  mpl-fast bench step --model wrn28_2 --no-compiled --out "$OUT/results" &&
+  mpl-fast bench step --model wrn28_2 --no-compiled --out "$DIR/results" &&
     mpl-fast bench step --model wrn28_2 --weak-no-grad --no-reference --no-compiled \
-      --out "$OUT/results"
+      --out "$DIR/results"
 }
 
 # the ImageNet-shaped step (#7; #6 compares the data pipeline's rate with what it consumes)
 stage_step_imagenet() {
   mpl-fast bench step --model resnet50 --image-size 224 --batch-size 32 --mu 4 \
-      --num-classes 1000 --no-compiled --steps 20 --warmup 5 --out "$OUT/results"
+      --num-classes 1000 --no-compiled --steps 20 --warmup 5 --out "$DIR/results"
 }
 
 # activation checkpointing (#7): time, activation memory and the largest batch, without and with
 stage_memory() {
   mpl-fast bench step --model wrn28_2 --no-reference --no-compiled --max-batch \
-      --out "$OUT/results" &&
+      --out "$DIR/results" &&
     mpl-fast bench step --model wrn28_2 --checkpoint both --no-reference --no-compiled \
-      --max-batch --out "$OUT/results"
+      --max-batch --out "$DIR/results"
 }
 
 stage_step_compiled() {
-  mpl-fast bench step --model wrn28_2 --compile max-autotune-no-cudagraphs --out "$OUT/results"
+  mpl-fast bench step --model wrn28_2 --compile max-autotune-no-cudagraphs --out "$DIR/results"
 }
 
 declare -A LIMIT=([build]=90 [tests]=180 [ops]=180 [step]=120 [step-compiled]=420 [memory]=300
@@ -83,21 +85,22 @@ SITTING_SECONDS=${SITTING_SECONDS:-570}
 run() {
   : "${OUT:?set OUT to the folder that comes back}"
   local start=$SECONDS
-  mkdir -p "$OUT/results"
+  DIR=/tmp/sitting
+  rm -rf "$DIR" && mkdir -p "$DIR/results" "$OUT"
   if ! python3 -c "import yaml, matplotlib" 2>/dev/null; then
     [ -d .whl ] && python3 -m pip install -q --no-deps --no-index --find-links .whl \
       --target /tmp/sitting-site "${WHEELS[@]}"
     export PYTHONPATH=/tmp/sitting-site${PYTHONPATH:+:$PYTHONPATH}
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
-    | tee "$OUT/gpu.txt"
+    | tee "$DIR/gpu.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$OUT/gpu.txt"
+    | tee -a "$DIR/gpu.txt"
   local stages=("$@")
   [ ${#stages[@]} -eq 0 ] && stages=(build tests ops step memory step-imagenet)
   for s in "${stages[@]}"; do
     if [ -z "${LIMIT[$s]:-}" ]; then
-      echo "gpu_sitting: unknown stage $s (build tests ops step memory step-imagenet step-compiled)" >&2
+      echo "gpu_sitting: unknown stage $s (${!LIMIT[*]})" >&2
       return 2
     fi
   done
@@ -107,16 +110,18 @@ run() {
     local limit=$((SITTING_SECONDS - (t0 - start)))
     [ "$limit" -gt "${LIMIT[$s]}" ] && limit=${LIMIT[$s]}
     if [ "$limit" -lt 20 ]; then
-      echo "stage $s: skipped, ${limit} s left of ${SITTING_SECONDS} s" | tee -a "$OUT/summary.txt"
+      echo "stage $s: skipped, ${limit} s left of ${SITTING_SECONDS} s" | tee -a "$DIR/summary.txt"
       continue
     fi
     local fn="stage_${s//-/_}"
-    timeout "$limit" bash -c "$(declare -f "$fn"); OUT='$OUT' $fn" > "$OUT/$s.log" 2>&1
+    timeout "$limit" bash -c "$(declare -f "$fn"); DIR='$DIR' $fn" > "$DIR/$s.log" 2>&1
     local rc=$?
-    local line="stage $s: rc=$rc in $((SECONDS - t0)) s (limit $limit s); $(tail -n 1 "$OUT/$s.log")"
-    echo "$line" | tee -a "$OUT/summary.txt"
+    local line="stage $s: rc=$rc in $((SECONDS - t0)) s (limit $limit s); $(tail -n 1 "$DIR/$s.log")"
+    echo "$line" | tee -a "$DIR/summary.txt"
+    tar -czf "$OUT/sitting.tar.gz" -C "$DIR" .
     [ "$s" = build ] && [ $rc -ne 0 ] && return 1
   done
+  tar -czf "$OUT/sitting.tar.gz" -C "$DIR" .
   return 0
 }
 
