@@ -85,7 +85,15 @@ SITTING_SECONDS=${SITTING_SECONDS:-570}
 run() {
   : "${OUT:?set OUT to the folder that comes back}"
   local start=$SECONDS
-  DIR=/tmp/sitting
+  local stages=("$@")
+  [ ${#stages[@]} -eq 0 ] && stages=(build tests ops step memory step-imagenet)
+  for s in "${stages[@]}"; do
+    if [ -z "${LIMIT[$s]:-}" ]; then
+      echo "gpu_sitting: unknown stage $s (${!LIMIT[*]})" >&2
+      return 2
+    fi
+  done
+  DIR=${SITTING_DIR:-/tmp/sitting}
   rm -rf "$DIR" && mkdir -p "$DIR/results" "$OUT"
   if ! python3 -c "import yaml, matplotlib" 2>/dev/null; then
     [ -d .whl ] && python3 -m pip install -q --no-deps --no-index --find-links .whl \
@@ -96,14 +104,6 @@ run() {
     | tee "$DIR/gpu.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$DIR/gpu.txt"
-  local stages=("$@")
-  [ ${#stages[@]} -eq 0 ] && stages=(build tests ops step memory step-imagenet)
-  for s in "${stages[@]}"; do
-    if [ -z "${LIMIT[$s]:-}" ]; then
-      echo "gpu_sitting: unknown stage $s (${!LIMIT[*]})" >&2
-      return 2
-    fi
-  done
   export PYTHONUNBUFFERED=1  # logs up to the moment a stage is cut off
   for s in "${stages[@]}"; do
     local t0=$SECONDS

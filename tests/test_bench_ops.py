@@ -45,10 +45,11 @@ def test_gpu_sitting_script_refuses_unknown_stages_before_running_any(tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh"
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work")}
     bad = subprocess.run(["bash", str(script), "run", "tests", "bogus"], capture_output=True,
-                         text=True, env={**os.environ, "OUT": str(tmp_path)})
+                         text=True, env=env)
     assert bad.returncode == 2 and "unknown stage bogus" in bad.stderr
-    assert not (tmp_path / "tests.log").exists()  # the valid stage before it did not run
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()  # nothing ran
 
 
 def _bench_step_module():
@@ -90,3 +91,22 @@ def test_bench_step_checkpointing_is_recorded_and_refused_without_blocks(tmp_pat
     with pytest.raises(SystemExit):  # argparse: one line, exit 2
         cli.main([*common, "--model", "small_cnn", "--max-batch"])
     assert "--max-batch needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_path):
+    import subprocess
+    import tarfile
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
+           "SITTING_SECONDS": "15"}
+    done = subprocess.run(["bash", str(script), "run", "tests", "ops"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    # under 20 s left for each stage: both skipped, neither started
+    assert "stage tests: skipped" in done.stdout and "stage ops: skipped" in done.stdout
+    assert not (tmp_path / "work" / "tests.log").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["sitting.tar.gz"]
+    with tarfile.open(tmp_path / "out" / "sitting.tar.gz") as tar:
+        summary = tar.extractfile("./summary.txt").read().decode()
+    assert summary.count("skipped") == 2
