@@ -1,15 +1,24 @@
 """Fused loss ops, forward + backward, against torch eager and torch.compile.
 
-For each op and N x C in {15360 x 10, 15360 x 1000, 4096 x 32000}, bf16 and fp32 logits: the
-median ms (triton.testing.do_bench on a GPU), achieved GB/s (bytes the op must move: read the
-logits, write the gradient) and the fraction of the card's measured copy bandwidth. Appends one
-JSON object per row to benchmarks/results/ops.jsonl with the card, versions and date.
+For each op and N x C in {15360 x 10, 15360 x 1000, 4096 x 32000}, bf16 and fp32 logits, two
+medians (GPU):
+  ms        triton.testing.do_bench: the call as a Python program makes it, launch and autograd
+            overhead included (on a GPU these small ops are often host-bound: the GPU waits for
+            the launches);
+  graph_ms  the same call captured in a CUDA graph and replayed, the L2 cache flushed before
+            each replay: the GPU's own time, as a graphed training step pays it.
+GB/s and the fraction of the card's measured copy bandwidth come from graph_ms (bytes the op
+must move: read the logits, write the gradient). Appends one JSON object per row to
+benchmarks/results/ops.jsonl with the card, versions and date.
 
 Each case backpropagates the loss alone (grad_output 1), where our backward moves no memory:
 the gradient written in the forward is used as is. A weighted loss (w * loss) adds one read
 and one write of the gradient, in place.
 
-    python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000] [--out benchmarks/results]
+--tiles sweeps the tile of our kernels (elements a program holds per step : widest row chunk :
+most warps; the default is the shipped one), to choose it from measurements.
+
+    python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000] [--tiles 1024:4096:8,4096:32768:16]
 """
 import argparse
 import datetime
@@ -42,6 +51,50 @@ def timer(fn, device, grad_to_none=()):
         if i >= 2:
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_timer(fn, device, grad_to_none=(), replays=50):
+    """Median ms of one replay of fn captured in a CUDA graph, the L2 cache flushed before each
+    replay (the flush is outside the timed span); None off CUDA or where fn cannot be captured."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: compilation, lazy state
+        for _ in range(3):
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in grad_to_none:
+        t.grad = None  # the captured backward writes a fresh gradient, as in training
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:
+        print(f"  (not capturable: {str(err).splitlines()[0]})")
+        return None
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for a, b in zip(start, end):
+        flush.zero_()
+        a.record()
+        graph.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(start, end))
+
+
+def parse_tile(spec):
+    """'ELEMENTS:MAX_BLOCK:MAX_WARPS' -> three ints (powers of two)."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0
+                                  for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"tile {spec!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS, powers of two")
+    return tuple(int(p) for p in parts)
 
 
 def copy_bandwidth(device):
@@ -92,14 +145,63 @@ def cases(n, c, dtype, device):
     }
 
 
+def record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth):
+    """One result row. The ratios and the bandwidth use the graph replay time where there is one
+    (a GPU), else the host-side time."""
+    def pick(pair):
+        return pair[1] if pair[1] is not None else pair[0]
+
+    def r4(v):
+        return round(v, 4) if v is not None else None
+
+    t_ours = pick(mine)
+    gbps = nbytes / (t_ours * 1e-3) / 1e9
+    comp = base.get("compile", (None, None))
+    return dict(meta, op=name, n=n, c=c, dtype=str(dtype).split(".")[1],
+                tile=":".join(map(str, tile)),
+                ms=r4(mine[0]), eager_ms=r4(base["eager"][0]), compile_ms=r4(comp[0]),
+                graph_ms=r4(mine[1]), eager_graph_ms=r4(base["eager"][1]),
+                compile_graph_ms=r4(comp[1]),
+                speedup_vs_eager=round(pick(base["eager"]) / t_ours, 2),
+                speedup_vs_compile=round(pick(comp) / t_ours, 2) if comp[0] else None,
+                speedup_vs_eager_host=round(base["eager"][0] / mine[0], 2),
+                GBps=round(gbps, 1), bandwidth_fraction=round(gbps * 1e9 / bandwidth, 3))
+
+
+def print_row(row):
+    def f(v, width, digits=3):
+        return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}s}"
+
+    graphed = row["graph_ms"] is not None
+    key = "graph_ms" if graphed else "ms"
+    ekey = "eager_graph_ms" if graphed else "eager_ms"
+    ckey = "compile_graph_ms" if graphed else "compile_ms"
+    print(f"{row['op']:20s} {str(row['n']) + 'x' + str(row['c']):>12s} {row['dtype']:>8s} "
+          f"{row['tile']:>13s} {f(row[key], 7)} {f(row[ekey], 7)} {f(row[ckey], 7)} "
+          f"{f(row['speedup_vs_eager'], 7, 2)} {f(row['speedup_vs_compile'], 6, 2)} "
+          f"{row['GBps']:6.0f} {100 * row['bandwidth_fraction']:4.0f} {f(row['ms'], 6)} "
+          f"{f(row['eager_ms'], 6)}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="benchmark the fused loss ops")
+    from mpl_fast.kernels import softmax_common
+
+    shipped = f"{softmax_common.TILE_ELEMENTS}:{softmax_common.MAX_BLOCK}:{softmax_common.MAX_WARPS}"
+    parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
+                                     description="benchmark the fused loss ops")
     parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES))
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--tiles", default=shipped,
+                        help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS tiles of our kernels "
+                        "to time (default: the shipped one, %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    try:
+        tiles = [parse_tile(t) for t in args.tiles.split(",")]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"--tiles: {err}")
     device = torch.device(args.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bandwidth = copy_bandwidth(device)
@@ -108,33 +210,47 @@ def main(argv=None):
 
     meta = {"gpu": card, "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "copy_GBps": round(bandwidth / 1e9, 1)}
-    print(f"{card}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(f"{'op':20s} {'N x C':>12s} {'dtype':>8s} {'ours ms':>9s} {'eager ms':>9s} "
-          f"{'compile ms':>10s} {'x eager':>8s} {'GB/s':>7s} {'% bw':>5s}")
+    timing = ("ms: graph replay (GPU time), host: called from Python" if device.type == "cuda"
+              else "ms: called from Python (no GPU: no graph replay)")
+    print(f"{card}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; {timing}")
+    print(f"{'op':20s} {'N x C':>12s} {'dtype':>8s} {'tile':>13s} {'ours':>7s} {'eager':>7s} "
+          f"{'compile':>7s} {'x eager':>7s} {'x comp':>6s} {'GB/s':>6s} {'% bw':>4s} "
+          f"{'host':>6s} {'eager':>6s}")
     out = Path(args.out)
     rows = []
     for n, c in shapes:
         for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
             for name, (ours, eager, nbytes, leaves) in cases(n, c, dtype, device).items():
-                t_ours, t_eager = timer(ours, device, leaves), timer(eager, device, leaves)
-                t_comp = None
+                theirs = {"eager": eager}
                 if not args.no_compile:
-                    t_comp = timer(torch.compile(eager), device, leaves)
-                gbps = nbytes / (t_ours * 1e-3) / 1e9
-                row = dict(meta, op=name, n=n, c=c, dtype=str(dtype).split(".")[1],
-                           ms=round(t_ours, 4), eager_ms=round(t_eager, 4),
-                           compile_ms=round(t_comp, 4) if t_comp else None,
-                           speedup_vs_eager=round(t_eager / t_ours, 2),
-                           GBps=round(gbps, 1), bandwidth_fraction=round(gbps * 1e9 / bandwidth, 3))
-                rows.append(row)
-                append_jsonl(out / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows
-                comp = f"{t_comp:10.3f}" if t_comp else f"{'-':>10s}"
-                print(f"{name:20s} {f'{n}x{c}':>12s} {row['dtype']:>8s} {t_ours:9.3f} "
-                      f"{t_eager:9.3f} {comp} {t_eager / t_ours:8.2f} {gbps:7.0f} "
-                      f"{100 * row['bandwidth_fraction']:5.0f}")
+                    theirs["compile"] = torch.compile(eager)
+                base = {k: (timer(f, device, leaves), graph_timer(f, device, leaves))
+                        for k, f in theirs.items()}
+                for tile in tiles:
+                    (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
+                     softmax_common.MAX_WARPS) = tile
+                    try:
+                        mine = (timer(ours, device, leaves), graph_timer(ours, device, leaves))
+                    except Exception as err:  # a swept tile the compiler refuses: say, go on
+                        if ":".join(map(str, tile)) == shipped:
+                            raise
+                        print(f"{name:20s} {n}x{c} {dtype}: tile {tile} failed: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+                        continue
+                    finally:
+                        (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
+                         softmax_common.MAX_WARPS) = parse_tile(shipped)
+                    row = record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth)
+                    rows.append(row)
+                    append_jsonl(out / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows
+                    print_row(row)
+    if not rows:
+        print("summary: no rows (every tile failed)")
+        return 1
     worst = min(r["speedup_vs_eager"] for r in rows)
-    print(f"summary: {len(rows)} rows on {card}; slowest speedup vs eager {worst:.2f}x; "
-          f"appended to {out / 'ops.jsonl'}")
+    print(f"summary: {len(rows)} rows on {card}; slowest speedup vs eager {worst:.2f}x "
+          f"({'GPU time' if device.type == 'cuda' else 'host time'}); appended to "
+          f"{out / 'ops.jsonl'}")
     return 0
 
 

@@ -8,8 +8,8 @@
 #       downloads pure wheels the GPU machine lacks (pyyaml, matplotlib and its deps, for its
 #       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
-#       STAGE: build tests ops step memory step-imagenet step-compiled (default: all but
-#       step-compiled, in that order, each under its own limit and all under SITTING_SECONDS,
+#       STAGE: build tests ops ops-tiles step memory step-imagenet step-compiled (default: all
+#       but step-compiled, in that order, each under its own limit and all under SITTING_SECONDS,
 #       default 570).
 #       Logs (<stage>.log), result records (results/) and summary.txt (a line per stage, also on
 #       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz after every
@@ -51,6 +51,12 @@ stage_ops() {
   mpl-fast bench ops --out "$DIR/results"
 }
 
+# our kernels' tile, swept at the two shapes the bandwidth target is set at (#3)
+stage_ops_tiles() {
+  mpl-fast bench ops --shapes 15360x1000,4096x32000 --no-compile \
+    --tiles 1024:4096:8,2048:4096:8,4096:4096:8,4096:8192:16,8192:8192:16 --out "$DIR/results"
+}
+
 stage_step() {
   mpl-fast bench step --model wrn28_2 --no-compiled --out "$DIR/results" &&
     mpl-fast bench step --model wrn28_2 --weak-no-grad --no-reference --no-compiled \
@@ -76,7 +82,7 @@ stage_step_compiled() {
 }
 
 declare -A LIMIT=([build]=90 [tests]=180 [ops]=180 [step]=120 [step-compiled]=420 [memory]=300
-  [step-imagenet]=120)
+  [step-imagenet]=120 [ops-tiles]=180)
 # All stages together stop by SITTING_SECONDS (default 570 s: inside one 600 s device call). A
 # stage gets its own limit or what is left, whichever is less, so time a quick stage leaves over
 # goes to the next; a stage left under 20 s is skipped.
@@ -86,7 +92,7 @@ run() {
   : "${OUT:?set OUT to the folder that comes back}"
   local start=$SECONDS
   local stages=("$@")
-  [ ${#stages[@]} -eq 0 ] && stages=(build tests ops step memory step-imagenet)
+  [ ${#stages[@]} -eq 0 ] && stages=(build tests ops ops-tiles step memory step-imagenet)
   for s in "${stages[@]}"; do
     if [ -z "${LIMIT[$s]:-}" ]; then
       echo "gpu_sitting: unknown stage $s (${!LIMIT[*]})" >&2
@@ -128,6 +134,6 @@ run() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops step memory step-imagenet step-compiled]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops ops-tiles step memory step-imagenet step-compiled]" >&2
      exit 2 ;;
 esac

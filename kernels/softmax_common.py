@@ -7,8 +7,10 @@ import triton.language as tl
 
 # Elements one program holds per loop iteration. Rows of fewer classes are packed several to a
 # program so that, e.g., 15360 x 10 logits are 240 programs of 64 rows, not 15360 of one.
+# (Module settings, read at each launch: `mpl-fast bench ops --tiles` sweeps them on a GPU.)
 TILE_ELEMENTS = 1024
 MAX_BLOCK = 4096
+MAX_WARPS = 8
 
 
 @triton.jit
@@ -55,5 +57,4 @@ def tile_for(num_classes: int) -> Tile:
     block = min(triton.next_power_of_2(max(num_classes, 2)), MAX_BLOCK)
     rows = max(1, TILE_ELEMENTS // block)
     elements = rows * block
-    warps = 8 if elements >= 2048 else 4 if elements >= 512 else 2 if elements >= 128 else 1
-    return Tile(rows, block, warps)
+    return Tile(rows, block, min(MAX_WARPS, max(1, elements // 256)))  # 8 elements a thread

@@ -111,12 +111,20 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--classes", default="10,100,1000,4000,32000",
                         help="class counts to launch with (each picks a tile)")
+    parser.add_argument("--tile", default=None,
+                        help="ELEMENTS:MAX_BLOCK:MAX_WARPS instead of the shipped tile (to see "
+                        "what a tile `mpl-fast bench ops --tiles` would sweep costs in registers)")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: compile only every n-th variant from the i-th (parallel runs)")
     args = parser.parse_args(argv)
     shard, shards = (int(v) for v in args.shard.split("/"))
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_kernels_for_gpu: unset TRITON_INTERPRET (it makes kernels uncompilable)")
+    if args.tile:
+        from mpl_fast.kernels import softmax_common
+
+        (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
+         softmax_common.MAX_WARPS) = (int(v) for v in args.tile.split(":"))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

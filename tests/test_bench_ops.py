@@ -4,6 +4,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from mpl_fast import cli
 
 
@@ -17,7 +19,29 @@ def test_bench_ops_records_rows(tmp_path, capsys):
                     "bandwidth_fraction", "n", "c", "dtype"):
             assert key in r
         assert r["ms"] > 0 and r["n"] == 8 and r["c"] == 10
+        assert r["graph_ms"] is None and r["speedup_vs_compile"] is None  # no GPU, no compile
+        assert r["tile"] == "1024:4096:8"  # the shipped tile
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
+
+
+def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
+    from mpl_fast.kernels import softmax_common
+
+    shipped = (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK, softmax_common.MAX_WARPS)
+    assert cli.main(["bench", "ops", "--shapes", "5x300", "--dtypes", "bfloat16", "--no-compile",
+                     "--tiles", "1024:4096:8,2048:128:4", "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ops.jsonl").read_text().splitlines()]
+    assert sorted((r["op"], r["tile"]) for r in rows) == sorted(
+        (op, t) for op in ("soft_cross_entropy", "uda_loss", "pseudo_labels")
+        for t in ("1024:4096:8", "2048:128:4"))
+    assert (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
+            softmax_common.MAX_WARPS) == shipped
+    capsys.readouterr()
+    for bad in ("1024:4096", "1000:4096:8", "a:b:c"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "ops", "--tiles", bad, "--device", "cpu", "--out", str(tmp_path)])
+        assert "--tiles" in capsys.readouterr().err
 
 
 def test_bench_step_smoke_on_cpu(tmp_path, capsys):
@@ -86,8 +110,6 @@ def test_bench_step_checkpointing_is_recorded_and_refused_without_blocks(tmp_pat
     assert cli.main([*common, "--model", "small_cnn", "--checkpoint", "teacher"]) == 2
     assert "small_cnn has no WRN or ResNet blocks" in capsys.readouterr().err
     assert len((tmp_path / "step.jsonl").read_text().splitlines()) == 1  # nothing appended
-    import pytest
-
     with pytest.raises(SystemExit):  # argparse: one line, exit 2
         cli.main([*common, "--model", "small_cnn", "--max-batch"])
     assert "--max-batch needs a CUDA device" in capsys.readouterr().err

@@ -178,3 +178,18 @@ def test_reference_matches_compiled():
     a, b = _pairs(_odd_shapes(gen, 30), torch.bfloat16, "cpu", gen)
     assert torch.allclose(multi_tensor.multi_tensor_dot_reference(a, b),
                           torch.ops.mpl_fast.multi_tensor_dot(a, b), rtol=1e-5, atol=1e-4)
+
+
+def test_extension_is_loaded_after_torch():
+    """_C links libtorch and the CUDA runtime; loaded before torch's Python module it aborted on
+    the GPU machine ("free(): invalid pointer")."""
+    import subprocess
+    import sys
+
+    # sys.modules keeps insertion order; an extension module enters it after its dlopen
+    code = "import sys, mpl_fast._C; print(' '.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    order = done.stdout.split()
+    assert "mpl_fast._C" in order and "torch" in order
+    assert order.index("torch") < order.index("mpl_fast._C")

@@ -5,10 +5,6 @@ import functools
 @functools.lru_cache(maxsize=None)
 def load():
     """Import mpl_fast._C (registering its ops) and return it; a clear error if it is missing."""
-    # torch first, always: it loads its own CUDA runtime and libraries with RTLD_GLOBAL. Loaded
-    # before torch, _C would pull libtorch in through its RPATH and the toolkit's libcudart
-    # beside torch's (on a GPU machine that aborted with "free(): invalid pointer" on import).
-    import torch  # noqa: F401
     try:
         from mpl_fast import _C
     except ImportError as err:
