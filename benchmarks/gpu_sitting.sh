@@ -2,15 +2,18 @@
 # One GPU sitting, scripted: the checks and measurements the open issues need, in priority
 # order, each stage under its own time limit so that one slow stage cannot eat the others.
 # A device call may run 10 minutes and a session has ~15 minutes of device time in all
-# (machine start included), so the default stages are held to one call.
+# (machine start included), so one call's stages are held to SITTING_SECONDS (default 570).
 #
 #   here (with network):  bash benchmarks/gpu_sitting.sh prepare
 #       downloads pure wheels the GPU machine lacks (pyyaml, matplotlib and its deps, for its
-#       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]).
+#       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]). For DALI also run
+#       `bash ../shared/device/dali-wheels.sh` (.dali/p1 .. p5 and install.sh, ~60 MB each).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
-#       STAGE: build tests ops ops-tiles step memory step-imagenet step-compiled (default: all
-#       but step-compiled, in that order, each under its own limit and all under SITTING_SECONDS,
-#       default 570).
+#       STAGE: build tests ops ops-tiles step memory step-imagenet step-compiled data
+#       (default: all but step-compiled and data, in that order), each under its own limit and
+#       all under SITTING_SECONDS. Wheels and DALI parts carried in a call are kept under /tmp
+#       for the later calls on the same warm machine; DALI is installed once all five parts
+#       have come (one part a call: docs/gpu_checklist.md has the call-by-call plan).
 #       Logs (<stage>.log), result records (results/) and summary.txt (a line per stage, also on
 #       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz after every
 #       stage: only 8 files come back from a device call. Unpack it here and copy the records
@@ -69,6 +72,16 @@ stage_step_imagenet() {
       --num-classes 1000 --no-compiled --steps 20 --warmup 5 --out "$DIR/results"
 }
 
+# the DALI GPU pipeline (#6): its gpu test, then throughput on ImageNet-sized synthetic JPEGs
+# written there (about a minute on 16 cores) at the ResNet-50 step's batch. Needs DALI (below).
+stage_data() {
+  python3 -c "import nvidia.dali" || { echo "no DALI: carry the five .dali parts first"; return 1; }
+  TRITON_INTERPRET=0 python3 -m pytest -v -rfE -p no:cacheprovider \
+    tests/test_gpu_step.py -k dali &&
+    mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 \
+      --out "$DIR/results"
+}
+
 # activation checkpointing (#7): time, activation memory and the largest batch, without and with
 stage_memory() {
   mpl-fast bench step --model wrn28_2 --no-reference --no-compiled --max-batch \
@@ -82,7 +95,8 @@ stage_step_compiled() {
 }
 
 declare -A LIMIT=([build]=90 [tests]=180 [ops]=180 [step]=120 [step-compiled]=420 [memory]=300
-  [step-imagenet]=120 [ops-tiles]=180)
+  [step-imagenet]=120 [ops-tiles]=180
+  [data]=240)
 # All stages together stop by SITTING_SECONDS (default 570 s: inside one 600 s device call). A
 # stage gets its own limit or what is left, whichever is less, so time a quick stage leaves over
 # goes to the next; a stage left under 20 s is skipped.
@@ -101,11 +115,24 @@ run() {
   done
   DIR=${SITTING_DIR:-/tmp/sitting}
   rm -rf "$DIR" && mkdir -p "$DIR/results" "$OUT"
-  if ! python3 -c "import yaml, matplotlib" 2>/dev/null; then
-    [ -d .whl ] && python3 -m pip install -q --no-deps --no-index --find-links .whl \
+  # wheels carried in this call go to /tmp (kept while the machine stays warm) for later calls
+  if [ -d .whl ] && ! python3 -c "import yaml, matplotlib" 2>/dev/null; then
+    python3 -m pip install -q --no-deps --no-index --find-links .whl \
       --target /tmp/sitting-site "${WHEELS[@]}"
-    export PYTHONPATH=/tmp/sitting-site${PYTHONPATH:+:$PYTHONPATH}
   fi
+  export PYTHONPATH=/tmp/sitting-site${PYTHONPATH:+:$PYTHONPATH}
+  # DALI comes in five parts, one a call (../shared/device/dali-wheels.sh): gather them in /tmp
+  # and install once all five are there
+  if compgen -G ".dali/p*" > /dev/null || [ -f .dali/install.sh ]; then
+    mkdir -p /tmp/dali-parts && cp -r .dali/p* .dali/install.sh /tmp/dali-parts/ 2>/dev/null
+    echo "DALI parts here: $(cd /tmp/dali-parts && ls -d p* 2>/dev/null | tr '\n' ' ')" \
+      | tee "$DIR/dali.txt"
+  fi
+  if [ ! -d /tmp/dali-site/nvidia/dali ] && [ -f /tmp/dali-parts/install.sh ] &&
+      [ "$(ls -d /tmp/dali-parts/p[1-5] 2>/dev/null | wc -l)" -eq 5 ]; then
+    bash /tmp/dali-parts/install.sh 2>&1 | tail -n 3 | tee -a "$DIR/dali.txt"
+  fi
+  [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH=/tmp/dali-site:$PYTHONPATH
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     | tee "$DIR/gpu.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
@@ -134,6 +161,6 @@ run() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops ops-tiles step memory step-imagenet step-compiled]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops ops-tiles step memory step-imagenet step-compiled data]" >&2
      exit 2 ;;
 esac

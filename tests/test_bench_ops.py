@@ -63,10 +63,21 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
 
 
+def _sitting_script(tmp_path):
+    """A copy of the sitting script in an empty checkout: the real one may hold .whl and .dali
+    folders (hundreds of MB) that the script would gather into /tmp."""
+    import shutil
+
+    script = tmp_path / "repo" / "benchmarks" / "gpu_sitting.sh"
+    script.parent.mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh", script)
+    return script
+
+
 def test_gpu_sitting_script_refuses_unknown_stages_before_running_any(tmp_path):
     import subprocess
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh"
+    script = _sitting_script(tmp_path)
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work")}
@@ -119,7 +130,7 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
     import subprocess
     import tarfile
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh"
+    script = _sitting_script(tmp_path)
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
            "SITTING_SECONDS": "15"}
     done = subprocess.run(["bash", str(script), "run", "tests", "ops"], capture_output=True,
