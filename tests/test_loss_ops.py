@@ -370,9 +370,6 @@ def test_opcheck(use):
     torch.library.opcheck(op.soft_cross_entropy.default, (x, None, t, None, 0.0, "none", True))
     torch.library.opcheck(op.pseudo_labels.default, (x.detach(), 0.7, 0.5))
     torch.library.opcheck(op.uda_loss.default, (t.log(), x, 0.7, 0.2, "sum", True))
-    g = _logits(5, 7, torch.float32, "cpu", 3)
-    torch.library.opcheck(op.scale_rows_.default, (g.clone(), torch.tensor(0.5)))
-    torch.library.opcheck(op.scale_rows_.default, (g.clone(), torch.tensor([1.0, 2, 1, 0, 3])))
 
 
 def test_fullgraph_compile(use):

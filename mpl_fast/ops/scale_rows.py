@@ -3,9 +3,11 @@
 The loss ops write their gradient in the forward pass; backward only scales it by grad_output.
 In eager mode that is done in place (scale_rows_), with rows whose scale is 1 left untouched by
 the Triton kernel, so the backward of a loss that is backpropagated alone costs nothing.
-scale_rows_ is declared as mutating `grad`, so autograd bumps its version: a second backward
-through the same graph (retain_graph=True) fails loudly instead of scaling twice. While
-torch.compile traces, the scale is out of place, keeping the graph functional.
+scale_rows_ bumps `grad`'s version counter, so a second backward through the same graph
+(retain_graph=True) fails loudly instead of scaling twice. It is a plain function, not a
+torch.library op: it only runs in eager backward, where a dispatcher round trip costs more host
+time than the launch. While torch.compile traces, the scale is out of place, keeping the graph
+functional.
 """
 import torch
 
@@ -19,25 +21,17 @@ def _scaled(grad, scale):
     return (grad.to(wide) * s).to(grad.dtype)
 
 
-def scale_rows_torch(grad, scale):
-    grad.copy_(_scaled(grad, scale))
-
-
-@torch.library.custom_op("mpl_fast::scale_rows_", mutates_args=("grad",))
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad (N x C) *= scale (0-dim, or N), in place; grad's version is bumped."""
     if grad.numel() == 0:
         return
     if backend.loss_backend(grad) == "triton" and grad.stride(-1) == 1:
         from mpl_fast.kernels.scale_rows import scale_rows_forward
 
         scale_rows_forward(grad, scale)
+        torch.autograd.graph.increment_version(grad)  # the kernel wrote behind autograd's back
         return
-    scale_rows_torch(grad, scale)
-
-
-@scale_rows_.register_fake
-def _(grad, scale):
-    return None
+    grad.copy_(_scaled(grad, scale))  # a torch in-place op: bumps the version itself
 
 
 def scaled_gradient(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
