@@ -3,9 +3,9 @@
 Plain checkpointing re-runs each block's forward during backward, and in training mode that
 second forward updates BatchNorm running statistics a second time (momentum applied twice,
 num_batches_tracked counted twice). Here the recomputation runs with every BN momentum at 0 (the
-running statistics stay as they are: r <- 1 * r + 0 * batch) and num_batches_tracked restored
-afterwards, so the statistics are updated exactly once, while the recomputation takes the same
-code path (and saves the same tensors) as the original forward, as checkpointing requires.
+running statistics stay as they are: r <- 1 * r + 0 * batch) and without its batch counter, so
+the statistics are updated exactly once, while the recomputation takes the same code path (and
+saves the same tensors) as the original forward, as checkpointing requires.
 """
 import contextlib
 from typing import Iterable, Type
@@ -22,19 +22,21 @@ def _bn_layers(block):
 @contextlib.contextmanager
 def _bn_not_counted(block: nn.Module, tracking):
     """Re-run `block` as its first forward ran (the same track_running_stats per layer, e.g.
-    under mpl.frozen_bn_stats) but without counting the batch in the running statistics."""
+    under mpl.frozen_bn_stats) but without counting the batch in the running statistics.
+
+    Only Python attributes change (momentum 0, the batch counter unset for the re-run): no
+    tensor op, so no extra kernel launches in backward."""
     layers = _bn_layers(block)
-    saved = [(m.momentum, m.track_running_stats, m.num_batches_tracked.clone()
-              if m.num_batches_tracked is not None else None) for m in layers]
+    saved = [(m.momentum, m.track_running_stats, m.num_batches_tracked) for m in layers]
     for m, track in zip(layers, tracking):
         m.momentum, m.track_running_stats = 0.0, track
+        m.num_batches_tracked = None  # BatchNorm counts nothing when it has no counter
     try:
         yield
     finally:
         for m, (momentum, track, tracked) in zip(layers, saved):
             m.momentum, m.track_running_stats = momentum, track
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
+            m.num_batches_tracked = tracked
 
 
 class CheckpointedBlock(nn.Module):
