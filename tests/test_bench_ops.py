@@ -144,3 +144,28 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
     with tarfile.open(tmp_path / "out" / "sitting.tar.gz") as tar:
         summary = tar.extractfile("./summary.txt").read().decode()
     assert summary.count("skipped") == 2
+
+
+@pytest.mark.gpu
+def test_bench_ops_times_graph_replays_on_a_gpu(tmp_path):
+    """The GPU-time column: each variant captured and replayed (bench ops' own path on CUDA)."""
+    assert cli.main(["bench", "ops", "--shapes", "130x1000", "--dtypes", "bfloat16",
+                     "--tiles", "1024:4096:8,4096:4096:8", "--device", "cuda",
+                     "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ops.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for r in rows:
+        for key in ("graph_ms", "eager_graph_ms", "compile_graph_ms"):
+            assert r[key] is not None and r[key] > 0, (r["op"], key)
+        assert r["speedup_vs_eager"] == round(r["eager_graph_ms"] / r["graph_ms"], 2)
+
+
+@pytest.mark.gpu
+def test_bench_step_graphs_the_floor_and_the_reference_on_a_gpu(tmp_path):
+    assert cli.main(["bench", "step", "--model", "small_cnn", "--batch-size", "8", "--mu", "2",
+                     "--image-size", "16", "--steps", "3", "--warmup", "2", "--no-compiled",
+                     "--device", "cuda", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "step.jsonl").read_text())
+    assert record["graph"] is True and record["floor_graph"] is True
+    assert record["graphed_reference_ms_per_step"] > 0 and record["ms_per_step"] > 0
+    assert record["activation_mem_gib"] is not None
