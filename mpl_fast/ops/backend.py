@@ -44,7 +44,7 @@ def loss_backend(t: torch.Tensor) -> str:
                 f"MPL_FAST_BACKEND={name} cannot run on {t.device.type} tensors "
                 "(Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)")
         return "triton"
-    return "triton" if t.device.type == "cuda" or triton_interpreted() else "torch"
+    return "triton" if triton_usable(t) else "torch"  # e.g. meta tensors: torch
 
 
 def multi_tensor_backend(device: torch.device) -> str:
