@@ -58,6 +58,7 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     assert record["ms_per_step"] > 0 and record["floor_ms_per_step"] > 0
     assert record["compile"] == "none" and record["graph"] is False
     assert record["floor_graph"] is False and record["graphed_reference_ms_per_step"] is None
+    assert record["compiled_reference_mode"] is None  # no compiled reference off a GPU
     assert set(record["phases_ms"]) == {"teacher_forward", "student_forward_backward_step",
                                         "student_new_forward", "feedback",
                                         "teacher_backward_step"}
