@@ -170,3 +170,23 @@ def test_bench_step_graphs_the_floor_and_the_reference_on_a_gpu(tmp_path):
     assert record["graph"] is True and record["floor_graph"] is True
     assert record["graphed_reference_ms_per_step"] > 0 and record["ms_per_step"] > 0
     assert record["activation_mem_gib"] is not None
+
+
+def test_bench_ops_ratios_never_mix_gpu_and_host_times():
+    import runpy
+
+    import torch
+
+    record = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                                "bench_ops.py"))["record"]
+    tile = (1024, 4096, 8)
+    # ours could not be captured: every ratio from host times
+    r = record({}, "op", 2, 3, torch.float32, tile, (0.5, None),
+               {"eager": (0.4, 0.02), "compile": (0.3, 0.01)}, 1e6, 1e12)
+    assert not r["graph_timed"] and r["speedup_vs_eager"] == 0.8
+    assert r["speedup_vs_compile"] == 0.6
+    # all captured but the compiled one: GPU times, and no compile ratio rather than a mixed one
+    r = record({}, "op", 2, 3, torch.float32, tile, (0.5, 0.01),
+               {"eager": (0.4, 0.02), "compile": (0.3, None)}, 1e6, 1e12)
+    assert r["graph_timed"] and r["speedup_vs_eager"] == 2.0 and r["speedup_vs_compile"] is None
+    assert r["GBps"] == 100.0  # 1e6 bytes in 0.01 ms
