@@ -158,7 +158,9 @@ def test_bench_ops_times_graph_replays_on_a_gpu(tmp_path):
     for r in rows:
         for key in ("graph_ms", "eager_graph_ms", "compile_graph_ms"):
             assert r[key] is not None and r[key] > 0, (r["op"], key)
-        assert r["speedup_vs_eager"] == round(r["eager_graph_ms"] / r["graph_ms"], 2)
+        assert r["graph_timed"]  # the ratios come from the GPU times (rounded in the record)
+        assert r["speedup_vs_eager"] == pytest.approx(r["eager_graph_ms"] / r["graph_ms"],
+                                                      rel=0.03, abs=0.01)
 
 
 @pytest.mark.gpu
