@@ -74,7 +74,10 @@ stage_step() {
 # the ImageNet-shaped step (#7; #6 compares the data pipeline's rate with what it consumes)
 stage_step_imagenet() {
   mpl-fast bench step --model resnet50 --image-size 224 --batch-size 32 --mu 4 \
-      --num-classes 1000 --no-compiled --steps 20 --warmup 5 --out "$DIR/results"
+      --num-classes 1000 --no-compiled --steps 20 --warmup 5 --out "$DIR/results" &&
+    mpl-fast bench step --model resnet50 --image-size 224 --batch-size 32 --mu 4 \
+      --num-classes 1000 --weak-no-grad --no-reference --no-compiled --steps 20 --warmup 5 \
+      --out "$DIR/results"
 }
 
 # the DALI GPU pipeline (#6): its gpu test, then throughput on ImageNet-sized synthetic JPEGs
