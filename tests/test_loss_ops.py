@@ -422,3 +422,71 @@ def test_cuda_graph_capture_and_inductor():
     assert torch.allclose(got[0], want[0]) and torch.allclose(got[1].float(), want[1].float())
     compiled = torch.compile(lambda a, b: ops.soft_cross_entropy(a, b), fullgraph=True)
     assert torch.allclose(compiled(xs, y), ops.soft_cross_entropy(xs, y))
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_eager_calls_bypass_the_dispatcher_and_match_the_registered_op(use, monkeypatch,
+                                                                       backend, device):
+    """In plain eager mode the public functions run an autograd.Function around the same body
+    (two dispatcher round trips less); values and gradients equal the registered op's."""
+    from mpl_fast.ops import backend as backend_mod
+
+    use(backend)
+    x = _logits(37, 100, torch.bfloat16, device, 51)
+    weak = _logits(37, 100, torch.bfloat16, device, 52)
+    y = torch.arange(37, device=device) % 100
+    m = (torch.arange(37, device=device) % 3 != 0).float()
+
+    def run():
+        xg = x.clone().requires_grad_()
+        ce = ops.soft_cross_entropy(xg, y, label_smoothing=0.1, mask=m)
+        uda, mask = ops.uda_loss(weak, xg, temperature=0.7, threshold=0.3)
+        pl = ops.pseudo_labels(weak, temperature=0.7, threshold=0.3)
+        names = {type(ce.grad_fn).__name__, type(uda.grad_fn).__name__}
+        (2.0 * ce + 0.5 * uda).backward()
+        return [ce, uda, mask, *pl, xg.grad], names
+
+    fast, fast_names = run()
+    monkeypatch.setattr(backend_mod, "plain_eager", lambda *tensors: False)
+    registered, op_names = run()
+    assert fast_names == {"_SoftCrossEntropyEagerBackward", "_UdaLossEagerBackward"}
+    assert not op_names & fast_names
+    for a, b in zip(fast, registered):
+        assert torch.equal(a, b)
+
+
+def test_traced_and_faked_calls_take_the_registered_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mpl_fast.ops import backend as backend_mod
+
+    x = torch.randn(5, 7)
+    assert backend_mod.plain_eager(x, None)
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x).requires_grad_()
+        assert not backend_mod.plain_eager(fx)
+        loss = ops.soft_cross_entropy(fx, torch.zeros(5, dtype=torch.int64))
+        uda, mask = ops.uda_loss(fx.detach(), fx)
+        pl = ops.pseudo_labels(fx.detach())
+    assert loss.shape == () and uda.shape == () and mask.shape == (5,)
+    assert pl.probs.shape == (5, 7) and pl.labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_eager_backward_hands_on_the_forward_gradient_without_a_copy(use, monkeypatch, backend,
+                                                                     device):
+    import importlib
+
+    sce_mod = importlib.import_module("mpl_fast.ops.soft_cross_entropy")
+    use(backend)
+    written = []
+    impl = sce_mod._soft_cross_entropy_impl
+
+    def spy(*args):
+        loss, grad = impl(*args)
+        written.append(grad.data_ptr())
+        return loss, grad
+    monkeypatch.setattr(sce_mod, "_soft_cross_entropy_impl", spy)
+    x = _logits(9, 5, torch.float32, device, 41).requires_grad_()
+    (3.0 * ops.soft_cross_entropy(x, torch.arange(9, device=device) % 5)).backward()
+    assert x.grad.data_ptr() == written[0]

@@ -1,7 +1,7 @@
 """Argument checks of the fused loss ops: a ValueError naming the argument.
 
-Value checks that would need the data (class index range) run only on CPU tensors outside
-torch.compile, so that nothing here synchronises with a GPU or breaks a graph.
+Value checks that would need the data (class index range) run only on plain CPU tensors
+outside torch.compile, so that nothing here synchronises with a GPU or breaks a graph.
 """
 import torch
 
@@ -47,7 +47,8 @@ def class_indices(name, t, n, c, device):
     row_vector(name, t, n, device)
     if t.dtype != torch.int64:
         raise ValueError(f"{name} must be int64 class indices, got {t.dtype}")
-    if t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel():
+    if (t.device.type == "cpu" and type(t) is torch.Tensor  # not fake or traced
+            and not torch.compiler.is_compiling() and t.numel()):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= c:
             raise ValueError(f"{name} holds class indices outside [0, {c}): min {lo}, max {hi}")

@@ -61,3 +61,20 @@ def multi_tensor_backend(device: torch.device) -> str:
         return "torch"
     _extension.load()
     return "cuda"
+
+
+def plain_eager(*tensors) -> bool:
+    """True when a loss op may bypass torch.library's dispatcher and run as a plain
+    autograd.Function: eager mode with plain tensors, nothing tracing, no dispatch mode (fake
+    tensors, flop counters) and no functorch transform. Otherwise the registered op runs, which
+    is what torch.compile, FakeTensor, vmap and opcheck work with. The bypass saves two
+    dispatcher round trips of Python per call, which is what a host-bound eager loop pays."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(t is not None and type(t) is not torch.Tensor for t in tensors):
+        return False
+    try:
+        return not (torch._C._len_torch_dispatch_stack()
+                    or torch._C._are_functorch_transforms_active())
+    except AttributeError:  # a torch without these hooks: take the registered op
+        return False

@@ -23,14 +23,18 @@ def pseudo_labels_torch(logits, temperature, threshold):
     return probs, max_prob, (max_prob >= threshold).to(probs.dtype), labels
 
 
-@torch.library.custom_op("mpl_fast::pseudo_labels", mutates_args=())
-def _pseudo_labels_op(logits: torch.Tensor, temperature: float, threshold: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pseudo_labels_impl(logits, temperature, threshold):
     if backend.loss_backend(logits) == "triton":
         from mpl_fast.kernels.pseudo_labels import pseudo_labels_forward
 
         return pseudo_labels_forward(logits, temperature, threshold)
     return pseudo_labels_torch(logits, temperature, threshold)
+
+
+@torch.library.custom_op("mpl_fast::pseudo_labels", mutates_args=())
+def _pseudo_labels_op(logits: torch.Tensor, temperature: float, threshold: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _pseudo_labels_impl(logits, temperature, threshold)
 
 
 @_pseudo_labels_op.register_fake
@@ -51,8 +55,9 @@ def pseudo_labels(logits: torch.Tensor, temperature: float = 1.0, threshold: flo
     _checks.positive("temperature", temperature)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    probs, max_prob, mask, labels = _pseudo_labels_op(logits.detach(), float(temperature),
-                                                      float(threshold))
+    # no gradient, so in plain eager mode the body runs directly (see backend.plain_eager)
+    op = _pseudo_labels_impl if backend.plain_eager(logits) else _pseudo_labels_op
+    probs, max_prob, mask, labels = op(logits.detach(), float(temperature), float(threshold))
     if mode == "sample":
         race = torch.empty_like(probs).exponential_(generator=generator)
         labels = (probs / race).argmax(dim=1)

@@ -63,11 +63,9 @@ def reduced_shape(n, reduction):
     return (n,) if reduction == "none" else ()
 
 
-@torch.library.custom_op("mpl_fast::soft_cross_entropy", mutates_args=())
-def _soft_cross_entropy_op(logits: torch.Tensor, target_index: Optional[torch.Tensor],
-                           target_probs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                           label_smoothing: float, reduction: str, compute_grad: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _soft_cross_entropy_impl(logits, target_index, target_probs, mask, label_smoothing,
+                             reduction, compute_grad):
+    """(reduced loss, gradient buffer): the body of the op, whichever way it is called."""
     scale = reduction_scale(logits.shape[0], reduction)
     if backend.loss_backend(logits) == "triton":
         from mpl_fast.kernels.soft_cross_entropy import soft_cross_entropy_forward
@@ -78,6 +76,15 @@ def _soft_cross_entropy_op(logits: torch.Tensor, target_index: Optional[torch.Te
         rows, grad = soft_cross_entropy_torch(logits, target_index, target_probs, mask,
                                               label_smoothing, compute_grad, scale)
     return reduce_rows(rows, reduction), grad
+
+
+@torch.library.custom_op("mpl_fast::soft_cross_entropy", mutates_args=())
+def _soft_cross_entropy_op(logits: torch.Tensor, target_index: Optional[torch.Tensor],
+                           target_probs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                           label_smoothing: float, reduction: str, compute_grad: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _soft_cross_entropy_impl(logits, target_index, target_probs, mask, label_smoothing,
+                                    reduction, compute_grad)
 
 
 @_soft_cross_entropy_op.register_fake
@@ -102,6 +109,23 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 _soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SoftCrossEntropyEager(torch.autograd.Function):
+    """The same forward and backward without the dispatcher (see backend.plain_eager)."""
+
+    @staticmethod
+    def forward(ctx, logits, target_index, target_probs, mask, label_smoothing, reduction,
+                compute_grad):
+        loss, grad = _soft_cross_entropy_impl(logits, target_index, target_probs, mask,
+                                              label_smoothing, reduction, compute_grad)
+        ctx.save_for_backward(grad)
+        ctx.has_grad = compute_grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, None)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
@@ -134,6 +158,8 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothi
         _checks.row_vector("mask", mask, n, logits.device)
         mask = mask.detach()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _soft_cross_entropy_op(logits, index, probs, mask, float(label_smoothing),
-                                     reduction, compute_grad)
+    args = (logits, index, probs, mask, float(label_smoothing), reduction, compute_grad)
+    if backend.plain_eager(logits, index, probs, mask):
+        return _SoftCrossEntropyEager.apply(*args)
+    loss, _ = _soft_cross_entropy_op(*args)
     return loss

@@ -20,10 +20,8 @@ def uda_loss_torch(weak, strong, temperature, threshold, compute_grad, grad_scal
     return loss, mask, grad
 
 
-@torch.library.custom_op("mpl_fast::uda_loss", mutates_args=())
-def _uda_loss_op(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float,
-                 threshold: float, reduction: str, compute_grad: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _uda_loss_impl(logits_weak, logits_strong, temperature, threshold, reduction, compute_grad):
+    """(reduced loss, mask, gradient buffer): the body of the op, whichever way it is called."""
     scale = reduction_scale(logits_strong.shape[0], reduction)
     if backend.loss_backend(logits_strong) == "triton":
         from mpl_fast.kernels.uda_loss import uda_loss_forward
@@ -34,6 +32,14 @@ def _uda_loss_op(logits_weak: torch.Tensor, logits_strong: torch.Tensor, tempera
         rows, mask, grad = uda_loss_torch(logits_weak, logits_strong, temperature, threshold,
                                           compute_grad, scale)
     return reduce_rows(rows, reduction), mask, grad
+
+
+@torch.library.custom_op("mpl_fast::uda_loss", mutates_args=())
+def _uda_loss_op(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float,
+                 threshold: float, reduction: str, compute_grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _uda_loss_impl(logits_weak, logits_strong, temperature, threshold, reduction,
+                          compute_grad)
 
 
 @_uda_loss_op.register_fake
@@ -61,6 +67,24 @@ def _backward(ctx, grad_loss, _grad_mask, _grad_grad):
 _uda_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _UdaLossEager(torch.autograd.Function):
+    """The same forward and backward without the dispatcher (see backend.plain_eager)."""
+
+    @staticmethod
+    def forward(ctx, logits_weak, logits_strong, temperature, threshold, reduction,
+                compute_grad):
+        loss, mask, grad = _uda_loss_impl(logits_weak, logits_strong, temperature, threshold,
+                                          reduction, compute_grad)
+        ctx.save_for_backward(grad)
+        ctx.has_grad = compute_grad
+        ctx.mark_non_differentiable(mask)
+        return loss, mask
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mask):
+        return _backward(ctx, grad_loss, None, None)
+
+
 def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float = 1.0,
              threshold: float = 0.0, reduction: str = "mean"):
     """(loss, mask): masked soft cross-entropy of logits_strong against softmax(weak / T)."""
@@ -75,6 +99,9 @@ def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature
     _checks.positive("temperature", temperature)
     _checks.reduction(reduction)
     compute_grad = torch.is_grad_enabled() and logits_strong.requires_grad
-    loss, mask, _ = _uda_loss_op(logits_weak.detach(), logits_strong, float(temperature),
-                                 float(threshold), reduction, compute_grad)
+    args = (logits_weak.detach(), logits_strong, float(temperature), float(threshold), reduction,
+            compute_grad)
+    if backend.plain_eager(logits_weak, logits_strong):
+        return _UdaLossEager.apply(*args)
+    loss, mask, _ = _uda_loss_op(*args)
     return loss, mask.detach()
