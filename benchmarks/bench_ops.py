@@ -230,19 +230,16 @@ def main(argv=None):
                 base = {k: (timer(f, device, leaves), graph_timer(f, device, leaves))
                         for k, f in theirs.items()}
                 for tile in tiles:
-                    (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
-                     softmax_common.MAX_WARPS) = tile
                     try:
-                        mine = (timer(ours, device, leaves), graph_timer(ours, device, leaves))
+                        with softmax_common.tile_settings(*tile):
+                            mine = (timer(ours, device, leaves),
+                                    graph_timer(ours, device, leaves))
                     except Exception as err:  # a swept tile the compiler refuses: say, go on
                         if ":".join(map(str, tile)) == shipped:
                             raise
                         print(f"{name:20s} {n}x{c} {dtype}: tile {tile} failed: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
                         continue
-                    finally:
-                        (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
-                         softmax_common.MAX_WARPS) = parse_tile(shipped)
                     row = record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth)
                     rows.append(row)
                     append_jsonl(out / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows

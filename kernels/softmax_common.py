@@ -1,5 +1,6 @@
 """Triton helpers shared by the loss kernels: the online (streaming) softmax update over a tile
 of ROWS rows x BLOCK columns, and the choice of that tile."""
+import contextlib
 from typing import NamedTuple
 
 import triton
@@ -43,6 +44,19 @@ def tile_rows(N, ROWS: tl.constexpr):
 def safe_max(m):
     """The running max with an all -inf row mapped to 0, so that exp(x - m) stays finite."""
     return tl.where(m == -float("inf"), 0.0, m)
+
+
+@contextlib.contextmanager
+def tile_settings(elements: int, max_block: int, max_warps: int):
+    """Launch with another tile inside the block (a benchmark sweep, a register report); the
+    shipped settings come back after it."""
+    global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS
+    shipped = TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS
+    TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS = elements, max_block, max_warps
+    try:
+        yield
+    finally:
+        TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS = shipped
 
 
 class Tile(NamedTuple):

@@ -10,6 +10,7 @@ shared-memory use it reads with cuobjdump. One JSON object a line per distinct k
 It must run without TRITON_INTERPRET (then @triton.jit gives compilable functions).
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -120,11 +121,15 @@ def main(argv=None):
     shard, shards = (int(v) for v in args.shard.split("/"))
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_kernels_for_gpu: unset TRITON_INTERPRET (it makes kernels uncompilable)")
-    if args.tile:
-        from mpl_fast.kernels import softmax_common
+    from mpl_fast.kernels import softmax_common
 
-        (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
-         softmax_common.MAX_WARPS) = (int(v) for v in args.tile.split(":"))
+    tile = (softmax_common.tile_settings(*(int(v) for v in args.tile.split(":")))
+            if args.tile else contextlib.nullcontext())
+    with tile:
+        compile_all(args, shard, shards)
+
+
+def compile_all(args, shard, shards):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
