@@ -99,12 +99,11 @@ stage_memory() {
       --out "$DIR/results" &&
     mpl-fast bench step --model wrn28_2 --checkpoint both --no-reference --no-compiled \
       --max-batch --out "$DIR/results" &&
-    mpl-fast bench step --model wrn28_2 --checkpoint teacher --no-reference --no-compiled \
-      --max-batch --out "$DIR/results"
+    stage_memory_teacher
 }
 
 # the teacher alone (the last run of stage memory), to set beside the first sitting's runs
-# without and with both (each stage runs in a shell of its own: stages do not call each other)
+# without and with both
 stage_memory_teacher() {
   mpl-fast bench step --model wrn28_2 --checkpoint teacher --no-reference --no-compiled \
     --max-batch --out "$DIR/results"
@@ -177,7 +176,8 @@ run() {
       continue
     fi
     local fn="stage_${s//-/_}"
-    timeout "$limit" bash -c "$(declare -f "$fn"); DIR='$DIR' $fn" > "$DIR/$s.log" 2>&1
+    # a shell of its own (so that timeout stops all of it), with every function defined
+    timeout "$limit" bash -c "$(declare -f); DIR='$DIR' $fn" > "$DIR/$s.log" 2>&1
     local rc=$?
     local line="stage $s: rc=$rc in $((SECONDS - t0)) s (limit $limit s); $(tail -n 1 "$DIR/$s.log")"
     echo "$line" | tee -a "$DIR/summary.txt"
