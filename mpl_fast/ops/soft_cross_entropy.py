@@ -115,13 +115,10 @@ class _SoftCrossEntropyEager(torch.autograd.Function):
     """The same forward and backward without the dispatcher (see backend.plain_eager)."""
 
     @staticmethod
-    def forward(ctx, logits, target_index, target_probs, mask, label_smoothing, reduction,
-                compute_grad):
-        loss, grad = _soft_cross_entropy_impl(logits, target_index, target_probs, mask,
-                                              label_smoothing, reduction, compute_grad)
-        ctx.save_for_backward(grad)
-        ctx.has_grad = compute_grad
-        return loss
+    def forward(ctx, *inputs):
+        output = _soft_cross_entropy_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -71,12 +71,9 @@ class _UdaLossEager(torch.autograd.Function):
     """The same forward and backward without the dispatcher (see backend.plain_eager)."""
 
     @staticmethod
-    def forward(ctx, logits_weak, logits_strong, temperature, threshold, reduction,
-                compute_grad):
-        loss, mask, grad = _uda_loss_impl(logits_weak, logits_strong, temperature, threshold,
-                                          reduction, compute_grad)
-        ctx.save_for_backward(grad)
-        ctx.has_grad = compute_grad
+    def forward(ctx, *inputs):
+        loss, mask, _ = output = _uda_loss_impl(*inputs)
+        _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(mask)
         return loss, mask
 
