@@ -13,7 +13,8 @@ one CUDA graph; (c) a
 supervised step of the same shapes (the floor), captured in a CUDA graph when ours is, so that
 the two compare like with like; and, when ours is graphed, (d) the plain step of (a) graphed
 without compile, which shows what the graph alone gives. Median ms/step, teacher images/s, peak memory,
-a per-phase breakdown of ours (eager, from profiler ranges), ratios; one JSON object per
+a per-phase breakdown of one eager step of ours (on a GPU the summed kernel time of each phase,
+backward kernels included, from the profiler; see phase_times), ratios; one JSON object per
 configuration appended to benchmarks/results/step.jsonl.
 Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
 model.checkpoint does in the trainer; the record's activation_mem_gib is the step's peak above
@@ -209,25 +210,47 @@ def supervised_floor(teacher, student, t_opt, s_opt, batch, amp):
         opt.step()
 
 
+# MPLStep's profiler ranges; teacher_forward also holds the teacher's losses and the pseudo labels
 PHASES = ("mpl/teacher_forward", "mpl/student_forward_backward_step", "mpl/student_new_forward",
           "mpl/feedback", "mpl/teacher_backward_step")
 
 
 def phase_breakdown(step_fn, device):
-    """ms per phase of one eager step of ours, from the profiler ranges MPLStep records."""
+    """ms per phase of one eager step of ours: on a GPU the summed time of the kernels each phase
+    launches, on a CPU the time of the ops it runs (see phase_times)."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    gpu = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=acts) as prof:
         step_fn()
-        if device.type == "cuda":
+        if gpu:
             torch.cuda.synchronize()
-    out = {}
-    for ev in prof.key_averages():
-        if ev.key in PHASES:
-            us = getattr(ev, "device_time_total", 0) if device.type == "cuda" else ev.cpu_time_total
-            out[ev.key.split("/", 1)[1]] = round(us / 1e3, 3)
-    return out
+    return phase_times(prof.events(), device_time=gpu)
+
+
+def phase_times(events, device_time):
+    """ms per phase from profiler events. A phase is a range MPLStep records on the calling thread;
+    every op that starts inside that range's span counts towards it, whichever thread ran it: a
+    GPU backward's kernels are launched from autograd's own device thread, so the range's call
+    tree (and its GPU span) holds only the optimizer step that follows. Each op adds its own
+    (self) time, device or CPU, so nothing is counted twice. Ops outside every phase go to
+    "other"."""
+    cpu = torch.autograd.DeviceType.CPU
+    windows = [(e.time_range.start, e.time_range.end, e.name.split("/", 1)[1]) for e in events
+               if e.name in PHASES and e.device_type == cpu]
+    out = {name: 0.0 for _, _, name in windows}
+    out["other"] = 0.0
+    for e in events:
+        if e.device_type != cpu:  # device-side copies of the ranges: spans, not work
+            continue
+        us = e.self_device_time_total if device_time else e.self_cpu_time_total
+        if not us:
+            continue
+        phase = next((name for start, end, name in windows if start <= e.time_range.start < end),
+                     "other")
+        out[phase] += us
+    return {k: round(v / 1e3, 3) for k, v in out.items()}
 
 
 def main(argv=None):
@@ -361,7 +384,8 @@ def main(argv=None):
     for name, (t, mem) in rows.items():
         extra = f"  peak {mem:.2f} GiB" if mem is not None else ""
         print(f"{name:20s} {t:9.2f} ms/step  {teacher_images / t * 1e3:10.0f} teacher img/s{extra}")
-    print("phases (ours, eager): " + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
+    print(f"phases (ours, eager; {'summed kernel time' if gpu else 'CPU time'}): "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
     ratios = [f"{record['speedup_vs_reference']}x vs eager reference"] if "reference" in ms else []
     if "graphed_reference" in ms:
         ratios.append(f"{ms['graphed_reference'] / ms['ours']:.3f}x vs graphed reference")

@@ -61,7 +61,7 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     assert record["compiled_reference_mode"] is None  # no compiled reference off a GPU
     assert set(record["phases_ms"]) == {"teacher_forward", "student_forward_backward_step",
                                         "student_new_forward", "feedback",
-                                        "teacher_backward_step"}
+                                        "teacher_backward_step", "other"}
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
 
 
@@ -172,6 +172,11 @@ def test_bench_step_graphs_the_floor_and_the_reference_on_a_gpu(tmp_path):
     assert record["graph"] is True and record["floor_graph"] is True
     assert record["graphed_reference_ms_per_step"] > 0 and record["ms_per_step"] > 0
     assert record["activation_mem_gib"] is not None
+    # the backward kernels (launched from autograd's device thread) are in their phases: the
+    # first sitting's ranges showed the teacher's backward + step at 4% of its forward
+    phases = record["phases_ms"]
+    assert phases["teacher_backward_step"] > 0.5 * phases["teacher_forward"], phases
+    assert phases["other"] < 0.1 * sum(phases.values()), phases
 
 
 def test_bench_ops_ratios_never_mix_gpu_and_host_times():
@@ -192,3 +197,54 @@ def test_bench_ops_ratios_never_mix_gpu_and_host_times():
                {"eager": (0.4, 0.02), "compile": (0.3, None)}, 1e6, 1e12)
     assert r["graph_timed"] and r["speedup_vs_eager"] == 2.0 and r["speedup_vs_compile"] is None
     assert r["GBps"] == 100.0  # 1e6 bytes in 0.01 ms
+
+
+def test_phase_times_count_work_launched_from_other_threads():
+    """A GPU backward's kernels are launched from autograd's device thread, outside the call tree
+    of the range that called backward(): they count towards the phase whose span they start in,
+    each op with its own time, and device-side copies of the ranges count for nothing."""
+    from types import SimpleNamespace as Ev
+
+    import torch
+
+    phase_times = _bench_step_module()["phase_times"]
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, start, end, device_us=0.0, cpu_us=0.0, device=cpu):
+        return Ev(name=name, device_type=device, time_range=Ev(start=start, end=end),
+                  self_device_time_total=device_us, self_cpu_time_total=cpu_us)
+    events = [
+        ev("mpl/teacher_forward", 0, 100, cpu_us=5),
+        ev("aten::conv", 10, 20, device_us=3000, cpu_us=10),
+        ev("mpl/teacher_backward_step", 100, 300, cpu_us=7),
+        ev("autograd::engine::evaluate_function", 120, 250, device_us=6000, cpu_us=90),  # other thread
+        ev("aten::_fused_sgd_", 260, 280, device_us=500, cpu_us=20),
+        ev("mpl/teacher_backward_step", 100, 140, device_us=800, device=cuda),  # GPU span
+        ev("aten::copy_", 400, 410, device_us=100, cpu_us=4),
+    ]
+    assert phase_times(events, device_time=True) == {
+        "teacher_forward": 3.0, "teacher_backward_step": 6.5, "other": 0.1}
+    assert phase_times(events, device_time=False) == {
+        "teacher_forward": 0.015, "teacher_backward_step": 0.117, "other": 0.004}
+
+
+def test_phase_breakdown_of_a_real_step_covers_its_backwards():
+    """On a CPU: the phases of one real MPL step hold nearly all its op time, and the teacher's
+    backward (a forward's worth of work or more) is not lost to the thread that ran it."""
+    import argparse
+
+    import torch
+
+    mod = _bench_step_module()
+    args = argparse.Namespace(model="small_cnn", num_classes=10, batch_size=8, mu=2,
+                              image_size=16, checkpoint="none", compile="none",
+                              estimator="loss_diff", weak_no_grad=False)
+    device = torch.device("cpu")
+    step = mod["our_step"](args, device)
+    batch = mod["make_batch"](args, device, torch.Generator().manual_seed(0))
+    step(batch, 0)
+    phases = mod["phase_breakdown"](lambda: step(batch, 0), device)
+    assert set(phases) == {"teacher_forward", "student_forward_backward_step",
+                           "student_new_forward", "feedback", "teacher_backward_step", "other"}
+    assert phases["other"] < 0.1 * sum(phases.values()), phases
+    assert phases["teacher_backward_step"] > 0.5 * phases["teacher_forward"], phases

@@ -128,21 +128,21 @@ class MPLStep(nn.Module):
         lr_s = feedback.optimizer_lr(self.student_opt)
         lr_t = feedback.optimizer_lr(self.teacher_opt)
 
-        # 1. teacher: supervised + UDA
-        with record_function("mpl/teacher_forward"), self.autocast(dev):
-            z_l, z_uw, z_us = self.teacher_forward(batch)
-        t_ce = ops.soft_cross_entropy(z_l, y_l, label_smoothing=c.teacher_label_smoothing)
-        uda_scale = self.uda_scale(step) if self.uda_scale_buffer is None else self.uda_scale_buffer
-        if c.uda_weight > 0:
-            uda, uda_mask = ops.uda_loss(z_uw, z_us, temperature=c.uda_temperature,
-                                         threshold=c.uda_threshold)
-        else:
-            uda = torch.zeros((), device=dev)
-            uda_mask = torch.zeros(n_u, device=dev)
-
-        # 2. pseudo labels
-        source = z_us if c.pseudo_label_view == "strong" else z_uw
-        targets, labels, _ = self.make_pseudo_labels(source)
+        # 1. teacher: supervised + UDA; 2. pseudo labels (one profiler range for both)
+        with record_function("mpl/teacher_forward"):
+            with self.autocast(dev):
+                z_l, z_uw, z_us = self.teacher_forward(batch)
+            t_ce = ops.soft_cross_entropy(z_l, y_l, label_smoothing=c.teacher_label_smoothing)
+            uda_scale = (self.uda_scale(step) if self.uda_scale_buffer is None
+                         else self.uda_scale_buffer)
+            if c.uda_weight > 0:
+                uda, uda_mask = ops.uda_loss(z_uw, z_us, temperature=c.uda_temperature,
+                                             threshold=c.uda_threshold)
+            else:
+                uda = torch.zeros((), device=dev)
+                uda_mask = torch.zeros(n_u, device=dev)
+            source = z_us if c.pseudo_label_view == "strong" else z_uw
+            targets, labels, _ = self.make_pseudo_labels(source)
 
         # 3. student on pseudo labels; CE_old on labels from the same forward
         with record_function("mpl/student_forward_backward_step"):
