@@ -14,7 +14,8 @@ supervised step of the same shapes (the floor), captured in a CUDA graph when ou
 the two compare like with like; and, when ours is graphed, (d) the plain step of (a) graphed
 without compile, which shows what the graph alone gives. Median ms/step, teacher images/s, peak memory,
 a per-phase breakdown of one eager step of ours (on a GPU the summed kernel time of each phase,
-backward kernels included, from the profiler; see phase_times), ratios; one JSON object per
+backward kernels included, from the profiler; see phase_times), each variant's summed kernel time
+(kernel_ms: its work without launch gaps), ratios; one JSON object per
 configuration appended to benchmarks/results/step.jsonl.
 Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
 model.checkpoint does in the trainer; the record's activation_mem_gib is the step's peak above
@@ -324,6 +325,7 @@ def main(argv=None):
     trainer_step = GraphedStep(step) if use_graph else step
     ours = lambda: trainer_step(batch, 0)  # noqa: E731
     rows["ours"] = peak(ours)
+    kernel_ms = {"ours": round(sum(phases.values()), 3)}
     del step, trainer_step, ours
     # (a) eager reference, (b) compiled + graphed reference, (c) supervised floor (graphed when
     # ours is), (d) the reference graphed without compile
@@ -341,11 +343,12 @@ def main(argv=None):
         if compiled:
             teacher = torch.compile(teacher, mode=args.reference_compile)
             student = torch.compile(student, mode=args.reference_compile)
-        run = lambda: fn(teacher, student, t_opt, s_opt, batch, amp)  # noqa: E731
-        if graph:
-            run = graphed(run, device, warmup=5)
+        call = lambda: fn(teacher, student, t_opt, s_opt, batch, amp)  # noqa: E731
+        run = graphed(call, device, warmup=5) if graph else call
         rows[name] = peak(run)
-        del teacher, student, t_opt, s_opt, run
+        # one eager call (compiled, after warm-up) through the profiler: the step's work alone
+        kernel_ms[name] = round(sum(phase_breakdown(call, device).values()), 3)
+        del teacher, student, t_opt, s_opt, run, call
     max_batch = None
     if args.max_batch:
         gc.collect()
@@ -378,12 +381,14 @@ def main(argv=None):
         "activation_mem_gib": round(activation_mem, 3) if gpu else None,
         "max_batch_size": max_batch,
         "phases_ms": phases,
+        "kernel_ms": kernel_ms,
     }
     out = Path(args.out)
     append_jsonl(out / "step.jsonl", [record])
     for name, (t, mem) in rows.items():
         extra = f"  peak {mem:.2f} GiB" if mem is not None else ""
-        print(f"{name:20s} {t:9.2f} ms/step  {teacher_images / t * 1e3:10.0f} teacher img/s{extra}")
+        print(f"{name:20s} {t:9.2f} ms/step  {teacher_images / t * 1e3:10.0f} teacher img/s  "
+              f"{'kernels' if gpu else 'ops'} {kernel_ms[name]:8.2f} ms{extra}")
     print(f"phases (ours, eager; {'summed kernel time' if gpu else 'CPU time'}): "
           + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
     ratios = [f"{record['speedup_vs_reference']}x vs eager reference"] if "reference" in ms else []

@@ -59,6 +59,11 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     assert record["compile"] == "none" and record["graph"] is False
     assert record["floor_graph"] is False and record["graphed_reference_ms_per_step"] is None
     assert record["compiled_reference_mode"] is None  # no compiled reference off a GPU
+    # each variant's own work (op time on a CPU); ours is its phases' sum
+    assert set(record["kernel_ms"]) == {"ours", "floor", "reference"}
+    assert all(v > 0 for v in record["kernel_ms"].values())
+    assert record["kernel_ms"]["ours"] == pytest.approx(sum(record["phases_ms"].values()),
+                                                        abs=0.01)
     assert set(record["phases_ms"]) == {"teacher_forward", "student_forward_backward_step",
                                         "student_new_forward", "feedback",
                                         "teacher_backward_step", "other"}
@@ -177,6 +182,10 @@ def test_bench_step_graphs_the_floor_and_the_reference_on_a_gpu(tmp_path):
     phases = record["phases_ms"]
     assert phases["teacher_backward_step"] > 0.5 * phases["teacher_forward"], phases
     assert phases["other"] < 0.1 * sum(phases.values()), phases
+    kernel_ms = record["kernel_ms"]
+    assert set(kernel_ms) == {"ours", "floor", "reference", "graphed_reference"}
+    # the graph removes launch gaps, not work: the graphed step is not faster than its kernels
+    assert record["ms_per_step"] > 0.8 * kernel_ms["ours"], (record["ms_per_step"], kernel_ms)
 
 
 def test_bench_ops_ratios_never_mix_gpu_and_host_times():
