@@ -18,7 +18,8 @@
 #       Logs (<stage>.log), result records (results/) and summary.txt (a line per stage, also on
 #       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz after every
 #       stage: only 8 files come back from a device call. Unpack it here and copy the records
-#       you report into benchmarks/results/.
+#       you report into benchmarks/results/, and its autotune/ files into .autotune/ (ignored;
+#       carry it next time: inductor's max-autotune timings for that card, see run()).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -162,6 +163,19 @@ run() {
     bash /tmp/dali-parts/install.sh 2>&1 | tail -n 3 | tee -a "$DIR/dali.txt"
   fi
   [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH=/tmp/dali-site:$PYTHONPATH
+  # inductor's max-autotune timings (a small JSON file per card and versions, written after each
+  # kernel it autotunes): kept under /tmp while the machine stays warm, taken from .autotune/
+  # when a past sitting's are carried in, and sent back in the archive (autotune/), so that the
+  # compiled reference's minutes of benchmarking are paid once even when a call is cut off
+  export TORCHINDUCTOR_CACHE_DIR=${SITTING_INDUCTOR_CACHE:-/tmp/sitting-inductor}
+  mkdir -p "$TORCHINDUCTOR_CACHE_DIR/cache"
+  if compgen -G ".autotune/*" > /dev/null; then
+    local f
+    for f in .autotune/*; do  # the warm machine's own file, if any, is the newer one
+      [ -e "$TORCHINDUCTOR_CACHE_DIR/cache/${f##*/}" ] || cp "$f" "$TORCHINDUCTOR_CACHE_DIR/cache/"
+    done
+    echo "autotune timings carried in: $(ls .autotune | wc -l) file(s)" | tee "$DIR/autotune.txt"
+  fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     | tee "$DIR/gpu.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
@@ -181,11 +195,19 @@ run() {
     local rc=$?
     local line="stage $s: rc=$rc in $((SECONDS - t0)) s (limit $limit s); $(tail -n 1 "$DIR/$s.log")"
     echo "$line" | tee -a "$DIR/summary.txt"
-    tar -czf "$OUT/sitting.tar.gz" -C "$DIR" .
+    pack
     [ "$s" = build ] && [ $rc -ne 0 ] && return 1
   done
-  tar -czf "$OUT/sitting.tar.gz" -C "$DIR" .
+  pack
   return 0
+}
+
+# everything gathered so far into the one file that comes back, the autotune timings included
+pack() {
+  if compgen -G "$TORCHINDUCTOR_CACHE_DIR/cache/*" > /dev/null; then
+    mkdir -p "$DIR/autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$DIR/autotune/"
+  fi
+  tar -czf "$OUT/sitting.tar.gz" -C "$DIR" .
 }
 
 case "${1:-}" in

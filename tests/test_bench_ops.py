@@ -138,8 +138,17 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
     import tarfile
 
     script = _sitting_script(tmp_path)
+    # inductor's autotune timings: one carried in from a past sitting, one the warm machine has
+    # from an earlier call (it wins over a carried file of the same name)
+    carried = script.parent.parent / ".autotune"
+    carried.mkdir()
+    (carried / "h100-timings").write_text("carried")
+    (carried / "h200-timings").write_text("carried, older")
+    cache = tmp_path / "inductor" / "cache"
+    cache.mkdir(parents=True)
+    (cache / "h200-timings").write_text("this machine's")
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
-           "SITTING_SECONDS": "15"}
+           "SITTING_SECONDS": "15", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor")}
     done = subprocess.run(["bash", str(script), "run", "tests", "ops"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
@@ -147,9 +156,13 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
     assert "stage tests: skipped" in done.stdout and "stage ops: skipped" in done.stdout
     assert not (tmp_path / "work" / "tests.log").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["sitting.tar.gz"]
+    assert (cache / "h100-timings").read_text() == "carried"
     with tarfile.open(tmp_path / "out" / "sitting.tar.gz") as tar:
         summary = tar.extractfile("./summary.txt").read().decode()
+        timings = {name: tar.extractfile(f"./autotune/{name}").read().decode()
+                   for name in ("h100-timings", "h200-timings")}
     assert summary.count("skipped") == 2
+    assert timings == {"h100-timings": "carried", "h200-timings": "this machine's"}
 
 
 @pytest.mark.gpu
