@@ -2,7 +2,8 @@
 
     mpl-fast bench step --model wrn28_2|resnet50|<timm name> [--batch-size B] [--mu M]
                         [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph]
-                        [--compile MODE] [--checkpoint WHICH] [--max-batch] ...
+                        [--compile MODE] [--checkpoint WHICH] [--checkpoint-blocks N]
+                        [--max-batch] ...
 
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
 channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one
@@ -18,7 +19,7 @@ backward kernels included, from the profiler; see phase_times), each variant's s
 (kernel_ms: its work without launch gaps), ratios; one JSON object per
 configuration appended to benchmarks/results/step.jsonl.
 Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
-model.checkpoint does in the trainer; the record's activation_mem_gib is the step's peak above
+model.checkpoint does in the trainer (--checkpoint-blocks N: only the first N); the record's activation_mem_gib is the step's peak above
 what stays allocated between steps (weights, optimizer state, the batch), so runs with and
 without checkpointing compare activations. --max-batch also searches the largest labeled batch
 (mu fixed) at which one eager, uncompiled step of ours fits on the card.
@@ -102,7 +103,8 @@ def our_step(args, device, use_graph=False):
     """Our MPL step on fresh networks, configured by the command line (compile, checkpoint)."""
     teacher, student = networks(args, device)
     for role, net in (("teacher", teacher), ("student", student)):
-        if args.checkpoint in (role, "both") and checkpoint_blocks(net) == 0:
+        if args.checkpoint in (role, "both") and checkpoint_blocks(
+                net, limit=args.checkpoint_blocks) == 0:
             raise ValueError(f"--checkpoint {args.checkpoint}: {args.model} has no WRN or ResNet "
                              "blocks to checkpoint")
         compile_net(net, args.compile)
@@ -273,6 +275,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", default="none", choices=["none", "teacher", "student", "both"],
                    help="activation checkpointing of our networks' blocks, as model.checkpoint "
                    "does in the trainer (default: %(default)s)")
+    p.add_argument("--checkpoint-blocks", type=int, default=None, metavar="N",
+                   help="checkpoint only the first N blocks of each checkpointed network (the "
+                   "early, high-resolution ones), as model.checkpoint_blocks does (default: all)")
     p.add_argument("--max-batch", action="store_true",
                    help="also search the largest labeled batch (mu fixed) at which our eager step "
                    "fits on the GPU")
@@ -289,6 +294,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.batch_size, args.mu, args.image_size, args.steps) < 1:
         p.error("--batch-size, --mu, --image-size and --steps must be >= 1")
+    if args.checkpoint_blocks is not None and (args.checkpoint_blocks < 1
+                                               or args.checkpoint == "none"):
+        p.error("--checkpoint-blocks needs N >= 1 and --checkpoint teacher|student|both")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if args.max_batch and not gpu:
@@ -361,6 +369,7 @@ def main(argv=None):
         "image_size": args.image_size, "estimator": args.estimator,
         "weak_no_grad": args.weak_no_grad, "graph": use_graph,
         "compile": args.compile, "checkpoint": args.checkpoint,
+        "checkpoint_blocks": args.checkpoint_blocks,
         "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "ms_per_step": round(ms["ours"], 3),
@@ -400,7 +409,9 @@ def main(argv=None):
     ratios.append(f"{record['overhead_vs_floor']}x the supervised floor"
                   + (" (graphed)" if use_graph else ""))
     if activation_mem is not None:
-        ratios.append(f"activations {activation_mem:.2f} GiB (checkpoint {args.checkpoint})")
+        which = args.checkpoint + ("" if args.checkpoint_blocks is None
+                                   else f", first {args.checkpoint_blocks} blocks")
+        ratios.append(f"activations {activation_mem:.2f} GiB (checkpoint {which})")
     if max_batch is not None:
         ratios.append(f"largest batch that fits {max_batch}")
     print(f"summary: {args.model} B={args.batch_size} mu={args.mu} on {record['gpu']}: "

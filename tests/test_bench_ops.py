@@ -123,11 +123,22 @@ def test_bench_step_checkpointing_is_recorded_and_refused_without_blocks(tmp_pat
     assert cli.main([*common, "--model", "wrn28_2", "--checkpoint", "both"]) == 0
     record = json.loads((tmp_path / "step.jsonl").read_text())
     assert record["checkpoint"] == "both" and record["ms_per_step"] > 0
+    assert record["checkpoint_blocks"] is None  # all of them
     assert record["max_batch_size"] is None and record["activation_mem_gib"] is None  # no GPU
+    assert cli.main([*common, "--model", "wrn28_2", "--checkpoint", "teacher",
+                     "--checkpoint-blocks", "4"]) == 0
+    record = json.loads((tmp_path / "step.jsonl").read_text().splitlines()[-1])
+    assert record["checkpoint"] == "teacher" and record["checkpoint_blocks"] == 4
+    (tmp_path / "step.jsonl").unlink()
     capsys.readouterr()
+    for bad in (["--checkpoint-blocks", "4"], ["--checkpoint", "both", "--checkpoint-blocks", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main([*common, "--model", "wrn28_2", *bad])
+        assert "--checkpoint-blocks needs" in capsys.readouterr().err
+    assert not (tmp_path / "step.jsonl").exists()
     assert cli.main([*common, "--model", "small_cnn", "--checkpoint", "teacher"]) == 2
     assert "small_cnn has no WRN or ResNet blocks" in capsys.readouterr().err
-    assert len((tmp_path / "step.jsonl").read_text().splitlines()) == 1  # nothing appended
+    assert not (tmp_path / "step.jsonl").exists()  # nothing appended
     with pytest.raises(SystemExit):  # argparse: one line, exit 2
         cli.main([*common, "--model", "small_cnn", "--max-batch"])
     assert "--max-batch needs a CUDA device" in capsys.readouterr().err

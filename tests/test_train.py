@@ -452,3 +452,23 @@ def test_graphed_step_refuses_a_batch_of_another_shape():
     assert float(out["loss"]) == pytest.approx(float(second.x_l.sum()))
     with pytest.raises(BatchShapeChanged, match="x_l was \\[4, 2\\] at capture, now \\[5, 2\\]"):
         graphed(make(5), 2)
+
+
+def test_checkpoint_blocks_limits_the_wrapped_blocks_and_is_validated(tmp_path):
+    from mpl_fast.models.checkpointing import CheckpointedBlock
+
+    def wrapped(net):
+        return sum(isinstance(m, CheckpointedBlock) for m in net.modules())
+
+    base = TINY + ["train.steps=2", "model.teacher=wrn28_2", "model.student=wrn28_2",
+                   "model.checkpoint=teacher"]
+    run = Run(cfg.load("digits", base + ["model.checkpoint_blocks=3"]), tmp_path / "a")
+    assert wrapped(run.teacher) == 3 and wrapped(run.student) == 0
+    run = Run(cfg.load("digits", base), tmp_path / "b")  # null: every block
+    assert wrapped(run.teacher) == 12
+    for bad in ("model.checkpoint_blocks=0", "model.checkpoint_blocks=true",
+                "model.checkpoint_blocks=half"):
+        with pytest.raises(cfg.ConfigError, match="model\\.checkpoint_blocks"):
+            cfg.load("digits", base + [bad])
+    with pytest.raises(cfg.ConfigError, match="needs model\\.checkpoint"):
+        cfg.load("digits", TINY + ["model.checkpoint_blocks=3"])

@@ -8,7 +8,7 @@ the statistics are updated exactly once, while the recomputation takes the same 
 saves the same tensors) as the original forward, as checkpointing requires.
 """
 import contextlib
-from typing import Iterable, Type
+from typing import Iterable, Optional, Type
 
 import torch
 from torch import nn
@@ -66,17 +66,28 @@ def default_block_types():
     return (_Block, _Bottleneck)
 
 
-def checkpoint_blocks(model: nn.Module, block_types: Iterable[Type[nn.Module]] = None) -> int:
-    """Wrap, in place, every sub-module of one of `block_types` (default: the WRN and ResNet
-    blocks) in a CheckpointedBlock. Returns how many were wrapped."""
+def checkpoint_blocks(model: nn.Module, block_types: Iterable[Type[nn.Module]] = None,
+                      limit: Optional[int] = None) -> int:
+    """Wrap, in place, the sub-modules of one of `block_types` (default: the WRN and ResNet
+    blocks) in CheckpointedBlocks: all of them, or the first `limit` in the order the network
+    registers them (its forward order for WRN, ResNet and most timm models). The first blocks
+    see the largest feature maps, so they hold the most activation memory for the compute their
+    re-run costs: on WRN-28-2 the first 6 of its 12 blocks cut the saved bytes by 54% for 10%
+    more FLOPs, all 12 by 85% for 20% more (tests/test_checkpointing.py). Returns how many were
+    wrapped."""
     types = tuple(block_types or default_block_types())
-    count = 0
-    for name, child in list(model.named_children()):
-        if isinstance(child, CheckpointedBlock):
-            continue
-        if isinstance(child, types):
-            setattr(model, name, CheckpointedBlock(child))
-            count += 1
-        else:
-            count += checkpoint_blocks(child, types)
-    return count
+    found = []
+
+    def collect(module):
+        for name, child in module.named_children():
+            if isinstance(child, CheckpointedBlock):
+                continue
+            if isinstance(child, types):
+                found.append((module, name, child))
+            else:
+                collect(child)
+    collect(model)
+    chosen = found if limit is None else found[:limit]
+    for parent, name, child in chosen:
+        setattr(parent, name, CheckpointedBlock(child))
+    return len(chosen)

@@ -44,6 +44,7 @@ DEFAULTS = {
     },
     "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None,
               "checkpoint": "none",  # activation checkpointing: none|teacher|student|both
+              "checkpoint_blocks": None,  # only the first N blocks of each (null: all)
               "compile": "none"},  # torch.compile of both networks: none|default|max-autotune...
     "optim": {
         "teacher_lr": 0.05,
@@ -207,6 +208,13 @@ def validate(config):
     for key in NON_NEGATIVE:
         if get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(config, key)}")
+    blocks = config["model"]["checkpoint_blocks"]
+    if blocks is not None:
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ConfigError(f"model.checkpoint_blocks must be null (all blocks) or an integer "
+                              f">= 1, got {blocks!r}")
+        if config["model"]["checkpoint"] == "none":
+            raise ConfigError("model.checkpoint_blocks needs model.checkpoint=teacher|student|both")
     if not 0.0 < config["data"]["test_fraction"] < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:

@@ -109,7 +109,7 @@ class Run:
             except (ValueError, TypeError) as err:
                 raise TrainError(f"model: {err}") from err
             if m["checkpoint"] in (role, "both"):
-                checkpoint_blocks(net)
+                checkpoint_blocks(net, limit=m["checkpoint_blocks"])
             net = net.to(memory_format=torch.channels_last) if self.channels_last else net
             if self.dist.enabled and t["sync_bn"]:
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
