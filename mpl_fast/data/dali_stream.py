@@ -15,10 +15,19 @@ from mpl_fast.mpl.step import MPLBatch
 
 
 def _to_torch(dali_tensor_list, device):
-    """DALI TensorList (N x H x W x C, or N x 1 labels) -> torch, NCHW in channels_last."""
-    if hasattr(dali_tensor_list, "as_cpu"):
-        dali_tensor_list = dali_tensor_list.as_cpu()
-    t = torch.from_numpy(dali_tensor_list.as_array())
+    """DALI TensorList (N x H x W x C, or N x 1 labels) -> torch on `device`, NCHW in
+    channels_last. A GPU output is copied device to device, on torch's current stream: it never
+    leaves the GPU, the host does not wait for it, and DALI keeps its buffer until that copy has
+    run (DALI >= 1.15 orders a non-blocking copy_to_external with the buffer's reuse). A CPU
+    output (labels, CPU pipelines) is copied into host memory, then moved."""
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dense = dali_tensor_list.as_tensor()  # one N x ... tensor: the samples share a shape
+    on_gpu = isinstance(dali_tensor_list, TensorListGPU)
+    where = torch.device(device) if on_gpu else torch.device("cpu")
+    t = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=where)
+    feed_ndarray(dense, t, cuda_stream=torch.cuda.current_stream(where) if on_gpu else None)
     t = t.to(device, non_blocking=True)
     if t.dim() == 4:
         t = t.permute(0, 3, 1, 2)  # NHWC memory is NCHW channels_last
