@@ -472,3 +472,28 @@ def test_checkpoint_blocks_limits_the_wrapped_blocks_and_is_validated(tmp_path):
             cfg.load("digits", base + [bad])
     with pytest.raises(cfg.ConfigError, match="needs model\\.checkpoint"):
         cfg.load("digits", TINY + ["model.checkpoint_blocks=3"])
+
+
+def test_accuracies_of_several_models_in_one_pass():
+    from mpl_fast.train.evaluate import accuracies, accuracy
+
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 6), torch.randint(0, 7, (50,))
+    good = nn.Linear(6, 7)
+    bad = nn.Sequential(nn.Linear(6, 7), nn.BatchNorm1d(7)).eval()
+    passes = []
+
+    def batches():
+        passes.append(1)
+        for i in range(0, 50, 16):  # an odd last batch
+            yield x[i:i + 16], y[i:i + 16]
+
+    both = accuracies({"good": good, "bad": bad}, batches())
+    assert len(passes) == 1  # the data is read once for all the models
+    for name, model in (("good", good), ("bad", bad)):
+        pred = model(x).topk(5, dim=1).indices
+        assert both[name]["top1"] == pytest.approx((pred[:, 0] == y).float().mean().item())
+        assert both[name]["top5"] == pytest.approx((pred == y[:, None]).any(1).float().mean().item())
+        assert accuracy(model, batches()) == both[name]
+    assert good.training and not bad.training  # each model's mode comes back
+    assert accuracies({"good": good}, iter(())) == {"good": {"top1": 0.0, "top5": 0.0}}

@@ -1,22 +1,40 @@
-"""Top-1 / top-5 accuracy of a model over evaluation batches."""
+"""Top-1 / top-5 accuracy of models over evaluation batches."""
 import torch
 
 
 @torch.no_grad()
+def accuracies(models, batches, channels_last=False, autocast_dtype=None):
+    """{name: {"top1", "top5"}} for a dict of models, in one pass over `batches` (an iterable of
+    (images, labels) on the models' device): each batch is decoded once for all the models, and
+    the counts stay on the device until the end (one host synchronisation, not two a batch)."""
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    counts = {name: None for name in models}  # [top1, top5] hits, on the device
+    n = 0
+    try:
+        for xb, yb in batches:
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            for name, model in models.items():
+                with torch.autocast(xb.device.type, dtype=autocast_dtype,
+                                    enabled=autocast_dtype is not None):
+                    logits = model(xb).float()
+                pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = torch.stack([(pred[:, 0] == yb).sum(),
+                                    (pred == yb[:, None]).any(dim=1).sum()])
+                counts[name] = hits if counts[name] is None else counts[name] + hits
+            n += len(yb)
+    finally:
+        for name, m in models.items():
+            m.train(was_training[name])
+    out = {}
+    for name, c in counts.items():
+        top1, top5 = c.tolist() if c is not None else (0, 0)
+        out[name] = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
+    return out
+
+
 def accuracy(model, batches, channels_last=False, autocast_dtype=None):
-    """batches: an iterable of (images, labels) already on the model's device."""
-    was_training = model.training
-    model.eval()
-    top1 = top5 = n = 0
-    for xb, yb in batches:
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(xb.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(xb).float()
-        k = min(5, logits.shape[1])
-        pred = logits.topk(k, dim=1).indices
-        top1 += int((pred[:, 0] == yb).sum())
-        top5 += int((pred == yb[:, None]).any(dim=1).sum())
-        n += len(yb)
-    model.train(was_training)
-    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
+    """{"top1", "top5"} of one model (see accuracies)."""
+    return accuracies({"model": model}, batches, channels_last, autocast_dtype)["model"]

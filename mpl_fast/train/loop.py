@@ -17,7 +17,7 @@ from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.ema import ModelEMA
-from mpl_fast.train.evaluate import accuracy
+from mpl_fast.train.evaluate import accuracies, accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
 from mpl_fast.train.supervised import SupervisedStep
@@ -221,10 +221,10 @@ class Run:
         models = {"student": self.student, "ema_student": self.ema.module}
         if self.teacher is not None:
             models["teacher"] = self.teacher
-        for name, model in models.items():
-            acc = accuracy(model, self.data.eval_batches(self.config["train"]["eval_batch_size"],
+        accs = accuracies(models, self.data.eval_batches(self.config["train"]["eval_batch_size"],
                                                          self.device),
-                           channels_last=self.channels_last, autocast_dtype=self.amp)
+                          channels_last=self.channels_last, autocast_dtype=self.amp)
+        for name, acc in accs.items():
             out[f"eval/{name}_top1"], out[f"eval/{name}_top5"] = acc["top1"], acc["top5"]
         return out
 
