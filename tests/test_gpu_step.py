@@ -1,6 +1,6 @@
 """The MPL step and the data pipeline on a GPU: no host synchronisation inside the step, a
-step captured in a CUDA graph gives the eager step's losses, and DALI's GPU ('mixed') stream
-gives the CPU stream's batches. All `gpu`-marked: skipped without a CUDA device."""
+step captured in a CUDA graph (with eager or compiled networks) gives the eager step's losses,
+and DALI's GPU ('mixed') stream gives the CPU stream's batches. All `gpu`-marked: skipped without a CUDA device."""
 import numpy as np
 import pytest
 import torch
@@ -76,6 +76,27 @@ def test_step_in_a_cuda_graph_gives_the_eager_losses():
 
 def _colour(c, i):
     return (40 + 60 * c, 30 + 30 * i, 200 - 50 * c)
+
+
+def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses():
+    """#7's fastest path (model.compile + train.cuda_graph): inductor's kernels captured with
+    the rest of the step, the gradient-free weak view and frozen-BN forwards included (each a
+    variant dynamo compiles during the eager warm-up steps, none during capture)."""
+    from mpl_fast.models.compiling import compile_net
+    from mpl_fast.train.graphed import GraphedStep
+
+    config = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, teacher_weak_no_grad=True)
+    eager, inner = make_step(config), make_step(config)
+    compile_net(inner.teacher, "default")
+    compile_net(inner.student, "default")
+    graphed = GraphedStep(inner, warmup_steps=3)
+    for i in range(7):  # 3 eager (compiling) warm-up steps, capture, 3 replays
+        b = batch(20 + i)
+        got, want = graphed(b, i), eager(b, i)
+        for key in ("teacher/loss", "student/loss", "student/ce_new", "h"):
+            g, r = float(got[key]), float(want[key])
+            assert abs(g - r) <= 0.03 * abs(r) + 0.03, (i, key, g, r)
+    assert graphed.graph is not None
 
 
 def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path):
