@@ -133,7 +133,7 @@ stage_step_compiled() {
   mpl-fast bench step --model wrn28_2 --compile max-autotune-no-cudagraphs --out "$DIR/results"
 }
 
-declare -A LIMIT=([build]=90 [tests]=180 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
+declare -A LIMIT=([build]=90 [tests]=240 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
   [step-imagenet]=120 [ops-tiles]=240
   [data]=240 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400)
 # All stages together stop by SITTING_SECONDS (default 570 s: inside one 600 s device call). A
