@@ -6,6 +6,7 @@ streams each row (online softmax; for soft targets also the target mass and the
 target-weighted logits) and pass 2, only when a gradient is wanted, writes
 grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i)
 (grad_scale is 1/N for a mean), so backward is a scale, and none when grad_output is 1.
+Pass 2 writes the zero gradient of a row whose mask is 0 without reading that row again.
 """
 import torch
 import triton
@@ -115,12 +116,19 @@ def _soft_cross_entropy_kernel(
                             HAS_MASK)
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
         else:
+            # a masked row's gradient is 0: it is written without reading the row again
+            todo = row_ok
+            if HAS_MASK:
+                todo = row_ok & (mk != 0.0)
             for start in range(0, C, BLOCK):
                 c = start + cols
                 ok = row_ok[:, None] & (c < C)
-                x, t = _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD, SMOOTH)
+                read = todo[:, None] & (c < C)
+                x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
                 g = _grad_chunk(x, t, c, y, lse, sum_t, mk, keep, off, grad_scale, HARD,
                                 SMOOTH, HAS_MASK)
+                if HAS_MASK:
+                    g = tl.where(read, g, 0.0)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 

@@ -2,7 +2,8 @@
 max(q) >= threshold, and the masked soft cross-entropy of the strong logits against q, with its
 gradient grad_scale * mask * (softmax(strong) - q) written in the same call. A row that fits in
 one tile (C <= 4096) of both inputs is read once; longer rows are streamed once for the loss
-and once more for the gradient."""
+and once more for the gradient, except the rows the mask drops (their gradient is 0: written
+without reading them again)."""
 import torch
 import triton
 import triton.language as tl
@@ -64,14 +65,18 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
             g = (tl.exp(x - lse_s[:, None]) - e * inv_sw[:, None]) * row_scale
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
         else:
+            # a masked row's gradient is 0: it is written without reading the row again
+            keep = row_ok & (mk != 0.0)
             for start in range(0, C, BLOCK):
                 c = start + cols
                 ok = row_ok[:, None] & (c < C)
-                w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
+                read = keep[:, None] & (c < C)
+                w = tl.load(w_rows + c, mask=read, other=-float("inf")).to(tl.float32) \
                     * inv_temperature
-                x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+                x = tl.load(s_rows + c, mask=read, other=-float("inf")).to(tl.float32)
                 g = (tl.exp(x - lse_s[:, None]) - tl.exp(w - mw_safe[:, None]) * inv_sw[:, None]) \
                     * row_scale
+                g = tl.where(read, g, 0.0)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 

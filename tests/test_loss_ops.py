@@ -319,6 +319,44 @@ def test_uda_loss(use, backend, device, dtype, n, c):
 
 
 @pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streamed_rows_with_some_masked(use, backend, device, dtype):
+    """Rows longer than one tile (two passes) with some rows masked and some not, in both ops:
+    a masked row's gradient is written as 0 without reading the row again, the others match
+    the float64 truth. (In test_uda_loss every row of 32000+ classes falls under the
+    threshold, so the unmasked streamed gradient needs its own case.)"""
+    use(backend)
+    n, c = 6, 5000
+    weak = _logits(n, c, dtype, device, 71)
+    confident = torch.tensor([0, 2, 3])
+    weak[confident, confident + 7] = 60.0  # max prob ~1 in these rows, ~0 in the others
+    strong = _logits(n, c, dtype, device, 72)
+    sg = strong.clone().requires_grad_()
+    loss, mask = ops.uda_loss(weak, sg, temperature=0.7, threshold=0.5)
+    loss.backward()
+    assert mask.cpu().tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    s64 = strong.double().cpu().requires_grad_()
+    rows, _ = loss_truth.uda_rows(weak.cpu(), s64, 0.7, 0.5)
+    (rows.sum() / n).backward()
+    slack = SLACK[dtype] * 20
+    assert abs(float(loss) - float(rows.sum() / n)) <= slack * max(1.0, float(rows.abs().max()))
+    assert torch.allclose(sg.grad.cpu().double(), s64.grad, atol=slack / n, rtol=0)
+    assert float(sg.grad[mask == 0].abs().sum()) == 0.0
+
+    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(73)).to(device)
+    row_mask = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0], device=device)
+    for target in (y, torch.softmax(_logits(n, c, torch.float32, device, 74), 1)):
+        xg = strong.clone().requires_grad_()
+        ops.soft_cross_entropy(xg, target, label_smoothing=0.1, mask=row_mask).backward()
+        x64 = strong.double().cpu().requires_grad_()
+        loss_truth.reduce(loss_truth.soft_ce_rows(x64, target.cpu(), 0.1, row_mask.cpu()),
+                          "mean").backward()
+        assert torch.allclose(xg.grad.cpu().double(), x64.grad, atol=slack / n, rtol=0)
+        assert float(xg.grad[row_mask == 0].abs().sum()) == 0.0
+        assert float(xg.grad[row_mask != 0].abs().sum()) > 0.0
+
+
+@pytest.mark.parametrize("backend,device", _backends())
 def test_uda_all_masked_and_empty(use, backend, device):
     use(backend)
     weak = torch.zeros(4, 10, device=device)  # uniform: max prob 0.1 < threshold
