@@ -6,7 +6,7 @@ streams each row (online softmax; for soft targets also the target mass and the
 target-weighted logits) and pass 2, only when a gradient is wanted, writes
 grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i)
 (grad_scale is 1/N for a mean), so backward is a scale, and none when grad_output is 1.
-Pass 2 writes the zero gradient of a row whose mask is 0 without reading that row again.
+A row whose mask is 0 is never read: its loss and gradient are written as 0.
 """
 import torch
 import triton
@@ -55,12 +55,18 @@ def _soft_cross_entropy_kernel(
     cols = tl.arange(0, BLOCK)[None, :]
     off = label_smoothing / C
     keep = 1.0 - label_smoothing
+    # rows to read: a row whose mask is 0 has loss and gradient 0, and is never read
+    todo = row_ok
+    mk = tl.zeros([ROWS], tl.float32)  # stands in for the mask when there is none
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        todo = row_ok & (mk != 0.0)
 
     if SINGLE:  # the row is one tile: read once, the gradient comes from registers
-        ok = row_ok[:, None] & (cols < C)
-        x, t = _load_chunk(x_rows, t_rows, cols, ok, keep, off, HARD, SMOOTH)
+        read = todo[:, None] & (cols < C)
+        x, t = _load_chunk(x_rows, t_rows, cols, read, keep, off, HARD, SMOOTH)
         m, s = softmax_stats(x)
-        acc_x = tl.where(ok, x, 0.0)
+        acc_x = tl.where(read, x, 0.0)
         acc_t = t
         acc_tx = tl.where(t != 0.0, t * x, 0.0)
     else:
@@ -74,12 +80,12 @@ def _soft_cross_entropy_kernel(
         acc_x = tl.zeros([ROWS, BLOCK], tl.float32)
         for start in range(0, C, BLOCK):
             c = start + cols
-            ok = row_ok[:, None] & (c < C)
-            x, t = _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD, SMOOTH)
+            read = todo[:, None] & (c < C)
+            x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
             m, s = online_softmax_update(m, s, x)
             if HARD:
                 if SMOOTH:
-                    acc_x += tl.where(ok, x, 0.0)
+                    acc_x += tl.where(read, x, 0.0)
             else:
                 acc_t += t
                 # a zero target weight contributes nothing, even against a -inf logit
@@ -91,7 +97,7 @@ def _soft_cross_entropy_kernel(
         y = tl.load(index_ptr + rows, mask=row_ok, other=0)
         in_range = (y >= 0) & (y < C)
         x_y = tl.load(logits_ptr + rows * logits_stride + tl.where(in_range, y, 0),
-                      mask=row_ok, other=0.0).to(tl.float32)
+                      mask=todo, other=0.0).to(tl.float32)
         sum_t = tl.full([ROWS], 1.0, tl.float32)
         if SMOOTH:
             sum_tx = keep * x_y + off * tl.sum(acc_x, 1)
@@ -103,10 +109,8 @@ def _soft_cross_entropy_kernel(
     loss = lse * sum_t - sum_tx
     if HARD:
         loss = tl.where(in_range, loss, float("nan"))
-    mk = sum_t  # stands in for the mask when there is none
-    if HAS_MASK:
-        mk = tl.load(mask_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        loss = tl.where(mk != 0.0, loss * mk, 0.0)
+    if HAS_MASK:  # a masked row was not read: its loss is 0 whatever was computed from nothing
+        loss = tl.where(todo, loss * mk, 0.0)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
 
     if COMPUTE_GRAD:
@@ -114,22 +118,21 @@ def _soft_cross_entropy_kernel(
         if SINGLE:
             g = _grad_chunk(x, t, cols, y, lse, sum_t, mk, keep, off, grad_scale, HARD, SMOOTH,
                             HAS_MASK)
-            tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
-        else:
-            # a masked row's gradient is 0: it is written without reading the row again
-            todo = row_ok
             if HAS_MASK:
-                todo = row_ok & (mk != 0.0)
+                g = tl.where(read, g, 0.0)
+            tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols < C))
+        else:
             for start in range(0, C, BLOCK):
                 c = start + cols
-                ok = row_ok[:, None] & (c < C)
                 read = todo[:, None] & (c < C)
                 x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
                 g = _grad_chunk(x, t, c, y, lse, sum_t, mk, keep, off, grad_scale, HARD,
                                 SMOOTH, HAS_MASK)
                 if HAS_MASK:
                     g = tl.where(read, g, 0.0)
-                tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
+                tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & (c < C))
 
 
 def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_smoothing,

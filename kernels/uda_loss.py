@@ -1,15 +1,22 @@
 """Triton kernel of uda_loss: targets q = softmax(weak / T) (no gradient), a confidence mask
 max(q) >= threshold, and the masked soft cross-entropy of the strong logits against q, with its
 gradient grad_scale * mask * (softmax(strong) - q) written in the same call. A row that fits in
-one tile (C <= 4096) of both inputs is read once; longer rows are streamed once for the loss
-and once more for the gradient, except the rows the mask drops (their gradient is 0: written
-without reading them again)."""
+one tile (C <= 4096) of both inputs is read once, the strong one only where the mask keeps the
+row; longer rows are streamed once for the loss and once more for the gradient, except the
+rows the mask drops (their gradient is 0: written without reading them again)."""
 import torch
 import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (online_softmax_update, safe_max, softmax_stats,
                                              tile_for, tile_rows)
+
+
+@triton.jit
+def _confident(mw, sw, threshold):
+    """The mask, 1.0 where the largest target probability max(q) = exp(mw - mw) / sw reaches the
+    threshold (mw: the running max of weak / T, sw: the sum of exp(weak / T - mw))."""
+    return (tl.exp(mw - safe_max(mw)) / sw >= threshold).to(tl.float32)
 
 
 @triton.jit
@@ -24,10 +31,13 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
     if SINGLE:  # the row is one tile: both inputs read once, the gradient from registers
         ok = row_ok[:, None] & (cols < C)
         w = tl.load(w_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
-        x = tl.load(s_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
         mw = tl.max(w, 1)
         e = tl.exp(w - safe_max(mw)[:, None])
         sw = tl.sum(e, 1)
+        # the weak row decides the mask; the strong row of a masked one is never read
+        mk = _confident(mw, sw, threshold)
+        read = ok & (mk != 0.0)[:, None]
+        x = tl.load(s_rows + cols, mask=read, other=-float("inf")).to(tl.float32)
         qs = tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
         ms, ss = softmax_stats(x)
     else:
@@ -52,8 +62,8 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
             ms, ss = online_softmax_update(ms, ss, x)
     mw_safe = safe_max(mw)
     lse_s = safe_max(ms) + tl.log(ss)
-    max_q = tl.exp(mw - mw_safe) / sw
-    mk = (max_q >= threshold).to(tl.float32)
+    if not SINGLE:
+        mk = _confident(mw, sw, threshold)
     loss = lse_s - qs / sw
     tl.store(loss_ptr + rows, tl.where(mk != 0.0, loss, 0.0), mask=row_ok)
     tl.store(mask_ptr + rows, mk, mask=row_ok)
@@ -63,6 +73,7 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         row_scale = (mk * grad_scale)[:, None]
         if SINGLE:
             g = (tl.exp(x - lse_s[:, None]) - e * inv_sw[:, None]) * row_scale
+            g = tl.where(read, g, 0.0)
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
         else:
             # a masked row's gradient is 0: it is written without reading the row again
