@@ -8,7 +8,8 @@ medians (GPU):
   graph_ms  the same call captured in a CUDA graph and replayed, the L2 cache flushed before
             each replay: the GPU's own time, as a graphed training step pays it.
 GB/s and the fraction of the card's measured copy bandwidth come from graph_ms (bytes the op
-must move: read the logits, write the gradient). Appends one JSON object per row to
+must move: read the logits of the rows its mask keeps, write the whole gradient; ours skips the
+rows a mask drops, so counting every row would overstate its rate). Appends one JSON object per row to
 benchmarks/results/ops.jsonl with the card, versions and date.
 
 Each case backpropagates the loss alone (grad_output 1), where our backward moves no memory:
@@ -143,11 +144,15 @@ def cases(n, c, dtype, device):
         mp, lab = p.max(1)
         return p, mp, (mp >= 0.6).float(), lab
 
-    # bytes the op must move at least: logits in, gradient out (+ weak logits / probs); the
-    # gradient-producing cases reset x.grad between calls (the last item)
+    # bytes the op must move at least: the logits of the rows the mask keeps in (a dropped
+    # row's loss and gradient are 0 whatever it holds; UDA must read every weak row to decide),
+    # the whole gradient out, probs out; the gradient-producing cases reset x.grad between calls
+    # (the last item)
+    ce_kept = float(mask.mean())
+    uda_kept = float((torch.softmax(w.float() / 0.7, 1).max(1).values >= 0.6).float().mean())
     return {
-        "soft_cross_entropy": (ours_ce, eager_ce, 2 * n * c * elem, [x]),
-        "uda_loss": (ours_uda, eager_uda, 3 * n * c * elem, [x]),
+        "soft_cross_entropy": (ours_ce, eager_ce, (ce_kept + 1) * n * c * elem, [x]),
+        "uda_loss": (ours_uda, eager_uda, (2 + uda_kept) * n * c * elem, [x]),
         "pseudo_labels": (ours_pl, eager_pl, n * c * (elem + 4), []),
     }
 
@@ -175,7 +180,8 @@ def record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth):
                 speedup_vs_compile=round(pick(comp) / t_ours, 2) if pick(comp) else None,
                 graph_timed=bool(which),
                 speedup_vs_eager_host=round(base["eager"][0] / mine[0], 2),
-                GBps=round(gbps, 1), bandwidth_fraction=round(gbps * 1e9 / bandwidth, 3))
+                min_bytes=int(nbytes), GBps=round(gbps, 1),
+                bandwidth_fraction=round(gbps * 1e9 / bandwidth, 3))
 
 
 def print_row(row):

@@ -19,6 +19,9 @@ def test_bench_ops_records_rows(tmp_path, capsys):
                     "bandwidth_fraction", "n", "c", "dtype"):
             assert key in r
         assert r["ms"] > 0 and r["n"] == 8 and r["c"] == 10
+        # the bytes the rate is counted on: only the rows a mask keeps are read
+        full = {"soft_cross_entropy": 2, "uda_loss": 3, "pseudo_labels": 2}[r["op"]] * 8 * 10 * 4
+        assert 0 < r["min_bytes"] <= full
         assert r["graph_ms"] is None and r["speedup_vs_compile"] is None  # no GPU, no compile
         assert r["tile"] == "1024:4096:8"  # the shipped tile
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
