@@ -284,3 +284,18 @@ def test_phase_breakdown_of_a_real_step_covers_its_backwards():
                            "student_new_forward", "feedback", "teacher_backward_step", "other"}
     assert phases["other"] < 0.1 * sum(phases.values()), phases
     assert phases["teacher_backward_step"] > 0.5 * phases["teacher_forward"], phases
+
+
+def test_every_gpu_sitting_stage_has_its_function():
+    """A stage named in LIMIT without its stage_<name> function would fail on the GPU machine
+    (command not found) and waste the call: caught here."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh").read_text()
+    limits = re.search(r"declare -A LIMIT=\((.*?)\)\n", text, re.S).group(1)
+    stages = re.findall(r"\[([a-z-]+)\]=\d+", limits)
+    assert len(stages) >= 10
+    for stage in stages:
+        assert re.search(rf"^stage_{stage.replace('-', '_')}\(\) \{{", text, re.M), stage
+    usage = re.search(r"usage: .*run \[([^\]]*)\]", text).group(1).split()
+    assert sorted(usage) == sorted(stages)  # the usage line names every stage
