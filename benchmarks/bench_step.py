@@ -3,7 +3,7 @@
     mpl-fast bench step --model wrn28_2|resnet50|<timm name> [--batch-size B] [--mu M]
                         [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph]
                         [--compile MODE] [--checkpoint WHICH] [--checkpoint-blocks N]
-                        [--max-batch] ...
+                        [--max-batch] [--cudnn-benchmark] ...
 
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
 channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one
@@ -287,6 +287,9 @@ def main(argv=None):
                    choices=["default", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compiled reference (default: %(default)s, "
                    "the one to beat; 'default' compiles in a fraction of the time)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every variant (cuDNN times its "
+                   "convolution algorithms for these shapes once, then uses the fastest)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -301,6 +304,15 @@ def main(argv=None):
     gpu = device.type == "cuda"
     if args.max_batch and not gpu:
         p.error("--max-batch needs a CUDA device (it probes for out-of-memory)")
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # global: ours and every reference
+    try:
+        return _measure(args, device, gpu)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _measure(args, device, gpu):
     amp = gpu
     gen = torch.Generator().manual_seed(0)
     batch = make_batch(args, device, gen)
@@ -369,7 +381,7 @@ def main(argv=None):
         "image_size": args.image_size, "estimator": args.estimator,
         "weak_no_grad": args.weak_no_grad, "graph": use_graph,
         "compile": args.compile, "checkpoint": args.checkpoint,
-        "checkpoint_blocks": args.checkpoint_blocks,
+        "checkpoint_blocks": args.checkpoint_blocks, "cudnn_benchmark": args.cudnn_benchmark,
         "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "ms_per_step": round(ms["ours"], 3),

@@ -66,10 +66,14 @@ stage_ops_tiles() {
     --out "$DIR/results"
 }
 
+# the step (#7), with the gradient-free weak view, and that again with cuDNN's algorithm search
+# (a global switch: the floor beside it gets it too)
 stage_step() {
   mpl-fast bench step --model wrn28_2 --no-compiled --out "$DIR/results" &&
     mpl-fast bench step --model wrn28_2 --weak-no-grad --no-reference --no-compiled \
-      --out "$DIR/results"
+      --out "$DIR/results" &&
+    mpl-fast bench step --model wrn28_2 --weak-no-grad --cudnn-benchmark --no-reference \
+      --no-compiled --out "$DIR/results"
 }
 
 # the ImageNet-shaped step (#7; #6 compares the data pipeline's rate with what it consumes)

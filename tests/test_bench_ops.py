@@ -127,6 +127,13 @@ def test_bench_step_checkpointing_is_recorded_and_refused_without_blocks(tmp_pat
     record = json.loads((tmp_path / "step.jsonl").read_text())
     assert record["checkpoint"] == "both" and record["ms_per_step"] > 0
     assert record["checkpoint_blocks"] is None  # all of them
+    assert record["cudnn_benchmark"] is False
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    assert cli.main([*common, "--model", "small_cnn", "--cudnn-benchmark"]) == 0
+    assert json.loads((tmp_path / "step.jsonl").read_text().splitlines()[-1])["cudnn_benchmark"]
+    assert torch.backends.cudnn.benchmark == before  # a global flag, set back after the run
     assert record["max_batch_size"] is None and record["activation_mem_gib"] is None  # no GPU
     assert cli.main([*common, "--model", "wrn28_2", "--checkpoint", "teacher",
                      "--checkpoint-blocks", "4"]) == 0
