@@ -355,6 +355,44 @@ def test_compiled_networks_train_like_eager_ones(tmp_path, monkeypatch):
     assert eager_state["teacher"].keys() == compiled_state["teacher"].keys()
 
 
+@pytest.mark.slow
+def test_compiled_networks_in_the_graphed_step_path_give_the_eager_losses(monkeypatch):
+    """model.compile + train.cuda_graph (emulated here) + the gradient-free weak view, at the
+    step level: dynamo compiles the frozen-BN and no-grad variants in the warm-up steps, and the
+    static-buffer steps after them give the eager step's losses (the gpu test does the same with
+    a real capture)."""
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    from torch._dynamo.utils import counters
+
+    from mpl_fast.models.compiling import compile_net
+    from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+    from mpl_fast.train.graphed import GraphedStep
+
+    def make():
+        nets = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            nets.append(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+        opts = [torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9) for n in nets]
+        config = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, teacher_weak_no_grad=True)
+        return MPLStep(nets[0], nets[1], opts[0], opts[1], config)
+
+    eager, inner = make(), make()
+    counters.clear()
+    for net in (inner.teacher, inner.student):
+        compile_net(net, "default")
+    graphed = GraphedStep(inner, warmup_steps=3, emulate=True)
+    g = torch.Generator().manual_seed(5)
+    for i in range(6):
+        b = MPLBatch(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g),
+                     torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g))
+        got, want = graphed(b, i), eager(b, i)
+        for key in ("teacher/loss", "student/loss", "student/ce_new", "h"):
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-5), (i, key)
+    assert counters["stats"]["unique_graphs"] >= 2
+
+
 def _graph_runs(tmp_path, modes, device="cpu", extra=()):
     runs = {}
     for mode in modes:
