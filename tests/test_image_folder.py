@@ -275,3 +275,35 @@ def test_bench_data_writes_a_synthetic_imagenet_sized_tree_once(tmp_path, capsys
     assert cli.main(args) == 2  # an existing folder is never written into
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
+def test_large_images_are_decoded_with_a_random_crop_and_resized(tmp_path):
+    """Large JPEGs: the labeled stream and the bare pipeline decode only a random window and
+    resize it to size x size; the window moves and changes scale from draw to draw (a horizontal
+    ramp's column means tell where it fell)."""
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    from mpl_fast.data import dali_pipelines as P
+
+    ramp = np.repeat(np.linspace(0, 255, 320)[None, :, None], 240, axis=0).repeat(3, axis=2)
+    (tmp_path / "c").mkdir()
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / "c" / f"{i}.jpg"))
+        Image.fromarray(ramp.astype(np.uint8)).save(files[-1], quality=95)
+    pipe = P.labeled_pipeline(files, [0] * 4, 24, False, False, batch_size=4, num_threads=1,
+                              device_id=None, seed=3)
+    pipe.build()
+    spans = []
+    for _ in range(6):
+        x = pipe.run()[0].as_array()  # N x 24 x 24 x 3, normalised, maybe mirrored
+        assert x.shape == (4, 24, 24, 3)
+        cols = x[..., 0].mean(axis=1)  # N x 24: the ramp across the window
+        spans += list(np.abs(cols[:, -1] - cols[:, 0]))
+    # windows of different widths cover different spans of the ramp; none is the whole image
+    assert max(spans) - min(spans) > 0.5 and min(spans) < 3.5
+    bare = P.bare_pipeline(files, 24, False, False, batch_size=4, num_threads=1, device_id=None,
+                           seed=3)
+    bare.build()
+    assert bare.run()[0].as_array().shape == (4, 24, 24, 3)

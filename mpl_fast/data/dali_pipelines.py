@@ -22,8 +22,13 @@ STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 MAGNITUDE_BINS = 11
 
 
-def _decode(jpegs, gpu):
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+def _decode(jpegs, gpu, random_crop=False):
+    """Decode to RGB; random_crop: decode only a random window (the area and aspect ranges of
+    random_resized_crop), with the decoder's ROI decoding, instead of the whole image."""
+    device = "mixed" if gpu else "cpu"
+    if random_crop:
+        return fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB)
+    return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
 
 
 def _crop(images, size, small):
@@ -92,21 +97,26 @@ def _reader(files, labels, shard_id, num_shards, seed, shuffle, name="reader"):
                            shuffle_after_epoch=shuffle, seed=seed, name=name)
 
 
-def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu):
-    """(decoded images, labels): JPEG files through the file reader and decoder, or an
-    ArraySource (its images are already decoded) through external_source."""
+def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu, size=None, small=True):
+    """(images, labels): JPEG files through the file reader and decoder, or an ArraySource (its
+    images are already decoded) through external_source. With `size`, the images come cropped
+    (see _crop) to size x size: large JPEGs decode only their random window."""
     if isinstance(files, ArraySource):
         images, y = fn.external_source(source=files, num_outputs=2, batch=False,
                                        layout=["HWC", ""], dtype=[types.UINT8, types.INT32])
-        return (images.gpu() if gpu else images), y
+        images = images.gpu() if gpu else images
+        return (images if size is None else _crop(images, size, small)), y
     jpegs, y = _reader(files, labels, shard_id, num_shards, seed, shuffle)
-    return _decode(jpegs, gpu), y
+    if size is None:
+        return _decode(jpegs, gpu), y
+    if small:
+        return _crop(_decode(jpegs, gpu), size, small), y
+    return fn.resize(_decode(jpegs, gpu, random_crop=True), resize_x=size, resize_y=size), y
 
 
 @pipeline_def
 def labeled_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, reader_seed=0):
-    images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, gpu)
-    images = _crop(images, size, small)
+    images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, gpu, size, small)
     return _normalize(images, gpu, fn.random.coin_flip()), y
 
 
@@ -139,9 +149,9 @@ def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1):
 
 @pipeline_def
 def bare_pipeline(files, size, small, gpu, reader_seed=0):
-    """Decode + crop only: the throughput ceiling the MPL streams are compared with."""
+    """Decode + crop only: the throughput ceiling the MPL streams are compared with (large
+    images: the labeled stream's decode-with-random-crop and resize)."""
     jpegs, _ = _reader(files, list(range(len(files))), 0, 1, reader_seed, True)
-    images = _decode(jpegs, gpu)
     if small:
-        return fn.crop(images, crop_h=size, crop_w=size, out_of_bounds_policy="pad")
-    return fn.random_resized_crop(images, size=[size, size])
+        return fn.crop(_decode(jpegs, gpu), crop_h=size, crop_w=size, out_of_bounds_policy="pad")
+    return fn.resize(_decode(jpegs, gpu, random_crop=True), resize_x=size, resize_y=size)
