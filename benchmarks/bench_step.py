@@ -312,22 +312,20 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = previous
 
 
-def _measure(args, device, gpu):
-    amp = gpu
-    gen = torch.Generator().manual_seed(0)
-    batch = make_batch(args, device, gen)
-    rows = {}
+def _peak(fn, args, device):
+    """(median ms of fn, peak device memory in GiB or None off a GPU)."""
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = timed(fn, args.steps, args.warmup, device)
+    return ms, (torch.cuda.max_memory_allocated() / 2**30 if gpu else None)
 
-    def peak(fn):
-        if gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        ms = timed(fn, args.steps, args.warmup, device)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-        return ms, mem
 
-    # ours
-    use_graph = gpu and not args.no_graph
+def _measure_ours(args, device, batch, use_graph):
+    """(ms and peak memory, phases, activation memory) of our step; its networks, optimizer state
+    and graph are freed on return, before the next variant is built."""
+    gpu = device.type == "cuda"
     step = our_step(args, device, use_graph)
     for _ in range(2):  # lazy state and, with --compile, compilation: not in the phases
         step(batch, 0)
@@ -343,10 +341,31 @@ def _measure(args, device, gpu):
     # Graphed the way the trainer does it (train.cuda_graph): static buffers the batch is copied
     # into each step, device lrs, warm-up, capture at the first call after it.
     trainer_step = GraphedStep(step) if use_graph else step
-    ours = lambda: trainer_step(batch, 0)  # noqa: E731
-    rows["ours"] = peak(ours)
+    return _peak(lambda: trainer_step(batch, 0), args, device), phases, activation_mem
+
+
+def _measure_variant(fn, compiled, graph, args, device, batch):
+    """(ms and peak memory, summed kernel ms) of a step written in this file on fresh networks:
+    compiled with --reference-compile and/or captured in a CUDA graph."""
+    teacher, student = networks(args, device)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    if compiled:
+        teacher = torch.compile(teacher, mode=args.reference_compile)
+        student = torch.compile(student, mode=args.reference_compile)
+    amp = device.type == "cuda"
+    call = lambda: fn(teacher, student, t_opt, s_opt, batch, amp)  # noqa: E731
+    row = _peak(graphed(call, device, warmup=5) if graph else call, args, device)
+    # one eager call (compiled, after warm-up) through the profiler: the step's work alone
+    return row, round(sum(phase_breakdown(call, device).values()), 3)
+
+
+def _measure(args, device, gpu):
+    batch = make_batch(args, device, torch.Generator().manual_seed(0))
+    use_graph = gpu and not args.no_graph
+    ours, phases, activation_mem = _measure_ours(args, device, batch, use_graph)
+    rows = {"ours": ours}
     kernel_ms = {"ours": round(sum(phases.values()), 3)}
-    del step, trainer_step, ours
     # (a) eager reference, (b) compiled + graphed reference, (c) supervised floor (graphed when
     # ours is), (d) the reference graphed without compile
     variants = [("floor", supervised_floor, False, use_graph)]
@@ -357,18 +376,7 @@ def _measure(args, device, gpu):
     if not args.no_compiled and gpu:
         variants.append(("compiled_reference", reference_step, True, True))
     for name, fn, compiled, graph in variants:
-        teacher, student = networks(args, device)
-        t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-        s_opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-        if compiled:
-            teacher = torch.compile(teacher, mode=args.reference_compile)
-            student = torch.compile(student, mode=args.reference_compile)
-        call = lambda: fn(teacher, student, t_opt, s_opt, batch, amp)  # noqa: E731
-        run = graphed(call, device, warmup=5) if graph else call
-        rows[name] = peak(run)
-        # one eager call (compiled, after warm-up) through the profiler: the step's work alone
-        kernel_ms[name] = round(sum(phase_breakdown(call, device).values()), 3)
-        del teacher, student, t_opt, s_opt, run, call
+        rows[name], kernel_ms[name] = _measure_variant(fn, compiled, graph, args, device, batch)
     max_batch = None
     if args.max_batch:
         gc.collect()
