@@ -29,16 +29,17 @@ def _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD: tl.constexpr, SMOOTH: tl
 
 
 @triton.jit
-def _grad_chunk(x, t, c, y, lse, sum_t, mk, keep, off, grad_scale, HARD: tl.constexpr,
+def _grad_chunk(x, t, c, y, lse, sum_t, mk, read, keep, off, grad_scale, HARD: tl.constexpr,
                 SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr):
-    """grad_scale * mask * (softmax * sum(t') - t') of one chunk."""
+    """grad_scale * mask * (softmax * sum(t') - t') of one chunk; 0 where the mask dropped the
+    row (`read` False: nothing was loaded there)."""
     if HARD:
         t = tl.where(c == y[:, None], keep, 0.0)
         if SMOOTH:
             t += off
     g = (tl.exp(x - lse[:, None]) * sum_t[:, None] - t) * grad_scale
     if HAS_MASK:
-        g = g * mk[:, None]
+        g = tl.where(read, g * mk[:, None], 0.0)
     return g
 
 
@@ -116,10 +117,8 @@ def _soft_cross_entropy_kernel(
     if COMPUTE_GRAD:
         g_rows = grad_ptr + rows[:, None] * grad_stride
         if SINGLE:
-            g = _grad_chunk(x, t, cols, y, lse, sum_t, mk, keep, off, grad_scale, HARD, SMOOTH,
-                            HAS_MASK)
-            if HAS_MASK:
-                g = tl.where(read, g, 0.0)
+            g = _grad_chunk(x, t, cols, y, lse, sum_t, mk, read, keep, off, grad_scale, HARD,
+                            SMOOTH, HAS_MASK)
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < C))
         else:
@@ -127,10 +126,8 @@ def _soft_cross_entropy_kernel(
                 c = start + cols
                 read = todo[:, None] & (c < C)
                 x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
-                g = _grad_chunk(x, t, c, y, lse, sum_t, mk, keep, off, grad_scale, HARD,
+                g = _grad_chunk(x, t, c, y, lse, sum_t, mk, read, keep, off, grad_scale, HARD,
                                 SMOOTH, HAS_MASK)
-                if HAS_MASK:
-                    g = tl.where(read, g, 0.0)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & (c < C))
 
