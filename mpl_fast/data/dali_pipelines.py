@@ -22,13 +22,16 @@ STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 MAGNITUDE_BINS = 11
 
 
-def _decode(jpegs, gpu, random_crop=False):
-    """Decode to RGB; random_crop: decode only a random window (the area and aspect ranges of
-    random_resized_crop), with the decoder's ROI decoding, instead of the whole image."""
-    device = "mixed" if gpu else "cpu"
-    if random_crop:
-        return fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB)
-    return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+def _decode(jpegs, gpu):
+    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+
+def _decode_random_resized_crop(jpegs, gpu, size):
+    """random_resized_crop's window (its area and aspect ranges) decoded alone, by the decoder's
+    ROI decoding instead of decoding the whole image, then resized to size x size."""
+    images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu",
+                                           output_type=types.RGB)
+    return fn.resize(images, resize_x=size, resize_y=size)
 
 
 def _crop(images, size, small):
@@ -111,7 +114,7 @@ def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu, size=None, 
         return _decode(jpegs, gpu), y
     if small:
         return _crop(_decode(jpegs, gpu), size, small), y
-    return fn.resize(_decode(jpegs, gpu, random_crop=True), resize_x=size, resize_y=size), y
+    return _decode_random_resized_crop(jpegs, gpu, size), y
 
 
 @pipeline_def
@@ -154,4 +157,4 @@ def bare_pipeline(files, size, small, gpu, reader_seed=0):
     jpegs, _ = _reader(files, list(range(len(files))), 0, 1, reader_seed, True)
     if small:
         return fn.crop(_decode(jpegs, gpu), crop_h=size, crop_w=size, out_of_bounds_policy="pad")
-    return fn.resize(_decode(jpegs, gpu, random_crop=True), resize_x=size, resize_y=size)
+    return _decode_random_resized_crop(jpegs, gpu, size)
