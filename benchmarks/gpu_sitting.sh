@@ -10,14 +10,15 @@
 #       `bash ../shared/device/dali-wheels.sh` (.dali/p1 .. p5 and install.sh, ~60 MB each).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
 #       STAGE: build tests ops ops-tiles step memory memory-teacher memory-partial
-#       step-imagenet step-compiled-default step-compiled data (default: build tests ops ops-tiles step memory
+#       step-imagenet step-compiled-default step-compiled data methods gather (default: build tests ops ops-tiles step memory
 #       step-imagenet, in that order), each under its own limit and all under SITTING_SECONDS.
 #       Wheels and DALI parts carried in a call are kept under /tmp
 #       for the later calls on the same warm machine; DALI is installed once all five parts
 #       have come (one part a call: docs/gpu_checklist.md has the call-by-call plan).
 #       Logs (<stage>.log), result records (results/) and summary.txt (a line per stage, also on
-#       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz after every
-#       stage: only 8 files come back from a device call. Unpack it here and copy the records
+#       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz.00, .01, ...
+#       (15 MiB parts) after every stage: at most 8 files of 16 MiB come back from a device
+#       call. Unpack them here (`cat sitting.tar.gz.* | tar -xz`) and copy the records
 #       you report into benchmarks/results/, and its autotune/ files into .autotune/ (ignored;
 #       carry it next time: inductor's max-autotune timings for that card, see run()).
 set -uo pipefail
@@ -137,9 +138,36 @@ stage_step_compiled() {
   mpl-fast bench step --model wrn28_2 --compile max-autotune-no-cudagraphs --out "$DIR/results"
 }
 
+# #8: the CIFAR-10-4K runs named in METHODS (comma-separated, default mpl; one ~8-minute run fits
+# a call; METHODS_ARGS adds options), each continued from its last.pt: the warm machine's own (RUNS, kept under /tmp), else
+# the one carried in as runs/methods/<method> (a past sitting's, unpacked here). A run cut off by
+# the limit has saved last.pt at its last multiple of train.checkpoint_every and resumes there.
+# Needs DALI (the five parts) and CIFAR-10 (.data/cifar10, carried in a call of its own).
+stage_methods() {
+  python3 -c "import nvidia.dali" || { echo "no DALI: carry the five .dali parts first"; return 1; }
+  [ -d /tmp/cifar10/train ] || { echo "no CIFAR-10: carry .data/cifar10 first"; return 1; }
+  local m
+  for m in ${METHODS//,/ }; do
+    if [ ! -f "$RUNS/$m/last.pt" ] && [ -f "runs/methods/$m/last.pt" ]; then
+      mkdir -p "$RUNS" && cp -r "runs/methods/$m" "$RUNS/"
+    fi
+  done
+  # METHODS_ARGS: more options for every method, e.g. "--set train.cuda_graph=true"
+  # shellcheck disable=SC2086
+  mpl-fast bench methods --set data.root=/tmp/cifar10 --methods "$METHODS" --out "$RUNS" \
+    --resume --results "$DIR/results" ${METHODS_ARGS:-}
+}
+
+# nothing to run: the call only brings carried parts (DALI, CIFAR-10) to the warm machine
+stage_gather() {
+  echo "gathered: DALI parts $(ls -d /tmp/dali-parts/p* 2>/dev/null | wc -l)/5, CIFAR-10" \
+    "$([ -d /tmp/cifar10/train ] && echo here || echo absent)"
+}
+
 declare -A LIMIT=([build]=90 [tests]=240 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
   [step-imagenet]=120 [ops-tiles]=240
-  [data]=240 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400)
+  [data]=240 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
+  [methods]=570 [gather]=20)
 # All stages together stop by SITTING_SECONDS (default 570 s: inside one 600 s device call). A
 # stage gets its own limit or what is left, whichever is less, so time a quick stage leaves over
 # goes to the next; a stage left under 20 s is skipped.
@@ -176,6 +204,11 @@ run() {
     bash /tmp/dali-parts/install.sh 2>&1 | tail -n 3 | tee -a "$DIR/dali.txt"
   fi
   [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH=/tmp/dali-site:$PYTHONPATH
+  # CIFAR-10 (55 MB of JPEGs, a call's carry of its own) stays under /tmp for the later calls
+  if [ -d .data/cifar10/train ] && [ ! -d /tmp/cifar10/train ]; then
+    cp -r .data/cifar10 /tmp/cifar10.partial && mv /tmp/cifar10.partial /tmp/cifar10
+  fi
+  export RUNS=${SITTING_RUNS:-/tmp/methods} METHODS=${METHODS:-mpl}
   # inductor's max-autotune timings (a small JSON file per card and versions, written after each
   # kernel it autotunes): kept under /tmp while the machine stays warm, taken from .autotune/
   # when a past sitting's are carried in, and sent back in the archive (autotune/), so that the
@@ -215,17 +248,34 @@ run() {
   return 0
 }
 
-# everything gathered so far into the one file that comes back, the autotune timings included
+# everything gathered so far into the archive that comes back, the autotune timings and the
+# METHODS runs (without best.pt and finetuned.pt: last.pt is what a resume needs) included, in
+# parts of 15 MiB (a device call returns files of 16 MiB at most, 64 MiB together): here,
+# `cat sitting.tar.gz.* | tar -xz`
 pack() {
   if compgen -G "$TORCHINDUCTOR_CACHE_DIR/cache/*" > /dev/null; then
     mkdir -p "$DIR/autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$DIR/autotune/"
   fi
-  tar -czf "$OUT/sitting.tar.gz" -C "$DIR" .
+  local staged runs=() m
+  staged=$(mktemp -d)
+  for m in ${METHODS//,/ }; do
+    [ -d "$RUNS/$m" ] && runs+=("methods/$m")
+  done
+  [ ${#runs[@]} -gt 0 ] && [ -f "$RUNS/methods.png" ] && runs+=("methods/methods.png")
+  if [ ${#runs[@]} -gt 0 ]; then  # under methods/ in the archive, as runs/methods/ holds them
+    ln -s "$RUNS" "$staged/methods"
+    runs=(-C "$staged" "${runs[@]}")
+  fi
+  tar -czhf "$staged/all.tar.gz" --exclude=best.pt --exclude=finetuned.pt -C "$DIR" . \
+    ${runs[@]+"${runs[@]}"}
+  rm -f "$OUT"/sitting.tar.gz.*
+  split -b 15m -d "$staged/all.tar.gz" "$OUT/sitting.tar.gz."
+  rm -rf "$staged"
 }
 
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops ops-tiles step memory memory-teacher memory-partial step-imagenet step-compiled-default step-compiled data]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops ops-tiles step memory memory-teacher memory-partial step-imagenet step-compiled-default step-compiled data methods gather]" >&2
      exit 2 ;;
 esac

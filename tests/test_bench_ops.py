@@ -168,22 +168,43 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
     cache = tmp_path / "inductor" / "cache"
     cache.mkdir(parents=True)
     (cache / "h200-timings").write_text("this machine's")
+    # a run of #8 on the warm machine: its last.pt (incompressible, 20 MiB) comes back, its
+    # best.pt does not, and a method not named in METHODS stays behind
+    runs = tmp_path / "runs"
+    for method in ("mpl", "uda"):
+        (runs / method).mkdir(parents=True)
+        (runs / method / "last.pt").write_bytes(os.urandom(20 * 2**20))
+        (runs / method / "best.pt").write_bytes(b"best")
+        (runs / method / "metrics.jsonl").write_text('{"step": 500}\n')
+    (runs / "methods.png").write_bytes(b"curves")
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
-           "SITTING_SECONDS": "15", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor")}
+           "SITTING_SECONDS": "15", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
+           "SITTING_RUNS": str(runs), "METHODS": "mpl"}
     done = subprocess.run(["bash", str(script), "run", "tests", "ops"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
     # under 20 s left for each stage: both skipped, neither started
     assert "stage tests: skipped" in done.stdout and "stage ops: skipped" in done.stdout
     assert not (tmp_path / "work" / "tests.log").exists()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["sitting.tar.gz"]
+    # parts a device call can return: 15 MiB each, numbered
+    parts = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in parts] == ["sitting.tar.gz.00", "sitting.tar.gz.01"]
+    assert all(p.stat().st_size <= 15 * 2**20 for p in parts)
     assert (cache / "h100-timings").read_text() == "carried"
-    with tarfile.open(tmp_path / "out" / "sitting.tar.gz") as tar:
+    joined = tmp_path / "sitting.tar.gz"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(joined) as tar:
+        names = set(tar.getnames())
         summary = tar.extractfile("./summary.txt").read().decode()
         timings = {name: tar.extractfile(f"./autotune/{name}").read().decode()
                    for name in ("h100-timings", "h200-timings")}
+        last = tar.extractfile("methods/mpl/last.pt").read()
     assert summary.count("skipped") == 2
     assert timings == {"h100-timings": "carried", "h200-timings": "this machine's"}
+    assert last == (runs / "mpl" / "last.pt").read_bytes()
+    assert "methods/mpl/metrics.jsonl" in names and "methods/mpl/best.pt" not in names
+    assert "methods/methods.png" in names  # the curves of the runs so far
+    assert not any(n.startswith("methods/uda") for n in names)
 
 
 @pytest.mark.gpu
