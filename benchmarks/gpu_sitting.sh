@@ -86,10 +86,14 @@ stage_step_imagenet() {
       --out "$DIR/results"
 }
 
+need_dali() {
+  python3 -c "import nvidia.dali" || { echo "no DALI: carry the five .dali parts first"; return 1; }
+}
+
 # the DALI GPU pipeline (#6): its gpu test, then throughput on ImageNet-sized synthetic JPEGs
 # written there (about a minute on 16 cores) at the ResNet-50 step's batch. Needs DALI (below).
 stage_data() {
-  python3 -c "import nvidia.dali" || { echo "no DALI: carry the five .dali parts first"; return 1; }
+  need_dali || return 1
   TRITON_INTERPRET=0 python3 -m pytest -v -rfE -p no:cacheprovider \
     tests/test_gpu_step.py -k dali &&
     mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 \
@@ -144,7 +148,7 @@ stage_step_compiled() {
 # the limit has saved last.pt at its last multiple of train.checkpoint_every and resumes there.
 # Needs DALI (the five parts) and CIFAR-10 (.data/cifar10, carried in a call of its own).
 stage_methods() {
-  python3 -c "import nvidia.dali" || { echo "no DALI: carry the five .dali parts first"; return 1; }
+  need_dali || return 1
   [ -d /tmp/cifar10/train ] || { echo "no CIFAR-10: carry .data/cifar10 first"; return 1; }
   local m
   for m in ${METHODS//,/ }; do
