@@ -91,13 +91,18 @@ need_dali() {
 }
 
 # the DALI GPU pipeline (#6): its gpu test, then throughput on ImageNet-sized synthetic JPEGs
-# written there (about a minute on 16 cores) at the ResNet-50 step's batch. Needs DALI (below).
+# written there (about a minute on 16 cores) at the ResNet-50 step's batch, and on CIFAR-10 at
+# the WRN-28-2 step's batch when it was carried (a call of its own). Needs DALI (below).
 stage_data() {
   need_dali || return 1
   TRITON_INTERPRET=0 python3 -m pytest -v -rfE -p no:cacheprovider \
-    tests/test_gpu_step.py -k dali &&
-    mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 \
-      --out "$DIR/results"
+    tests/test_gpu_step.py -k dali || return 1
+  if [ -d /tmp/cifar10/train ]; then
+    mpl-fast bench data --root /tmp/cifar10/train --device gpu --batch-size 64 --mu 7 \
+      --out "$DIR/results" || return 1
+  fi
+  mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 \
+    --out "$DIR/results"
 }
 
 # activation checkpointing (#7): time, activation memory and the largest batch, without, with

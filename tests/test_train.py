@@ -405,14 +405,16 @@ def _graph_runs(tmp_path, modes, device="cpu", extra=()):
     return runs
 
 
-def _assert_same_run(a, b, rel):
+def _assert_same_run(a, b, rel, top1_abs=None):
+    """Losses, h, schedules within rel; the logged top-1 within top1_abs (default rel)."""
     (rows_a, sum_a), (rows_b, sum_b) = a, b
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("teacher/loss", "student/loss", "h", "uda/scale", "lr/student", "lr/teacher",
                     "eval/ema_student_top1"):
             if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=rel), (ra["step"], key)
+                tol = top1_abs if key.endswith("top1") and top1_abs is not None else rel
+                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=tol), (ra["step"], key)
     assert sum_b["ema_student_top1"] == pytest.approx(sum_a["ema_student_top1"], abs=0.02)
 
 
@@ -462,9 +464,15 @@ def test_graphed_run_stops_on_a_nonfinite_loss_and_needs_a_gpu(tmp_path, monkeyp
 
 
 @pytest.mark.gpu
-def test_cuda_graph_run_matches_the_eager_run_on_a_gpu(tmp_path):
+def test_cuda_graph_run_matches_the_eager_run_on_a_gpu(tmp_path, monkeypatch):
+    """In fp32 with TF32 off (cuDNN may pick other convolution algorithms inside the graph, and
+    TF32's 1e-3 rounding then differs between the runs). Top-1 is allowed two of the 539 test
+    images: a near-chance network after 12 steps has near-ties that a last-bit change flips (the
+    second H200 sitting saw one image flip with TF32 on while every loss agreed to 1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     runs = _graph_runs(tmp_path, (False, True), device="cuda", extra=("train.amp=off",))
-    _assert_same_run(runs[False], runs[True], rel=1e-3)
+    _assert_same_run(runs[False], runs[True], rel=1e-3, top1_abs=2.5 / 539)
 
 
 def test_graphed_step_refuses_a_batch_of_another_shape():
