@@ -7,10 +7,13 @@ The MPL streams are labeled B + unlabeled mu*B images a step, each unlabeled ima
 (weak, strong); the comparison is a bare decode + crop pipeline over the same files. Images/s
 counts decoded source images (B + mu*B per step). --synthetic N first writes N ImageNet-sized
 (500x375) JPEGs in 10 class folders under DIR (DIR must not exist; a tree written by an earlier
---synthetic N is reused). Appends a JSON record to benchmarks/results/data.jsonl; the last line
-printed is a summary.
+--synthetic N is reused). --parts also times each pipeline of the stream alone (labeled;
+unlabeled; unlabeled without RandAugment), in source images/s, to show which part holds the
+stream back. Appends a JSON record to benchmarks/results/data.jsonl; the last line printed is a
+summary.
 """
 import argparse
+import dataclasses
 import datetime
 import time
 from pathlib import Path
@@ -32,6 +35,9 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=None,
                         help="output size (default: 32 for small images, else 224)")
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--parts", action="store_true",
+                        help="also time each pipeline alone (labeled, unlabeled, unlabeled "
+                             "without RandAugment)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.mu < 1 or args.steps < 1:
@@ -56,9 +62,9 @@ def main(argv=None):
     size = args.image_size or (32 if small else 224)
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     per_class = max(1, min(len(index) // len(index.classes) // 10, 400))
-    stream = DaliStream(index, balanced_split(index, per_class=per_class),
-                        StreamSpec(args.batch_size, args.mu, size, small,
-                                   num_threads=args.threads), device)
+    labeled = balanced_split(index, per_class=per_class)
+    spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=args.threads)
+    stream = DaliStream(index, labeled, spec, device)
     per_step = args.batch_size * (1 + args.mu)
 
     def timed(fn, steps):
@@ -74,6 +80,15 @@ def main(argv=None):
         return time.perf_counter() - t0
 
     mpl_s = timed(stream.next, args.steps)
+    parts = {}
+    if args.parts:  # each pipeline alone, its outputs left in DALI's memory
+        b, ub = args.batch_size, args.batch_size * args.mu
+        parts["labeled"] = args.steps * b / timed(stream.lab.run, args.steps)
+        parts["unlabeled"] = args.steps * ub / timed(stream.unl.run, args.steps)
+        del stream
+        plain = DaliStream(index, labeled, dataclasses.replace(spec, ra_n=0), device)
+        parts["unlabeled_no_randaugment"] = args.steps * ub / timed(plain.unl.run, args.steps)
+        del plain
     bare = P.bare_pipeline(index.files, size, small, device.type == "cuda",
                            batch_size=per_step, num_threads=args.threads,
                            device_id=0 if device.type == "cuda" else None, seed=0)
@@ -87,10 +102,14 @@ def main(argv=None):
               "image_size": size, "batch_size": args.batch_size, "mu": args.mu,
               "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
               "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
+    if parts:
+        record["parts_images_per_s"] = {k: round(v, 1) for k, v in parts.items()}
     out = Path(args.out)
     append_jsonl(out / "data.jsonl", [record])
     print(f"MPL streams (labeled + weak/strong unlabeled): {mpl_ips:,.0f} img/s")
     print(f"bare decode + crop:                           {bare_ips:,.0f} img/s")
+    for name, ips in parts.items():
+        print(f"  alone: {name:<38} {ips:,.0f} img/s")
     print(f"summary: {record['device']} {size}px B={args.batch_size} mu={args.mu}: MPL streams "
           f"{mpl_ips:,.0f} img/s = {100 * mpl_ips / bare_ips:.0f}% of bare decode+crop "
           f"({bare_ips:,.0f} img/s)")

@@ -92,16 +92,17 @@ need_dali() {
 
 # the DALI GPU pipeline (#6): its gpu test, then throughput on ImageNet-sized synthetic JPEGs
 # written there (about a minute on 16 cores) at the ResNet-50 step's batch, and on CIFAR-10 at
-# the WRN-28-2 step's batch when it was carried (a call of its own). Needs DALI (below).
+# the WRN-28-2 step's batch when it was carried (a call of its own), each pipeline also timed
+# alone (--parts: which one holds the stream back). Needs DALI (below).
 stage_data() {
   need_dali || return 1
   TRITON_INTERPRET=0 python3 -m pytest -v -rfE -p no:cacheprovider \
     tests/test_gpu_step.py -k dali || return 1
-  if [ -d /tmp/cifar10/train ]; then
-    mpl-fast bench data --root /tmp/cifar10/train --device gpu --batch-size 64 --mu 7 \
+  if [ -d "$CIFAR/train" ]; then
+    mpl-fast bench data --root "$CIFAR/train" --device gpu --batch-size 64 --mu 7 --parts \
       --out "$DIR/results" || return 1
   fi
-  mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 \
+  mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 --parts \
     --out "$DIR/results"
 }
 
@@ -151,10 +152,10 @@ stage_step_compiled() {
 # a call; METHODS_ARGS adds options), each continued from its last.pt: the warm machine's own (RUNS, kept under /tmp), else
 # the one carried in as runs/methods/<method> (a past sitting's, unpacked here). A run cut off by
 # the limit has saved last.pt at its last multiple of train.checkpoint_every and resumes there.
-# Needs DALI (the five parts) and CIFAR-10 (.data/cifar10, carried in a call of its own).
+# Needs DALI (the five parts) and CIFAR-10 (.data/cifar10.tgz, carried with a DALI part or alone).
 stage_methods() {
   need_dali || return 1
-  [ -d /tmp/cifar10/train ] || { echo "no CIFAR-10: carry .data/cifar10 first"; return 1; }
+  [ -d "$CIFAR/train" ] || { echo "no CIFAR-10: carry .data/cifar10.tgz first"; return 1; }
   local m
   for m in ${METHODS//,/ }; do
     if [ ! -f "$RUNS/$m/last.pt" ] && [ -f "runs/methods/$m/last.pt" ]; then
@@ -163,14 +164,14 @@ stage_methods() {
   done
   # METHODS_ARGS: more options for every method, e.g. "--set train.cuda_graph=true"
   # shellcheck disable=SC2086
-  mpl-fast bench methods --set data.root=/tmp/cifar10 --methods "$METHODS" --out "$RUNS" \
+  mpl-fast bench methods --set data.root="$CIFAR" --methods "$METHODS" --out "$RUNS" \
     --resume --results "$DIR/results" ${METHODS_ARGS:-}
 }
 
 # nothing to run: the call only brings carried parts (DALI, CIFAR-10) to the warm machine
 stage_gather() {
   echo "gathered: DALI parts $(ls -d /tmp/dali-parts/p* 2>/dev/null | wc -l)/5, CIFAR-10" \
-    "$([ -d /tmp/cifar10/train ] && echo here || echo absent)"
+    "$([ -d "$CIFAR/train" ] && echo here || echo absent)"
 }
 
 declare -A LIMIT=([build]=90 [tests]=240 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
@@ -213,9 +214,18 @@ run() {
     bash /tmp/dali-parts/install.sh 2>&1 | tail -n 3 | tee -a "$DIR/dali.txt"
   fi
   [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH=/tmp/dali-site:$PYTHONPATH
-  # CIFAR-10 (55 MB of JPEGs, a call's carry of its own) stays under /tmp for the later calls
-  if [ -d .data/cifar10/train ] && [ ! -d /tmp/cifar10/train ]; then
-    cp -r .data/cifar10 /tmp/cifar10.partial && mv /tmp/cifar10.partial /tmp/cifar10
+  export CIFAR=${SITTING_CIFAR:-/tmp/cifar10}
+  # CIFAR-10 stays under /tmp for the later calls. Carry it packed (.data/cifar10.tgz, 19 MB:
+  # `tar czf .data/cifar10.tgz -C ../shared/data/cifar10 train test`): the carry limit counts
+  # its 60000 files as more than 64 MiB unpacked; a folder .data/cifar10 is taken too
+  if [ ! -d "$CIFAR/train" ]; then
+    rm -rf "$CIFAR.partial"
+    if [ -f .data/cifar10.tgz ]; then
+      mkdir -p "$CIFAR.partial" && tar -xzf .data/cifar10.tgz -C "$CIFAR.partial" &&
+        mv "$CIFAR.partial" "$CIFAR"
+    elif [ -d .data/cifar10/train ]; then
+      cp -r .data/cifar10 "$CIFAR.partial" && mv "$CIFAR.partial" "$CIFAR"
+    fi
   fi
   export RUNS=${SITTING_RUNS:-/tmp/methods} METHODS=${METHODS:-mpl}
   # inductor's max-autotune timings (a small JSON file per card and versions, written after each

@@ -97,6 +97,36 @@ def test_gpu_sitting_script_refuses_unknown_stages_before_running_any(tmp_path):
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()  # nothing ran
 
 
+def test_gpu_sitting_unpacks_carried_cifar10_once_for_later_calls(tmp_path):
+    """CIFAR-10 travels packed (its 60000 files count as more than the 64 MiB carry limit
+    unpacked); the first call unpacks it where the later calls on the warm machine find it."""
+    import subprocess
+    import tarfile
+
+    script = _sitting_script(tmp_path)
+    tree = tmp_path / "tree"
+    (tree / "train" / "cat").mkdir(parents=True)
+    (tree / "train" / "cat" / "0.jpg").write_bytes(b"jpeg")
+    data = script.parent.parent / ".data"
+    data.mkdir()
+    with tarfile.open(data / "cifar10.tgz", "w:gz") as tar:
+        tar.add(tree / "train", arcname="train")
+    cifar = tmp_path / "cifar10"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
+           "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
+           "SITTING_CIFAR": str(cifar)}
+    done = subprocess.run(["bash", str(script), "run", "gather"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "CIFAR-10 here" in done.stdout
+    assert (cifar / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
+    assert not (tmp_path / "cifar10.partial").exists()
+    (data / "cifar10.tgz").unlink()  # a later call carries other things: the tree is kept
+    done = subprocess.run(["bash", str(script), "run", "gather"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0 and "CIFAR-10 here" in done.stdout, done.stderr
+
+
 def _bench_step_module():
     import runpy
 

@@ -185,6 +185,16 @@ def test_bench_data_command(tree, tmp_path, capsys):
     assert last.startswith("summary:") and "img/s" in last
     record = json.loads((tmp_path / "data.jsonl").read_text())
     assert record["mpl_images_per_s"] > 0 and record["bare_images_per_s"] > 0
+    assert "parts_images_per_s" not in record
+    assert cli.main(["bench", "data", "--root", str(tree), "--device", "cpu", "--batch-size",
+                     "4", "--mu", "2", "--steps", "2", "--threads", "1", "--parts", "--out",
+                     str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    record = json.loads((tmp_path / "data.jsonl").read_text().splitlines()[-1])
+    parts = record["parts_images_per_s"]
+    assert sorted(parts) == ["labeled", "unlabeled", "unlabeled_no_randaugment"]
+    assert all(v > 0 for v in parts.values())
+    assert sum("alone:" in line for line in lines) == 3 and lines[-1].startswith("summary:")
     assert cli.main(["bench", "data", "--root", str(tmp_path / "none")]) == 2
 
 
