@@ -6,7 +6,11 @@ streams each row (online softmax; for soft targets also the target mass and the
 target-weighted logits) and pass 2, only when a gradient is wanted, writes
 grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i)
 (grad_scale is 1/N for a mean), so backward is a scale, and none when grad_output is 1.
-A row whose mask is 0 is never read: its loss and gradient are written as 0.
+A row whose mask is 0 gets loss and gradient 0 whatever it holds. A streamed row is then never
+read; a one-tile row is loaded together with its mask, its class index and its target rather
+than after them (at 1000 classes the kernel is bound by the latency of loads that wait on each
+other, not by bandwidth: the H200 took as long in bf16 as in fp32), and the target's logit comes
+from the registers instead of a load of its own.
 """
 import torch
 import triton
@@ -63,9 +67,16 @@ def _soft_cross_entropy_kernel(
         mk = tl.load(mask_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         todo = row_ok & (mk != 0.0)
 
+    y = rows  # stands in for the class index when the targets are soft
+    if HARD:
+        y = tl.load(index_ptr + rows, mask=row_ok, other=0)
+        in_range = (y >= 0) & (y < C)
+
     if SINGLE:  # the row is one tile: read once, the gradient comes from registers
-        read = todo[:, None] & (cols < C)
-        x, t = _load_chunk(x_rows, t_rows, cols, read, keep, off, HARD, SMOOTH)
+        read = todo[:, None] & (cols < C)  # where the values count
+        # loaded whatever the mask (not waiting for it); a masked row's values are dropped
+        x, t = _load_chunk(x_rows, t_rows, cols, row_ok[:, None] & (cols < C), keep, off, HARD,
+                           SMOOTH)
         m, s = softmax_stats(x)
         acc_x = tl.where(read, x, 0.0)
         acc_t = t
@@ -93,12 +104,12 @@ def _soft_cross_entropy_kernel(
                 acc_tx += tl.where(t != 0.0, t * x, 0.0)
 
     lse = safe_max(m) + tl.log(s)
-    y = rows  # stands in for the class index when the targets are soft
     if HARD:
-        y = tl.load(index_ptr + rows, mask=row_ok, other=0)
-        in_range = (y >= 0) & (y < C)
-        x_y = tl.load(logits_ptr + rows * logits_stride + tl.where(in_range, y, 0),
-                      mask=todo, other=0.0).to(tl.float32)
+        if SINGLE:  # the target's logit is in the registers already
+            x_y = tl.sum(tl.where(cols == y[:, None], x, 0.0), 1)
+        else:
+            x_y = tl.load(logits_ptr + rows * logits_stride + tl.where(in_range, y, 0),
+                          mask=todo, other=0.0).to(tl.float32)
         sum_t = tl.full([ROWS], 1.0, tl.float32)
         if SMOOTH:
             sum_tx = keep * x_y + off * tl.sum(acc_x, 1)

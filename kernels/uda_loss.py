@@ -1,9 +1,11 @@
 """Triton kernel of uda_loss: targets q = softmax(weak / T) (no gradient), a confidence mask
 max(q) >= threshold, and the masked soft cross-entropy of the strong logits against q, with its
 gradient grad_scale * mask * (softmax(strong) - q) written in the same call. A row that fits in
-one tile (C <= 4096) of both inputs is read once, the strong one only where the mask keeps the
-row; longer rows are streamed once for the loss and once more for the gradient, except the
-rows the mask drops (their gradient is 0: written without reading them again)."""
+one tile (C <= 4096) of both inputs is read once, both rows loaded together (the strong row does
+not wait for the mask its weak row decides: at 1000 classes the kernel is bound by the latency
+of loads that wait on each other, not by bandwidth); longer rows are streamed once for the loss
+and once more for the gradient, except the rows the mask drops (their gradient is 0: written
+without reading them again). A masked row's loss and gradient are 0 whatever it holds."""
 import torch
 import triton
 import triton.language as tl
@@ -34,10 +36,11 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         mw = tl.max(w, 1)
         e = tl.exp(w - safe_max(mw)[:, None])
         sw = tl.sum(e, 1)
-        # the weak row decides the mask; the strong row of a masked one is never read
+        # the weak row decides the mask; the strong row is loaded without waiting for it, and
+        # dropped where the mask is 0
+        x = tl.load(s_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
         mk = _confident(mw, sw, threshold)
         read = ok & (mk != 0.0)[:, None]
-        x = tl.load(s_rows + cols, mask=read, other=-float("inf")).to(tl.float32)
         qs = tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
         ms, ss = softmax_stats(x)
     else:

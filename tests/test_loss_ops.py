@@ -323,16 +323,19 @@ def test_uda_loss(use, backend, device, dtype, n, c):
 @pytest.mark.parametrize("c", [1000, 5000])
 def test_rows_with_some_masked(use, backend, device, dtype, c):
     """Some rows masked and some not, in both ops, for rows of one tile and rows streamed in two
-    passes: a masked row (never read, or not read again) gets loss and gradient 0, the others
-    match the float64 truth. (In test_uda_loss every row of 32000+ classes falls under the
-    threshold, so the unmasked streamed gradient needs its own case.)"""
+    passes: a masked row gets loss and gradient 0 whatever it holds (NaN here; the kernels may
+    load it with its mask or skip it), the others match the float64 truth. (In test_uda_loss
+    every row of 32000+ classes falls under the threshold, so the unmasked streamed gradient
+    needs its own case.)"""
     use(backend)
     n = 6
     weak = _logits(n, c, dtype, device, 71, scale=1.0)  # max prob ~0.04 at T = 0.7
     confident = torch.tensor([0, 2, 3])
     weak[confident, confident + 7] = 60.0  # max prob ~1 in these rows, ~0 in the others
     strong = _logits(n, c, dtype, device, 72)
-    sg = strong.clone().requires_grad_()
+    poisoned = strong.clone()
+    poisoned[[1, 4, 5]] = float("nan")  # the rows the weak view masks
+    sg = poisoned.requires_grad_()
     loss, mask = ops.uda_loss(weak, sg, temperature=0.7, threshold=0.5)
     loss.backward()
     assert mask.cpu().tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
@@ -347,7 +350,9 @@ def test_rows_with_some_masked(use, backend, device, dtype, c):
     y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(73)).to(device)
     row_mask = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0], device=device)
     for target in (y, torch.softmax(_logits(n, c, torch.float32, device, 74), 1)):
-        xg = strong.clone().requires_grad_()
+        xg = strong.clone()
+        xg[row_mask == 0] = float("nan")
+        xg.requires_grad_()
         ops.soft_cross_entropy(xg, target, label_smoothing=0.1, mask=row_mask).backward()
         x64 = strong.double().cpu().requires_grad_()
         loss_truth.reduce(loss_truth.soft_ce_rows(x64, target.cpu(), 0.1, row_mask.cpu()),

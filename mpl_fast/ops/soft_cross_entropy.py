@@ -39,8 +39,8 @@ def soft_cross_entropy_torch(logits, target_index, target_probs, mask, label_smo
     if mask is not None:
         m = mask.to(x.dtype)
         loss = torch.where(m != 0, loss * m, torch.zeros_like(loss))
-        if grad is not None:
-            grad = grad * m[:, None]
+        if grad is not None:  # 0 in a masked row, whatever it holds (NaN included)
+            grad = torch.where(m[:, None] != 0, grad * m[:, None], torch.zeros_like(grad))
     grad = grad.to(logits.dtype) if grad is not None else logits.new_empty(0)
     return loss, grad
 

@@ -15,8 +15,10 @@ def uda_loss_torch(weak, strong, temperature, threshold, compute_grad, grad_scal
     logp = torch.log_softmax(strong.to(_compute_dtype(strong)), dim=1)
     loss = -torch.where(q != 0, q * logp, torch.zeros_like(logp)).sum(1)
     loss = torch.where(mask != 0, loss, torch.zeros_like(loss))
-    grad = ((logp.exp() - q) * (mask * grad_scale)[:, None]).to(strong.dtype) if compute_grad \
-        else strong.new_empty(0)
+    grad = strong.new_empty(0)
+    if compute_grad:  # 0 in a masked row, whatever its strong logits hold (NaN included)
+        grad = torch.where(mask[:, None] != 0, (logp.exp() - q) * (mask * grad_scale)[:, None],
+                           torch.zeros_like(logp)).to(strong.dtype)
     return loss, mask, grad
 
 
