@@ -317,3 +317,34 @@ def test_large_images_are_decoded_with_a_random_crop_and_resized(tmp_path):
                            seed=3)
     bare.build()
     assert bare.run()[0].as_array().shape == (4, 24, 24, 3)
+
+
+def test_strong_view_translation_keeps_small_images_in_frame(tree):
+    """RandAugment's translations scale with the image: DALI's rand_augment shifts by up to 100
+    px unless it is told the image's shape, which moves a 32-px CIFAR image out of its frame
+    entirely (a strong view of nothing but the fill colour). One RandAugment layer at the top
+    level: about 1 sample in 7 is translated; none may come out blank."""
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data import dali_pipelines as P
+
+    index = index_folder(tree)
+    pipe = P.unlabeled_pipeline(index.files, 32, True, False, 1, 10, 0, 0, 1, 3,
+                                batch_size=24, num_threads=1, device_id=None, seed=4)
+    pipe.build()
+    fill = (128.0 - torch.tensor(P.MEAN)) / torch.tensor(P.STD)
+
+    def band(is_fill):  # the widest run of all-fill columns from either edge (N x W -> N)
+        left = torch.cumprod(is_fill.int(), 1).sum(1)
+        right = torch.cumprod(is_fill.flip(1).int(), 1).sum(1)
+        return torch.maximum(left, right)
+
+    blank = shifted = 0
+    for _ in range(10):
+        strong = torch.from_numpy(pipe.run()[1].as_array())  # N x H x W x 3, normalised
+        is_fill = ((strong - fill).abs() < 1e-3).all(3)  # N x H x W
+        blank += int(is_fill.flatten(1).all(1).sum())
+        # a fill band wider than the pad-and-crop's 4 px comes from a translation
+        widest = torch.maximum(band(is_fill.all(1)), band(is_fill.all(2)))
+        shifted += int(((widest > 4) & (widest < 32)).sum())
+    assert blank == 0, f"{blank} of 240 strong views hold only the fill colour"
+    assert shifted >= 10, shifted  # translations still happen (about 34 expected)

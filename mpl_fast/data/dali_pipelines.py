@@ -6,7 +6,10 @@ RandAugment comes from nvidia.dali.auto_aug. Magnitudes: the paper and its TF co
 level on a 0-10 scale (CIFAR: n=2, level 16 or 17, i.e. beyond the top of the scale, which the TF
 code extrapolates). DALI's rand_augment uses `num_magnitude_bins` bins; we use 11, so
 `randaugment_m` is the paper's 0-10 level directly, and levels above 10 are clamped to 10 (DALI's
-largest magnitudes, weaker than the TF code's extrapolation).
+largest magnitudes, weaker than the TF code's extrapolation). Translations are relative to the
+image: up to 10/32 of its side at the top level for small images (UDA's CIFAR RandAugment: 10 px
+of 32), 100/224 for large ones (the TF code's 100 px at 224); DALI's default when it is not told
+the shape is 100 px whatever the size, which moves a 32-px image out of its frame.
 """
 import warnings
 
@@ -20,6 +23,8 @@ warnings.filterwarnings("ignore", message="WARNING: `nvidia.dali.fn.experimental
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 MAGNITUDE_BINS = 11
+# the largest RandAugment translation, as a fraction of the image's side (see the docstring)
+MAX_TRANSLATE_SMALL, MAX_TRANSLATE_LARGE = 10 / 32, 100 / 224
 
 
 def _decode(jpegs, gpu):
@@ -133,8 +138,11 @@ def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, 
     weak = _normalize(_crop(images, size, small), gpu, fn.random.coin_flip())
     strong = _crop(images, size, small)
     if ra_n > 0:
-        strong = rand_augment.rand_augment(strong, n=ra_n, m=min(ra_m, MAGNITUDE_BINS - 1),
-                                           num_magnitude_bins=MAGNITUDE_BINS)
+        # the crop is size x size: translations relative to that shape
+        strong = rand_augment.rand_augment(
+            strong, n=ra_n, m=min(ra_m, MAGNITUDE_BINS - 1), num_magnitude_bins=MAGNITUDE_BINS,
+            shape=(size, size),
+            max_translate_rel=MAX_TRANSLATE_SMALL if small else MAX_TRANSLATE_LARGE)
     strong = _normalize(_cutout(strong, size, cutout), gpu, fn.random.coin_flip())
     return weak, strong, index
 
