@@ -9,7 +9,7 @@
 #       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]). For DALI also run
 #       `bash ../shared/device/dali-wheels.sh` (.dali/p1 .. p5 and install.sh, ~60 MB each).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
-#       STAGE: build tests ops ops-tiles step memory memory-teacher memory-partial
+#       STAGE: build tests tests-ops ops ops-tiles step memory memory-teacher memory-partial
 #       step-imagenet step-compiled-default step-compiled data methods gather (default: build tests ops ops-tiles step memory
 #       step-imagenet, in that order), each under its own limit and all under SITTING_SECONDS.
 #       Wheels and DALI parts carried in a call are kept under /tmp
@@ -51,6 +51,12 @@ stage_build() {
 # which passed
 stage_tests() {
   TRITON_INTERPRET=0 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider tests/
+}
+
+# the gpu tests of the fused loss ops alone (compiled kernels against float64, every dtype), for a
+# sitting that changed the kernels but has no time for the whole gpu suite
+stage_tests_ops() {
+  TRITON_INTERPRET=0 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider tests/test_loss_ops.py
 }
 
 stage_ops() {
@@ -180,7 +186,7 @@ stage_gather() {
     "$([ -d "$CIFAR/train" ] && echo here || echo absent)"
 }
 
-declare -A LIMIT=([build]=90 [tests]=240 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
+declare -A LIMIT=([build]=90 [tests]=240 [tests-ops]=90 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
   [step-imagenet]=120 [ops-tiles]=240
   [data]=240 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
   [methods]=570 [gather]=20)
@@ -301,6 +307,6 @@ pack() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests ops ops-tiles step memory memory-teacher memory-partial step-imagenet step-compiled-default step-compiled data methods gather]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests tests-ops ops ops-tiles step memory memory-teacher memory-partial step-imagenet step-compiled-default step-compiled data methods gather]" >&2
      exit 2 ;;
 esac
