@@ -47,7 +47,7 @@ def main(argv=None):
 
     from mpl_fast.data import dali_pipelines as P
     from mpl_fast.data.dali_stream import DaliStream, StreamSpec
-    from mpl_fast.data.image_folder import balanced_split, index_folder
+    from mpl_fast.data.image_folder import all_of_size, balanced_split, index_folder
 
     root = Path(args.root)
     if args.synthetic is not None:
@@ -63,7 +63,9 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     per_class = max(1, min(len(index) // len(index.classes) // 10, 400))
     labeled = balanced_split(index, per_class=per_class)
-    spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=args.threads)
+    sized = small and all_of_size(index, size)  # CIFAR at 32: no resize
+    spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=args.threads,
+                      sized=sized)
     stream = DaliStream(index, labeled, spec, device)
     per_step = args.batch_size * (1 + args.mu)
 

@@ -348,3 +348,55 @@ def test_strong_view_translation_keeps_small_images_in_frame(tree):
         shifted += int(((widest > 4) & (widest < 32)).sum())
     assert blank == 0, f"{blank} of 240 strong views hold only the fill colour"
     assert shifted >= 10, shifted  # translations still happen (about 34 expected)
+
+
+def _position_tree(root, n_per_class=6, size=32):
+    """Lossless size x size PNGs whose pixels say where they come from: R = 7 row + 10,
+    G = 7 col + 10, B = 50 (never the fill colour 128)."""
+    from PIL import Image
+
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    img = np.stack([7 * rows + 10, 7 * cols + 10, np.full_like(rows, 50)], -1).astype(np.uint8)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(img).save(root / c / f"{c}{i}.png")
+    return root
+
+
+def test_small_pad_and_crop_shifts_whole_pixels_without_a_needless_resize(tmp_path):
+    """CIFAR-sized sources: the labeled crop is the image moved by a whole-pixel offset, uniform
+    in [-4, 4] on each axis (every offset turns up), with the fill colour exactly where the
+    window leaves the image; and skipping the resize of images already at the size (`sized`)
+    changes no pixel."""
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data import dali_pipelines as P
+    from mpl_fast.data.image_folder import all_of_size
+
+    index = index_folder(_position_tree(tmp_path / "pos"))
+    assert all_of_size(index, 32) and not all_of_size(index, 16)
+    outs = {}
+    for sized in (False, True):
+        pipe = P.labeled_pipeline(index.files, index.labels, 32, True, False, sized=sized,
+                                  batch_size=12, num_threads=1, device_id=None, seed=6)
+        pipe.build()
+        outs[sized] = np.concatenate([pipe.run()[0].as_array() for _ in range(20)])
+    assert np.array_equal(outs[False], outs[True])
+    pixels = np.rint(outs[True] * np.array(P.STD) + np.array(P.MEAN))  # N x 32 x 32 x 3
+    seen = set()
+    i, j = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    for px in pixels:
+        fill = px[..., 2] == 128
+        src_r, src_c = (px[..., 0] - 10) / 7, (px[..., 1] - 10) / 7
+        dy = np.unique(src_r[~fill] - i[~fill])
+        dx = np.unique(src_c[~fill] - j[~fill])
+        flipped = len(dx) > 1  # mirrored: source column = 31 - j + offset
+        if flipped:
+            dx = np.unique(src_c[~fill] + j[~fill] - 31)
+        assert len(dy) == 1 and len(dx) == 1 and abs(dy[0]) <= 4 and abs(dx[0]) <= 4
+        jj = 31 - j if flipped else j
+        outside = (i + dy[0] < 0) | (i + dy[0] > 31) | (jj + dx[0] < 0) | (jj + dx[0] > 31)
+        assert np.array_equal(fill, outside)
+        assert (px[fill] == 128).all()
+        seen.add(int(dy[0]))
+    assert seen == set(range(-4, 5))

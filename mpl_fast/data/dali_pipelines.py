@@ -39,17 +39,25 @@ def _decode_random_resized_crop(jpegs, gpu, size):
     return fn.resize(images, resize_x=size, resize_y=size)
 
 
+def _to_size(images, size, small, sized):
+    """Small images at size x size, once for every view: resized, unless the source is known to
+    hold nothing else (`sized`, e.g. CIFAR at 32: the resize would copy each image for nothing).
+    Large images are left alone (each view takes its own random-resized crop)."""
+    return images if sized or not small else fn.resize(images, resize_x=size, resize_y=size)
+
+
 def _crop(images, size, small):
-    """Small images: resize to size, pad by size/8 on each side and take a random size x size
-    crop (pad-and-crop). Large images: random-resized-crop to size."""
+    """Small images (already size x size, see _to_size): pad-and-crop, a size x size window at a
+    uniform integer offset in [-size/8, size/8] on each axis, the pixels outside the image filled
+    with 128, in one slice. Large images: random-resized-crop to size."""
     if not small:
         return fn.random_resized_crop(images, size=[size, size])
-    images = fn.resize(images, resize_x=size, resize_y=size)
     pad = max(1, size // 8)
-    images = fn.crop(images, crop_h=size + 2 * pad, crop_w=size + 2 * pad,
-                     out_of_bounds_policy="pad", fill_values=128)
-    return fn.crop(images, crop_h=size, crop_w=size, crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-                   crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
+    offsets = [float(v) for v in range(-pad, pad + 1)]
+    anchor = fn.random.uniform(values=offsets, shape=[2])  # (y, x)
+    return fn.slice(images, anchor, fn.constant(fdata=[float(size), float(size)]),
+                    axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                    out_of_bounds_policy="pad", fill_values=128)
 
 
 def _normalize(images, gpu, mirror=None):
@@ -105,7 +113,8 @@ def _reader(files, labels, shard_id, num_shards, seed, shuffle, name="reader"):
                            shuffle_after_epoch=shuffle, seed=seed, name=name)
 
 
-def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu, size=None, small=True):
+def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu, size=None, small=True,
+            sized=False):
     """(images, labels): JPEG files through the file reader and decoder, or an ArraySource (its
     images are already decoded) through external_source. With `size`, the images come cropped
     (see _crop) to size x size: large JPEGs decode only their random window."""
@@ -113,28 +122,35 @@ def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu, size=None, 
         images, y = fn.external_source(source=files, num_outputs=2, batch=False,
                                        layout=["HWC", ""], dtype=[types.UINT8, types.INT32])
         images = images.gpu() if gpu else images
-        return (images if size is None else _crop(images, size, small)), y
+        if size is None:
+            return images, y
+        return _crop(_to_size(images, size, small, sized), size, small), y
     jpegs, y = _reader(files, labels, shard_id, num_shards, seed, shuffle)
     if size is None:
         return _decode(jpegs, gpu), y
     if small:
-        return _crop(_decode(jpegs, gpu), size, small), y
+        return _crop(_to_size(_decode(jpegs, gpu), size, small, sized), size, small), y
     return _decode_random_resized_crop(jpegs, gpu, size), y
 
 
 @pipeline_def
-def labeled_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, reader_seed=0):
-    images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, gpu, size, small)
+def labeled_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, reader_seed=0,
+                     sized=False):
+    """Flip + crop, normalised. `sized`: the small source images are all size x size already."""
+    images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, gpu, size, small,
+                        sized)
     return _normalize(images, gpu, fn.random.coin_flip()), y
 
 
 @pipeline_def(enable_conditionals=True)
 def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, num_shards=1,
-                       reader_seed=0):
-    """Each image decoded once; weak = flip + crop; strong = its own flip + crop, then
-    RandAugment(n, m) and cutout. Also returns the file index of each row."""
+                       reader_seed=0, sized=False):
+    """Each image decoded once (and, if small, brought to size once); weak = flip + crop;
+    strong = its own flip + crop, then RandAugment(n, m) and cutout. Also returns the file index
+    of each row."""
     index_labels = None if isinstance(files, ArraySource) else list(range(len(files)))
     images, index = _source(files, index_labels, shard_id, num_shards, reader_seed, True, gpu)
+    images = _to_size(images, size, small, sized)
     weak = _normalize(_crop(images, size, small), gpu, fn.random.coin_flip())
     strong = _crop(images, size, small)
     if ra_n > 0:
@@ -148,10 +164,10 @@ def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, 
 
 
 @pipeline_def
-def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1):
+def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, sized=False):
     images, y = _source(files, labels, shard_id, num_shards, 0, False, gpu)
     if small:
-        images = fn.resize(images, resize_x=size, resize_y=size)
+        images = _to_size(images, size, small, sized)
     else:
         images = fn.resize(images, resize_shorter=int(size / 0.875))
         images = fn.crop(images, crop_h=size, crop_w=size)

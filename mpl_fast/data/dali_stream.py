@@ -45,6 +45,7 @@ class StreamSpec:
     cutout: int = 16
     num_threads: int = 4
     seed: int = 0
+    sized: bool = False  # small images all image_size x image_size already: no resize
 
 
 class DaliStream:
@@ -72,10 +73,11 @@ class DaliStream:
             lab_src, unl_src = [index.files[i] for i in labeled], index.files
         self.lab = P.labeled_pipeline(
             lab_src, lab_labels, spec.image_size, spec.small, gpu, rank, world, seed,
-            batch_size=b, seed=seed + 1, **common)
+            spec.sized, batch_size=b, seed=seed + 1, **common)
         self.unl = P.unlabeled_pipeline(
             unl_src, spec.image_size, spec.small, gpu, spec.ra_n, spec.ra_m, spec.cutout,
-            rank, world, seed + 2, batch_size=b * spec.mu, seed=seed + 3, **common)
+            rank, world, seed + 2, spec.sized, batch_size=b * spec.mu, seed=seed + 3,
+            **common)
         self.lab.build()
         self.unl.build()
 
@@ -103,15 +105,17 @@ class DaliStream:
 
 
 def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=256,
-                 num_threads=4):
-    """(images, labels) over every file of `index` once, in order."""
+                 num_threads=4, sized=False):
+    """(images, labels) over every file of `index` once, in order (`sized`: small images all
+    size x size already)."""
     from mpl_fast.data import dali_pipelines as P
 
     dev = torch.device(device)
     gpu = dev.type == "cuda"
     source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
               if hasattr(index, "images") else index.files)
-    pipe = P.eval_pipeline(source, index.labels, size, small, gpu, batch_size=batch_size,
+    pipe = P.eval_pipeline(source, index.labels, size, small, gpu, sized=sized,
+                           batch_size=batch_size,
                            num_threads=num_threads, device_id=(dev.index or 0) if gpu else None)
     pipe.build()
     seen = 0

@@ -76,6 +76,21 @@ def index_folder(root) -> FolderIndex:
     return FolderIndex(str(root.resolve()), files, labels, classes, skipped)
 
 
+def all_of_size(index, size: int) -> bool:
+    """Whether every image of `index` (a FolderIndex, or in-memory arrays) is size x size, so
+    that the pipelines can skip resizing small images (CIFAR's 50000 JPEG headers: ~5 s on a
+    2-core machine). Stops at the first image of another size."""
+    if hasattr(index, "images"):
+        return tuple(index.images.shape[1:3]) == (size, size)
+    from PIL import Image
+
+    for path in index.files:
+        with Image.open(path) as im:  # reads the header only
+            if im.size != (size, size):
+                return False
+    return True
+
+
 def balanced_split(index: FolderIndex, per_class: Optional[int] = None,
                    percent: Optional[float] = None, seed: int = 0) -> List[int]:
     """Seeded, class-balanced labeled subset: `per_class` files of each class, or `percent` of

@@ -5,7 +5,8 @@
 """
 
 from mpl_fast.data.digits import digits
-from mpl_fast.data.image_folder import DataError, balanced_split, index_folder, split_from_list
+from mpl_fast.data.image_folder import (DataError, all_of_size, balanced_split, index_folder,
+                                        split_from_list)
 from mpl_fast.data.stream import InMemoryStream
 
 
@@ -67,6 +68,9 @@ class FolderData:
         self.num_classes, self.in_channels = len(self.index.classes), 3
         self.image_size = d["image_size"]
         self.small = self.image_size <= 64
+        # small images already at the size (CIFAR at 32) are not resized, in training or eval
+        self.sized = self.small and all_of_size(self.index, self.image_size)
+        self.test_sized = self.small and all_of_size(self.test_index, self.image_size)
         self.batches = 0
         self.stream = None
 
@@ -76,7 +80,7 @@ class FolderData:
         d = self.d
         spec = StreamSpec(d["batch_size"], d["mu"], self.image_size, self.small,
                           d["randaugment_n"], d["randaugment_m"], d["cutout"],
-                          d["num_threads"], self.seed)
+                          d["num_threads"], self.seed, self.sized)
         self.stream = DaliStream(self.index, self.labeled, spec, self.device, self.rank,
                                  self.world, start_step=self.batches)
 
@@ -102,7 +106,7 @@ class FolderData:
         from mpl_fast.data.dali_stream import eval_batches
 
         return eval_batches(self.test_index, self.image_size, self.small, device, batch_size,
-                            self.d["num_threads"])
+                            self.d["num_threads"], self.test_sized)
 
     def describe(self):
         return {"root": self.index.root, "classes": self.index.classes,
