@@ -99,22 +99,28 @@ def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses():
     assert graphed.graph is not None
 
 
-def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path):
+@pytest.mark.parametrize("hw,small,sized", [((40, 48), False, False), ((40, 48), True, False),
+                                            ((16, 16), True, True)])
+def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path, hw, small, sized):
+    """Large images (random-resized crop), small ones resized then padded and cropped (one
+    slice on the GPU), and small ones already at the size (no resize)."""
     pytest.importorskip("nvidia.dali")
     from PIL import Image
 
     from mpl_fast.data.dali_stream import DaliStream, StreamSpec
-    from mpl_fast.data.image_folder import balanced_split, index_folder
+    from mpl_fast.data.image_folder import all_of_size, balanced_split, index_folder
 
     root = tmp_path / "train"
     for c in range(3):
         (root / f"c{c}").mkdir(parents=True)
         for i in range(6):
-            pixels = np.zeros((40, 48, 3), np.uint8) + np.array(_colour(c, i), dtype=np.uint8)
+            pixels = np.zeros((*hw, 3), np.uint8) + np.array(_colour(c, i), dtype=np.uint8)
             Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=95)
     index = index_folder(root)
+    assert all_of_size(index, 16) == sized
     split = balanced_split(index, per_class=2)
-    spec = StreamSpec(batch_size=4, mu=2, image_size=16, small=False, num_threads=1, cutout=0)
+    spec = StreamSpec(batch_size=4, mu=2, image_size=16, small=small, num_threads=1, cutout=0,
+                      sized=sized)
     gpu, cpu = DaliStream(index, split, spec, "cuda"), DaliStream(index, split, spec, "cpu")
     mean = torch.tensor([0.485, 0.456, 0.406]) * 255
     std = torch.tensor([0.229, 0.224, 0.225]) * 255
@@ -126,10 +132,11 @@ def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path):
         assert g.x_uw.shape == g.x_us.shape == c.x_uw.shape == (8, 3, 16, 16)
         assert g.x_l.is_contiguous(memory_format=torch.channels_last)
         assert set(g.y_l.tolist()) <= {0, 1, 2}
-        # Solid-colour files: each weak-view row is its file's colour (normalised), as the CPU
-        # stream's test checks for the CPU decoder.
+        # Solid-colour files: the centre of each weak-view row is its file's colour
+        # (normalised; pad-and-crop moves small images by 2 px at most), as the CPU stream's
+        # test checks for the CPU decoder.
         for row, i in enumerate(g.unlabeled_index.tolist()):
             cls, k = index.labels[i], int(index.files[i].split("/")[-1].split(".")[0])
             want = (torch.tensor(_colour(cls, k), dtype=torch.float32) - mean) / std
-            got = g.x_uw[row].float().mean(dim=(1, 2)).cpu()
+            got = g.x_uw[row, :, 6:10, 6:10].float().mean(dim=(1, 2)).cpu()
             assert torch.allclose(got, want, atol=0.1), (row, got, want)
