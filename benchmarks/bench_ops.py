@@ -8,8 +8,9 @@ medians (GPU):
   graph_ms  the same call captured in a CUDA graph and replayed, the L2 cache flushed before
             each replay: the GPU's own time, as a graphed training step pays it.
 GB/s and the fraction of the card's measured copy bandwidth come from graph_ms (bytes the op
-must move: read the logits of the rows its mask keeps, write the whole gradient; ours skips the
-rows a mask drops, so counting every row would overstate its rate). Appends one JSON object per row to
+must move at least: read the logits of the rows its mask keeps, write the whole gradient; ours
+skips the streamed rows a mask drops, and reads a one-tile row together with its mask rather
+than wait for it, so this is a lower bound on its traffic). Appends one JSON object per row to
 benchmarks/results/ops.jsonl with the card, versions and date.
 
 Each case backpropagates the loss alone (grad_output 1), where our backward moves no memory:

@@ -115,8 +115,8 @@ def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=
     source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
               if hasattr(index, "images") else index.files)
     pipe = P.eval_pipeline(source, index.labels, size, small, gpu, sized=sized,
-                           batch_size=batch_size,
-                           num_threads=num_threads, device_id=(dev.index or 0) if gpu else None)
+                           batch_size=batch_size, num_threads=num_threads,
+                           device_id=(dev.index or 0) if gpu else None)
     pipe.build()
     seen = 0
     while seen < len(index):

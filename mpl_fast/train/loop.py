@@ -221,9 +221,9 @@ class Run:
         models = {"student": self.student, "ema_student": self.ema.module}
         if self.teacher is not None:
             models["teacher"] = self.teacher
-        accs = accuracies(models, self.data.eval_batches(self.config["train"]["eval_batch_size"],
-                                                         self.device),
-                          channels_last=self.channels_last, autocast_dtype=self.amp)
+        batches = self.data.eval_batches(self.config["train"]["eval_batch_size"], self.device)
+        accs = accuracies(models, batches, channels_last=self.channels_last,
+                          autocast_dtype=self.amp)
         for name, acc in accs.items():
             out[f"eval/{name}_top1"], out[f"eval/{name}_top5"] = acc["top1"], acc["top5"]
         return out
