@@ -9,8 +9,15 @@ counts decoded source images (B + mu*B per step). --synthetic N first writes N I
 (500x375) JPEGs in 10 class folders under DIR (DIR must not exist; a tree written by an earlier
 --synthetic N is reused). --parts also times each pipeline of the stream alone (labeled;
 unlabeled; unlabeled without RandAugment), in source images/s, to show which part holds the
-stream back. Appends a JSON record to benchmarks/results/data.jsonl; the last line printed is a
-summary.
+stream back. --variant SPEC (repeatable) times the stream under other settings, SPEC being
+comma-separated KEY=VALUE of decode (gpu|cpu: where JPEGs are decoded), augment (gpu|cpu: where
+crops, flips, RandAugment and cutout run), steps_per_run (steps' batches a pipeline run makes)
+and threads, e.g. `--variant decode=cpu --variant decode=cpu,augment=cpu,threads=16`; the
+default is one variant, all on the device with --threads. The bare pipeline is timed (with
+--threads) for each decode device the variants use, and each variant is compared with the
+fastest bare.
+Appends a JSON record per variant to benchmarks/results/data.jsonl; the last line printed is a
+summary of the fastest variant.
 """
 import argparse
 import dataclasses
@@ -20,6 +27,32 @@ from pathlib import Path
 
 import torch
 from mpl_fast.train.run_log import append_jsonl
+
+VARIANT_KEYS = {"decode": ("gpu", "cpu"), "augment": ("gpu", "cpu"), "steps_per_run": int,
+                "threads": int}
+
+
+def parse_variant(spec):
+    """'decode=cpu,threads=16' -> {'decode': 'cpu', 'threads': 16} (keys of VARIANT_KEYS)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        kind = VARIANT_KEYS.get(key)
+        if not sep or kind is None:
+            raise argparse.ArgumentTypeError(
+                f"variant {spec!r}: expected KEY=VALUE items of {', '.join(VARIANT_KEYS)}")
+        if kind is int:
+            if not value.isdigit() or int(value) < 1:
+                raise argparse.ArgumentTypeError(f"variant {spec!r}: {key} must be >= 1")
+            out[key] = int(value)
+        elif value not in kind:
+            raise argparse.ArgumentTypeError(f"variant {spec!r}: {key} must be one of "
+                                             f"{'|'.join(kind)}")
+        else:
+            out[key] = value
+    if out.get("augment") == "cpu" and out.get("decode", "gpu") == "gpu":
+        raise argparse.ArgumentTypeError(f"variant {spec!r}: augment=cpu needs decode=cpu")
+    return out
 
 
 def main(argv=None):
@@ -38,6 +71,9 @@ def main(argv=None):
     parser.add_argument("--parts", action="store_true",
                         help="also time each pipeline alone (labeled, unlabeled, unlabeled "
                              "without RandAugment)")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=None,
+                        metavar="SPEC", help="time the stream with these settings "
+                        "(decode=gpu|cpu,augment=gpu|cpu,steps_per_run=K,threads=T; repeatable)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.mu < 1 or args.steps < 1:
@@ -64,10 +100,11 @@ def main(argv=None):
     per_class = max(1, min(len(index) // len(index.classes) // 10, 400))
     labeled = balanced_split(index, per_class=per_class)
     sized = small and all_of_size(index, size)  # CIFAR at 32: no resize
-    spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=args.threads,
-                      sized=sized)
-    stream = DaliStream(index, labeled, spec, device)
     per_step = args.batch_size * (1 + args.mu)
+    variants = [{"decode": "gpu", "augment": "gpu", "steps_per_run": 1, "threads": args.threads,
+                 **v} for v in (args.variant or [{}])]
+    if device.type == "cpu":  # every stage on the CPU, whatever a variant asks
+        variants = [dict(v, decode="cpu", augment="cpu") for v in variants]
 
     def timed(fn, steps):
         for _ in range(3):
@@ -81,41 +118,67 @@ def main(argv=None):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    mpl_s = timed(stream.next, args.steps)
-    parts = {}
-    if args.parts:  # each pipeline alone, its outputs left in DALI's memory
-        b, ub = args.batch_size, args.batch_size * args.mu
-        parts["labeled"] = args.steps * b / timed(stream.lab.run, args.steps)
-        parts["unlabeled"] = args.steps * ub / timed(stream.unl.run, args.steps)
-        del stream
-        plain = DaliStream(index, labeled, dataclasses.replace(spec, ra_n=0), device)
-        parts["unlabeled_no_randaugment"] = args.steps * ub / timed(plain.unl.run, args.steps)
-        del plain
-    bare = P.bare_pipeline(index.files, size, small, device.type == "cuda",
-                           batch_size=per_step, num_threads=args.threads,
-                           device_id=0 if device.type == "cuda" else None, seed=0)
-    bare.build()
-    bare_s = timed(bare.run, args.steps)
-    mpl_ips, bare_ips = args.steps * per_step / mpl_s, args.steps * per_step / bare_s
-    record = {"benchmark": "data", "date": datetime.date.today().isoformat(),
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "root": str(root), "files": len(index),
-              "synthetic": args.synthetic is not None,
-              "image_size": size, "batch_size": args.batch_size, "mu": args.mu,
-              "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
-              "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
-    if parts:
-        record["parts_images_per_s"] = {k: round(v, 1) for k, v in parts.items()}
-    out = Path(args.out)
-    append_jsonl(out / "data.jsonl", [record])
-    print(f"MPL streams (labeled + weak/strong unlabeled): {mpl_ips:,.0f} img/s")
-    print(f"bare decode + crop:                           {bare_ips:,.0f} img/s")
-    for name, ips in parts.items():
-        print(f"  alone: {name:<38} {ips:,.0f} img/s")
-    print(f"summary: {record['device']} {size}px B={args.batch_size} mu={args.mu}: MPL streams "
-          f"{mpl_ips:,.0f} img/s = {100 * mpl_ips / bare_ips:.0f}% of bare decode+crop "
-          f"({bare_ips:,.0f} img/s)")
+    bare = {}  # decode device -> images/s of decode + crop alone
+    for decode in dict.fromkeys(v["decode"] for v in variants):
+        where = P.placement(device.type == "cuda", decode, decode)
+        pipe = P.bare_pipeline(index.files, size, small, where, batch_size=per_step,
+                               num_threads=args.threads,
+                               device_id=0 if device.type == "cuda" else None, seed=0)
+        pipe.build()
+        bare[decode] = args.steps * per_step / timed(pipe.run, args.steps)
+        del pipe
+    bare_ips = max(bare.values())
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    records = []
+    for v in variants:
+        spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=v["threads"],
+                          sized=sized, decode_device=v["decode"], augment_device=v["augment"],
+                          steps_per_run=v["steps_per_run"])
+        stream = DaliStream(index, labeled, spec, device)
+        steps = max(args.steps, 3 * v["steps_per_run"])  # whole pipeline runs at least
+        mpl_ips = steps * per_step / timed(stream.next, steps)
+        parts = {}
+        if args.parts:  # each pipeline alone, its outputs left in DALI's memory
+            k = v["steps_per_run"]
+            b, ub = args.batch_size * k, args.batch_size * args.mu * k
+            runs = max(1, args.steps // k)
+            parts["labeled"] = runs * b / timed(stream.lab.run, runs)
+            parts["unlabeled"] = runs * ub / timed(stream.unl.run, runs)
+            del stream
+            plain = DaliStream(index, labeled, dataclasses.replace(spec, ra_n=0), device)
+            parts["unlabeled_no_randaugment"] = runs * ub / timed(plain.unl.run, runs)
+            del plain
+        else:
+            del stream
+        record = {"benchmark": "data", "date": datetime.date.today().isoformat(),
+                  "device": card, "torch": torch.__version__, "root": str(root),
+                  "files": len(index), "synthetic": args.synthetic is not None,
+                  "image_size": size, "batch_size": args.batch_size, "mu": args.mu,
+                  "decode_device": v["decode"], "augment_device": v["augment"],
+                  "steps_per_run": v["steps_per_run"], "threads": v["threads"],
+                  "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
+                  "bare_images_per_s_by_decode": {k: round(x, 1) for k, x in bare.items()},
+                  "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
+        if parts:
+            record["parts_images_per_s"] = {k: round(x, 1) for k, x in parts.items()}
+        records.append(record)
+        print(f"MPL streams (labeled + weak/strong unlabeled), {_settings(record)}: "
+              f"{mpl_ips:,.0f} img/s", flush=True)
+        for name, ips in parts.items():
+            print(f"  alone: {name:<38} {ips:,.0f} img/s", flush=True)
+    for decode, ips in bare.items():
+        print(f"bare decode ({decode}) + crop: {ips:,.0f} img/s")
+    append_jsonl(Path(args.out) / "data.jsonl", records)
+    best = max(records, key=lambda r: r["mpl_images_per_s"])
+    print(f"summary: {card} {size}px B={args.batch_size} mu={args.mu}: MPL streams "
+          f"{best['mpl_images_per_s']:,.0f} img/s ({_settings(best)}) = "
+          f"{100 * best['fraction_of_bare']:.0f}% of bare decode+crop ({bare_ips:,.0f} img/s)")
     return 0
+
+
+def _settings(record):
+    return (f"decode {record['decode_device']}, augment {record['augment_device']}, "
+            f"{record['steps_per_run']} step(s) a run, {record['threads']} threads")
 
 
 if __name__ == "__main__":

@@ -69,12 +69,15 @@ stage_ops() {
 # 2/3 unless the second read hits L2; the 32768 tile holds a 32000-class row whole (it spills:
 # tests/compile_kernels_for_gpu.py --tile shows how much), so only a measurement decides. At
 # 1000 classes the kernels were latency-bound (as slow in bf16 as in fp32) and 2 or 4 rows a
-# program at 8 warps made them slower (second sitting): 2048:4096:4 and 4096:4096:4 put 2 or 4
-# rows in a program of 4 warps, more bytes in flight per thread.
+# program at 8 warps made them slower (second sitting): 2048:4096:4 puts 2 rows in a program of
+# 4 warps, 1024:4096:2 one row in 2 warps (more bytes in flight per thread). At 10 classes UDA
+# was slower than torch.compile (0.66x in bf16): 64 rows a program make only 240 programs for
+# 132 SMs; 256:4096:1 makes 960 programs of 16 rows and one warp.
 stage_ops_tiles() {
-  mpl-fast bench ops --shapes 15360x1000,4096x32000 --no-compile \
-    --tiles 1024:4096:8,2048:4096:4,4096:4096:4,2048:4096:8,4096:8192:16,32768:32768:32 \
-    --out "$DIR/results"
+  mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
+    --tiles 1024:4096:8,256:4096:1,1024:4096:2,2048:4096:4 --out "$DIR/results" &&
+    mpl-fast bench ops --shapes 4096x32000 --no-compile \
+      --tiles 1024:4096:8,4096:4096:4,32768:32768:32 --out "$DIR/results"
 }
 
 # the step (#7), with the gradient-free weak view, and that again with cuDNN's algorithm search
@@ -120,9 +123,15 @@ stage_data() {
   if [ -d "$CIFAR/train" ]; then
     mpl-fast bench data --root "$CIFAR/train" --device gpu --batch-size 64 --mu 7 --parts \
       --out "$DIR/results" || return 1
+    # where the stages run, and steps a pipeline run: 32-px images may decode and augment
+    # faster on the CPU threads, and DALI's per-batch costs shrink with several steps a run
+    mpl-fast bench data --root "$CIFAR/train" --device gpu --batch-size 64 --mu 7 \
+      --variant decode=cpu --variant steps_per_run=4 --variant decode=cpu,steps_per_run=4 \
+      --variant decode=cpu,augment=cpu --variant decode=cpu,augment=cpu,steps_per_run=4 \
+      --variant decode=cpu,augment=cpu,threads=16 --out "$DIR/results" || return 1
   fi
   mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 --parts \
-    --out "$DIR/results"
+    --variant steps_per_run=1 --variant steps_per_run=4 --out "$DIR/results"
 }
 
 # activation checkpointing (#7): time, activation memory and the largest batch, without, with
@@ -198,7 +207,7 @@ stage_gather() {
 
 declare -A LIMIT=([build]=90 [tests]=240 [tests-ops]=90 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
   [step-imagenet]=120 [step-imagenet-compiled]=300 [ops-tiles]=240
-  [data]=240 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
+  [data]=300 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
   [methods]=570 [gather]=20)
 # All stages together stop by SITTING_SECONDS (default 570 s: inside one 600 s device call). A
 # stage gets its own limit or what is left, whichever is less, so time a quick stage leaves over

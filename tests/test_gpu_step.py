@@ -99,16 +99,9 @@ def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses():
     assert graphed.graph is not None
 
 
-@pytest.mark.parametrize("hw,small,sized", [((40, 48), False, False), ((40, 48), True, False),
-                                            ((16, 16), True, True)])
-def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path, hw, small, sized):
-    """Large images (random-resized crop), small ones resized then padded and cropped (one
-    slice on the GPU), and small ones already at the size (no resize)."""
-    pytest.importorskip("nvidia.dali")
+def _solid_colour_tree(tmp_path, hw):
+    """3 classes x 6 JPEGs of one colour each (_colour(class, i)), hw pixels: root/c<k>/<i>.jpg"""
     from PIL import Image
-
-    from mpl_fast.data.dali_stream import DaliStream, StreamSpec
-    from mpl_fast.data.image_folder import all_of_size, balanced_split, index_folder
 
     root = tmp_path / "train"
     for c in range(3):
@@ -116,15 +109,52 @@ def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path, hw, small, size
         for i in range(6):
             pixels = np.zeros((*hw, 3), np.uint8) + np.array(_colour(c, i), dtype=np.uint8)
             Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=95)
-    index = index_folder(root)
+    return root
+
+
+@pytest.mark.parametrize("decode,augment", [("gpu", "gpu"), ("cpu", "gpu"), ("cpu", "cpu")])
+def test_dali_gpu_eval_batches_match_the_cpu_ones(tmp_path, decode, augment):
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import eval_batches
+    from mpl_fast.data.image_folder import index_folder
+
+    index = index_folder(_solid_colour_tree(tmp_path, (40, 48)))
+    got = list(eval_batches(index, 32, False, "cuda", batch_size=5, num_threads=1,
+                            decode_device=decode, augment_device=augment))
+    want = list(eval_batches(index, 32, False, "cpu", batch_size=5, num_threads=1))
+    assert [y.tolist() for _, y in got] == [y.tolist() for _, y in want]
+    for (xg, _), (xc, _) in zip(got, want):
+        assert xg.is_cuda and xg.dtype == torch.float16 and xg.shape == xc.shape
+        centre = (slice(None), slice(None), slice(12, 20), slice(12, 20))
+        assert torch.allclose(xg[centre].float().mean(dim=(2, 3)).cpu(),
+                              xc[centre].mean(dim=(2, 3)), atol=0.1)
+
+
+@pytest.mark.parametrize("hw,small,sized,decode,augment,steps_per_run", [
+    ((40, 48), False, False, "gpu", "gpu", 1), ((40, 48), True, False, "gpu", "gpu", 1),
+    ((16, 16), True, True, "gpu", "gpu", 1), ((16, 16), True, True, "cpu", "gpu", 1),
+    ((40, 48), False, False, "cpu", "gpu", 2), ((16, 16), True, True, "cpu", "cpu", 2),
+    ((40, 48), False, False, "cpu", "cpu", 1)])
+def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path, hw, small, sized, decode,
+                                                       augment, steps_per_run):
+    """Large images (random-resized crop), small ones resized then padded and cropped (one
+    slice on the GPU), and small ones already at the size (no resize); decoded on the GPU or the
+    CPU, augmented on the GPU or the CPU (the output on the GPU whatever the placement), one or
+    two steps a pipeline run."""
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import DaliStream, StreamSpec
+    from mpl_fast.data.image_folder import all_of_size, balanced_split, index_folder
+
+    index = index_folder(_solid_colour_tree(tmp_path, hw))
     assert all_of_size(index, 16) == sized
     split = balanced_split(index, per_class=2)
     spec = StreamSpec(batch_size=4, mu=2, image_size=16, small=small, num_threads=1, cutout=0,
-                      sized=sized)
+                      sized=sized, decode_device=decode, augment_device=augment,
+                      steps_per_run=steps_per_run)
     gpu, cpu = DaliStream(index, split, spec, "cuda"), DaliStream(index, split, spec, "cpu")
     mean = torch.tensor([0.485, 0.456, 0.406]) * 255
     std = torch.tensor([0.229, 0.224, 0.225]) * 255
-    for _ in range(2):
+    for _ in range(3):
         g, c = gpu.next(), cpu.next()
         assert g.x_l.is_cuda and g.x_uw.is_cuda and g.y_l.is_cuda
         assert g.x_l.dtype == torch.float16 and c.x_l.dtype == torch.float32

@@ -104,14 +104,55 @@ def test_stream_shapes_labels_and_views(tree):
             assert not torch.allclose(b.x_us[row], b.x_uw[row])  # strong differs (cutout, RA)
 
 
-def test_labeled_rows_match_their_class_colour(tree):
-    index, stream = _stream(tree)
-    b = stream.next()
+@pytest.mark.parametrize("steps_per_run", [1, 3])
+def test_labeled_rows_match_their_class_colour(tree, steps_per_run):
+    index, stream = _stream(tree, steps_per_run=steps_per_run)
     mean = torch.tensor([0.485, 0.456, 0.406]) * 255
     std = torch.tensor([0.229, 0.224, 0.225]) * 255
-    blue = (b.x_l[:, 2].mean(dim=(1, 2)) * std[2] + mean[2]).tolist()
-    for y, value in zip(b.y_l.tolist(), blue):
-        assert abs(value - (200 - 50 * y)) < 8  # the blue channel encodes the class
+    for _ in range(4):  # across runs of the pipelines when several steps come from one
+        b = stream.next()
+        assert b.x_l.shape == (4, 3, 16, 16) and b.y_l.shape == (4,)
+        blue = (b.x_l[:, 2].mean(dim=(1, 2)) * std[2] + mean[2]).tolist()
+        for y, value in zip(b.y_l.tolist(), blue):
+            assert abs(value - (200 - 50 * y)) < 8  # the blue channel encodes the class
+    b = stream.next_labeled()
+    assert b.x_l.shape == (4, 3, 16, 16) and b.x_uw.shape[0] == 0
+
+
+def test_several_steps_a_run_hand_out_the_readers_order(tree):
+    """steps_per_run=k runs each pipeline once for k steps: the steps get the files in the
+    order one step a run would (the reader's order does not depend on the batch size), and each
+    step its own rows, as views that stay channels_last."""
+    _, one = _stream(tree, seed=4)
+    _, three = _stream(tree, seed=4, steps_per_run=3)
+    a = [one.next() for _ in range(6)]
+    b = [three.next() for _ in range(6)]
+    assert [x.unlabeled_index.tolist() for x in a] == [x.unlabeled_index.tolist() for x in b]
+    seen = torch.cat([x.unlabeled_index for x in b[:3]]).tolist()
+    assert sorted(seen) == list(range(24))  # one epoch of 24 files in the first run
+    for x in b:
+        assert x.x_uw.shape == x.x_us.shape == (8, 3, 16, 16)
+        assert x.x_uw.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(b[0].x_uw, b[1].x_uw)
+    from mpl_fast.data.image_folder import DataError
+
+    with pytest.raises(DataError, match="steps_per_run"):
+        _stream(tree, steps_per_run=0)
+
+
+def test_stage_placement():
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_pipelines import Placement, placement
+
+    assert placement(False, "gpu", "gpu") == Placement(False, False, False)
+    assert placement(False, "cpu", "cpu") == Placement(False, False, False)
+    assert placement(True) == Placement(True, True, True)
+    assert placement(True, "cpu") == Placement(False, True, True)
+    assert placement(True, "cpu", "cpu") == Placement(False, False, True)
+    with pytest.raises(ValueError, match="augment_device=cpu needs decode_device=cpu"):
+        placement(True, "gpu", "cpu")
+    with pytest.raises(ValueError, match="decode_device"):
+        placement(True, "tpu")
 
 
 def test_shards_are_disjoint_and_cover(tree):
@@ -155,7 +196,8 @@ def test_train_on_an_image_folder(tree, tmp_path):
     config = cfg.load("digits", [
         "data.name=image_folder", f"data.root={root}", "data.image_size=16",
         "data.labeled_per_class=2", "data.batch_size=4", "data.mu=2", "data.num_threads=1",
-        "data.cutout=4", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3",
+        "data.cutout=4", "data.steps_per_run=2", "train.steps=6", "train.eval_every=3",
+        "train.checkpoint_every=3",
         "train.log_every=1", "train.finetune_steps=2", "optim.student_wait_steps=2",
         "train.device=cpu"])
     summary = train(config, tmp_path)
@@ -195,7 +237,24 @@ def test_bench_data_command(tree, tmp_path, capsys):
     assert sorted(parts) == ["labeled", "unlabeled", "unlabeled_no_randaugment"]
     assert all(v > 0 for v in parts.values())
     assert sum("alone:" in line for line in lines) == 3 and lines[-1].startswith("summary:")
+    # variants: a record each, compared with the one bare pipeline of the CPU
+    assert cli.main(["bench", "data", "--root", str(tree), "--device", "cpu", "--batch-size",
+                     "4", "--mu", "2", "--steps", "2", "--threads", "1", "--variant",
+                     "steps_per_run=2", "--variant", "threads=2,decode=gpu", "--out",
+                     str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in
+               (tmp_path / "data.jsonl").read_text().splitlines()[-2:]]
+    assert [(r["steps_per_run"], r["threads"]) for r in records] == [(2, 1), (1, 2)]
+    assert all(r["decode_device"] == r["augment_device"] == "cpu" for r in records)
+    assert all(list(r["bare_images_per_s_by_decode"]) == ["cpu"] for r in records)
+    assert "2 step(s) a run" in out and out.strip().splitlines()[-1].startswith("summary:")
     assert cli.main(["bench", "data", "--root", str(tmp_path / "none")]) == 2
+    for bad in ("decode=tpu", "augment=cpu", "steps_per_run=0", "speed=1"):
+        with pytest.raises(SystemExit) as err:
+            cli.main(["bench", "data", "--root", str(tree), "--variant", bad])
+        assert err.value.code == 2
+    assert "--variant" in capsys.readouterr().err
 
 
 def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys):
@@ -400,3 +459,24 @@ def test_small_pad_and_crop_shifts_whole_pixels_without_a_needless_resize(tmp_pa
         assert (px[fill] == 128).all()
         seen.add(int(dy[0]))
     assert seen == set(range(-4, 5))
+
+
+def test_randaugment_builds_without_dalis_own_deprecation_noise(tree):
+    """DALI's RandAugment calls operators by deprecated names and shows that under a warning
+    filter of its own: those messages are dropped, any other warning still shows."""
+    pytest.importorskip("nvidia.dali")
+    import warnings
+
+    from mpl_fast.data import dali_pipelines as P
+
+    index = index_folder(tree)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe = P.unlabeled_pipeline(index.files, 16, False, False, 2, 9, 0, batch_size=4,
+                                    num_threads=1, device_id=None, seed=1)
+        pipe.build()
+        with P._without_experimental_name_warnings():
+            warnings.warn("WARNING: something else", DeprecationWarning)
+    messages = [str(w.message) for w in seen]
+    assert not any("experimental" in m for m in messages), messages
+    assert "WARNING: something else" in messages

@@ -28,7 +28,10 @@ def test_config_presets_and_errors(tmp_path):
     assert c["train"]["steps"] == 7 and c["optim"]["teacher_lr"] == 0.1
     for bad, key in ((["train.stepz=1"], "train.stepz"), (["train.steps=0"], "train.steps"),
                      (["data.batch_size=x"], "data.batch_size"), (["mpl.estimator=x"], "mpl.estimator"),
-                     (["method=x"], "method"), (["train.ema_decay=1.5"], "train.ema_decay")):
+                     (["method=x"], "method"), (["train.ema_decay=1.5"], "train.ema_decay"),
+                     (["data.decode_device=tpu"], "data.decode_device"),
+                     (["data.augment_device=cpu"], "data.augment_device"),
+                     (["data.steps_per_run=0"], "data.steps_per_run")):
         with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
             cfg.load("digits", bad)
     f = tmp_path / "c.yaml"

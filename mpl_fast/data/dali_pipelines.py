@@ -1,6 +1,12 @@
-"""NVIDIA DALI pipelines for MPL (sources: JPEG files, or in-memory arrays via ArraySource): a labeled stream, an unlabeled stream in two views (weak and
-strong, both from one decode of each image), an evaluation stream, and a bare decode + crop
-pipeline for comparison. GPU ('mixed') decoding when a device id is given; CPU otherwise.
+"""NVIDIA DALI pipelines for MPL (sources: JPEG files, or in-memory arrays via ArraySource): a
+labeled stream, an unlabeled stream in two views (weak and strong, both from one decode of each
+image), an evaluation stream, and a bare decode + crop pipeline for comparison.
+
+Where each stage runs is a Placement: decoding (GPU 'mixed' or CPU), augmentation (crops, flips,
+RandAugment, cutout) and the normalised output (fp16 on the GPU, fp32 on the CPU). Feeding a GPU,
+everything runs there by default; small images may decode (and augment) faster on the CPU
+threads, the GPU's per-image and per-operator costs being large against a 32-px image, so the
+earlier stages can stay on the CPU and the batch moves to the GPU before the next stage.
 
 RandAugment comes from nvidia.dali.auto_aug. Magnitudes: the paper and its TF code give the
 level on a 0-10 scale (CIFAR: n=2, level 16 or 17, i.e. beyond the top of the scale, which the TF
@@ -11,14 +17,32 @@ image: up to 10/32 of its side at the top level for small images (UDA's CIFAR Ra
 of 32), 100/224 for large ones (the TF code's 100 px at 224); DALI's default when it is not told
 the shape is 100 px whatever the size, which moves a 32-px image out of its frame.
 """
+import contextlib
 import warnings
+from typing import NamedTuple
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
 
-# DALI's own RandAugment still calls operators by their old experimental names
-warnings.filterwarnings("ignore", message="WARNING: `nvidia.dali.fn.experimental",
-                        category=DeprecationWarning)
+
+
+@contextlib.contextmanager
+def _without_experimental_name_warnings():
+    """DALI's own RandAugment still calls operators by their old experimental names, and DALI
+    shows that deprecation under a filter of its own (a filter set here would be overridden):
+    those messages are dropped at display, every other warning is shown."""
+    show = warnings.showwarning
+
+    def filtered(message, category, *args, **kwargs):
+        if not (issubclass(category, DeprecationWarning)
+                and str(message).startswith("WARNING: `nvidia.dali.fn.experimental.")):
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = filtered
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -27,16 +51,51 @@ MAGNITUDE_BINS = 11
 MAX_TRANSLATE_SMALL, MAX_TRANSLATE_LARGE = 10 / 32, 100 / 224
 
 
-def _decode(jpegs, gpu):
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+class Placement(NamedTuple):
+    """Which stages run on the GPU. A later stage is never on the CPU when an earlier one is on
+    the GPU (DALI moves data to the GPU only)."""
+    decode: bool
+    augment: bool
+    output: bool
 
 
-def _decode_random_resized_crop(jpegs, gpu, size):
+DEVICES = ("gpu", "cpu")
+
+
+def placement(gpu, decode_device="gpu", augment_device="gpu") -> Placement:
+    """The stages' placement for a pipeline feeding the GPU (`gpu`) or the CPU; on the CPU
+    everything runs there, whatever the devices asked for."""
+    for name, value in (("decode_device", decode_device), ("augment_device", augment_device)):
+        if value not in DEVICES:
+            raise ValueError(f"{name} must be one of {', '.join(DEVICES)}, got {value!r}")
+    if decode_device == "gpu" and augment_device == "cpu":
+        raise ValueError("augment_device=cpu needs decode_device=cpu (DALI cannot bring GPU "
+                         "images back to the CPU stages)")
+    return Placement(gpu and decode_device == "gpu", gpu and augment_device == "gpu", bool(gpu))
+
+
+def _placed(where) -> Placement:
+    """A Placement, or a bool for all stages on the GPU (True) or the CPU (False)."""
+    return where if isinstance(where, Placement) else Placement(*(bool(where),) * 3)
+
+
+def _on_gpu(node, gpu):
+    """node, moved to the GPU when the next stage runs there (a no-op for a GPU node)."""
+    return node.gpu() if gpu else node
+
+
+def _decode(jpegs, where):
+    images = fn.decoders.image(jpegs, device="mixed" if where.decode else "cpu",
+                               output_type=types.RGB)
+    return _on_gpu(images, where.augment)
+
+
+def _decode_random_resized_crop(jpegs, where, size):
     """random_resized_crop's window (its area and aspect ranges) decoded alone, by the decoder's
     ROI decoding instead of decoding the whole image, then resized to size x size."""
-    images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu",
+    images = fn.decoders.image_random_crop(jpegs, device="mixed" if where.decode else "cpu",
                                            output_type=types.RGB)
-    return fn.resize(images, resize_x=size, resize_y=size)
+    return fn.resize(_on_gpu(images, where.augment), resize_x=size, resize_y=size)
 
 
 def _to_size(images, size, small, sized):
@@ -60,8 +119,9 @@ def _crop(images, size, small):
                     out_of_bounds_policy="pad", fill_values=128)
 
 
-def _normalize(images, gpu, mirror=None):
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if gpu else types.FLOAT,
+def _normalize(images, where, mirror=None):
+    return fn.crop_mirror_normalize(_on_gpu(images, where.output),
+                                    dtype=types.FLOAT16 if where.output else types.FLOAT,
                                     output_layout="HWC", mean=MEAN, std=STD,
                                     mirror=mirror if mirror is not None else 0)
 
@@ -113,7 +173,7 @@ def _reader(files, labels, shard_id, num_shards, seed, shuffle, name="reader"):
                            shuffle_after_epoch=shuffle, seed=seed, name=name)
 
 
-def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu, size=None, small=True,
+def _source(files, labels, shard_id, num_shards, seed, shuffle, where, size=None, small=True,
             sized=False):
     """(images, labels): JPEG files through the file reader and decoder, or an ArraySource (its
     images are already decoded) through external_source. With `size`, the images come cropped
@@ -121,25 +181,27 @@ def _source(files, labels, shard_id, num_shards, seed, shuffle, gpu, size=None, 
     if isinstance(files, ArraySource):
         images, y = fn.external_source(source=files, num_outputs=2, batch=False,
                                        layout=["HWC", ""], dtype=[types.UINT8, types.INT32])
-        images = images.gpu() if gpu else images
+        images = _on_gpu(images, where.augment)
         if size is None:
             return images, y
         return _crop(_to_size(images, size, small, sized), size, small), y
     jpegs, y = _reader(files, labels, shard_id, num_shards, seed, shuffle)
     if size is None:
-        return _decode(jpegs, gpu), y
+        return _decode(jpegs, where), y
     if small:
-        return _crop(_to_size(_decode(jpegs, gpu), size, small, sized), size, small), y
-    return _decode_random_resized_crop(jpegs, gpu, size), y
+        return _crop(_to_size(_decode(jpegs, where), size, small, sized), size, small), y
+    return _decode_random_resized_crop(jpegs, where, size), y
 
 
 @pipeline_def
 def labeled_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, reader_seed=0,
                      sized=False):
-    """Flip + crop, normalised. `sized`: the small source images are all size x size already."""
-    images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, gpu, size, small,
-                        sized)
-    return _normalize(images, gpu, fn.random.coin_flip()), y
+    """Flip + crop, normalised. `gpu`: True, False or a Placement. `sized`: the small source
+    images are all size x size already."""
+    where = _placed(gpu)
+    images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, where, size,
+                        small, sized)
+    return _normalize(images, where, fn.random.coin_flip()), y
 
 
 @pipeline_def(enable_conditionals=True)
@@ -148,37 +210,46 @@ def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, 
     """Each image decoded once (and, if small, brought to size once); weak = flip + crop;
     strong = its own flip + crop, then RandAugment(n, m) and cutout. Also returns the file index
     of each row."""
+    where = _placed(gpu)
     index_labels = None if isinstance(files, ArraySource) else list(range(len(files)))
-    images, index = _source(files, index_labels, shard_id, num_shards, reader_seed, True, gpu)
+    images, index = _source(files, index_labels, shard_id, num_shards, reader_seed, True, where)
     images = _to_size(images, size, small, sized)
-    weak = _normalize(_crop(images, size, small), gpu, fn.random.coin_flip())
+    weak = _normalize(_crop(images, size, small), where, fn.random.coin_flip())
     strong = _crop(images, size, small)
     if ra_n > 0:
         # the crop is size x size: translations relative to that shape
-        strong = rand_augment.rand_augment(
-            strong, n=ra_n, m=min(ra_m, MAGNITUDE_BINS - 1), num_magnitude_bins=MAGNITUDE_BINS,
-            shape=(size, size),
-            max_translate_rel=MAX_TRANSLATE_SMALL if small else MAX_TRANSLATE_LARGE)
-    strong = _normalize(_cutout(strong, size, cutout), gpu, fn.random.coin_flip())
+        with _without_experimental_name_warnings():
+            strong = rand_augment.rand_augment(
+                strong, n=ra_n, m=min(ra_m, MAGNITUDE_BINS - 1),
+                num_magnitude_bins=MAGNITUDE_BINS, shape=(size, size),
+                max_translate_rel=MAX_TRANSLATE_SMALL if small else MAX_TRANSLATE_LARGE)
+    strong = _normalize(_cutout(strong, size, cutout), where, fn.random.coin_flip())
     return weak, strong, index
 
 
 @pipeline_def
 def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, sized=False):
-    images, y = _source(files, labels, shard_id, num_shards, 0, False, gpu)
+    where = _placed(gpu)
+    images, y = _source(files, labels, shard_id, num_shards, 0, False, where)
     if small:
         images = _to_size(images, size, small, sized)
     else:
         images = fn.resize(images, resize_shorter=int(size / 0.875))
         images = fn.crop(images, crop_h=size, crop_w=size)
-    return _normalize(images, gpu), y
+    return _normalize(images, where), y
 
 
 @pipeline_def
 def bare_pipeline(files, size, small, gpu, reader_seed=0):
     """Decode + crop only: the throughput ceiling the MPL streams are compared with (large
-    images: the labeled stream's decode-with-random-crop and resize)."""
+    images: the labeled stream's decode-with-random-crop and resize). `gpu`: True, False or a
+    Placement (the crop runs where its augment stage says; the result ends where its output
+    does)."""
+    where = _placed(gpu)
     jpegs, _ = _reader(files, list(range(len(files))), 0, 1, reader_seed, True)
     if small:
-        return fn.crop(_decode(jpegs, gpu), crop_h=size, crop_w=size, out_of_bounds_policy="pad")
-    return _decode_random_resized_crop(jpegs, gpu, size)
+        images = fn.crop(_decode(jpegs, where), crop_h=size, crop_w=size,
+                         out_of_bounds_policy="pad")
+    else:
+        images = _decode_random_resized_crop(jpegs, where, size)
+    return _on_gpu(images, where.output)

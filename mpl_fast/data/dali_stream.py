@@ -2,6 +2,10 @@
 lockstep, endless, sharded by DDP rank, as torch tensors (channels_last; fp16 on GPU, fp32 on
 CPU).
 
+Each pipeline run may produce the batches of several steps (`steps_per_run`), handed out one
+step at a time: DALI's costs per batch and per operator (RandAugment alone is dozens of
+operators on sub-batches) are then paid once for several steps, which matters for small images.
+
 Resume position: DALI readers cannot seek, so on resume the pipelines restart with seeds derived
 from (seed, step): the run continues with fresh, deterministic data order and augmentation, not
 the exact batches an uninterrupted run would have drawn (an in-memory data set resumes exactly).
@@ -46,6 +50,9 @@ class StreamSpec:
     num_threads: int = 4
     seed: int = 0
     sized: bool = False  # small images all image_size x image_size already: no resize
+    decode_device: str = "gpu"  # feeding a GPU: where JPEGs are decoded (gpu | cpu)
+    augment_device: str = "gpu"  # feeding a GPU: where crops, flips, RandAugment, cutout run
+    steps_per_run: int = 1  # steps' batches made by one run of each pipeline
 
 
 class DaliStream:
@@ -58,9 +65,16 @@ class DaliStream:
 
         if spec.batch_size % world:
             raise DataError(f"batch size {spec.batch_size} must divide by the world size {world}")
+        if spec.steps_per_run < 1:
+            raise DataError(f"steps_per_run must be >= 1, got {spec.steps_per_run}")
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
+        try:
+            where = P.placement(gpu, spec.decode_device, spec.augment_device)
+        except ValueError as err:
+            raise DataError(str(err)) from err
         device_id = (self.device.index or 0) if gpu else None
+        self.k = spec.steps_per_run
         b = spec.batch_size // world
         seed = spec.seed + 7919 * start_step
         common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
@@ -72,14 +86,15 @@ class DaliStream:
         else:
             lab_src, unl_src = [index.files[i] for i in labeled], index.files
         self.lab = P.labeled_pipeline(
-            lab_src, lab_labels, spec.image_size, spec.small, gpu, rank, world, seed,
-            spec.sized, batch_size=b, seed=seed + 1, **common)
+            lab_src, lab_labels, spec.image_size, spec.small, where, rank, world, seed,
+            spec.sized, batch_size=b * self.k, seed=seed + 1, **common)
         self.unl = P.unlabeled_pipeline(
-            unl_src, spec.image_size, spec.small, gpu, spec.ra_n, spec.ra_m, spec.cutout,
-            rank, world, seed + 2, spec.sized, batch_size=b * spec.mu, seed=seed + 3,
+            unl_src, spec.image_size, spec.small, where, spec.ra_n, spec.ra_m, spec.cutout,
+            rank, world, seed + 2, spec.sized, batch_size=b * spec.mu * self.k, seed=seed + 3,
             **common)
         self.lab.build()
         self.unl.build()
+        self._batches, self._labeled = [], []  # made by the last runs, not yet handed out
 
     def _run(self, pipe):
         try:
@@ -88,33 +103,46 @@ class DaliStream:
             raise DataError("the DALI pipeline failed to decode an image that passed the index "
                             f"check ({str(err).splitlines()[0]})") from err
 
-    def next(self) -> MPLBatch:
+    def _labeled_run(self):
         x_l, y_l = self._run(self.lab)
-        weak, strong, idx = self._run(self.unl)
-        idx = _to_torch(idx, "cpu").flatten().long()
-        batch = MPLBatch(_to_torch(x_l, self.device), _to_torch(y_l, self.device).flatten().long(),
-                         _to_torch(weak, self.device), _to_torch(strong, self.device))
-        batch.unlabeled_index = idx  # file indices (e.g. rows of a Reduced-MPL logit store)
-        return batch
+        return (_to_torch(x_l, self.device).chunk(self.k),
+                _to_torch(y_l, self.device).flatten().long().chunk(self.k))
+
+    def next(self) -> MPLBatch:
+        if not self._batches:
+            xs, ys = self._labeled_run()
+            weak, strong, idx = self._run(self.unl)
+            parts = (_to_torch(weak, self.device).chunk(self.k),
+                     _to_torch(strong, self.device).chunk(self.k),
+                     _to_torch(idx, "cpu").flatten().long().chunk(self.k))
+            for x_l, y_l, x_uw, x_us, i in zip(xs, ys, *parts):
+                batch = MPLBatch(x_l, y_l, x_uw, x_us)
+                batch.unlabeled_index = i  # file indices (e.g. rows of a Reduced-MPL logit store)
+                self._batches.append(batch)
+            self._batches.reverse()  # popped from the end, in order
+        return self._batches.pop()
 
     def next_labeled(self) -> MPLBatch:
         """A labeled batch alone (finetuning): the unlabeled pipeline does not run."""
-        x_l, y_l = self._run(self.lab)
-        x_l = _to_torch(x_l, self.device)
-        return MPLBatch(x_l, _to_torch(y_l, self.device).flatten().long(), x_l[:0], x_l[:0])
+        if not self._labeled:
+            self._labeled = list(zip(*self._labeled_run()))[::-1]
+        x_l, y_l = self._labeled.pop()
+        return MPLBatch(x_l, y_l, x_l[:0], x_l[:0])
 
 
 def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=256,
-                 num_threads=4, sized=False):
+                 num_threads=4, sized=False, decode_device="gpu", augment_device="gpu"):
     """(images, labels) over every file of `index` once, in order (`sized`: small images all
-    size x size already)."""
+    size x size already; the devices as in StreamSpec, the resize and crop being the augment
+    stage)."""
     from mpl_fast.data import dali_pipelines as P
 
     dev = torch.device(device)
     gpu = dev.type == "cuda"
     source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
               if hasattr(index, "images") else index.files)
-    pipe = P.eval_pipeline(source, index.labels, size, small, gpu, sized=sized,
+    where = P.placement(gpu, decode_device, augment_device)
+    pipe = P.eval_pipeline(source, index.labels, size, small, where, sized=sized,
                            batch_size=batch_size, num_threads=num_threads,
                            device_id=(dev.index or 0) if gpu else None)
     pipe.build()

@@ -80,7 +80,8 @@ class FolderData:
         d = self.d
         spec = StreamSpec(d["batch_size"], d["mu"], self.image_size, self.small,
                           d["randaugment_n"], d["randaugment_m"], d["cutout"],
-                          d["num_threads"], self.seed, self.sized)
+                          d["num_threads"], self.seed, self.sized, d["decode_device"],
+                          d["augment_device"], d["steps_per_run"])
         self.stream = DaliStream(self.index, self.labeled, spec, self.device, self.rank,
                                  self.world, start_step=self.batches)
 
@@ -106,7 +107,8 @@ class FolderData:
         from mpl_fast.data.dali_stream import eval_batches
 
         return eval_batches(self.test_index, self.image_size, self.small, device, batch_size,
-                            self.d["num_threads"], self.test_sized)
+                            self.d["num_threads"], self.test_sized, self.d["decode_device"],
+                            self.d["augment_device"])
 
     def describe(self):
         return {"root": self.index.root, "classes": self.index.classes,

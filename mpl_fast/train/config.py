@@ -41,6 +41,12 @@ DEFAULTS = {
         "randaugment_n": 2,  # image_folder: RandAugment layers and level (0-10, see DALI docs)
         "randaugment_m": 9,
         "num_threads": 4,
+        # image_folder feeding a GPU: where DALI decodes, and where it crops, flips, runs
+        # RandAugment and cutout (gpu | cpu; augment on cpu needs decode on cpu); the batch
+        # moves to the GPU before the first GPU stage
+        "decode_device": "gpu",
+        "augment_device": "gpu",
+        "steps_per_run": 1,  # image_folder: steps' batches made by one run of each pipeline
     },
     "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None,
               "checkpoint": "none",  # activation checkpointing: none|teacher|student|both
@@ -85,10 +91,12 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
     "train.cuda_graph": (False, True, "emulate"),
+    "data.decode_device": ("gpu", "cpu"),
+    "data.augment_device": ("gpu", "cpu"),
 }
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
             "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.eval_batch_size", "train.max_nonfinite_skips")
+            "train.eval_batch_size", "train.max_nonfinite_skips", "data.steps_per_run")
 NON_NEGATIVE = ("optim.teacher_lr", "optim.student_lr", "optim.momentum", "optim.weight_decay",
                 "optim.warmup_steps", "optim.student_wait_steps", "train.finetune_steps",
                 "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength")
@@ -215,6 +223,9 @@ def validate(config):
                               f">= 1, got {blocks!r}")
         if config["model"]["checkpoint"] == "none":
             raise ConfigError("model.checkpoint_blocks needs model.checkpoint=teacher|student|both")
+    if config["data"]["augment_device"] == "cpu" and config["data"]["decode_device"] == "gpu":
+        raise ConfigError("data.augment_device=cpu needs data.decode_device=cpu (DALI cannot "
+                          "bring GPU images back to the CPU stages)")
     if not 0.0 < config["data"]["test_fraction"] < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:
