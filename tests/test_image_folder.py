@@ -480,3 +480,47 @@ def test_randaugment_builds_without_dalis_own_deprecation_noise(tree):
     messages = [str(w.message) for w in seen]
     assert not any("experimental" in m for m in messages), messages
     assert "WARNING: something else" in messages
+
+
+def _op_devices(pipe):
+    """{operator schema: set of devices} of a pipeline's graph, defined but not built (so GPU
+    placements can be checked on a machine without a GPU; DALI's private graph API, 2.x)."""
+    pipe._build_graph()
+    devices = {}
+    for instance in pipe._ops:
+        op = instance._op
+        devices.setdefault(getattr(op, "schema_name", type(op).__name__), set()).add(op.device)
+    return devices
+
+
+@pytest.mark.parametrize("decode,augment", [("gpu", "gpu"), ("cpu", "gpu"), ("cpu", "cpu")])
+@pytest.mark.parametrize("small", [True, False])
+def test_each_stage_runs_where_the_placement_says(decode, augment, small):
+    """Feeding a GPU: the decoder on the GPU ('mixed') or the CPU, every augmenting operator
+    (crops, resizes, RandAugment's, cutout) on the augment device, normalisation on the GPU."""
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data import dali_pipelines as P
+
+    where = P.placement(True, decode, augment)
+    files = [f"x{i}.jpg" for i in range(8)]  # never read: the graph is only defined
+    kw = dict(batch_size=4, num_threads=1, device_id=0, seed=1)
+    aug = "gpu" if augment == "gpu" else "cpu"
+    augmenting = {"Slice", "Resize", "RandomResizedCrop", "WarpAffine", "Rotate", "Brightness",
+                  "Saturation", "Erase", "Crop", "experimental__Equalize",
+                  "experimental__Filter", "_conditional__Merge"}
+    pipes = {"labeled": P.labeled_pipeline(files, [0] * 8, 32, small, where, **kw),
+             "unlabeled": P.unlabeled_pipeline(files, 32, small, where, 2, 9, 8, **kw),
+             "eval": P.eval_pipeline(files, [0] * 8, 32, small, where, **kw),
+             "bare": P.bare_pipeline(files, 32, small, where, **kw)}
+    for name, pipe in pipes.items():
+        devices = _op_devices(pipe)
+        decoders = {k: v for k, v in devices.items() if k.startswith("decoders__")}
+        assert list(decoders.values()) == [{"mixed" if decode == "gpu" else "cpu"}], (name,
+                                                                                       decoders)
+        for op in augmenting & set(devices):
+            assert devices[op] == {aug}, (name, op, devices[op])
+        if name == "bare":
+            assert all(o.device == "gpu" for o in pipe._graph_outputs)
+        else:
+            assert devices["CropMirrorNormalize"] == {"gpu"}
+    assert "WarpAffine" in _op_devices(pipes["unlabeled"])  # RandAugment is in the graph
