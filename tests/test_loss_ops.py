@@ -534,3 +534,31 @@ def test_eager_backward_hands_on_the_forward_gradient_without_a_copy(use, monkey
     x = _logits(9, 5, torch.float32, device, 41).requires_grad_()
     (3.0 * ops.soft_cross_entropy(x, torch.arange(9, device=device) % 5)).backward()
     assert x.grad.data_ptr() == written[0]
+
+
+@pytest.mark.parametrize("n,c", [(70, 11), (9, 1000), (5, 5000), (1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_programs", [1, 2, None])
+def test_scale_rows_kernel_against_a_float64_reference(n, c, dtype, max_programs):
+    """The in-place scale of the loss ops' backward, each program looping over several tiles of
+    rows when the grid is smaller than the tiles (1 program: all of them): a single scale (1:
+    nothing written; 0.5; -3) or one a row (some exactly 1), rows chunked above 4096 classes."""
+    from mpl_fast.kernels.scale_rows import scale_rows_forward
+
+    g = torch.Generator().manual_seed(n * c)
+    base = (torch.randn(n, c, generator=g) * 4).to(dtype)
+    per_row = torch.where(torch.rand(n, generator=g) > 0.5, 1.0, torch.randn(n, generator=g))
+    for scale in (torch.tensor(1.0), torch.tensor(0.5), torch.tensor(-3.0), per_row,
+                  per_row.repeat_interleave(2)[::2]):  # strided per-row scales
+        grad = base.clone()
+        scale_rows_forward(grad, scale, max_programs)
+        s = scale.double()[:, None] if scale.dim() else scale.double()
+        want = (base.double() * s).to(dtype)
+        # one rounding of the fp32 product to dtype: equal to the float64 product rounded,
+        # but for ties
+        assert torch.allclose(grad.double(), want.double(), rtol=2 ** -7, atol=0), scale
+        if scale.dim() == 0 and float(scale) == 1.0:
+            assert torch.equal(grad, base)
+        if scale.dim():
+            keep = scale == 1.0
+            assert torch.equal(grad[keep], base[keep])
