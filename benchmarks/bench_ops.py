@@ -18,9 +18,10 @@ the gradient written in the forward is used as is. A weighted loss (w * loss) ad
 and one write of the gradient, in place.
 
 --tiles sweeps the tile of our kernels (elements a program holds per step : widest row chunk :
-most warps; the default is the shipped one), to choose it from measurements.
+most warps, and `:lanes` for a streamed row's statistics kept per lane, see
+kernels/softmax_common.py; the default is the shipped one), to choose it from measurements.
 
-    python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000] [--tiles 1024:4096:8,4096:32768:16]
+    python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000] [--tiles 1024:4096:8,1024:4096:8:lanes]
 """
 import argparse
 import datetime
@@ -90,13 +91,21 @@ def graph_timer(fn, device, grad_to_none=(), replays=50):
 
 
 def parse_tile(spec):
-    """'ELEMENTS:MAX_BLOCK:MAX_WARPS' -> three ints (powers of two)."""
+    """'ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes]' -> (three ints, powers of two; lanes: whether a
+    streamed row keeps its statistics per lane)."""
     parts = spec.split(":")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0
-                                  for p in parts):
+    lanes = len(parts) == 4 and parts[3] == "lanes"
+    numbers = parts[:3] if lanes else parts
+    if len(numbers) != 3 or not all(p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0
+                                    for p in numbers):
         raise argparse.ArgumentTypeError(
-            f"tile {spec!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS, powers of two")
-    return tuple(int(p) for p in parts)
+            f"tile {spec!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes], powers of two")
+    return (*(int(p) for p in numbers), lanes)
+
+
+def tile_name(tile):
+    """(elements, max_block, max_warps, lanes) -> 'E:B:W' or 'E:B:W:lanes'."""
+    return ":".join(map(str, tile[:3])) + (":lanes" if tile[3] else "")
 
 
 def copy_bandwidth(device):
@@ -173,7 +182,7 @@ def record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth):
     gbps = nbytes / (t_ours * 1e-3) / 1e9
     comp = base.get("compile", (None, None))
     return dict(meta, op=name, n=n, c=c, dtype=str(dtype).split(".")[1],
-                tile=":".join(map(str, tile)),
+                tile=tile_name(tile),
                 ms=r4(mine[0]), eager_ms=r4(base["eager"][0]), compile_ms=r4(comp[0]),
                 graph_ms=r4(mine[1]), eager_graph_ms=r4(base["eager"][1]),
                 compile_graph_ms=r4(comp[1]),
@@ -203,14 +212,16 @@ def print_row(row):
 def main(argv=None):
     from mpl_fast.kernels import softmax_common
 
-    shipped = f"{softmax_common.TILE_ELEMENTS}:{softmax_common.MAX_BLOCK}:{softmax_common.MAX_WARPS}"
+    shipped = tile_name((softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
+                         softmax_common.MAX_WARPS, softmax_common.LANE_STATS))
     parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
                                      description="benchmark the fused loss ops")
     parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES))
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--tiles", default=shipped,
-                        help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS tiles of our kernels "
-                        "to time (default: the shipped one, %(default)s)")
+                        help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes] tiles of our "
+                        "kernels to time (:lanes: a streamed row's statistics per lane; "
+                        "default: the shipped one, %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--out", default="benchmarks/results")
@@ -249,7 +260,7 @@ def main(argv=None):
                             mine = (timer(ours, device, leaves),
                                     graph_timer(ours, device, leaves))
                     except Exception as err:  # a swept tile the compiler refuses: say, go on
-                        if ":".join(map(str, tile)) == shipped:
+                        if tile_name(tile) == shipped:
                             raise
                         print(f"{name:20s} {n}x{c} {dtype}: tile {tile} failed: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")

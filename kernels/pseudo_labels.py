@@ -5,13 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import online_softmax_update, safe_max, tile_for, tile_rows
+from mpl_fast.kernels.softmax_common import (lane_softmax_combine, lane_softmax_update,
+                                             online_softmax_update, safe_max, tile_for,
+                                             tile_rows)
 
 
 @triton.jit
 def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
                           mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                          LANES: tl.constexpr):
     rows, row_ok = tile_rows(N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     p_rows = probs_ptr + rows[:, None] * probs_stride
@@ -29,14 +32,25 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
         m = tl.full([ROWS], -float("inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
         best = tl.zeros([ROWS], tl.int32)
+        # LANES: max, sum and the column of the max per lane, combined after the loop
+        m_lane = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)
+        s_lane = tl.zeros([ROWS, BLOCK], tl.float32)
+        best_lane = tl.zeros([ROWS, BLOCK], tl.int32) + cols
         for start in range(0, C, BLOCK):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
             x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
                 * inv_temperature
-            chunk_best = tl.argmax(x, 1, tie_break_left=True) + start
-            best = tl.where(tl.max(x, 1) > m, chunk_best, best)  # strict: the first maximum wins
-            m, s = online_softmax_update(m, s, x)
+            if LANES:  # strict: a lane keeps its first maximum
+                best_lane = tl.where(x > m_lane, c, best_lane)
+                m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x)
+            else:
+                chunk_best = tl.argmax(x, 1, tie_break_left=True) + start
+                best = tl.where(tl.max(x, 1) > m, chunk_best, best)  # strict: the first max wins
+                m, s = online_softmax_update(m, s, x)
+        if LANES:  # the first maximum: the lowest column among the lanes' first maxima
+            m, s = lane_softmax_combine(m_lane, s_lane)
+            best = tl.min(tl.where(m_lane == m[:, None], best_lane, C), 1)
         m_safe = safe_max(m)
         inv_s = 1.0 / s
         for start in range(0, C, BLOCK):
@@ -67,5 +81,5 @@ def pseudo_labels_forward(logits, temperature, threshold):
         logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
         1.0 / float(temperature), float(threshold),
         ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
-        num_warps=tile.num_warps)
+        LANES=tile.lanes and c > tile.block, num_warps=tile.num_warps)
     return probs, max_prob, mask, labels

@@ -2,8 +2,8 @@
 
 One program per tile of rows (several rows to a program when C is small). When a row fits in
 one tile (C <= 4096) it is read once and the gradient comes from registers. Otherwise pass 1
-streams each row (online softmax; for soft targets also the target mass and the
-target-weighted logits) and pass 2, only when a gradient is wanted, writes
+streams each row (online softmax, its statistics per row or per lane: see softmax_common; for
+soft targets also the target mass and the target-weighted logits) and pass 2, only when a gradient is wanted, writes
 grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i)
 (grad_scale is 1/N for a mean), so backward is a scale, and none when grad_output is 1.
 A row whose mask is 0 gets loss and gradient 0 whatever it holds. A streamed row is then never
@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (online_softmax_update, safe_max, softmax_stats,
+from mpl_fast.kernels.softmax_common import (lane_softmax_combine, lane_softmax_update,
+                                             online_softmax_update, safe_max, softmax_stats,
                                              tile_for, tile_rows)
 
 
@@ -53,7 +54,7 @@ def _soft_cross_entropy_kernel(
         loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale,
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-        SINGLE: tl.constexpr):
+        SINGLE: tl.constexpr, LANES: tl.constexpr):
     rows, row_ok = tile_rows(N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     t_rows = probs_ptr + rows[:, None] * probs_stride
@@ -84,6 +85,8 @@ def _soft_cross_entropy_kernel(
     else:
         m = tl.full([ROWS], -float("inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
+        m_lane = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)  # LANES: per-lane stats
+        s_lane = tl.zeros([ROWS, BLOCK], tl.float32)
         # the target sums accumulate per lane and are reduced once after the loop: fewer
         # reductions per chunk, and triton 3.6 fails to compile loop-carried row sums in the
         # 1-row fp32 case
@@ -94,7 +97,10 @@ def _soft_cross_entropy_kernel(
             c = start + cols
             read = todo[:, None] & (c < C)
             x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
-            m, s = online_softmax_update(m, s, x)
+            if LANES:
+                m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x)
+            else:
+                m, s = online_softmax_update(m, s, x)
             if HARD:
                 if SMOOTH:
                     acc_x += tl.where(read, x, 0.0)
@@ -102,6 +108,8 @@ def _soft_cross_entropy_kernel(
                 acc_t += t
                 # a zero target weight contributes nothing, even against a -inf logit
                 acc_tx += tl.where(t != 0.0, t * x, 0.0)
+        if LANES:
+            m, s = lane_softmax_combine(m_lane, s_lane)
 
     lse = safe_max(m) + tl.log(s)
     if HARD:
@@ -172,5 +180,5 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
-        num_warps=tile.num_warps)
+        LANES=tile.lanes and c > tile.block, num_warps=tile.num_warps)
     return loss, grad

@@ -1,5 +1,13 @@
 """Triton helpers shared by the loss kernels: the online (streaming) softmax update over a tile
-of ROWS rows x BLOCK columns, and the choice of that tile."""
+of ROWS rows x BLOCK columns, and the choice of that tile.
+
+Rows longer than one tile are streamed in chunks. Their running statistics are kept either per
+row (online_softmax_update: a max and a sum reduced across the tile at every chunk, two
+reductions that wait on each other) or per lane (lane_softmax_update: each column slot of the
+tile keeps its own max and sum, one exp an element and no reduction inside the loop; the lanes
+are combined once, after it). Which one is faster is for a GPU to say: LANE_STATS picks it
+(`mpl-fast bench ops --tiles 1024:4096:8:lanes` times the per-lane one).
+"""
 import contextlib
 from typing import NamedTuple
 
@@ -12,6 +20,7 @@ import triton.language as tl
 TILE_ELEMENTS = 1024
 MAX_BLOCK = 4096
 MAX_WARPS = 8
+LANE_STATS = False  # streamed rows: statistics per lane (True) or per row
 
 
 @triton.jit
@@ -24,6 +33,23 @@ def online_softmax_update(m, s, x):
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
     s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
     return m_new, s
+
+
+@triton.jit
+def lane_softmax_update(m, s, x):
+    """Fold a chunk x [ROWS, BLOCK] into per-lane running maxima m and sums s [ROWS, BLOCK]:
+    one exp an element, exp(-|x - m|), which is the new element's weight when x is not above
+    the lane's max, else the rescale of the lane's sum. -inf entries add nothing."""
+    m_new = tl.maximum(m, x)
+    e = tl.where(m_new == -float("inf"), 0.0, tl.exp(-tl.abs(x - m)))
+    return m_new, tl.where(x > m, s * e + 1.0, s + e)
+
+
+@triton.jit
+def lane_softmax_combine(m, s):
+    """The row max and sum of exp(x - max) [ROWS] from per-lane ones [ROWS, BLOCK]."""
+    row_m = tl.max(m, 1)
+    return row_m, tl.sum(s * tl.exp(m - safe_max(row_m)[:, None]), 1)
 
 
 @triton.jit
@@ -47,22 +73,23 @@ def safe_max(m):
 
 
 @contextlib.contextmanager
-def tile_settings(elements: int, max_block: int, max_warps: int):
+def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False):
     """Launch with another tile inside the block (a benchmark sweep, a register report); the
     shipped settings come back after it."""
-    global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS
-    shipped = TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS
-    TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS = elements, max_block, max_warps
+    global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS
+    shipped = TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS
+    TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = elements, max_block, max_warps, lanes
     try:
         yield
     finally:
-        TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS = shipped
+        TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = shipped
 
 
 class Tile(NamedTuple):
     rows: int       # rows per program
     block: int      # columns per loop iteration: the whole row when it fits
     num_warps: int
+    lanes: bool     # a streamed row's statistics per lane (see the module docstring)
 
 
 def tile_for(num_classes: int) -> Tile:
@@ -71,4 +98,5 @@ def tile_for(num_classes: int) -> Tile:
     block = min(triton.next_power_of_2(max(num_classes, 2)), MAX_BLOCK)
     rows = max(1, TILE_ELEMENTS // block)
     elements = rows * block
-    return Tile(rows, block, min(MAX_WARPS, max(1, elements // 256)))  # 8 elements a thread
+    return Tile(rows, block, min(MAX_WARPS, max(1, elements // 256)),  # 8 elements a thread
+                LANE_STATS)

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (online_softmax_update, safe_max, softmax_stats,
+from mpl_fast.kernels.softmax_common import (lane_softmax_combine, lane_softmax_update,
+                                             online_softmax_update, safe_max, softmax_stats,
                                              tile_for, tile_rows)
 
 
@@ -22,10 +23,24 @@ def _confident(mw, sw, threshold):
 
 
 @triton.jit
+def _lane_weak_update(mw, sw, qs, w, x):
+    """Per lane ([ROWS, BLOCK] each): the running max mw of weak / T, the sum sw of
+    exp(weak / T - mw), and qs, those weights times the strong logits; one exp an element, the
+    new element's weight (not above the lane's max) or the rescale of the lane's sums (above)."""
+    mw_new = tl.maximum(mw, w)
+    e = tl.where(mw_new == -float("inf"), 0.0, tl.exp(-tl.abs(w - mw)))
+    up = w > mw
+    sw = tl.where(up, sw * e + 1.0, sw + e)
+    # a zero weight adds nothing, even against a -inf strong logit
+    qs = tl.where(up, tl.where(e != 0.0, qs * e, 0.0) + x, qs + tl.where(e != 0.0, e * x, 0.0))
+    return mw_new, sw, qs
+
+
+@triton.jit
 def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
                      grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                      COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     SINGLE: tl.constexpr):
+                     SINGLE: tl.constexpr, LANES: tl.constexpr):
     rows, row_ok = tile_rows(N, ROWS)
     w_rows = weak_ptr + rows[:, None] * weak_stride
     s_rows = strong_ptr + rows[:, None] * strong_stride
@@ -49,20 +64,36 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         ms = tl.full([ROWS], -float("inf"), tl.float32)
         ss = tl.zeros([ROWS], tl.float32)
         qs = tl.zeros([ROWS], tl.float32)  # sum_c exp(w_c / T - mw) * strong_c, rescaled with mw
+        # LANES: the same statistics per lane, combined after the loop
+        mw_l = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)
+        sw_l = tl.zeros([ROWS, BLOCK], tl.float32)
+        qs_l = tl.zeros([ROWS, BLOCK], tl.float32)
+        ms_l = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)
+        ss_l = tl.zeros([ROWS, BLOCK], tl.float32)
         for start in range(0, C, BLOCK):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
             w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
                 * inv_temperature
             x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
-            mw_new = tl.maximum(mw, tl.max(w, 1))
-            mw_safe = safe_max(mw_new)
-            e = tl.exp(w - mw_safe[:, None])
-            scale = tl.exp(mw - mw_safe)
-            sw = sw * scale + tl.sum(e, 1)
-            qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
-            mw = mw_new
-            ms, ss = online_softmax_update(ms, ss, x)
+            if LANES:
+                mw_l, sw_l, qs_l = _lane_weak_update(mw_l, sw_l, qs_l, w, x)
+                ms_l, ss_l = lane_softmax_update(ms_l, ss_l, x)
+            else:
+                mw_new = tl.maximum(mw, tl.max(w, 1))
+                mw_safe = safe_max(mw_new)
+                e = tl.exp(w - mw_safe[:, None])
+                scale = tl.exp(mw - mw_safe)
+                sw = sw * scale + tl.sum(e, 1)
+                qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
+                mw = mw_new
+                ms, ss = online_softmax_update(ms, ss, x)
+        if LANES:
+            mw = tl.max(mw_l, 1)
+            f = tl.exp(mw_l - safe_max(mw)[:, None])
+            sw = tl.sum(sw_l * f, 1)
+            qs = tl.sum(tl.where(f != 0.0, qs_l * f, 0.0), 1)
+            ms, ss = lane_softmax_combine(ms_l, ss_l)
     mw_safe = safe_max(mw)
     lse_s = safe_max(ms) + tl.log(ss)
     if not SINGLE:
@@ -112,5 +143,5 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
         grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
-        num_warps=tile.num_warps)
+        LANES=tile.lanes and c > tile.block, num_warps=tile.num_warps)
     return loss, mask, grad

@@ -89,22 +89,31 @@ def record_launches(num_classes, dtypes):
         recorders[name] = LaunchRecorder(getattr(module, name))
         setattr(module, name, recorders[name])
     n = 3
-    for c, dtype in itertools.product(num_classes, dtypes):
-        logits = torch.zeros(n, c, dtype=dtype)
-        index = torch.zeros(n, dtype=torch.int64)
-        probs = torch.zeros(n, c, dtype=torch.float32)
-        row_mask = torch.ones(n, dtype=torch.float32)
-        pseudo_labels.pseudo_labels_forward(logits, 0.7, 0.6)
-        for hard, smooth, masked, grad in itertools.product((True, False), repeat=4):
-            soft_cross_entropy.soft_cross_entropy_forward(
-                logits, index if hard else None, None if hard else probs.to(dtype),
-                row_mask if masked else None, 0.15 if smooth else 0.0, grad)
-        for grad in (True, False):
-            uda_loss.uda_loss_forward(logits, logits, 0.7, 0.6, grad)
-        for scale in (torch.tensor(0.5), row_mask):
-            scale_rows.scale_rows_forward(logits, scale)
+    from mpl_fast.kernels import softmax_common as sc
+
+    # each tile with a streamed row's statistics per row and per lane (LANES, where it streams)
+    for lanes, c, dtype in itertools.product((False, True), num_classes, dtypes):
+        with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, lanes):
+            _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c, dtype)
     return [(rec.kernel, args, kwargs) for rec in recorders.values()
             for args, kwargs in rec.calls]
+
+
+def _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c, dtype):
+    """One launch of every launcher in each of its options, for n x c logits of dtype."""
+    logits = torch.zeros(n, c, dtype=dtype)
+    index = torch.zeros(n, dtype=torch.int64)
+    probs = torch.zeros(n, c, dtype=torch.float32)
+    row_mask = torch.ones(n, dtype=torch.float32)
+    pseudo_labels.pseudo_labels_forward(logits, 0.7, 0.6)
+    for hard, smooth, masked, grad in itertools.product((True, False), repeat=4):
+        soft_cross_entropy.soft_cross_entropy_forward(
+            logits, index if hard else None, None if hard else probs.to(dtype),
+            row_mask if masked else None, 0.15 if smooth else 0.0, grad)
+    for grad in (True, False):
+        uda_loss.uda_loss_forward(logits, logits, 0.7, 0.6, grad)
+    for scale in (torch.tensor(0.5), row_mask):
+        scale_rows.scale_rows_forward(logits, scale)
 
 
 def main(argv=None):

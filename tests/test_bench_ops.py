@@ -30,18 +30,21 @@ def test_bench_ops_records_rows(tmp_path, capsys):
 def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
     from mpl_fast.kernels import softmax_common
 
-    shipped = (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK, softmax_common.MAX_WARPS)
+    def settings():
+        return (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK, softmax_common.MAX_WARPS,
+                softmax_common.LANE_STATS)
+
+    shipped = settings()
     assert cli.main(["bench", "ops", "--shapes", "5x300", "--dtypes", "bfloat16", "--no-compile",
-                     "--tiles", "1024:4096:8,2048:128:4", "--device", "cpu",
+                     "--tiles", "1024:4096:8,2048:128:4,1024:128:4:lanes", "--device", "cpu",
                      "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ops.jsonl").read_text().splitlines()]
     assert sorted((r["op"], r["tile"]) for r in rows) == sorted(
         (op, t) for op in ("soft_cross_entropy", "uda_loss", "pseudo_labels")
-        for t in ("1024:4096:8", "2048:128:4"))
-    assert (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
-            softmax_common.MAX_WARPS) == shipped
+        for t in ("1024:4096:8", "2048:128:4", "1024:128:4:lanes"))
+    assert settings() == shipped
     capsys.readouterr()
-    for bad in ("1024:4096", "1000:4096:8", "a:b:c"):
+    for bad in ("1024:4096", "1000:4096:8", "a:b:c", "1024:4096:8:rows", "1024:4096:8:lanes:x"):
         with pytest.raises(SystemExit):
             cli.main(["bench", "ops", "--tiles", bad, "--device", "cpu", "--out", str(tmp_path)])
         assert "--tiles" in capsys.readouterr().err
@@ -280,7 +283,7 @@ def test_bench_ops_ratios_never_mix_gpu_and_host_times():
 
     record = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
                                 "bench_ops.py"))["record"]
-    tile = (1024, 4096, 8)
+    tile = (1024, 4096, 8, False)
     # ours could not be captured: every ratio from host times
     r = record({}, "op", 2, 3, torch.float32, tile, (0.5, None),
                {"eager": (0.4, 0.02), "compile": (0.3, 0.01)}, 1e6, 1e12)

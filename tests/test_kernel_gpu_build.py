@@ -61,8 +61,12 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
                          (1, 4096, name == "_scale_rows_kernel")}, name
         first_ptr = {next(iter(r["signature"].values())) for r in rs}
         assert first_ptr == {"*fp32", "*bf16", "*fp16"}, name
-    # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked)
-    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 5
+    # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked),
+    # the chunked tile also with per-lane statistics
+    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 6
+    for name in ("_pseudo_labels_kernel", "_soft_cross_entropy_kernel", "_uda_loss_kernel"):
+        lanes = {(r["constexprs"]["SINGLE"], r["constexprs"]["LANES"]) for r in by_kernel[name]}
+        assert lanes == {(True, False), (False, False), (False, True)}, name
     for r in records:
         assert r["arch"] == "sm_90"
         # ptxas 13 under triton's --regAllocOptLevel=2 may park a word or two on the stack;

@@ -17,15 +17,22 @@ SLACK = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
 def _backends():
-    out = [("torch", "cpu"), ("triton", "cpu")]
+    """torch; the Triton kernels as shipped; and "triton-lanes", the same kernels with a
+    streamed row's statistics kept per lane (softmax_common.LANE_STATS), for benchmarks to
+    choose from."""
+    out = [("torch", "cpu"), ("triton", "cpu"), ("triton-lanes", "cpu")]
     out.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu))
+    out.append(pytest.param("triton-lanes", "cuda", marks=pytest.mark.gpu))
     return out
 
 
 @pytest.fixture
 def use(monkeypatch):
     def set_backend(name):
-        monkeypatch.setenv("MPL_FAST_BACKEND", name)
+        from mpl_fast.kernels import softmax_common
+
+        monkeypatch.setenv("MPL_FAST_BACKEND", name.split("-")[0])
+        monkeypatch.setattr(softmax_common, "LANE_STATS", name == "triton-lanes")
     return set_backend
 
 
@@ -280,7 +287,7 @@ def test_pseudo_labels_edges_and_sampling(use, backend, device):
     assert float(out.probs[0, 3]) == 0.0 and float(out.mask) == 1.0
     # sampling: frequencies follow probs; the same generator seed gives the same draw.
     # (20000 rows are too many for the interpreter; the draw itself is backend-independent.)
-    if backend == "triton" and device == "cpu":
+    if backend.startswith("triton") and device == "cpu":
         return
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]], device=device)).repeat(20000, 1)
     g1 = torch.Generator(device=device).manual_seed(7)
@@ -562,3 +569,78 @@ def test_scale_rows_kernel_against_a_float64_reference(n, c, dtype, max_programs
         if scale.dim():
             keep = scale == 1.0
             assert torch.equal(grad[keep], base[keep])
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_pseudo_labels_first_maximum_in_streamed_rows(use, backend, device):
+    """Rows streamed in chunks of 4096 columns: the label is the first maximum, whether the
+    maxima share a chunk, share a lane (4096 columns apart), or neither."""
+    use(backend)
+    c = 9000
+    ties = [(4106, 10), (4106, 4105), (100, 8200), (8999, 8998), (0, 4096)]
+    x = torch.randn(len(ties) + 1, c, generator=torch.Generator().manual_seed(5))
+    for row, cols in enumerate(ties):
+        x[row, list(cols)] = 10.0
+    x[len(ties)] = -float("inf")  # no maximum to find: column 0, like torch.argmax
+    out = ops.pseudo_labels(x.to(device))
+    assert out.labels.tolist() == [min(cols) for cols in ties] + [0]
+    assert torch.allclose(out.probs.cpu()[:-1], torch.softmax(x[:-1].double(), 1).float(),
+                          atol=1e-6)
+
+
+def _streamed_edge_rows(c, seed):
+    """Rows of c > 4096 classes that stress a streamed softmax: -inf entries (a lane's first
+    element, whole stretches, all but one), a max that rises in every chunk (rescales) or sits in
+    the first column, and a range wide enough that most weights underflow to 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, c, generator=g) * 3
+    x[0, ::4096] = -float("inf")  # lane 0 of every chunk
+    x[0, 1000:2500] = -float("inf")
+    x[1] = -float("inf")
+    x[1, c - 3] = 2.0  # all but one
+    x[2] = torch.linspace(-50.0, 50.0, c)  # the max rises chunk after chunk
+    x[3] = torch.linspace(50.0, -50.0, c)  # the max is the first column
+    x[4] *= 400.0  # exp underflows for nearly every entry
+    return x
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_rows_with_infinities_and_wide_ranges(use, backend, device, dtype):
+    """The three ops on rows streamed in chunks (per-row or per-lane statistics), against the
+    float64 truth: finite where the truth is, -inf entries adding nothing where their weight is
+    0, gradients equal."""
+    use(backend)
+    c = 9000
+    x = _streamed_edge_rows(c, 11).to(dtype)
+    y = torch.tensor([5, c - 3, c - 1, 0, 17, 4200])
+    xg = x.clone().to(device).requires_grad_()
+    loss = ops.soft_cross_entropy(xg, y.to(device), reduction="none")
+    loss.sum().backward()
+    x64 = x.double().requires_grad_()
+    truth = loss_truth.soft_ce_rows(x64, y)
+    truth.sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(loss.cpu().double(), truth, rtol=tol, atol=tol), (loss, truth)
+    assert torch.allclose(xg.grad.cpu().double(), x64.grad, atol=tol, rtol=0)
+
+    pl = ops.pseudo_labels(x.to(device), temperature=0.7)
+    p64 = torch.softmax(x.double() / 0.7, 1)
+    assert torch.allclose(pl.probs.cpu().double(), p64, atol=1e-6)
+    assert torch.allclose(pl.max_prob.cpu().double(), p64.max(1).values, atol=1e-6)
+    assert pl.labels.tolist() == x.float().argmax(1).tolist()
+
+    # UDA: the weak rows above as targets; the strong row -inf where its target weight is 0
+    strong = torch.randn(6, c, generator=torch.Generator().manual_seed(12)).to(dtype)
+    strong[0, 1000:2500] = -float("inf")  # weak is -inf there too: weight 0
+    strong[1, :100] = -float("inf")
+    sg = strong.clone().to(device).requires_grad_()
+    loss_u, mask = ops.uda_loss(x.to(device), sg, temperature=0.7, threshold=0.0)
+    (loss_u * 6).backward()
+    s64 = strong.double().requires_grad_()
+    rows, mask64 = loss_truth.uda_rows(x, s64, 0.7, 0.0)
+    rows.sum().backward()
+    assert torch.equal(mask.cpu().double(), mask64)
+    assert abs(float(loss_u) * 6 - float(rows.sum())) <= tol * max(1.0, float(rows.abs().sum()))
+    assert torch.isfinite(sg.grad).all()
+    assert torch.allclose(sg.grad.cpu().double(), s64.grad, atol=tol, rtol=0)
