@@ -158,6 +158,28 @@ def test_run_outputs_and_summary(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_supervised_runs_draw_labeled_batches_alone_and_resume_exactly(tmp_path, monkeypatch):
+    """The supervised method never asks the data for unlabeled views (on a GPU the DALI stream
+    would decode and augment mu*B images a step for nothing), and a run resumed from its
+    checkpoint ends where the uninterrupted one does."""
+    from mpl_fast.data.stream import InMemoryStream
+
+    def no_unlabeled(self):
+        raise AssertionError("a supervised run drew an unlabeled batch")
+
+    monkeypatch.setattr(InMemoryStream, "next", no_unlabeled)
+    config = cfg.load("digits_supervised", TINY + ["train.steps=20"])
+    train(config, tmp_path / "whole")
+    train(cfg.load("digits_supervised", TINY + ["train.steps=10"]), tmp_path / "cut")
+    train(config, tmp_path / "cut", resume=True)
+    want = _metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert _metrics(tmp_path / "cut" / "metrics.jsonl") == want
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    for key, value in whole["student"].items():
+        assert torch.equal(value, cut["student"][key]), key
+
+
 def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path):
     config = cfg.load("digits", TINY + ["train.steps=6", "train.max_nonfinite_skips=3"])
     run_dir = tmp_path / "nan"

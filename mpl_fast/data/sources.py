@@ -94,6 +94,7 @@ class FolderData:
     def next_labeled(self):
         if self.stream is None:
             self._build()
+        self.batches += 1  # the position a resume derives its seeds from, whichever batches
         return self.stream.next_labeled()
 
     def state_dict(self):

@@ -60,6 +60,7 @@ class InMemoryStream:
         s = self.split
         li = s.labeled[self.labeled.take(self.batch_size)]
         x_l = augment.weak(s.train_x[li], self.gen, **self.aug)
+        self.batches += 1
         empty = x_l[:0]
         return MPLBatch(self._mine(x_l), self._mine(s.train_y[li]), empty, empty)
 

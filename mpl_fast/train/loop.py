@@ -260,10 +260,12 @@ def train(config, out_dir, resume=False):
     logger = RunLogger(out, t["steps"], run.step, run.images_per_step, enabled=main)
     started = time.time()
     last_eval = None
+    # the supervised method draws labeled batches alone: no unlabeled views decoded for nothing
+    fetch = run.data.next_labeled if config["method"] == "supervised" else run.data.next
     try:
         while run.step < t["steps"]:
             try:
-                batch = run.to_device(run.data.next())
+                batch = run.to_device(fetch())
             except DataError as err:
                 raise TrainError(str(err)) from err
             try:
