@@ -228,6 +228,7 @@ def test_bench_data_command(tree, tmp_path, capsys):
     record = json.loads((tmp_path / "data.jsonl").read_text())
     assert record["mpl_images_per_s"] > 0 and record["bare_images_per_s"] > 0
     assert "parts_images_per_s" not in record
+    assert "bare_whole_decode_images_per_s" not in record  # small images: one bare pipeline
     assert cli.main(["bench", "data", "--root", str(tree), "--device", "cpu", "--batch-size",
                      "4", "--mu", "2", "--steps", "2", "--threads", "1", "--parts", "--out",
                      str(tmp_path)]) == 0
@@ -333,6 +334,9 @@ def test_bench_data_writes_a_synthetic_imagenet_sized_tree_once(tmp_path, capsys
     assert not list(tmp_path.glob("synth.partial-*"))  # written aside, renamed into place
     record = json.loads((out / "data.jsonl").read_text())
     assert record["synthetic"] and record["files"] == 20 and record["image_size"] == 224
+    assert record["bare_whole_decode_images_per_s"] > 0  # large images: both bare pipelines
+    assert record["fraction_of_bare_whole_decode"] == round(
+        record["mpl_images_per_s"] / record["bare_whole_decode_images_per_s"], 3)
     mtime = files[0].stat().st_mtime_ns
     assert cli.main(args) == 0  # the same tree is reused, not rewritten
     assert files[0].stat().st_mtime_ns == mtime
@@ -376,6 +380,13 @@ def test_large_images_are_decoded_with_a_random_crop_and_resized(tmp_path):
                            seed=3)
     bare.build()
     assert bare.run()[0].as_array().shape == (4, 24, 24, 3)
+    whole = P.bare_pipeline(files, 24, False, False, batch_size=4, num_threads=1,
+                            device_id=None, seed=3, whole=True)
+    whole.build()
+    assert whole.run()[0].as_array().shape == (4, 24, 24, 3)
+    ops = _op_devices(whole)  # the whole image decoded, then cropped
+    assert "decoders__Image" in ops and "RandomResizedCrop" in ops
+    assert "decoders__ImageRandomCrop" in _op_devices(bare)
 
 
 def test_strong_view_translation_keeps_small_images_in_frame(tree):

@@ -240,16 +240,19 @@ def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, siz
 
 
 @pipeline_def
-def bare_pipeline(files, size, small, gpu, reader_seed=0):
-    """Decode + crop only: the throughput ceiling the MPL streams are compared with (large
-    images: the labeled stream's decode-with-random-crop and resize). `gpu`: True, False or a
-    Placement (the crop runs where its augment stage says; the result ends where its output
-    does)."""
+def bare_pipeline(files, size, small, gpu, reader_seed=0, whole=False):
+    """Decode + crop only: the throughput ceiling the MPL streams are compared with. Large
+    images: the labeled stream's decode of the random crop's window alone and resize, or with
+    `whole`, the whole image decoded and then cropped (what the unlabeled stream must do: its
+    two views crop one decode). `gpu`: True, False or a Placement (the crop runs where its
+    augment stage says; the result ends where its output does)."""
     where = _placed(gpu)
     jpegs, _ = _reader(files, list(range(len(files))), 0, 1, reader_seed, True)
     if small:
         images = fn.crop(_decode(jpegs, where), crop_h=size, crop_w=size,
                          out_of_bounds_policy="pad")
+    elif whole:
+        images = fn.random_resized_crop(_decode(jpegs, where), size=[size, size])
     else:
         images = _decode_random_resized_crop(jpegs, where, size)
     return _on_gpu(images, where.output)
