@@ -312,14 +312,20 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = previous
 
 
-def _peak(fn, args, device):
-    """(median ms of fn, peak device memory in GiB or None off a GPU)."""
-    gpu = device.type == "cuda"
-    if gpu:
+def _reset_peak(device):
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(fn, args, device, reset=True):
+    """(median ms of fn, peak device memory in GiB or None off a GPU). The peak is counted from
+    here (reset) or from the caller's reset: a graphed variant's counts its capture, whose
+    buffers (the activations) stay with the graph and are not allocated again in replays."""
+    if reset:
+        _reset_peak(device)
     ms = timed(fn, args.steps, args.warmup, device)
-    return ms, (torch.cuda.max_memory_allocated() / 2**30 if gpu else None)
+    return ms, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
 def _measure_ours(args, device, batch, use_graph):
@@ -355,7 +361,8 @@ def _measure_variant(fn, compiled, graph, args, device, batch):
         student = torch.compile(student, mode=args.reference_compile)
     amp = device.type == "cuda"
     call = lambda: fn(teacher, student, t_opt, s_opt, batch, amp)  # noqa: E731
-    row = _peak(graphed(call, device, warmup=5) if graph else call, args, device)
+    _reset_peak(device)  # before the capture, as for ours (GraphedStep captures in _peak)
+    row = _peak(graphed(call, device, warmup=5) if graph else call, args, device, reset=False)
     # one eager call (compiled, after warm-up) through the profiler: the step's work alone
     return row, round(sum(phase_breakdown(call, device).values()), 3)
 
@@ -407,6 +414,9 @@ def _measure(args, device, gpu):
                                           if "compiled_reference" in ms else None),
         "overhead_vs_floor": round(ms["ours"] / ms["floor"], 3),
         "peak_mem_gib": round(rows["ours"][1], 3) if gpu else None,
+        # every variant's peak, graphed ones counting their capture (since 2026-11-26)
+        "peak_mem_gib_by_variant": ({k: round(v[1], 3) for k, v in rows.items()} if gpu
+                                    else None),
         "activation_mem_gib": round(activation_mem, 3) if gpu else None,
         "max_batch_size": max_batch,
         "phases_ms": phases,

@@ -265,6 +265,11 @@ def test_bench_step_graphs_the_floor_and_the_reference_on_a_gpu(tmp_path):
     assert record["graph"] is True and record["floor_graph"] is True
     assert record["graphed_reference_ms_per_step"] > 0 and record["ms_per_step"] > 0
     assert record["activation_mem_gib"] is not None
+    # graphed variants count their capture in their peak, ours and the reference alike (the
+    # reference's was counted after it, a sixth of ours in the second sitting)
+    peaks = record["peak_mem_gib_by_variant"]
+    assert peaks["graphed_reference"] > 0.5 * peaks["ours"], peaks
+    assert peaks["floor"] > 0.25 * peaks["ours"], peaks
     # the backward kernels (launched from autograd's device thread) are in their phases: the
     # first sitting's ranges showed the teacher's backward + step at 4% of its forward
     phases = record["phases_ms"]
