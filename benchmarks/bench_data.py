@@ -63,20 +63,26 @@ def main(argv=None):
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
                         help="first write N synthetic 500x375 JPEGs under --root (a new folder)")
     parser.add_argument("--device", choices=["cpu", "gpu"],
-                        default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--mu", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=50)
+                        default="gpu" if torch.cuda.is_available() else "cpu",
+                        help="GPU ('mixed') or CPU pipelines (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="labeled batch B (default: %(default)s)")
+    parser.add_argument("--mu", type=int, default=7,
+                        help="unlabeled batch = mu * B (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="steps timed, after 3 untimed (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="output size (default: 32 for small images, else 224)")
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=8,
+                        help="DALI CPU threads a pipeline (default: %(default)s)")
     parser.add_argument("--parts", action="store_true",
                         help="also time each pipeline alone (labeled, unlabeled, unlabeled "
                              "without RandAugment)")
     parser.add_argument("--variant", type=parse_variant, action="append", default=None,
                         metavar="SPEC", help="time the stream with these settings "
                         "(decode=gpu|cpu,augment=gpu|cpu,steps_per_run=K,threads=T; repeatable)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="where data.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.mu < 1 or args.steps < 1:
         parser.error("--batch-size, --mu and --steps must be >= 1")
