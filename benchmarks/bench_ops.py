@@ -216,15 +216,19 @@ def main(argv=None):
                          softmax_common.MAX_WARPS, softmax_common.LANE_STATS))
     parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
                                      description="benchmark the fused loss ops")
-    parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES))
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES),
+                        help="comma-separated NxC logits shapes (default: %(default)s)")
+    parser.add_argument("--dtypes", default="bfloat16,float32",
+                        help="comma-separated logits dtypes (default: %(default)s)")
     parser.add_argument("--tiles", default=shipped,
                         help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes] tiles of our "
                         "kernels to time (:lanes: a streamed row's statistics per lane; "
                         "default: the shipped one, %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: %(default)s; off CUDA only host times)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="where ops.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         tiles = [parse_tile(t) for t in args.tiles.split(",")]

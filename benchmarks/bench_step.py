@@ -261,11 +261,13 @@ def main(argv=None):
     p.add_argument("--model", default="wrn28_2",
                    help="small_cnn, wrn28_2, wrn28_8, resnet50, or a timm model name (needs timm) "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--mu", type=int, default=7)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"])
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="labeled batch B (default: %(default)s)")
+    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
+    p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"],
+                   help="our step's feedback estimator (default: %(default)s)")
     p.add_argument("--weak-no-grad", action="store_true", help="teacher weak view without autograd")
     p.add_argument("--no-graph", action="store_true", help="do not capture our step in a CUDA graph")
     p.add_argument("--compile", default="none",
@@ -290,10 +292,14 @@ def main(argv=None):
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True for every variant (cuDNN times its "
                    "convolution algorithms for these shapes once, then uses the fastest)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--steps", type=int, default=30,
+                   help="steps timed per variant (median; default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps first (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="where step.jsonl is appended (default: %(default)s)")
     args = p.parse_args(argv)
     if min(args.batch_size, args.mu, args.image_size, args.steps) < 1:
         p.error("--batch-size, --mu, --image-size and --steps must be >= 1")
