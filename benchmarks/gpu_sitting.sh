@@ -207,7 +207,7 @@ stage_gather() {
     "$([ -d "$CIFAR/train" ] && echo here || echo absent)"
 }
 
-declare -A LIMIT=([build]=90 [tests]=240 [tests-ops]=90 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
+declare -A LIMIT=([build]=90 [tests]=300 [tests-ops]=120 [ops]=180 [step]=120 [step-compiled]=560 [memory]=300
   [step-imagenet]=120 [step-imagenet-compiled]=300 [ops-tiles]=240
   [data]=300 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
   [methods]=570 [gather]=20)
