@@ -83,3 +83,32 @@ def test_array_source_shards_are_disjoint_and_cover():
         seen.append(set(got))
         assert len(set(got)) == 5
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
+
+
+@pytest.mark.parametrize("steps_per_run", [1, 3])
+def test_array_stream_draws_each_image_once_an_epoch_whatever_the_steps_a_run(cifar10,
+                                                                          steps_per_run):
+    """The arrays' source indexes samples by the pipeline's own batch (steps_per_run batches of
+    the step's size): an epoch hands out every labeled and every unlabeled image once."""
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import DaliStream, StreamSpec
+
+    train, _ = cifar_batches.load(cifar10)
+    labeled = balanced_split(train, per_class=2, seed=0)  # 20 of the 100
+    spec = StreamSpec(4, 2, 32, True, num_threads=1, cutout=0, ra_n=0,
+                      steps_per_run=steps_per_run)
+    stream = DaliStream(train, labeled, spec, "cpu")
+    std = 0.229 * 255
+
+    def index_of(x):  # the red value of a solid image is its index in the set
+        return (x[:, 0, 16, 16] * std + 0.485 * 255).round().long().tolist()
+
+    unlabeled, labeled_seen = [], []
+    for _ in range(12):  # 96 of the 100 unlabeled images, 48 labeled draws: 2 epochs + 8
+        b = stream.next()
+        unlabeled += b.unlabeled_index.tolist()
+        assert index_of(b.x_uw) == b.unlabeled_index.tolist()
+        labeled_seen.append(index_of(b.x_l))
+    assert len(set(unlabeled)) == 96
+    first_epoch = sum(labeled_seen[:5], [])
+    assert sorted(first_epoch) == sorted(labeled)

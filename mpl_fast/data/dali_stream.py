@@ -81,9 +81,11 @@ class DaliStream:
         common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
         lab_labels = [index.labels[i] for i in labeled]
         if hasattr(index, "images"):  # in-memory arrays (CIFAR python batches)
-            lab_src = P.ArraySource(index.images[labeled], lab_labels, b, rank, world, seed)
-            unl_src = P.ArraySource(index.images, list(range(len(index))), b * spec.mu, rank,
-                                    world, seed + 2)
+            # the sources index samples by the pipelines' batch: k steps' worth
+            lab_src = P.ArraySource(index.images[labeled], lab_labels, b * self.k, rank, world,
+                                    seed)
+            unl_src = P.ArraySource(index.images, list(range(len(index))), b * spec.mu * self.k,
+                                    rank, world, seed + 2)
         else:
             lab_src, unl_src = [index.files[i] for i in labeled], index.files
         self.lab = P.labeled_pipeline(
