@@ -11,8 +11,8 @@ counts decoded source images (B + mu*B per step). --synthetic N first writes N I
 unlabeled; unlabeled without RandAugment), in source images/s, to show which part holds the
 stream back. --variant SPEC (repeatable) times the stream under other settings, SPEC being
 comma-separated KEY=VALUE of decode (gpu|cpu: where JPEGs are decoded), augment (gpu|cpu: where
-crops, flips, RandAugment and cutout run), steps_per_run (steps' batches a pipeline run makes)
-and threads, e.g. `--variant decode=cpu --variant decode=cpu,augment=cpu,threads=16`; the
+crops, flips, RandAugment and cutout run), steps_per_run (steps' batches a pipeline run makes),
+threads and hw_load (GPU decoding: the share of JPEGs sent to the hardware JPEG engine, 0-1), e.g. `--variant decode=cpu --variant decode=cpu,augment=cpu,threads=16`; the
 default is one variant, all on the device with --threads. The bare pipeline is timed (with
 --threads) for each decode device the variants use, and each variant is compared with the
 fastest bare. For large images bare decodes only the random crop's window (as the labeled
@@ -31,7 +31,7 @@ import torch
 from mpl_fast.train.run_log import append_jsonl
 
 VARIANT_KEYS = {"decode": ("gpu", "cpu"), "augment": ("gpu", "cpu"), "steps_per_run": int,
-                "threads": int}
+                "threads": int, "hw_load": float}
 
 
 def parse_variant(spec):
@@ -47,6 +47,13 @@ def parse_variant(spec):
             if not value.isdigit() or int(value) < 1:
                 raise argparse.ArgumentTypeError(f"variant {spec!r}: {key} must be >= 1")
             out[key] = int(value)
+        elif kind is float:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = -1.0
+            if not 0.0 <= out[key] <= 1.0:
+                raise argparse.ArgumentTypeError(f"variant {spec!r}: {key} must be in [0, 1]")
         elif value not in kind:
             raise argparse.ArgumentTypeError(f"variant {spec!r}: {key} must be one of "
                                              f"{'|'.join(kind)}")
@@ -80,7 +87,8 @@ def main(argv=None):
                              "without RandAugment)")
     parser.add_argument("--variant", type=parse_variant, action="append", default=None,
                         metavar="SPEC", help="time the stream with these settings "
-                        "(decode=gpu|cpu,augment=gpu|cpu,steps_per_run=K,threads=T; repeatable)")
+                        "(decode=gpu|cpu,augment=gpu|cpu,steps_per_run=K,threads=T,hw_load=F; "
+                        "repeatable)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="where data.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -110,9 +118,11 @@ def main(argv=None):
     sized = small and all_of_size(index, size)  # CIFAR at 32: no resize
     per_step = args.batch_size * (1 + args.mu)
     variants = [{"decode": "gpu", "augment": "gpu", "steps_per_run": 1, "threads": args.threads,
-                 **v} for v in (args.variant or [{}])]
+                 "hw_load": None, **v} for v in (args.variant or [{}])]
     if device.type == "cpu":  # every stage on the CPU, whatever a variant asks
         variants = [dict(v, decode="cpu", augment="cpu") for v in variants]
+    # the hardware decoder's share means nothing to CPU decoding
+    variants = [dict(v, hw_load=None) if v["decode"] == "cpu" else v for v in variants]
 
     def timed(fn, steps):
         for _ in range(3):
@@ -151,7 +161,7 @@ def main(argv=None):
     for v in variants:
         spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=v["threads"],
                           sized=sized, decode_device=v["decode"], augment_device=v["augment"],
-                          steps_per_run=v["steps_per_run"])
+                          steps_per_run=v["steps_per_run"], hw_decoder_load=v["hw_load"])
         stream = DaliStream(index, labeled, spec, device)
         steps = max(args.steps, 3 * v["steps_per_run"])  # whole pipeline runs at least
         mpl_ips = steps * per_step / timed(stream.next, steps)
@@ -174,6 +184,7 @@ def main(argv=None):
                   "image_size": size, "batch_size": args.batch_size, "mu": args.mu,
                   "decode_device": v["decode"], "augment_device": v["augment"],
                   "steps_per_run": v["steps_per_run"], "threads": v["threads"],
+                  "hw_decoder_load": v["hw_load"],
                   "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
                   "bare_images_per_s_by_decode": {k: round(x, 1) for k, x in bare.items()},
                   "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
@@ -201,8 +212,11 @@ def main(argv=None):
 
 
 def _settings(record):
-    return (f"decode {record['decode_device']}, augment {record['augment_device']}, "
-            f"{record['steps_per_run']} step(s) a run, {record['threads']} threads")
+    hw = record["hw_decoder_load"]
+    return (f"decode {record['decode_device']}"
+            + (f" ({hw:g} to the hardware decoder)" if hw is not None else "")
+            + f", augment {record['augment_device']}, {record['steps_per_run']} step(s) a run, "
+            f"{record['threads']} threads")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ stage_data() {
     mpl-fast bench data --root "$CIFAR/train" --device gpu --batch-size 64 --mu 7 \
       --variant decode=cpu --variant steps_per_run=4 --variant decode=cpu,steps_per_run=4 \
       --variant decode=cpu,augment=cpu --variant decode=cpu,augment=cpu,steps_per_run=4 \
-      --variant decode=cpu,augment=cpu,threads=16 --out "$DIR/results" || return 1
+      --variant decode=cpu,augment=cpu,threads=16 --variant hw_load=0 --variant hw_load=1 \
+      --out "$DIR/results" || return 1
   fi
   mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 --parts \
     --variant steps_per_run=1 --variant steps_per_run=4 --out "$DIR/results"

@@ -153,6 +153,27 @@ def test_stage_placement():
         placement(True, "gpu", "cpu")
     with pytest.raises(ValueError, match="decode_device"):
         placement(True, "tpu")
+    assert placement(True, hw_decoder_load=0) == Placement(True, True, True, 0.0)
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        placement(True, hw_decoder_load=1.5)
+
+
+@pytest.mark.parametrize("decode,hw", [("gpu", None), ("gpu", 0.0), ("cpu", 0.0)])
+def test_the_hardware_decoders_share_reaches_the_gpu_decoders_only(decode, hw):
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data import dali_pipelines as P
+
+    where = P.placement(True, decode, "gpu", hw)
+    files = [f"x{i}.jpg" for i in range(8)]
+    kw = dict(batch_size=4, num_threads=1, device_id=0, seed=1)
+    for small in (True, False):
+        pipe = P.labeled_pipeline(files, [0] * 8, 32, small, where, **kw)
+        pipe._build_graph()
+        decoders = [i._op for i in pipe._ops
+                    if getattr(i._op, "schema_name", "").startswith("decoders__")]
+        assert len(decoders) == 1
+        got = decoders[0]._init_args.get("hw_decoder_load")  # DALI's private graph API, 2.x
+        assert got == (hw if decode == "gpu" else None), (small, got)
 
 
 def test_shards_are_disjoint_and_cover(tree):
@@ -251,7 +272,8 @@ def test_bench_data_command(tree, tmp_path, capsys):
     assert all(list(r["bare_images_per_s_by_decode"]) == ["cpu"] for r in records)
     assert "2 step(s) a run" in out and out.strip().splitlines()[-1].startswith("summary:")
     assert cli.main(["bench", "data", "--root", str(tmp_path / "none")]) == 2
-    for bad in ("decode=tpu", "augment=cpu", "steps_per_run=0", "speed=1"):
+    for bad in ("decode=tpu", "augment=cpu", "steps_per_run=0", "speed=1", "hw_load=2",
+                "hw_load=x"):
         with pytest.raises(SystemExit) as err:
             cli.main(["bench", "data", "--root", str(tree), "--variant", bad])
         assert err.value.code == 2

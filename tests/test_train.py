@@ -24,14 +24,17 @@ TINY = ["data.batch_size=8", "data.mu=2", "train.log_every=1", "train.eval_every
 def test_config_presets_and_errors(tmp_path):
     for name in cfg.preset_names():
         cfg.load(name)
-    c = cfg.load("digits", ["train.steps=7", "optim.teacher_lr=0.1"])
+    c = cfg.load("digits", ["train.steps=7", "optim.teacher_lr=0.1", "data.hw_decoder_load=0.5"])
+    assert c["data"]["hw_decoder_load"] == 0.5
     assert c["train"]["steps"] == 7 and c["optim"]["teacher_lr"] == 0.1
     for bad, key in ((["train.stepz=1"], "train.stepz"), (["train.steps=0"], "train.steps"),
                      (["data.batch_size=x"], "data.batch_size"), (["mpl.estimator=x"], "mpl.estimator"),
                      (["method=x"], "method"), (["train.ema_decay=1.5"], "train.ema_decay"),
                      (["data.decode_device=tpu"], "data.decode_device"),
                      (["data.augment_device=cpu"], "data.augment_device"),
-                     (["data.steps_per_run=0"], "data.steps_per_run")):
+                     (["data.steps_per_run=0"], "data.steps_per_run"),
+                     (["data.hw_decoder_load=2"], "data.hw_decoder_load"),
+                     (["data.hw_decoder_load=yes"], "data.hw_decoder_load")):
         with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
             cfg.load("digits", bad)
     f = tmp_path / "c.yaml"

@@ -19,7 +19,7 @@ the shape is 100 px whatever the size, which moves a 32-px image out of its fram
 """
 import contextlib
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
@@ -53,16 +53,18 @@ MAX_TRANSLATE_SMALL, MAX_TRANSLATE_LARGE = 10 / 32, 100 / 224
 
 class Placement(NamedTuple):
     """Which stages run on the GPU. A later stage is never on the CPU when an earlier one is on
-    the GPU (DALI moves data to the GPU only)."""
+    the GPU (DALI moves data to the GPU only). hw_load: the share of JPEGs the GPU decoder hands
+    to the card's hardware JPEG engine (DALI's hw_decoder_load; None: DALI's default, 0.65)."""
     decode: bool
     augment: bool
     output: bool
+    hw_load: Optional[float] = None
 
 
 DEVICES = ("gpu", "cpu")
 
 
-def placement(gpu, decode_device="gpu", augment_device="gpu") -> Placement:
+def placement(gpu, decode_device="gpu", augment_device="gpu", hw_decoder_load=None) -> Placement:
     """The stages' placement for a pipeline feeding the GPU (`gpu`) or the CPU; on the CPU
     everything runs there, whatever the devices asked for."""
     for name, value in (("decode_device", decode_device), ("augment_device", augment_device)):
@@ -71,7 +73,10 @@ def placement(gpu, decode_device="gpu", augment_device="gpu") -> Placement:
     if decode_device == "gpu" and augment_device == "cpu":
         raise ValueError("augment_device=cpu needs decode_device=cpu (DALI cannot bring GPU "
                          "images back to the CPU stages)")
-    return Placement(gpu and decode_device == "gpu", gpu and augment_device == "gpu", bool(gpu))
+    if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+        raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+    return Placement(gpu and decode_device == "gpu", gpu and augment_device == "gpu", bool(gpu),
+                     float(hw_decoder_load) if hw_decoder_load is not None else None)
 
 
 def _placed(where) -> Placement:
@@ -84,17 +89,21 @@ def _on_gpu(node, gpu):
     return node.gpu() if gpu else node
 
 
+def _decoder_args(where):
+    args = dict(device="mixed" if where.decode else "cpu", output_type=types.RGB)
+    if where.decode and where.hw_load is not None:
+        args["hw_decoder_load"] = where.hw_load
+    return args
+
+
 def _decode(jpegs, where):
-    images = fn.decoders.image(jpegs, device="mixed" if where.decode else "cpu",
-                               output_type=types.RGB)
-    return _on_gpu(images, where.augment)
+    return _on_gpu(fn.decoders.image(jpegs, **_decoder_args(where)), where.augment)
 
 
 def _decode_random_resized_crop(jpegs, where, size):
     """random_resized_crop's window (its area and aspect ranges) decoded alone, by the decoder's
     ROI decoding instead of decoding the whole image, then resized to size x size."""
-    images = fn.decoders.image_random_crop(jpegs, device="mixed" if where.decode else "cpu",
-                                           output_type=types.RGB)
+    images = fn.decoders.image_random_crop(jpegs, **_decoder_args(where))
     return fn.resize(_on_gpu(images, where.augment), resize_x=size, resize_y=size)
 
 

@@ -12,6 +12,7 @@ from (seed, step): the run continues with fresh, deterministic data order and au
 the exact batches an uninterrupted run would have drawn (an in-memory data set resumes exactly).
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -54,6 +55,7 @@ class StreamSpec:
     decode_device: str = "gpu"  # feeding a GPU: where JPEGs are decoded (gpu | cpu)
     augment_device: str = "gpu"  # feeding a GPU: where crops, flips, RandAugment, cutout run
     steps_per_run: int = 1  # steps' batches made by one run of each pipeline
+    hw_decoder_load: Optional[float] = None  # GPU decoding: share to the hardware JPEG engine
 
 
 class DaliStream:
@@ -71,7 +73,8 @@ class DaliStream:
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         try:
-            where = P.placement(gpu, spec.decode_device, spec.augment_device)
+            where = P.placement(gpu, spec.decode_device, spec.augment_device,
+                                spec.hw_decoder_load)
         except ValueError as err:
             raise DataError(str(err)) from err
         device_id = (self.device.index or 0) if gpu else None
@@ -134,7 +137,8 @@ class DaliStream:
 
 
 def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=256,
-                 num_threads=4, sized=False, decode_device="gpu", augment_device="gpu"):
+                 num_threads=4, sized=False, decode_device="gpu", augment_device="gpu",
+                 hw_decoder_load=None):
     """(images, labels) over every file of `index` once, in order (`sized`: small images all
     size x size already; the devices as in StreamSpec, the resize and crop being the augment
     stage)."""
@@ -144,7 +148,7 @@ def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=
     gpu = dev.type == "cuda"
     source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
               if hasattr(index, "images") else index.files)
-    where = P.placement(gpu, decode_device, augment_device)
+    where = P.placement(gpu, decode_device, augment_device, hw_decoder_load)
     pipe = P.eval_pipeline(source, index.labels, size, small, where, sized=sized,
                            batch_size=batch_size, num_threads=num_threads,
                            device_id=(dev.index or 0) if gpu else None)

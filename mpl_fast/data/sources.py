@@ -81,7 +81,7 @@ class FolderData:
         spec = StreamSpec(d["batch_size"], d["mu"], self.image_size, self.small,
                           d["randaugment_n"], d["randaugment_m"], d["cutout"],
                           d["num_threads"], self.seed, self.sized, d["decode_device"],
-                          d["augment_device"], d["steps_per_run"])
+                          d["augment_device"], d["steps_per_run"], d["hw_decoder_load"])
         self.stream = DaliStream(self.index, self.labeled, spec, self.device, self.rank,
                                  self.world, start_step=self.batches)
 
@@ -109,7 +109,7 @@ class FolderData:
 
         return eval_batches(self.test_index, self.image_size, self.small, device, batch_size,
                             self.d["num_threads"], self.test_sized, self.d["decode_device"],
-                            self.d["augment_device"])
+                            self.d["augment_device"], self.d["hw_decoder_load"])
 
     def describe(self):
         return {"root": self.index.root, "classes": self.index.classes,

@@ -47,6 +47,7 @@ DEFAULTS = {
         "decode_device": "gpu",
         "augment_device": "gpu",
         "steps_per_run": 1,  # image_folder: steps' batches made by one run of each pipeline
+        "hw_decoder_load": None,  # GPU decoding: share of JPEGs to the hardware engine (0-1)
     },
     "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None,
               "checkpoint": "none",  # activation checkpointing: none|teacher|student|both
@@ -226,6 +227,11 @@ def validate(config):
     if config["data"]["augment_device"] == "cpu" and config["data"]["decode_device"] == "gpu":
         raise ConfigError("data.augment_device=cpu needs data.decode_device=cpu (DALI cannot "
                           "bring GPU images back to the CPU stages)")
+    hw = config["data"]["hw_decoder_load"]
+    if hw is not None and (isinstance(hw, bool) or not isinstance(hw, (int, float))
+                           or not 0.0 <= hw <= 1.0):
+        raise ConfigError(f"data.hw_decoder_load must be null (DALI's default) or in [0, 1], "
+                          f"got {hw!r}")
     if not 0.0 < config["data"]["test_fraction"] < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:
