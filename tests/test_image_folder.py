@@ -206,10 +206,41 @@ def test_eval_batches_cover_every_file_once(tree):
     assert labels == index.labels
 
 
-def test_train_on_an_image_folder(tree, tmp_path):
+@pytest.mark.parametrize("batch_size", [5, 24, 50])
+def test_an_evaluation_stream_covers_every_file_once_a_pass(tree, batch_size):
+    """One pipeline for every evaluation of a run: each pass hands out every file once with its
+    own label, though a pass starts where the reader stopped (batches of 5 wrap around 24 files;
+    a batch of 50 holds two passes and more)."""
     pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import EvalStream
+
+    index = index_folder(tree)
+    stream = EvalStream(index, 16, True, "cpu", batch_size=batch_size, num_threads=1)
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    every_file = sorted((c, i) for c in range(len(CLASSES)) for i in range(PER_CLASS))
+    for _ in range(3):
+        seen = []
+        for x, y in stream.batches():
+            rgb = x.mean(dim=(2, 3)) * std + mean  # a solid colour per file: _color(class, i)
+            for label, (_, green, blue) in zip(y.tolist(), rgb.tolist()):
+                assert abs(blue - (200 - 50 * label)) < 8  # the image's own label
+                seen.append((label, round((green - 20) / 25)))
+        assert sorted(seen) == every_file
+
+
+def test_train_on_an_image_folder(tree, tmp_path, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    import json
+
+    from mpl_fast.data import dali_stream
     from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import train
+
+    built = []  # evaluation pipelines: one for the run's several evaluations
+    init = dali_stream.EvalStream.__init__
+    monkeypatch.setattr(dali_stream.EvalStream, "__init__",
+                        lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
 
     root = tree.parent
     if not (root / "test").exists():
@@ -224,7 +255,9 @@ def test_train_on_an_image_folder(tree, tmp_path):
     summary = train(config, tmp_path)
     assert 0.0 <= summary["teacher_top1"] <= 1.0
     assert 0.0 <= summary["finetuned_student_top1"] <= 1.0
-    import json
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    evaluations = [r for r in map(json.loads, rows) if "eval/ema_student_top1" in r]
+    assert len(evaluations) == 2 and len(built) == 1
     split = json.loads((tmp_path / "split.json").read_text())
     assert split["labeled"] == 6 and split["classes"] == list(CLASSES)
     config = cfg.load("digits", ["data.name=image_folder", f"data.root={tmp_path}/none",

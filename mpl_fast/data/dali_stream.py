@@ -136,27 +136,43 @@ class DaliStream:
         return MPLBatch(x_l, y_l, x_l[:0], x_l[:0])
 
 
+class EvalStream:
+    """Evaluation batches (images, labels): every file of `index` once a pass, from one pipeline
+    built once and kept between passes (building DALI's decoders can cost more than decoding a
+    CIFAR-sized test set, and a run evaluates every eval_every steps). The reader reads the files
+    in order, endlessly, so a pass starts where the last one stopped (batches it prefetched
+    included) and wraps around; any len(index) consecutive files are every file once, each with
+    its own label. `sized`: small images all size x size already; the devices as in StreamSpec,
+    the resize and crop being the augment stage."""
+
+    def __init__(self, index: FolderIndex, size: int, small: bool, device, batch_size=256,
+                 num_threads=4, sized=False, decode_device="gpu", augment_device="gpu",
+                 hw_decoder_load=None):
+        from mpl_fast.data import dali_pipelines as P
+
+        self.n, self.device = len(index), torch.device(device)
+        gpu = self.device.type == "cuda"
+        source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
+                  if hasattr(index, "images") else index.files)
+        where = P.placement(gpu, decode_device, augment_device, hw_decoder_load)
+        self.pipe = P.eval_pipeline(source, index.labels, size, small, where, sized=sized,
+                                    batch_size=batch_size, num_threads=num_threads,
+                                    device_id=(self.device.index or 0) if gpu else None)
+        self.pipe.build()
+
+    def batches(self):
+        seen = 0
+        while seen < self.n:
+            x, y = self.pipe.run()
+            x, y = _to_torch(x, self.device), _to_torch(y, self.device).flatten().long()
+            keep = min(len(y), self.n - seen)  # a batch may reach into the next pass
+            seen += keep
+            yield x[:keep], y[:keep]
+
+
 def eval_batches(index: FolderIndex, size: int, small: bool, device, batch_size=256,
                  num_threads=4, sized=False, decode_device="gpu", augment_device="gpu",
                  hw_decoder_load=None):
-    """(images, labels) over every file of `index` once, in order (`sized`: small images all
-    size x size already; the devices as in StreamSpec, the resize and crop being the augment
-    stage)."""
-    from mpl_fast.data import dali_pipelines as P
-
-    dev = torch.device(device)
-    gpu = dev.type == "cuda"
-    source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
-              if hasattr(index, "images") else index.files)
-    where = P.placement(gpu, decode_device, augment_device, hw_decoder_load)
-    pipe = P.eval_pipeline(source, index.labels, size, small, where, sized=sized,
-                           batch_size=batch_size, num_threads=num_threads,
-                           device_id=(dev.index or 0) if gpu else None)
-    pipe.build()
-    seen = 0
-    while seen < len(index):
-        x, y = pipe.run()
-        x, y = _to_torch(x, dev), _to_torch(y, dev).flatten().long()
-        keep = min(len(y), len(index) - seen)  # the reader wraps around in the last batch
-        seen += keep
-        yield x[:keep], y[:keep]
+    """One pass of a fresh EvalStream: every file of `index` once, in order."""
+    return EvalStream(index, size, small, device, batch_size, num_threads, sized, decode_device,
+                      augment_device, hw_decoder_load).batches()

@@ -73,6 +73,7 @@ class FolderData:
         self.test_sized = self.small and all_of_size(self.test_index, self.image_size)
         self.batches = 0
         self.stream = None
+        self._eval = {}  # (batch size, device) -> EvalStream
 
     def _build(self):
         from mpl_fast.data.dali_stream import DaliStream, StreamSpec
@@ -105,11 +106,16 @@ class FolderData:
         self.stream = None  # rebuilt with seeds derived from the step (see dali_stream)
 
     def eval_batches(self, batch_size, device):
-        from mpl_fast.data.dali_stream import eval_batches
+        """One pass over the test set, from a pipeline kept for the run's later evaluations."""
+        from mpl_fast.data.dali_stream import EvalStream
 
-        return eval_batches(self.test_index, self.image_size, self.small, device, batch_size,
-                            self.d["num_threads"], self.test_sized, self.d["decode_device"],
-                            self.d["augment_device"], self.d["hw_decoder_load"])
+        key = (batch_size, str(device))
+        if key not in self._eval:
+            self._eval[key] = EvalStream(
+                self.test_index, self.image_size, self.small, device, batch_size,
+                self.d["num_threads"], self.test_sized, self.d["decode_device"],
+                self.d["augment_device"], self.d["hw_decoder_load"])
+        return self._eval[key].batches()
 
     def describe(self):
         return {"root": self.index.root, "classes": self.index.classes,
