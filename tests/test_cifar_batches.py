@@ -79,10 +79,21 @@ def test_array_source_shards_are_disjoint_and_cover():
     for shard in range(2):
         src = ArraySource(images, list(range(10)), batch_size=5, shard_id=shard, num_shards=2,
                           seed=3)
-        got = [int(src(SimpleNamespace(iteration=0, idx_in_batch=i))[1][0]) for i in range(5)]
+        batch, labels = src(SimpleNamespace(iteration=0))
+        assert batch.shape == (5, 2, 2, 3) and labels.shape == (5, 1)
+        got = labels[:, 0].tolist()
         seen.append(set(got))
         assert len(set(got)) == 5
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
+    # batches of 3 over shards of 5: batches straddle epochs; in every epoch the two shards
+    # draw 5 distinct images each, together all 10 (a fresh permutation each epoch)
+    shards = [ArraySource(images, list(range(10)), batch_size=3, shard_id=i, num_shards=2,
+                          seed=3) for i in range(2)]
+    drawn = [np.concatenate([src.rows(i) for i in range(10)]) for src in shards]  # 6 epochs
+    for epoch in range(6):
+        parts = [set(d[5 * epoch:5 * epoch + 5].tolist()) for d in drawn]
+        assert all(len(part) == 5 for part in parts) and parts[0] | parts[1] == set(range(10))
+    assert drawn[0][:5].tolist() != drawn[0][5:10].tolist()
 
 
 @pytest.mark.parametrize("steps_per_run", [1, 3])

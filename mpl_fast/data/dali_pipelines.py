@@ -144,9 +144,10 @@ def _cutout(images, size, cut):
 
 
 class ArraySource:
-    """Images already in memory (N x H x W x 3 uint8, e.g. CIFAR python batches) fed to DALI
-    sample by sample through external_source: endless epochs of a seeded permutation shared by
-    all shards, each shard taking every num_shards-th sample (disjoint, covering)."""
+    """Images already in memory (N x H x W x 3 uint8, e.g. CIFAR python batches) fed to DALI a
+    batch a call through external_source (one numpy gather, not a Python call per sample):
+    endless epochs of a seeded permutation shared by all shards, each shard taking every
+    num_shards-th sample (disjoint, covering)."""
 
     def __init__(self, images, labels, batch_size, shard_id=0, num_shards=1, seed=0,
                  shuffle=True):
@@ -168,13 +169,23 @@ class ArraySource:
             self._epoch, self._perm = epoch, perm[self.shard_id::self.num_shards]
         return self._perm
 
-    def __call__(self, info):
+    def rows(self, iteration):
+        """The rows of `images` that make batch number `iteration` of this shard."""
         import numpy as np
 
-        k = info.iteration * self.batch_size + info.idx_in_batch
-        order = self._order(k // self.per_shard)
-        i = int(order[(k % self.per_shard) % len(order)])
-        return self.images[i], np.array([self.labels[i]], dtype=np.int32)
+        k = iteration * self.batch_size + np.arange(self.batch_size)
+        epochs = k // self.per_shard
+        rows = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):  # a batch may straddle two epochs
+            order = self._order(int(epoch))
+            here = epochs == epoch
+            rows[here] = order[(k[here] % self.per_shard) % len(order)]
+        return rows
+
+    def __call__(self, info):
+        """Batch info.iteration (DALI's BatchInfo): images B x H x W x 3, labels B x 1."""
+        rows = self.rows(info.iteration)
+        return self.images[rows], self.labels[rows][:, None]
 
 
 def _reader(files, labels, shard_id, num_shards, seed, shuffle, name="reader"):
@@ -188,8 +199,9 @@ def _source(files, labels, shard_id, num_shards, seed, shuffle, where, size=None
     images are already decoded) through external_source. With `size`, the images come cropped
     (see _crop) to size x size: large JPEGs decode only their random window."""
     if isinstance(files, ArraySource):
-        images, y = fn.external_source(source=files, num_outputs=2, batch=False,
-                                       layout=["HWC", ""], dtype=[types.UINT8, types.INT32])
+        images, y = fn.external_source(source=files, num_outputs=2, batch=True,
+                                       batch_info=True, layout=["HWC", ""],
+                                       dtype=[types.UINT8, types.INT32])
         images = _on_gpu(images, where.augment)
         if size is None:
             return images, y
