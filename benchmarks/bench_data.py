@@ -12,14 +12,15 @@ unlabeled; unlabeled without RandAugment), in source images/s, to show which par
 stream back. --variant SPEC (repeatable) times the stream under other settings, SPEC being
 comma-separated KEY=VALUE of decode (gpu|cpu: where JPEGs are decoded), augment (gpu|cpu: where
 crops, flips, RandAugment and cutout run), steps_per_run (steps' batches a pipeline run makes),
-threads and hw_load (GPU decoding: the share of JPEGs sent to the hardware JPEG engine, 0-1), e.g. `--variant decode=cpu --variant decode=cpu,augment=cpu,threads=16`; the
-default is one variant, all on the device with --threads. The bare pipeline is timed (with
---threads) for each decode device the variants use, and each variant is compared with the
-fastest bare. For large images bare decodes only the random crop's window (as the labeled
-stream does); it is also timed decoding the whole image, then cropping (as the unlabeled
-stream must, its two views cropping one decode), and each variant compared with that too.
-Appends a JSON record per variant to benchmarks/results/data.jsonl; the last line printed is a
-summary of the fastest variant.
+threads and hw_load (GPU decoding: the share of JPEGs sent to the hardware JPEG engine, 0-1),
+e.g. `--variant decode=cpu --variant decode=cpu,augment=cpu,threads=16`; the default is one
+variant, all on the device with --threads. The bare pipeline is timed (with --threads) for each
+decode device the variants use, and each variant is compared with the fastest bare. For large
+images bare decodes only the random crop's window (as the labeled stream does); it is also
+timed decoding the whole image, then cropping (as the unlabeled stream must, its two views
+cropping one decode), and each variant compared with that too. Appends a JSON record per
+variant to benchmarks/results/data.jsonl; the last line printed is a summary of the fastest
+variant.
 """
 import argparse
 import dataclasses

@@ -21,7 +21,8 @@ and one write of the gradient, in place.
 most warps, and `:lanes` for a streamed row's statistics kept per lane, see
 kernels/softmax_common.py; the default is the shipped one), to choose it from measurements.
 
-    python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000] [--tiles 1024:4096:8,1024:4096:8:lanes]
+    python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000]
+                                   [--tiles 1024:4096:8,1024:4096:8:lanes]
 """
 import argparse
 import datetime

@@ -263,7 +263,8 @@ def main(argv=None):
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="labeled batch B (default: %(default)s)")
-    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B (default: %(default)s)")
+    p.add_argument("--mu", type=int, default=7,
+                   help="unlabeled batch = mu * B (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
     p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"],

@@ -3,7 +3,8 @@
 One program per tile of rows (several rows to a program when C is small). When a row fits in
 one tile (C <= 4096) it is read once and the gradient comes from registers. Otherwise pass 1
 streams each row (online softmax, its statistics per row or per lane: see softmax_common; for
-soft targets also the target mass and the target-weighted logits) and pass 2, only when a gradient is wanted, writes
+soft targets also the target mass and the target-weighted logits) and pass 2, only when a
+gradient is wanted, writes
 grad_scale * d loss_i / d logits_i = grad_scale * mask_i * (softmax_i * sum(t'_i) - t'_i)
 (grad_scale is 1/N for a mean), so backward is a scale, and none when grad_output is 1.
 A row whose mask is 0 gets loss and gradient 0 whatever it holds. A streamed row is then never

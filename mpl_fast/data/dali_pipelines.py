@@ -25,7 +25,6 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
 
 
-
 @contextlib.contextmanager
 def _without_experimental_name_warnings():
     """DALI's own RandAugment still calls operators by their old experimental names, and DALI
@@ -215,23 +214,24 @@ def _source(files, labels, shard_id, num_shards, seed, shuffle, where, size=None
 
 
 @pipeline_def
-def labeled_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, reader_seed=0,
+def labeled_pipeline(files, labels, size, small, stages, shard_id=0, num_shards=1, reader_seed=0,
                      sized=False):
-    """Flip + crop, normalised. `gpu`: True, False or a Placement. `sized`: the small source
-    images are all size x size already."""
-    where = _placed(gpu)
+    """Flip + crop, normalised. `stages`: a Placement, or True / False for every stage on the GPU
+    / the CPU (so in every pipeline). `sized`: the small source images are all size x size
+    already."""
+    where = _placed(stages)
     images, y = _source(files, labels, shard_id, num_shards, reader_seed, True, where, size,
                         small, sized)
     return _normalize(images, where, fn.random.coin_flip()), y
 
 
 @pipeline_def(enable_conditionals=True)
-def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, num_shards=1,
+def unlabeled_pipeline(files, size, small, stages, ra_n, ra_m, cutout, shard_id=0, num_shards=1,
                        reader_seed=0, sized=False):
     """Each image decoded once (and, if small, brought to size once); weak = flip + crop;
     strong = its own flip + crop, then RandAugment(n, m) and cutout. Also returns the file index
     of each row."""
-    where = _placed(gpu)
+    where = _placed(stages)
     index_labels = None if isinstance(files, ArraySource) else list(range(len(files)))
     images, index = _source(files, index_labels, shard_id, num_shards, reader_seed, True, where)
     images = _to_size(images, size, small, sized)
@@ -249,8 +249,8 @@ def unlabeled_pipeline(files, size, small, gpu, ra_n, ra_m, cutout, shard_id=0, 
 
 
 @pipeline_def
-def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, sized=False):
-    where = _placed(gpu)
+def eval_pipeline(files, labels, size, small, stages, shard_id=0, num_shards=1, sized=False):
+    where = _placed(stages)
     images, y = _source(files, labels, shard_id, num_shards, 0, False, where)
     if small:
         images = _to_size(images, size, small, sized)
@@ -261,13 +261,13 @@ def eval_pipeline(files, labels, size, small, gpu, shard_id=0, num_shards=1, siz
 
 
 @pipeline_def
-def bare_pipeline(files, size, small, gpu, reader_seed=0, whole=False):
+def bare_pipeline(files, size, small, stages, reader_seed=0, whole=False):
     """Decode + crop only: the throughput ceiling the MPL streams are compared with. Large
     images: the labeled stream's decode of the random crop's window alone and resize, or with
     `whole`, the whole image decoded and then cropped (what the unlabeled stream must do: its
-    two views crop one decode). `gpu`: True, False or a Placement (the crop runs where its
-    augment stage says; the result ends where its output does)."""
-    where = _placed(gpu)
+    two views crop one decode). The crop runs where `stages`' augment stage says; the result
+    ends where its output does."""
+    where = _placed(stages)
     jpegs, _ = _reader(files, list(range(len(files))), 0, 1, reader_seed, True)
     if small:
         images = fn.crop(_decode(jpegs, where), crop_h=size, crop_w=size,
