@@ -36,13 +36,22 @@ def online_softmax_update(m, s, x):
 
 
 @triton.jit
-def lane_softmax_update(m, s, x):
-    """Fold a chunk x [ROWS, BLOCK] into per-lane running maxima m and sums s [ROWS, BLOCK]:
-    one exp an element, exp(-|x - m|), which is the new element's weight when x is not above
-    the lane's max, else the rescale of the lane's sum. -inf entries add nothing."""
+def lane_weight(m, x):
+    """For a chunk x against per-lane running maxima m ([ROWS, BLOCK] both): (the new maxima,
+    e, up), one exp an element: e = exp(-|x - m|) is the new element's weight when it is not
+    above its lane's max (up False), else the factor that rescales the lane's sums (up True);
+    0 where both are -inf (nothing to add)."""
     m_new = tl.maximum(m, x)
     e = tl.where(m_new == -float("inf"), 0.0, tl.exp(-tl.abs(x - m)))
-    return m_new, tl.where(x > m, s * e + 1.0, s + e)
+    return m_new, e, x > m
+
+
+@triton.jit
+def lane_softmax_update(m, s, x):
+    """Fold a chunk x [ROWS, BLOCK] into per-lane running maxima m and sums s of exp(x - m)
+    [ROWS, BLOCK] (see lane_weight). -inf entries add nothing."""
+    m_new, e, up = lane_weight(m, x)
+    return m_new, tl.where(up, s * e + 1.0, s + e)
 
 
 @triton.jit

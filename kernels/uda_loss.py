@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (lane_softmax_combine, lane_softmax_update,
-                                             online_softmax_update, safe_max, softmax_stats,
-                                             tile_for, tile_rows)
+                                             lane_weight, online_softmax_update, safe_max,
+                                             softmax_stats, tile_for, tile_rows)
 
 
 @triton.jit
@@ -27,9 +27,7 @@ def _lane_weak_update(mw, sw, qs, w, x):
     """Per lane ([ROWS, BLOCK] each): the running max mw of weak / T, the sum sw of
     exp(weak / T - mw), and qs, those weights times the strong logits; one exp an element, the
     new element's weight (not above the lane's max) or the rescale of the lane's sums (above)."""
-    mw_new = tl.maximum(mw, w)
-    e = tl.where(mw_new == -float("inf"), 0.0, tl.exp(-tl.abs(w - mw)))
-    up = w > mw
+    mw_new, e, up = lane_weight(mw, w)
     sw = tl.where(up, sw * e + 1.0, sw + e)
     # a zero weight adds nothing, even against a -inf strong logit
     qs = tl.where(up, tl.where(e != 0.0, qs * e, 0.0) + x, qs + tl.where(e != 0.0, e * x, 0.0))
