@@ -80,6 +80,6 @@ def pseudo_labels_forward(logits, temperature, threshold):
     _pseudo_labels_kernel[(triton.cdiv(n, tile.rows),)](
         logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
         1.0 / float(temperature), float(threshold),
-        ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
-        LANES=tile.lanes and c > tile.block, num_warps=tile.num_warps)
+        ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
+        LANES=tile.lanes, num_warps=tile.num_warps)
     return probs, max_prob, mask, labels

@@ -180,6 +180,6 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         loss, grad if compute_grad else dummy, grad.stride(0) if compute_grad else 0,
         n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
-        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
-        LANES=tile.lanes and c > tile.block, num_warps=tile.num_warps)
+        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
+        LANES=tile.lanes, num_warps=tile.num_warps)
     return loss, grad

@@ -98,6 +98,7 @@ class Tile(NamedTuple):
     rows: int       # rows per program
     block: int      # columns per loop iteration: the whole row when it fits
     num_warps: int
+    single: bool    # a row fits in one tile (read once)
     lanes: bool     # a streamed row's statistics per lane (see the module docstring)
 
 
@@ -107,5 +108,6 @@ def tile_for(num_classes: int) -> Tile:
     block = min(triton.next_power_of_2(max(num_classes, 2)), MAX_BLOCK)
     rows = max(1, TILE_ELEMENTS // block)
     elements = rows * block
+    single = num_classes <= block
     return Tile(rows, block, min(MAX_WARPS, max(1, elements // 256)),  # 8 elements a thread
-                LANE_STATS)
+                single, LANE_STATS and not single)

@@ -140,6 +140,6 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
         weak, weak.stride(0), strong, strong.stride(0), loss, mask,
         grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
-        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=c <= tile.block,
-        LANES=tile.lanes and c > tile.block, num_warps=tile.num_warps)
+        COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
+        LANES=tile.lanes, num_warps=tile.num_warps)
     return loss, mask, grad
