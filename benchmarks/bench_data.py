@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 import torch
+from mpl_fast.data.placement import placement
 from mpl_fast.train.run_log import append_jsonl
 
-VARIANT_KEYS = {"decode": ("gpu", "cpu"), "augment": ("gpu", "cpu"), "steps_per_run": int,
-                "threads": int, "hw_load": float}
+VARIANT_KEYS = {"decode": str, "augment": str, "steps_per_run": int, "threads": int,
+                "hw_load": float}
 
 
 def parse_variant(spec):
@@ -52,16 +53,14 @@ def parse_variant(spec):
             try:
                 out[key] = float(value)
             except ValueError:
-                out[key] = -1.0
-            if not 0.0 <= out[key] <= 1.0:
-                raise argparse.ArgumentTypeError(f"variant {spec!r}: {key} must be in [0, 1]")
-        elif value not in kind:
-            raise argparse.ArgumentTypeError(f"variant {spec!r}: {key} must be one of "
-                                             f"{'|'.join(kind)}")
+                raise argparse.ArgumentTypeError(
+                    f"variant {spec!r}: {key} must be a number in [0, 1]") from None
         else:
-            out[key] = value
-    if out.get("augment") == "cpu" and out.get("decode", "gpu") == "gpu":
-        raise argparse.ArgumentTypeError(f"variant {spec!r}: augment=cpu needs decode=cpu")
+            out[key] = value  # a device: checked with the others below
+    try:  # the placement's rules, as the trainer applies them
+        placement(True, out.get("decode", "gpu"), out.get("augment", "gpu"), out.get("hw_load"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"variant {spec!r}: {err}") from None
     return out
 
 
@@ -137,26 +136,19 @@ def main(argv=None):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    bare = {}  # decode device -> images/s of decode + crop alone
-    for decode in dict.fromkeys(v["decode"] for v in variants):
-        where = P.placement(device.type == "cuda", decode, decode)
-        pipe = P.bare_pipeline(index.files, size, small, where, batch_size=per_step,
-                               num_threads=args.threads,
-                               device_id=0 if device.type == "cuda" else None, seed=0)
+    def bare_rate(decode, whole=False):
+        """Images/s of decode + crop alone (whole: the whole image decoded, then cropped)."""
+        gpu = device.type == "cuda"
+        pipe = P.bare_pipeline(index.files, size, small, placement(gpu, decode, decode),
+                               batch_size=per_step, num_threads=args.threads,
+                               device_id=0 if gpu else None, seed=0, whole=whole)
         pipe.build()
-        bare[decode] = args.steps * per_step / timed(pipe.run, args.steps)
-        del pipe
+        return args.steps * per_step / timed(pipe.run, args.steps)
+
+    bare = {decode: bare_rate(decode) for decode in dict.fromkeys(v["decode"] for v in variants)}
     bare_ips = max(bare.values())
-    bare_whole = None  # large images: the whole image decoded, then cropped
-    if not small:
-        where = P.placement(device.type == "cuda", variants[0]["decode"], variants[0]["decode"])
-        pipe = P.bare_pipeline(index.files, size, small, where, batch_size=per_step,
-                               num_threads=args.threads,
-                               device_id=0 if device.type == "cuda" else None, seed=0,
-                               whole=True)
-        pipe.build()
-        bare_whole = args.steps * per_step / timed(pipe.run, args.steps)
-        del pipe
+    # large images: also the whole image decoded, then cropped
+    bare_whole = None if small else bare_rate(variants[0]["decode"], whole=True)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     records = []
     for v in variants:

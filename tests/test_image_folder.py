@@ -141,8 +141,7 @@ def test_several_steps_a_run_hand_out_the_readers_order(tree):
 
 
 def test_stage_placement():
-    pytest.importorskip("nvidia.dali")
-    from mpl_fast.data.dali_pipelines import Placement, placement
+    from mpl_fast.data.placement import Placement, placement
 
     assert placement(False, "gpu", "gpu") == Placement(False, False, False)
     assert placement(False, "cpu", "cpu") == Placement(False, False, False)
@@ -162,8 +161,9 @@ def test_stage_placement():
 def test_the_hardware_decoders_share_reaches_the_gpu_decoders_only(decode, hw):
     pytest.importorskip("nvidia.dali")
     from mpl_fast.data import dali_pipelines as P
+    from mpl_fast.data.placement import placement
 
-    where = P.placement(True, decode, "gpu", hw)
+    where = placement(True, decode, "gpu", hw)
     files = [f"x{i}.jpg" for i in range(8)]
     kw = dict(batch_size=4, num_threads=1, device_id=0, seed=1)
     for small in (True, False):
@@ -567,8 +567,9 @@ def test_each_stage_runs_where_the_placement_says(decode, augment, small):
     (crops, resizes, RandAugment's, cutout) on the augment device, normalisation on the GPU."""
     pytest.importorskip("nvidia.dali")
     from mpl_fast.data import dali_pipelines as P
+    from mpl_fast.data.placement import placement
 
-    where = P.placement(True, decode, augment)
+    where = placement(True, decode, augment)
     files = [f"x{i}.jpg" for i in range(8)]  # never read: the graph is only defined
     kw = dict(batch_size=4, num_threads=1, device_id=0, seed=1)
     aug = "gpu" if augment == "gpu" else "cpu"

@@ -19,10 +19,11 @@ the shape is 100 px whatever the size, which moves a 32-px image out of its fram
 """
 import contextlib
 import warnings
-from typing import NamedTuple, Optional
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
+
+from mpl_fast.data.placement import Placement
 
 
 @contextlib.contextmanager
@@ -48,34 +49,6 @@ STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 MAGNITUDE_BINS = 11
 # the largest RandAugment translation, as a fraction of the image's side (see the docstring)
 MAX_TRANSLATE_SMALL, MAX_TRANSLATE_LARGE = 10 / 32, 100 / 224
-
-
-class Placement(NamedTuple):
-    """Which stages run on the GPU. A later stage is never on the CPU when an earlier one is on
-    the GPU (DALI moves data to the GPU only). hw_load: the share of JPEGs the GPU decoder hands
-    to the card's hardware JPEG engine (DALI's hw_decoder_load; None: DALI's default, 0.65)."""
-    decode: bool
-    augment: bool
-    output: bool
-    hw_load: Optional[float] = None
-
-
-DEVICES = ("gpu", "cpu")
-
-
-def placement(gpu, decode_device="gpu", augment_device="gpu", hw_decoder_load=None) -> Placement:
-    """The stages' placement for a pipeline feeding the GPU (`gpu`) or the CPU; on the CPU
-    everything runs there, whatever the devices asked for."""
-    for name, value in (("decode_device", decode_device), ("augment_device", augment_device)):
-        if value not in DEVICES:
-            raise ValueError(f"{name} must be one of {', '.join(DEVICES)}, got {value!r}")
-    if decode_device == "gpu" and augment_device == "cpu":
-        raise ValueError("augment_device=cpu needs decode_device=cpu (DALI cannot bring GPU "
-                         "images back to the CPU stages)")
-    if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
-        raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
-    return Placement(gpu and decode_device == "gpu", gpu and augment_device == "gpu", bool(gpu),
-                     float(hw_decoder_load) if hw_decoder_load is not None else None)
 
 
 def _placed(where) -> Placement:

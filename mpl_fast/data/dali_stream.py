@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from mpl_fast.data.image_folder import DataError, FolderIndex  # or cifar_batches.ArrayIndex
+from mpl_fast.data.placement import placement
 from mpl_fast.mpl.step import MPLBatch
 
 
@@ -73,7 +74,7 @@ class DaliStream:
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         try:
-            where = P.placement(gpu, spec.decode_device, spec.augment_device,
+            where = placement(gpu, spec.decode_device, spec.augment_device,
                                 spec.hw_decoder_load)
         except ValueError as err:
             raise DataError(str(err)) from err
@@ -154,7 +155,7 @@ class EvalStream:
         gpu = self.device.type == "cuda"
         source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
                   if hasattr(index, "images") else index.files)
-        where = P.placement(gpu, decode_device, augment_device, hw_decoder_load)
+        where = placement(gpu, decode_device, augment_device, hw_decoder_load)
         self.pipe = P.eval_pipeline(source, index.labels, size, small, where, sized=sized,
                                     batch_size=batch_size, num_threads=num_threads,
                                     device_id=(self.device.index or 0) if gpu else None)

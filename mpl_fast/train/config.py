@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from mpl_fast.data.placement import placement
 from mpl_fast.mpl.config import MPLConfig, preset as mpl_preset
 
 
@@ -224,14 +225,15 @@ def validate(config):
                               f">= 1, got {blocks!r}")
         if config["model"]["checkpoint"] == "none":
             raise ConfigError("model.checkpoint_blocks needs model.checkpoint=teacher|student|both")
-    if config["data"]["augment_device"] == "cpu" and config["data"]["decode_device"] == "gpu":
-        raise ConfigError("data.augment_device=cpu needs data.decode_device=cpu (DALI cannot "
-                          "bring GPU images back to the CPU stages)")
-    hw = config["data"]["hw_decoder_load"]
-    if hw is not None and (isinstance(hw, bool) or not isinstance(hw, (int, float))
-                           or not 0.0 <= hw <= 1.0):
-        raise ConfigError(f"data.hw_decoder_load must be null (DALI's default) or in [0, 1], "
-                          f"got {hw!r}")
+    d = config["data"]
+    hw = d["hw_decoder_load"]
+    if hw is not None and (isinstance(hw, bool) or not isinstance(hw, (int, float))):
+        raise ConfigError(f"data.hw_decoder_load must be null (DALI's default) or a number in "
+                          f"[0, 1], got {hw!r}")
+    try:  # the rules of the DALI stages' placement (decode, augment, hardware decoder share)
+        placement(True, d["decode_device"], d["augment_device"], hw)
+    except ValueError as err:
+        raise ConfigError(f"data.{err}") from err
     if not 0.0 < config["data"]["test_fraction"] < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:
