@@ -104,6 +104,24 @@ def parse_tile(spec):
     return (*(int(p) for p in numbers), lanes)
 
 
+def parse_shape(spec):
+    """'NxC' -> (N, C): N >= 1 rows (timing no rows measures nothing) and C >= 2 classes (the
+    ops' contract)."""
+    parts = spec.split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1 \
+            or int(parts[1]) < 2:
+        raise argparse.ArgumentTypeError(f"shape {spec!r}: expected NxC with N >= 1 and C >= 2")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_dtype(name):
+    """A logits dtype the ops take, by torch's name."""
+    if name not in ("float32", "bfloat16", "float16"):
+        raise argparse.ArgumentTypeError(
+            f"dtype {name!r}: expected float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
 def tile_name(tile):
     """(elements, max_block, max_warps, lanes) -> 'E:B:W' or 'E:B:W:lanes'."""
     return ":".join(map(str, tile[:3])) + (":lanes" if tile[3] else "")
@@ -231,12 +249,14 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results",
                         help="where ops.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        tiles = [parse_tile(t) for t in args.tiles.split(",")]
-    except argparse.ArgumentTypeError as err:
-        parser.error(f"--tiles: {err}")
+    parsed = {}
+    for option, parse in (("tiles", parse_tile), ("shapes", parse_shape), ("dtypes", parse_dtype)):
+        try:
+            parsed[option] = [parse(v) for v in getattr(args, option).split(",")]
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--{option}: {err}")
+    tiles, shapes, dtypes = parsed["tiles"], parsed["shapes"], parsed["dtypes"]
     device = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bandwidth = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     import triton
@@ -252,7 +272,7 @@ def main(argv=None):
     out = Path(args.out)
     rows = []
     for n, c in shapes:
-        for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
+        for dtype in dtypes:
             for name, (ours, eager, nbytes, leaves) in cases(n, c, dtype, device).items():
                 theirs = {"eager": eager}
                 if not args.no_compile:

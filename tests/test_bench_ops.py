@@ -50,6 +50,18 @@ def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
         assert "--tiles" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,bad", [("--shapes", "10x0"), ("--shapes", "0x10"),
+                                        ("--shapes", "10"), ("--shapes", "10x1000x2"),
+                                        ("--dtypes", "float64"), ("--dtypes", "int8")])
+def test_bench_ops_refuses_bad_shapes_and_dtypes_in_one_line(tmp_path, capsys, option, bad):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "ops", option, bad, "--device", "cpu", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert option in err[-1] and bad in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "ops.jsonl").exists()  # nothing half-written
+
+
 def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     """Eager on a CPU (no graphs, no compile): the record has every field the issue names."""
     assert cli.main(["bench", "step", "--model", "small_cnn", "--batch-size", "4", "--mu", "2",
