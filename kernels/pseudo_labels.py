@@ -5,16 +5,19 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (lane_softmax_combine, lane_softmax_update,
-                                             online_softmax_update, safe_max, tile_for,
-                                             tile_rows)
+from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
+                                             lane_softmax_update, online_softmax_update,
+                                             row_alignment, safe_max, tile_for, tile_rows)
 
 
 @triton.jit
 def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
                           mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                          LANES: tl.constexpr):
+                          LANES: tl.constexpr, ALIGN: tl.constexpr):
+    C = aligned(C, ALIGN)
+    logits_stride = aligned(logits_stride, ALIGN)
+    probs_stride = aligned(probs_stride, ALIGN)
     rows, row_ok = tile_rows(N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     p_rows = probs_ptr + rows[:, None] * probs_stride
@@ -81,5 +84,6 @@ def pseudo_labels_forward(logits, temperature, threshold):
         logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
         1.0 / float(temperature), float(threshold),
         ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, num_warps=tile.num_warps)
+        LANES=tile.lanes, ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)),
+        num_warps=tile.num_warps)
     return probs, max_prob, mask, labels

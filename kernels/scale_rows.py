@@ -13,14 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import tile_for
+from mpl_fast.kernels.softmax_common import aligned, row_alignment, tile_for
 
 PROGRAMS_PER_SM = 4
 
 
 @triton.jit
 def _scale_rows_kernel(grad_ptr, grad_stride, scale_ptr, scale_stride, N, C, TILES,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, PER_ROW: tl.constexpr):
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, PER_ROW: tl.constexpr,
+                       ALIGN: tl.constexpr):
+    C = aligned(C, ALIGN)
+    grad_stride = aligned(grad_stride, ALIGN)
     cols = tl.arange(0, BLOCK)[None, :]
     if PER_ROW:
         work = True
@@ -65,4 +68,5 @@ def scale_rows_forward(grad, scale, max_programs=None):
                         if grad.is_cuda else 64)
     _scale_rows_kernel[(min(tiles, max_programs),)](
         grad, grad.stride(0), scale, scale.stride(0) if scale.dim() else 0, n, c, tiles,
-        ROWS=tile.rows, BLOCK=tile.block, PER_ROW=scale.dim() > 0, num_warps=tile.num_warps)
+        ROWS=tile.rows, BLOCK=tile.block, PER_ROW=scale.dim() > 0,
+        ALIGN=row_alignment(c, grad.stride(0)), num_warps=tile.num_warps)

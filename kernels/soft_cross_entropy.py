@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (lane_softmax_combine, lane_softmax_update,
-                                             online_softmax_update, safe_max, softmax_stats,
-                                             tile_for, tile_rows)
+from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
+                                             lane_softmax_update, online_softmax_update,
+                                             row_alignment, safe_max, softmax_stats, tile_for,
+                                             tile_rows)
 
 
 @triton.jit
@@ -55,7 +56,11 @@ def _soft_cross_entropy_kernel(
         loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale,
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-        SINGLE: tl.constexpr, LANES: tl.constexpr):
+        SINGLE: tl.constexpr, LANES: tl.constexpr, ALIGN: tl.constexpr):
+    C = aligned(C, ALIGN)
+    logits_stride = aligned(logits_stride, ALIGN)
+    probs_stride = aligned(probs_stride, ALIGN)
+    grad_stride = aligned(grad_stride, ALIGN)
     rows, row_ok = tile_rows(N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     t_rows = probs_ptr + rows[:, None] * probs_stride
@@ -171,6 +176,8 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
     if n == 0:
         return loss, grad
     tile = tile_for(c)
+    align = row_alignment(c, logits.stride(0), *(() if hard else (target_probs.stride(0),)),
+                          *((grad.stride(0),) if compute_grad else ()))
     dummy = loss
     _soft_cross_entropy_kernel[(triton.cdiv(n, tile.rows),)](
         logits, logits.stride(0),
@@ -181,5 +188,5 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, num_warps=tile.num_warps)
+        LANES=tile.lanes, ALIGN=align, num_warps=tile.num_warps)
     return loss, grad

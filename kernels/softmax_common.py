@@ -9,6 +9,7 @@ are combined once, after it). Which one is faster is for a GPU to say: LANE_STAT
 (`mpl-fast bench ops --tiles 1024:4096:8:lanes` times the per-lane one).
 """
 import contextlib
+import math
 from typing import NamedTuple
 
 import triton
@@ -79,6 +80,25 @@ def tile_rows(N, ROWS: tl.constexpr):
 def safe_max(m):
     """The running max with an all -inf row mapped to 0, so that exp(x - m) stays finite."""
     return tl.where(m == -float("inf"), 0.0, m)
+
+
+@triton.jit
+def aligned(value, ALIGN: tl.constexpr):
+    """value, which ALIGN divides (the launcher checked: row_alignment), written so that the
+    compiler knows it: Triton assumes nothing of an integer argument that 16 does not divide
+    (C = 1000, a row stride of 1000), and then loads and stores one element at a time; with C
+    and the row strides known to be multiples of 8 a bf16 row moves 16 bytes an instruction
+    (tl.multiple_of on a scalar argument does not tell it, in triton 3.6)."""
+    return (value // ALIGN) * ALIGN
+
+
+def row_alignment(num_classes: int, *row_strides: int) -> int:
+    """The largest power of two, at most 16, that divides the class count and every row stride
+    (in elements): the ALIGN the kernels may round them to (see aligned)."""
+    g = num_classes
+    for stride in row_strides:
+        g = math.gcd(g, stride)
+    return min(g & -g, 16) if g else 16
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (lane_softmax_combine, lane_softmax_update,
-                                             lane_weight, online_softmax_update, safe_max,
+from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
+                                             lane_softmax_update, lane_weight,
+                                             online_softmax_update, row_alignment, safe_max,
                                              softmax_stats, tile_for, tile_rows)
 
 
@@ -38,20 +39,25 @@ def _lane_weak_update(mw, sw, qs, w, x):
 def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
                      grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                      COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     SINGLE: tl.constexpr, LANES: tl.constexpr):
+                     SINGLE: tl.constexpr, LANES: tl.constexpr, ALIGN: tl.constexpr):
+    C = aligned(C, ALIGN)
+    weak_stride = aligned(weak_stride, ALIGN)
+    strong_stride = aligned(strong_stride, ALIGN)
+    grad_stride = aligned(grad_stride, ALIGN)
     rows, row_ok = tile_rows(N, ROWS)
     w_rows = weak_ptr + rows[:, None] * weak_stride
     s_rows = strong_ptr + rows[:, None] * strong_stride
     cols = tl.arange(0, BLOCK)[None, :]
     if SINGLE:  # the row is one tile: both inputs read once, the gradient from registers
         ok = row_ok[:, None] & (cols < C)
+        # the weak row decides the mask; the strong row is loaded with it, before the first
+        # reduction (a load placed after one waits for its barriers: two memory latencies a
+        # row instead of one), and dropped where the mask is 0
         w = tl.load(w_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        x = tl.load(s_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
         mw = tl.max(w, 1)
         e = tl.exp(w - safe_max(mw)[:, None])
         sw = tl.sum(e, 1)
-        # the weak row decides the mask; the strong row is loaded without waiting for it, and
-        # dropped where the mask is 0
-        x = tl.load(s_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
         mk = _confident(mw, sw, threshold)
         read = ok & (mk != 0.0)[:, None]
         qs = tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
@@ -136,10 +142,12 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
     if n == 0:
         return loss, mask, grad
     tile = tile_for(c)
+    align = row_alignment(c, weak.stride(0), strong.stride(0),
+                          *((grad.stride(0),) if compute_grad else ()))
     _uda_loss_kernel[(triton.cdiv(n, tile.rows),)](
         weak, weak.stride(0), strong, strong.stride(0), loss, mask,
         grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, num_warps=tile.num_warps)
+        LANES=tile.lanes, ALIGN=align, num_warps=tile.num_warps)
     return loss, mask, grad

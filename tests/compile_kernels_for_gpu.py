@@ -61,6 +61,23 @@ def signature_of(kernel, args, kwargs):
     return signature, constexprs, options
 
 
+def specialization_of(kernel, args, kwargs):
+    """The attributes Triton's launcher would compile this call with: divisibility by 16 of
+    each pointer whose address and each integer whose value 16 divides (what lets it emit
+    16-byte loads); without them the compiled code is not what runs."""
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    attrs = {}
+    for i, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            continue
+        if (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0) or \
+                (type(value) is int and value % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def resource_usage(cubin: bytes):
     """{'REG': n, 'STACK': n, 'SHARED': n, 'LOCAL': n} of the one kernel in a cubin."""
     import triton
@@ -75,6 +92,30 @@ def resource_usage(cubin: bytes):
     line = next(ln for ln in text.splitlines() if "REG:" in ln)
     usage = dict(field.split(":", 1) for field in line.split() if ":" in field)
     return {k: int(usage[k]) for k in ("REG", "STACK", "SHARED", "LOCAL")}
+
+
+def global_access_widths(cubin: bytes):
+    """{'load': {bits: count}, 'store': {bits: count}} of the kernel's global loads and stores
+    (LDG/STG in its SASS): 128 where a thread moves 16 bytes an instruction, 16 where a bf16
+    row goes an element at a time."""
+    import re
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    widths = {"load": {}, "store": {}}
+    for op, suffix in re.findall(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)", sass):
+        bits = next((int(p.lstrip("SU")) for p in suffix.split(".")[1:]
+                     if p.lstrip("SU").isdigit()), 32)
+        kind = widths["load" if op == "LDG" else "store"]
+        kind[bits] = kind.get(bits, 0) + 1
+    return widths
 
 
 def record_launches(num_classes, dtypes):
@@ -149,19 +190,21 @@ def compile_all(args, shard, shards):
     for kernel, call_args, kwargs in record_launches(
             classes, (torch.float32, torch.bfloat16, torch.float16)):
         signature, constexprs, options = signature_of(kernel, call_args, dict(kwargs))
+        attrs = specialization_of(kernel, call_args, kwargs)
         key = (kernel.__name__, json.dumps(signature), json.dumps(constexprs),
-               json.dumps(options))
+               json.dumps(options), json.dumps(sorted(attrs)))
         if key in seen:
             continue
         seen.add(key)
         if (len(seen) - 1) % shards != shard:
             continue
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
-                                  options=options)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                  target=target, options=options)
         record = {"kernel": kernel.__name__, "arch": f"sm_{args.arch}",
                   "signature": {k: v for k, v in signature.items() if v != "constexpr"},
                   "constexprs": constexprs, **options,
-                  **resource_usage(compiled.asm["cubin"])}
+                  **resource_usage(compiled.asm["cubin"]),
+                  **global_access_widths(compiled.asm["cubin"])}
         print(json.dumps(record), flush=True)
 
 

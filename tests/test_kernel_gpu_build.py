@@ -2,7 +2,8 @@
 
 CI otherwise runs them only through the interpreter, which accepts programs the real compiler
 rejects; this compiles every variant the launchers can produce (3 dtypes x tiles x the constexpr
-switches) to a cubin, and checks that none spills registers beyond a word or two.
+switches) to a cubin, and checks that none spills registers beyond a word or two and that
+long rows are read and written 16 bytes an instruction.
 """
 import json
 import os
@@ -73,3 +74,11 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         # a register-starved tile would spill hundreds of bytes
         assert r["LOCAL"] == 0 and r["STACK"] <= 16, f"register spill: {r}"
         assert 0 < r["REG"] <= 255, r
+        # rows of 1000 classes and more (C and the row strides multiples of 8: the launchers
+        # tell the compiler, see softmax_common.aligned) move 16 bytes a load, not one bf16
+        # element (what triton did at C = 1000 before: 8 two-byte loads a thread and input); the
+        # one two-byte load left is soft_cross_entropy's gather of the target's logit in a
+        # streamed row
+        if r["constexprs"]["BLOCK"] >= 1024:
+            assert r["load"].get("128", 0) >= 1 and r["load"].get("16", 0) <= 1, r
+            assert r["store"].get("16", 0) == 0, r

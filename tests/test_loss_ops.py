@@ -231,6 +231,53 @@ def test_strided_rows(use, backend, device, dtype):
         assert torch.equal(loss, want) and torch.equal(v.grad, d.grad)
 
 
+def test_row_alignment_is_the_largest_power_of_two_dividing_classes_and_strides():
+    from mpl_fast.kernels.softmax_common import row_alignment
+
+    assert row_alignment(1000, 1000) == 8
+    assert row_alignment(1000, 1000, 1003) == 1
+    assert row_alignment(32000, 32000, 64000) == 16  # capped at 16 (16 bytes of fp8 at most)
+    assert row_alignment(100, 100) == 4 and row_alignment(10, 10) == 2
+    assert row_alignment(1000, 0) == 8  # a stride of 0 (one broadcast row) divides nothing away
+    assert row_alignment(1024) == 16
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width,offset", [(1008, 8), (1003, 0), (1000, 0), (1016, 5)])
+def test_rows_aligned_or_not_give_the_contiguous_results(use, backend, device, dtype, width,
+                                                         offset):
+    """C = 1000 (a multiple of 8, not of 16: the kernels tell the compiler so, and it moves 16
+    bytes an instruction) inside wider rows: aligned row starts (1008, offset 8), odd strides
+    (1003) and a misaligned start (offset 5) must all give what the contiguous rows give."""
+    use(backend)
+    n, c = 5, 1000
+    wide = _logits(n, width, dtype, device, 31)
+    wide_weak = _logits(n, width + 3, dtype, device, 32)  # another stride for the weak view
+    x = wide[:, offset:offset + c]
+    w = wide_weak[:, :c]
+    probs = torch.softmax(_logits(n, c, torch.float32, device, 33), 1)
+    wide_probs = torch.zeros(n, width, device=device)
+    wide_probs[:, offset:offset + c] = probs
+    t = wide_probs[:, offset:offset + c]
+    y = torch.arange(n, device=device) * 7 % c
+
+    def run(x, w, t):
+        xg = x.detach().requires_grad_()
+        hard = ops.soft_cross_entropy(xg, y, label_smoothing=0.15, reduction="sum")
+        soft = ops.soft_cross_entropy(xg, t, reduction="sum")
+        uda, mask = ops.uda_loss(w, xg, temperature=0.7, threshold=0.0, reduction="sum")
+        (hard + soft + uda).backward()
+        return (hard, soft, uda, mask, xg.grad, *ops.pseudo_labels(x, temperature=0.7))
+
+    got = run(x, w, t)
+    want = run(x.contiguous(), w.contiguous(), t.contiguous())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    truth = loss_truth.soft_ce_rows(x.double().cpu(), y.cpu(), 0.15, None).sum()
+    assert torch.allclose(got[0].double().cpu(), truth, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend,device", _backends())
 def test_strided_targets_and_mask(use, backend, device):
     use(backend)
