@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
-                                             lane_softmax_update, online_softmax_update,
-                                             row_alignment, safe_max, tile_for, tile_rows)
+                                             lane_softmax_update, row_alignment, safe_max,
+                                             tile_for, tile_rows)
 
 
 @triton.jit
@@ -25,8 +25,8 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
     if SINGLE:  # the row is one tile: read once, probs written from registers
         ok = row_ok[:, None] & (cols < C)
         x = tl.load(x_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
-        m = tl.max(x, 1)
-        best = tl.argmax(x, 1, tie_break_left=True)  # the first maximum wins
+        # the max and its column in one reduction (the first maximum wins)
+        m, best = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
         m_safe = safe_max(m)
         e = tl.exp(x - m_safe[:, None])
         inv_s = 1.0 / tl.sum(e, 1)
@@ -47,10 +47,14 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
             if LANES:  # strict: a lane keeps its first maximum
                 best_lane = tl.where(x > m_lane, c, best_lane)
                 m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x)
-            else:
-                chunk_best = tl.argmax(x, 1, tie_break_left=True) + start
-                best = tl.where(tl.max(x, 1) > m, chunk_best, best)  # strict: the first max wins
-                m, s = online_softmax_update(m, s, x)
+            else:  # the chunk's max and its column in one reduction
+                chunk_m, chunk_best = tl.max(x, 1, return_indices=True,
+                                             return_indices_tie_break_left=True)
+                best = tl.where(chunk_m > m, chunk_best + start, best)  # strict: the first max
+                m_new = tl.maximum(m, chunk_m)
+                m_safe = safe_max(m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+                m = m_new
         if LANES:  # the first maximum: the lowest column among the lanes' first maxima
             m, s = lane_softmax_combine(m_lane, s_lane)
             best = tl.min(tl.where(m_lane == m[:, None], best_lane, C), 1)

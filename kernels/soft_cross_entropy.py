@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
-                                             lane_softmax_update, online_softmax_update,
-                                             row_alignment, safe_max, softmax_stats, tile_for,
-                                             tile_rows)
+                                             lane_softmax_update, max_sum_sum,
+                                             online_softmax_update, row_alignment, safe_max,
+                                             tile_for, tile_rows)
 
 
 @triton.jit
@@ -84,10 +84,16 @@ def _soft_cross_entropy_kernel(
         # loaded whatever the mask (not waiting for it); a masked row's values are dropped
         x, t = _load_chunk(x_rows, t_rows, cols, row_ok[:, None] & (cols < C), keep, off, HARD,
                            SMOOTH)
-        m, s = softmax_stats(x)
-        acc_x = tl.where(read, x, 0.0)
-        acc_t = t
-        acc_tx = tl.where(t != 0.0, t * x, 0.0)
+        # two reductions across the warps, not four: the max with the two target sums, then
+        # the sum of exp
+        if HARD:  # the target's logit (from the registers) and the row's sum (smoothing)
+            part_a = tl.where(cols == y[:, None], x, 0.0)
+            part_b = tl.where(read, x, 0.0)
+        else:  # the target mass and the target-weighted logits
+            part_a = t
+            part_b = tl.where(t != 0.0, t * x, 0.0)
+        m, row_a, row_b = tl.reduce((x, part_a, part_b), 1, max_sum_sum)
+        s = tl.sum(tl.exp(x - safe_max(m)[:, None]), 1)
     else:
         m = tl.full([ROWS], -float("inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
@@ -116,22 +122,26 @@ def _soft_cross_entropy_kernel(
                 acc_tx += tl.where(t != 0.0, t * x, 0.0)
         if LANES:
             m, s = lane_softmax_combine(m_lane, s_lane)
+        if HARD:
+            row_a = tl.load(logits_ptr + rows * logits_stride + tl.where(in_range, y, 0),
+                            mask=todo, other=0.0).to(tl.float32)
+            row_b = tl.zeros([ROWS], tl.float32)
+            if SMOOTH:
+                row_b = tl.sum(acc_x, 1)
+        else:
+            row_a = tl.sum(acc_t, 1)
+            row_b = tl.sum(acc_tx, 1)
 
     lse = safe_max(m) + tl.log(s)
-    if HARD:
-        if SINGLE:  # the target's logit is in the registers already
-            x_y = tl.sum(tl.where(cols == y[:, None], x, 0.0), 1)
-        else:
-            x_y = tl.load(logits_ptr + rows * logits_stride + tl.where(in_range, y, 0),
-                          mask=todo, other=0.0).to(tl.float32)
+    if HARD:  # row_a: the target's logit, row_b: the sum of the row's logits
         sum_t = tl.full([ROWS], 1.0, tl.float32)
         if SMOOTH:
-            sum_tx = keep * x_y + off * tl.sum(acc_x, 1)
+            sum_tx = keep * row_a + off * row_b
         else:
-            sum_tx = x_y
-    else:
-        sum_t = tl.sum(acc_t, 1)
-        sum_tx = tl.sum(acc_tx, 1)
+            sum_tx = row_a
+    else:  # row_a: the target mass, row_b: the target-weighted sum of the logits
+        sum_t = row_a
+        sum_tx = row_b
     loss = lse * sum_t - sum_tx
     if HARD:
         loss = tl.where(in_range, loss, float("nan"))

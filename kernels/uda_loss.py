@@ -11,9 +11,9 @@ import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
-                                             lane_softmax_update, lane_weight,
+                                             lane_softmax_update, lane_weight, max_max,
                                              online_softmax_update, row_alignment, safe_max,
-                                             softmax_stats, tile_for, tile_rows)
+                                             sum_sum_sum, tile_for, tile_rows)
 
 
 @triton.jit
@@ -55,13 +55,13 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         # row instead of one), and dropped where the mask is 0
         w = tl.load(w_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
         x = tl.load(s_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
-        mw = tl.max(w, 1)
+        # two joint reductions (both maxima, then the three sums) instead of five in a row
+        mw, ms = tl.reduce((w, x), 1, max_max)
         e = tl.exp(w - safe_max(mw)[:, None])
-        sw = tl.sum(e, 1)
+        sw, qs, ss = tl.reduce((e, tl.where(e != 0.0, e * x, 0.0),
+                                tl.exp(x - safe_max(ms)[:, None])), 1, sum_sum_sum)
         mk = _confident(mw, sw, threshold)
         read = ok & (mk != 0.0)[:, None]
-        qs = tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
-        ms, ss = softmax_stats(x)
     else:
         mw = tl.full([ROWS], -float("inf"), tl.float32)
         sw = tl.zeros([ROWS], tl.float32)
