@@ -12,8 +12,8 @@ import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
                                              lane_softmax_update, lane_weight, max_max,
-                                             online_softmax_update, row_alignment, safe_max,
-                                             sum_sum_sum, tile_for, tile_rows)
+                                             row_alignment, safe_max, sum_sum_sum, tile_for,
+                                             tile_rows)
 
 
 @triton.jit
@@ -83,15 +83,22 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
             if LANES:
                 mw_l, sw_l, qs_l = _lane_weak_update(mw_l, sw_l, qs_l, w, x)
                 ms_l, ss_l = lane_softmax_update(ms_l, ss_l, x)
-            else:
-                mw_new = tl.maximum(mw, tl.max(w, 1))
+            else:  # two joint reductions a chunk (the maxima, then the sums), not five
+                chunk_mw, chunk_ms = tl.reduce((w, x), 1, max_max)
+                mw_new = tl.maximum(mw, chunk_mw)
+                ms_new = tl.maximum(ms, chunk_ms)
                 mw_safe = safe_max(mw_new)
+                ms_safe = safe_max(ms_new)
                 e = tl.exp(w - mw_safe[:, None])
+                chunk_sw, chunk_qs, chunk_ss = tl.reduce(
+                    (e, tl.where(e != 0.0, e * x, 0.0), tl.exp(x - ms_safe[:, None])), 1,
+                    sum_sum_sum)
                 scale = tl.exp(mw - mw_safe)
-                sw = sw * scale + tl.sum(e, 1)
-                qs = qs * scale + tl.sum(tl.where(e != 0.0, e * x, 0.0), 1)
+                sw = sw * scale + chunk_sw
+                qs = qs * scale + chunk_qs
+                ss = ss * tl.exp(ms - ms_safe) + chunk_ss
                 mw = mw_new
-                ms, ss = online_softmax_update(ms, ss, x)
+                ms = ms_new
         if LANES:
             mw = tl.max(mw_l, 1)
             f = tl.exp(mw_l - safe_max(mw)[:, None])
