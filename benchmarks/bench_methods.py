@@ -114,6 +114,7 @@ def plot(path, curves, title):
 
 
 def main(argv=None):
+    from mpl_fast.data.sources import check_data_root
     from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import train
     from mpl_fast.train.run_log import append_jsonl
@@ -138,6 +139,7 @@ def main(argv=None):
                          f"got {args.methods!r}")
     # Resolve every config before training anything, so a bad key fails in the first second.
     configs = {m: cfg.load(args.config, [*args.set, *METHODS[m]]) for m in methods}
+    check_data_root(configs[methods[0]]["data"])  # the same data for every method
     out = Path(args.out)
     gpu = torch.cuda.is_available() and configs[methods[0]]["train"]["device"] != "cpu"
     card = torch.cuda.get_device_name() if gpu else "cpu"

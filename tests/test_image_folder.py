@@ -370,6 +370,22 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
         assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("root", [None, "missing"])
+def test_bench_methods_refuses_a_missing_data_root_before_training(tmp_path, capsys, root):
+    from mpl_fast import cli
+
+    out = tmp_path / "runs"
+    args = ["bench", "methods", "--out", str(out), "--results", str(tmp_path / "results")]
+    if root:
+        args += ["--set", f"data.root={tmp_path / root}"]
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert "training" not in captured.out and not out.exists()  # nothing started
+    want = "does not exist" if root else "needs data.root"
+    assert captured.err.startswith("mpl-fast: error:") and want in captured.err
+    assert captured.err.count("\n") == 1
+
+
 def test_bench_data_writes_a_synthetic_imagenet_sized_tree_once(tmp_path, capsys):
     pytest.importorskip("nvidia.dali")
     import json

@@ -32,6 +32,20 @@ class DigitsData:
         return self.split.describe()
 
 
+def check_data_root(d):
+    """The cheap part of the data checks (no files read), for callers that want bad settings to
+    fail before any training: a folder source needs data.root, an existing folder, and
+    data.image_size."""
+    from pathlib import Path
+
+    if d["name"] == "digits":
+        return
+    if d["root"] is None or d["image_size"] is None:
+        raise DataError(f"data.name={d['name']} needs data.root and data.image_size")
+    if not Path(d["root"]).is_dir():
+        raise DataError(f"data root {d['root']} does not exist or is not a folder")
+
+
 class FolderData:
     """Through DALI: a JPEG tree (root/train and root/test, or data.root and data.test_root),
     or CIFAR python batches (data.name=cifar_batches, data.root the batches folder)."""
@@ -39,8 +53,7 @@ class FolderData:
     def __init__(self, d, seed, device, rank=0, world=1):
         from pathlib import Path
 
-        if d["root"] is None or d["image_size"] is None:
-            raise DataError("data.name=image_folder needs data.root and data.image_size")
+        check_data_root(d)
         root = Path(d["root"])
         if d["name"] == "cifar_batches":
             from mpl_fast.data import cifar_batches
