@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -78,8 +79,8 @@ def specialization_of(kernel, args, kwargs):
     return attrs
 
 
-def resource_usage(cubin: bytes):
-    """{'REG': n, 'STACK': n, 'SHARED': n, 'LOCAL': n} of the one kernel in a cubin."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What triton's bundled cuobjdump prints for a cubin with flag (-res-usage, -sass)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -87,9 +88,13 @@ def resource_usage(cubin: bytes):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True,
                               check=True).stdout
-    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+
+
+def resource_usage(cubin: bytes):
+    """{'REG': n, 'STACK': n, 'SHARED': n, 'LOCAL': n} of the one kernel in a cubin."""
+    line = next(ln for ln in cuobjdump(cubin, "-res-usage").splitlines() if "REG:" in ln)
     usage = dict(field.split(":", 1) for field in line.split() if ":" in field)
     return {k: int(usage[k]) for k in ("REG", "STACK", "SHARED", "LOCAL")}
 
@@ -98,19 +103,8 @@ def global_access_widths(cubin: bytes):
     """{'load': {bits: count}, 'store': {bits: count}} of the kernel's global loads and stores
     (LDG/STG in its SASS): 128 where a thread moves 16 bytes an instruction, 16 where a bf16
     row goes an element at a time."""
-    import re
-
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
     widths = {"load": {}, "store": {}}
-    for op, suffix in re.findall(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)", sass):
+    for op, suffix in re.findall(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)", cuobjdump(cubin, "-sass")):
         bits = next((int(p.lstrip("SU")) for p in suffix.split(".")[1:]
                      if p.lstrip("SU").isdigit()), 32)
         kind = widths["load" if op == "LDG" else "store"]
