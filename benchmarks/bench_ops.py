@@ -236,9 +236,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
                                      description="benchmark the fused loss ops")
     parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES),
-                        help="comma-separated NxC logits shapes (default: %(default)s)")
+                        help="comma-separated NxC logits shapes, N >= 1, C >= 2 (default: "
+                        "%(default)s)")
     parser.add_argument("--dtypes", default="bfloat16,float32",
-                        help="comma-separated logits dtypes (default: %(default)s)")
+                        help="comma-separated logits dtypes: float32, bfloat16, float16 "
+                        "(default: %(default)s)")
     parser.add_argument("--tiles", default=shipped,
                         help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes] tiles of our "
                         "kernels to time (:lanes: a streamed row's statistics per lane; "
