@@ -10,6 +10,7 @@ are combined once, after it). Which one is faster is for a GPU to say: LANE_STAT
 """
 import contextlib
 import math
+import os
 from typing import NamedTuple
 
 import triton
@@ -79,6 +80,14 @@ def max_sum_sum(a0, b0, c0, a1, b1, c1):
 @triton.jit
 def sum_sum_sum(a0, b0, c0, a1, b1, c1):
     return a0 + a1, b0 + b1, c0 + c1
+
+
+# (the interpreter folds these one element at a time in Python: see interpreter_reductions)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from mpl_fast.kernels.interpreter_reductions import install as _install
+
+    _install({max_max: ("max", "max"), max_sum_sum: ("max", "sum", "sum"),
+              sum_sum_sum: ("sum", "sum", "sum")})
 
 
 @triton.jit

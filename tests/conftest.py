@@ -7,11 +7,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if os.environ["TRITON_INTERPRET"] == "1":
-    from tests import interpreter_reductions  # noqa: E402
-
-    interpreter_reductions.install()
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -1,5 +1,5 @@
-"""The numpy path the test suite gives the kernels' joint reductions under the interpreter
-(tests/interpreter_reductions.py) gives what the interpreter's own element-by-element fold of
+"""The numpy path the kernels' joint reductions take under the interpreter
+(kernels/interpreter_reductions.py) gives what the interpreter's own element-by-element fold of
 the same combine functions gives."""
 import os
 
@@ -38,9 +38,9 @@ def _joint(x_ptr, y_ptr, out_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 def test_numpy_joint_reductions_equal_the_interpreters_own(monkeypatch):
     from triton.runtime import interpreter
 
-    from tests import interpreter_reductions
+    from mpl_fast.kernels import interpreter_reductions
 
-    own = interpreter_reductions.install()
+    own = interpreter_reductions.interpreters_own()  # installed when softmax_common loaded
     assert own is not None and interpreter.ReduceOps.apply_impl is not own
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, generator=g)
