@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
-                                             lane_softmax_update, row_alignment, safe_max,
-                                             tile_for, tile_rows)
+                                             lane_softmax_update, online_softmax_update,
+                                             row_alignment, safe_max, tile_for, tile_rows)
 
 
 @triton.jit
@@ -51,10 +51,7 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
                 chunk_m, chunk_best = tl.max(x, 1, return_indices=True,
                                              return_indices_tie_break_left=True)
                 best = tl.where(chunk_m > m, chunk_best + start, best)  # strict: the first max
-                m_new = tl.maximum(m, chunk_m)
-                m_safe = safe_max(m_new)
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
-                m = m_new
+                m, s = online_softmax_update(m, s, x, chunk_m)
         if LANES:  # the first maximum: the lowest column among the lanes' first maxima
             m, s = lane_softmax_combine(m_lane, s_lane)
             best = tl.min(tl.where(m_lane == m[:, None], best_lane, C), 1)

@@ -112,7 +112,7 @@ def _soft_cross_entropy_kernel(
             if LANES:
                 m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x)
             else:
-                m, s = online_softmax_update(m, s, x)
+                m, s = online_softmax_update(m, s, x, tl.max(x, 1))
             if HARD:
                 if SMOOTH:
                     acc_x += tl.where(read, x, 0.0)
@@ -186,17 +186,19 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
     if n == 0:
         return loss, grad
     tile = tile_for(c)
-    align = row_alignment(c, logits.stride(0), *(() if hard else (target_probs.stride(0),)),
-                          *((grad.stride(0),) if compute_grad else ()))
+    # the row strides the kernel gets (0 where it reads no such rows: divides nothing away)
+    probs_stride = 0 if hard else target_probs.stride(0)
+    grad_stride = grad.stride(0) if compute_grad else 0
     dummy = loss
     _soft_cross_entropy_kernel[(triton.cdiv(n, tile.rows),)](
         logits, logits.stride(0),
         target_index if hard else dummy,
-        dummy if hard else target_probs, 0 if hard else target_probs.stride(0),
+        dummy if hard else target_probs, probs_stride,
         mask if mask is not None else dummy,
-        loss, grad if compute_grad else dummy, grad.stride(0) if compute_grad else 0,
+        loss, grad if compute_grad else dummy, grad_stride,
         n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, ALIGN=align, num_warps=tile.num_warps)
+        LANES=tile.lanes, ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride),
+        num_warps=tile.num_warps)
     return loss, grad

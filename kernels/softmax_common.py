@@ -26,15 +26,23 @@ LANE_STATS = False  # streamed rows: statistics per lane (True) or per row
 
 
 @triton.jit
-def online_softmax_update(m, s, x):
-    """Fold a chunk x [ROWS, BLOCK] into the running max m and sum s of exp(x - m) [ROWS].
+def running_max(m, chunk_m):
+    """A running row max m [ROWS] met by a chunk's max: (the new max, it with -inf mapped to 0
+    so that exp(x - it) stays finite, the factor exp(m - that) rescaling sums kept against m)."""
+    m_new = tl.maximum(m, chunk_m)
+    m_safe = safe_max(m_new)
+    return m_new, m_safe, tl.exp(m - m_safe)
+
+
+@triton.jit
+def online_softmax_update(m, s, x, chunk_m):
+    """Fold a chunk x [ROWS, BLOCK], whose row max is chunk_m (reduced by the caller, maybe
+    jointly with something else), into the running max m and sum s of exp(x - m) [ROWS].
 
     -inf entries (and rows that are -inf so far) are handled without producing NaN.
     """
-    m_new = tl.maximum(m, tl.max(x, 1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
-    return m_new, s
+    m_new, m_safe, scale = running_max(m, chunk_m)
+    return m_new, s * scale + tl.sum(tl.exp(x - m_safe[:, None]), 1)
 
 
 @triton.jit

@@ -12,8 +12,8 @@ import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
                                              lane_softmax_update, lane_weight, max_max,
-                                             row_alignment, safe_max, sum_sum_sum, tile_for,
-                                             tile_rows)
+                                             row_alignment, running_max, safe_max, sum_sum_sum,
+                                             tile_for, tile_rows)
 
 
 @triton.jit
@@ -85,20 +85,15 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
                 ms_l, ss_l = lane_softmax_update(ms_l, ss_l, x)
             else:  # two joint reductions a chunk (the maxima, then the sums), not five
                 chunk_mw, chunk_ms = tl.reduce((w, x), 1, max_max)
-                mw_new = tl.maximum(mw, chunk_mw)
-                ms_new = tl.maximum(ms, chunk_ms)
-                mw_safe = safe_max(mw_new)
-                ms_safe = safe_max(ms_new)
+                mw, mw_safe, w_scale = running_max(mw, chunk_mw)
+                ms, ms_safe, s_scale = running_max(ms, chunk_ms)
                 e = tl.exp(w - mw_safe[:, None])
                 chunk_sw, chunk_qs, chunk_ss = tl.reduce(
                     (e, tl.where(e != 0.0, e * x, 0.0), tl.exp(x - ms_safe[:, None])), 1,
                     sum_sum_sum)
-                scale = tl.exp(mw - mw_safe)
-                sw = sw * scale + chunk_sw
-                qs = qs * scale + chunk_qs
-                ss = ss * tl.exp(ms - ms_safe) + chunk_ss
-                mw = mw_new
-                ms = ms_new
+                sw = sw * w_scale + chunk_sw
+                qs = qs * w_scale + chunk_qs
+                ss = ss * s_scale + chunk_ss
         if LANES:
             mw = tl.max(mw_l, 1)
             f = tl.exp(mw_l - safe_max(mw)[:, None])
@@ -149,12 +144,12 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
     if n == 0:
         return loss, mask, grad
     tile = tile_for(c)
-    align = row_alignment(c, weak.stride(0), strong.stride(0),
-                          *((grad.stride(0),) if compute_grad else ()))
+    grad_stride = grad.stride(0) if compute_grad else 0  # 0: no rows (divides nothing away)
     _uda_loss_kernel[(triton.cdiv(n, tile.rows),)](
         weak, weak.stride(0), strong, strong.stride(0), loss, mask,
-        grad if compute_grad else loss, grad.stride(0) if compute_grad else 0,
+        grad if compute_grad else loss, grad_stride,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, ALIGN=align, num_warps=tile.num_warps)
+        LANES=tile.lanes, ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride),
+        num_warps=tile.num_warps)
     return loss, mask, grad
