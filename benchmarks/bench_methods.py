@@ -9,6 +9,8 @@ cifar10_4k_short), changed only by:
   uda         mpl.mpl_weight=0: the teacher keeps its supervised and UDA losses and the student
               learns from its pseudo labels, but the teacher gets no feedback from the student
   mpl         the config as given
+  mpl_joint   mpl.ce_old_forward=joint: MPL with CE_old from the student's joint forward on x_us
+              and x_l, as the released code (docs/meta_gradient.md); run only when named
 Then one JSON object per method is appended to RESULTS/methods.jsonl (card, versions, date,
 final top-1 of the EMA student, student and teacher, wall seconds, images/s, the last logged h
 and UDA mask ratio, and the EMA-student top-1 curve), and OUT/methods.png draws the three
@@ -29,8 +31,10 @@ METHODS = {
     "supervised": ["method=supervised"],
     "uda": ["mpl.mpl_weight=0"],
     "mpl": [],
+    "mpl_joint": ["mpl.ce_old_forward=joint"],
 }
-LABELS = {"supervised": "Supervised", "uda": "UDA only (no feedback)", "mpl": "MPL"}
+LABELS = {"supervised": "Supervised", "uda": "UDA only (no feedback)", "mpl": "MPL",
+          "mpl_joint": "MPL, CE_old from the joint forward"}
 # What the record keeps of the last logged line of each run (diagnostics of the feedback).
 LAST_LOGGED = ("h", "baseline", "uda/mask_ratio", "teacher/ce_labeled", "student/ce_new")
 
@@ -126,7 +130,8 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every method, e.g. data.root=DIR")
     p.add_argument("--methods", default="supervised,uda,mpl",
-                   help="comma-separated subset of supervised,uda,mpl (default: %(default)s)")
+                   help="comma-separated subset of supervised,uda,mpl,mpl_joint "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="runs/methods", help="run folders (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue each method's run")
     p.add_argument("--results", default="benchmarks/results",

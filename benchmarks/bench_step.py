@@ -1,7 +1,8 @@
 """The MPL step's speed against what a user writes by hand.
 
     mpl-fast bench step --model wrn28_2|resnet50|<timm name> [--batch-size B] [--mu M]
-                        [--image-size S] [--estimator E] [--weak-no-grad] [--no-graph]
+                        [--image-size S] [--estimator E] [--weak-no-grad]
+                        [--ce-old-forward separate|joint] [--no-graph]
                         [--compile MODE] [--checkpoint WHICH] [--checkpoint-blocks N]
                         [--max-batch] [--cudnn-benchmark] ...
 
@@ -110,7 +111,8 @@ def our_step(args, device, use_graph=False):
         compile_net(net, args.compile)
     cfg = MPLConfig(pseudo_labels="argmax", estimator=args.estimator, uda_weight=8.0,
                     uda_temperature=0.7, uda_threshold=0.6, teacher_label_smoothing=0.15,
-                    student_label_smoothing=0.15, teacher_weak_no_grad=args.weak_no_grad)
+                    student_label_smoothing=0.15, teacher_weak_no_grad=args.weak_no_grad,
+                    ce_old_forward=args.ce_old_forward)
     amp = device.type == "cuda"
     return MPLStep(teacher, student, sgd(teacher, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph),
                    sgd(student, 0.05, 0.9, True, 5e-4, lr_on_device=use_graph), cfg,
@@ -270,6 +272,10 @@ def main(argv=None):
     p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"],
                    help="our step's feedback estimator (default: %(default)s)")
     p.add_argument("--weak-no-grad", action="store_true", help="teacher weak view without autograd")
+    p.add_argument("--ce-old-forward", default="separate", choices=["separate", "joint"],
+                   help="our student's CE_old: from a labeled forward of its own without autograd "
+                        "(the paper preset) or from its training forward on x_us + x_l, as the "
+                        "reference does (default: %(default)s)")
     p.add_argument("--no-graph", action="store_true", help="do not capture our step in a CUDA graph")
     p.add_argument("--compile", default="none",
                    choices=["none", "default", "max-autotune", "max-autotune-no-cudagraphs"],
@@ -401,7 +407,8 @@ def _measure(args, device, gpu):
     record = {
         "model": args.model, "batch_size": args.batch_size, "mu": args.mu,
         "image_size": args.image_size, "estimator": args.estimator,
-        "weak_no_grad": args.weak_no_grad, "graph": use_graph,
+        "weak_no_grad": args.weak_no_grad, "ce_old_forward": args.ce_old_forward,
+        "graph": use_graph,
         "compile": args.compile, "checkpoint": args.checkpoint,
         "checkpoint_blocks": args.checkpoint_blocks, "cudnn_benchmark": args.cudnn_benchmark,
         "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",

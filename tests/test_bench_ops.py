@@ -75,6 +75,7 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
         assert key in record, key
     assert record["ms_per_step"] > 0 and record["floor_ms_per_step"] > 0
     assert record["compile"] == "none" and record["graph"] is False
+    assert record["ce_old_forward"] == "separate"  # the paper preset's
     assert record["floor_graph"] is False and record["graphed_reference_ms_per_step"] is None
     assert record["compiled_reference_mode"] is None  # no compiled reference off a GPU
     # each variant's own work (op time on a CPU); ours is its phases' sum
@@ -355,7 +356,8 @@ def test_phase_breakdown_of_a_real_step_covers_its_backwards(monkeypatch):
     mod = _bench_step_module()
     args = argparse.Namespace(model="small_cnn", num_classes=10, batch_size=8, mu=2,
                               image_size=16, checkpoint="none", compile="none",
-                              estimator="loss_diff", weak_no_grad=False)
+                              estimator="loss_diff", weak_no_grad=False,
+                              ce_old_forward="separate")
     device = torch.device("cpu")
     step = mod["our_step"](args, device)
     batch = mod["make_batch"](args, device, torch.Generator().manual_seed(0))

@@ -608,3 +608,50 @@ def test_each_stage_runs_where_the_placement_says(decode, augment, small):
         else:
             assert devices["CropMirrorNormalize"] == {"gpu"}
     assert "WarpAffine" in _op_devices(pipes["unlabeled"])  # RandAugment is in the graph
+
+
+@pytest.mark.parametrize("student", ["small_cnn", "mlp"])
+def test_ce_old_gap_script_measures_the_normalisation_gap(tree, tmp_path, capsys, student):
+    """benchmarks/ce_old_gap.py: with a BatchNorm student the joint forward's CE_old differs from
+    the labeled-only one (gap != 0, h_joint = h_separate + gap); without BatchNorm the two are the
+    same number, so the gap it reports is BatchNorm's and nothing else."""
+    pytest.importorskip("nvidia.dali")
+    import json
+    import runpy
+    from pathlib import Path
+
+    root = tree.parent
+    if not (root / "test").exists():
+        (root / "test").symlink_to(tree)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ce_old_gap.py"
+    main = runpy.run_path(str(script))["main"]
+    tiny = ["--set", "data.image_size=16", "--set", "data.labeled_per_class=4", "--set",
+            "data.batch_size=4", "--set", "data.mu=3", "--set", "data.num_threads=1",
+            "--set", "data.cutout=4", "--set", f"model.student={student}"]
+    assert main(["--root", str(root), *tiny, "--warmup-steps", "2", "--trials", "3",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "ce_old_gap.jsonl").read_text())
+    assert record["model"] == student and record["batch_size"] == 4 and record["mu"] == 3
+    assert len(record["trial_values"]) == 3
+    for t in record["trial_values"]:
+        assert t["h_joint"] == pytest.approx(t["h_separate"] + t["gap"], abs=1e-6)
+        assert (t["gap"] != 0.0) == (student == "small_cnn"), t
+    assert capsys.readouterr().out.splitlines()[-1].startswith("summary:")
+    # a missing root: one line, exit 2, nothing recorded
+    assert main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ce_old_gap:") and err.count("\n") == 1
+    assert not (tmp_path / "r2").exists()
+
+
+def test_bench_methods_mpl_joint_differs_from_mpl_in_ce_old_forward_alone():
+    import runpy
+    from pathlib import Path
+
+    from mpl_fast.train import config as cfg
+
+    methods = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                                 "bench_methods.py"))["METHODS"]
+    mpl, joint = (cfg.mpl_config(cfg.load("cifar10_4k_short", methods[m]))
+                  for m in ("mpl", "mpl_joint"))
+    assert mpl.ce_old_forward == "separate" and joint == mpl.replace(ce_old_forward="joint")

@@ -231,20 +231,93 @@ def test_moving_baseline():
     assert "baseline.value" in step.state_dict()
 
 
-def test_bn_statistics_updated_once_per_step():
+@pytest.mark.parametrize("ce_old_forward", ["separate", "joint"])
+def test_bn_statistics_updated_once_per_step(ce_old_forward):
     b = batch(13)
     teacher, student = mlp(14, bn=True), mlp(114, bn=True)
     expected = copy.deepcopy(student)
     expected.train()
-    with torch.no_grad():
-        expected(torch.cat([b.x_us, b.x_l]))  # the one student forward that should count
+    with torch.no_grad():  # the one student forward that should count: its training forward
+        expected(b.x_us if ce_old_forward == "separate" else torch.cat([b.x_us, b.x_l]))
     for estimator, labels in (("loss_diff", "argmax"), ("dot", "argmax"),
                               ("second_order", "soft")):
-        cfg = MPLConfig(pseudo_labels=labels, estimator=estimator, baseline_decay=None)
+        cfg = MPLConfig(pseudo_labels=labels, estimator=estimator, baseline_decay=None,
+                        ce_old_forward=ce_old_forward)
         step = make_step(cfg, teacher=copy.deepcopy(teacher), student=copy.deepcopy(student))
         step(b)
         for name, buf in step.student.named_buffers():
             assert torch.equal(buf, dict(expected.named_buffers())[name]), (estimator, name)
+
+
+def _labeled_loss_change(student, b, labels, lr):
+    """CE_l(theta) - CE_l(theta') through one plain-SGD step on CE(labels, S(x_us)), each loss
+    from a forward of x_l alone (training-mode BN: the labeled batch's own statistics)."""
+    student = copy.deepcopy(student)  # training-mode forwards move its running statistics
+    sp = {k: v.detach().clone().requires_grad_() for k, v in student.named_parameters()}
+    loss_u = nn.functional.cross_entropy(functional_call(student, sp, (b.x_us,)), labels)
+    new = {k: v - lr * g for (k, v), g in zip(sp.items(),
+                                             torch.autograd.grad(loss_u, list(sp.values())))}
+    ce = [nn.functional.cross_entropy(functional_call(student, p, (b.x_l,)), b.y_l)
+          for p in (sp, new)]
+    return float((ce[0] - ce[1]).detach())
+
+
+@pytest.mark.parametrize("lr", [0.5, 0.0])
+def test_loss_diff_with_bn_student_is_the_change_of_the_labeled_loss(lr):
+    """With BatchNorm in the student, h = CE_old - CE_new is the change the student's step made
+    to its labeled loss only when CE_old normalises x_l as CE_new does (ce_old_forward
+    'separate'); from the joint forward it carries the gap between normalising x_l with the
+    joint batch's statistics and with its own, which has nothing to do with the step: with the
+    student's lr at 0 (its wait steps) h is exactly 0 in one and that gap in the other."""
+    b = batch(23)
+    labels = torch.tensor([2, 0, 1, 1])
+    student = mlp(123, bn=True)
+    want = _labeled_loss_change(student, b, labels, lr)
+    got = {}
+    for where in ("separate", "joint"):
+        cfg = MPLConfig(pseudo_labels="argmax", baseline_decay=None, ce_old_forward=where)
+        _, m, _ = run_mpl_grad(cfg, b, lr_s=lr, fixed_labels=labels,
+                               student=copy.deepcopy(student))
+        got[where] = float(m["h"])
+    if lr == 0.0:
+        assert want == 0.0 and got["separate"] == 0.0
+    else:
+        assert got["separate"] == pytest.approx(want, rel=1e-10, abs=1e-14)
+    assert abs(got["joint"] - want) > 1e-3, got  # the joint forward's normalisation gap
+
+
+def test_second_order_with_bn_student_matches_exact_meta_gradient():
+    """The finite-difference forwards see x_us alone; the step they differentiate must too."""
+    b = batch(24)
+    teacher, student = mlp(25), mlp(125, bn=True)
+    exact = exact_soft_meta_grad(teacher, copy.deepcopy(student), b, lr=0.5)
+    errs = {}
+    for where in ("separate", "joint"):
+        got, _, _ = run_mpl_grad(SECOND_ORDER.replace(fd_eps=1e-5, ce_old_forward=where), b,
+                                 lr_s=0.5, teacher=copy.deepcopy(teacher),
+                                 student=copy.deepcopy(student))
+        errs[where] = rel_err(got, exact)
+    assert errs["separate"] < 1e-8 and errs["joint"] > 1e-3, errs
+
+
+def test_ce_old_forward_changes_nothing_without_batchnorm():
+    b = batch(26)
+    out = {}
+    for where in ("separate", "joint"):
+        cfg = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, ce_old_forward=where)
+        step = make_step(cfg, seed=27, fixed_labels=torch.tensor([1, 2, 0, 1]))
+        m = step(b)
+        out[where] = (teacher_grad(step), torch.cat([p.flatten() for p in
+                                                     step.student.parameters()]),
+                      torch.stack([m["h"], m["student/ce_old"], m["student/loss"]]))
+    for a, c in zip(out["separate"], out["joint"]):
+        assert torch.allclose(a, c, rtol=1e-12, atol=1e-14)
+
+
+def test_presets_ce_old_forward():
+    assert preset("paper").ce_old_forward == "separate"
+    assert preset("official").ce_old_forward == "joint"  # as the released code
+    assert preset("kekmodel").ce_old_forward == "joint"  # as the PyTorch port
 
 
 def test_uda_and_metrics():
@@ -280,6 +353,7 @@ def test_autocast_bf16_step_close_to_fp32():
     dict(estimator="second_order"),  # needs soft labels
     dict(pseudo_labels="soft"),  # zero-gradient score term
     dict(feedback_sign=0), dict(baseline_decay=1.0), dict(fd_eps=0.0), dict(estimator="x"),
+    dict(ce_old_forward="both"),
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="mpl\\."):

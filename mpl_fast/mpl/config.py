@@ -6,6 +6,7 @@ from typing import Optional, get_args
 PSEUDO_LABELS = ("sample", "argmax", "soft")
 ESTIMATORS = ("loss_diff", "dot", "second_order")
 MPL_TERMS = ("score", "official_soft")
+CE_OLD_FORWARDS = ("separate", "joint")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,15 @@ class MPLConfig:
     teacher_weak_no_grad: run the teacher's weak view in its own forward without autograd (less
                      backward work). BN: that view is normalised with its own batch statistics
                      instead of the joint batch's, and leaves the running statistics alone.
+    ce_old_forward:  where CE_old, the student's labeled loss before its step, comes from:
+                     'separate' (a forward of x_l of its own with the old weights, without
+                     autograd and not counted in the BN running statistics: normalised with the
+                     labeled batch's statistics exactly like CE_new, so h measures the student's
+                     step alone; the student's training forward then sees x_us alone) or 'joint'
+                     (from the training forward on x_us and x_l together, as the released code and
+                     the PyTorch port do: x_l is then normalised with the joint batch's statistics
+                     for CE_old and its own for CE_new, and that difference, unrelated to the step
+                     and to the pseudo labels, enters h: docs/meta_gradient.md measures it).
     mpl_term:        'score' = h * CE(pseudo labels, teacher logits); 'official_soft' =
                      h * CE(stopgrad(softmax z), z), the released TF code's term, whose gradient is
                      exactly zero (kept only to reproduce that code; not a working MPL).
@@ -34,6 +44,7 @@ class MPLConfig:
     pseudo_label_view: str = "strong"
     pseudo_label_temperature: float = 1.0
     estimator: str = "loss_diff"
+    ce_old_forward: str = "separate"
     feedback_sign: int = 1
     baseline_decay: Optional[float] = 0.99
     mpl_term: str = "score"
@@ -75,6 +86,8 @@ class MPLConfig:
             bad("pseudo_label_view", f"must be 'strong' or 'weak', got {self.pseudo_label_view!r}")
         if self.estimator not in ESTIMATORS:
             bad("estimator", f"must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.ce_old_forward not in CE_OLD_FORWARDS:
+            bad("ce_old_forward", f"must be one of {CE_OLD_FORWARDS}, got {self.ce_old_forward!r}")
         if self.mpl_term not in MPL_TERMS:
             bad("mpl_term", f"must be one of {MPL_TERMS}, got {self.mpl_term!r}")
         if self.feedback_sign not in (1, -1):
@@ -106,17 +119,19 @@ class MPLConfig:
 _TYPE_NAMES = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
 
 PRESETS = {
-    # The paper's algorithm: sampled hard labels, h = CE_old - CE_new with a moving baseline.
+    # The paper's algorithm: sampled hard labels, h = CE_old - CE_new with a moving baseline,
+    # CE_old and CE_new computed alike (ce_old_forward 'separate'; the paper does not say).
     "paper": MPLConfig(),
     # What the released TF code does: soft targets, h = CE_new - CE_old, baseline, and the soft
     # MPL term CE(stopgrad(softmax z), z), whose gradient is exactly zero. A reproduction of
-    # released code, NOT a working MPL: its teacher gets no feedback from the student.
+    # released code, NOT a working MPL: its teacher gets no feedback from the student. CE_old
+    # from the student's joint forward on x_us and x_l, as there.
     "official": MPLConfig(pseudo_labels="soft", estimator="loss_diff", feedback_sign=-1,
-                          baseline_decay=0.99, mpl_term="official_soft"),
+                          baseline_decay=0.99, mpl_term="official_soft", ce_old_forward="joint"),
     # The popular PyTorch port: argmax labels from the weak view, h = CE_new - CE_old, no
-    # baseline.
+    # baseline, CE_old from the joint forward.
     "kekmodel": MPLConfig(pseudo_labels="argmax", pseudo_label_view="weak", feedback_sign=-1,
-                          baseline_decay=None),
+                          baseline_decay=None, ce_old_forward="joint"),
 }
 
 

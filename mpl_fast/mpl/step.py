@@ -118,6 +118,21 @@ class MPLStep(nn.Module):
             z_l, z_uw, z_us = z.split([n_l, n_u, n_u])
         return z_l, z_uw, z_us
 
+    def student_forward(self, batch: MPLBatch):
+        """The student's logits on x_us (for its step) and on x_l (for CE_old), old weights."""
+        n_u = batch.x_us.shape[0]
+        if self.config.ce_old_forward == "separate":
+            # x_l in a forward of its own, normalised with its own batch statistics as CE_new's
+            # forward is, so that CE_old - CE_new holds the step's effect alone; no autograd (CE_old
+            # is a value) and no BN running-statistics update (that is the x_us forward's)
+            with torch.no_grad(), frozen_bn_stats(self.student), self.autocast(batch.x_l.device):
+                s_l = self.student(batch.x_l)
+            with self.autocast(batch.x_us.device):
+                return self.student(batch.x_us), s_l
+        with self.autocast(batch.x_l.device):
+            s = self.student(torch.cat([batch.x_us, batch.x_l]))
+        return s.split([n_u, batch.x_l.shape[0]])
+
     # -- the step ---------------------------------------------------------------------------
     def forward(self, batch: MPLBatch, step: int = 0) -> Dict[str, torch.Tensor]:
         c = self.config
@@ -144,11 +159,9 @@ class MPLStep(nn.Module):
             source = z_us if c.pseudo_label_view == "strong" else z_uw
             targets, labels, _ = self.make_pseudo_labels(source)
 
-        # 3. student on pseudo labels; CE_old on labels from the same forward
+        # 3. student on pseudo labels; CE_old on labels with the same (old) weights
         with record_function("mpl/student_forward_backward_step"):
-            with self.autocast(dev):
-                s = self.student(torch.cat([batch.x_us, batch.x_l]))
-            s_us, s_l = s.split([n_u, batch.x_l.shape[0]])
+            s_us, s_l = self.student_forward(batch)
             s_loss = ops.soft_cross_entropy(s_us, targets,
                                             label_smoothing=c.student_label_smoothing)
             with torch.no_grad():
