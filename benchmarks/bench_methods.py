@@ -20,6 +20,7 @@ with other settings than the ones given now (anything but where it runs and how 
 evaluated, logged or saved) is refused, so one comparison never mixes configurations.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -181,6 +182,9 @@ def main(argv=None):
             "seconds_last_sitting": summary["seconds_this_session"],
             "images_per_second": summary.get("images_per_second"),
             "last_logged": last, "ema_student_top1_curve": curve,
+            # the MPL settings after the preset (null for supervised), e.g. ce_old_forward
+            "mpl": (None if config["method"] == "supervised"
+                    else dataclasses.asdict(cfg.mpl_config(config))),
             "gpu": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         })
         print(f"{method}: EMA student top-1 {summary['ema_student_top1']:.4f}", flush=True)

@@ -341,6 +341,8 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
         assert r["ema_student_top1_curve"][-1][1] == r["ema_student_top1"]
         assert r["images_per_second"] > 0 and r["gpu"] == "cpu" and r["steps"] == 4
     assert records[0]["teacher_top1"] is None and records[2]["teacher_top1"] is not None
+    assert records[0]["mpl"] is None and records[1]["mpl"]["mpl_weight"] == 0
+    assert records[2]["mpl"]["ce_old_forward"] == "separate"
     import yaml
     assert yaml.safe_load((out / "uda" / "config.yaml").read_text())["mpl"]["mpl_weight"] == 0
     assert yaml.safe_load((out / "mpl" / "config.yaml").read_text())["mpl"]["mpl_weight"] is None
