@@ -40,6 +40,7 @@ CONFIGS = {
     "soft_second_order": MPLConfig(pseudo_labels="soft", estimator="second_order",
                                    baseline_decay=None),
     "weak_no_grad": MPLConfig(pseudo_labels="argmax", teacher_weak_no_grad=True, uda_weight=1.0),
+    "joint_ce_old": MPLConfig(pseudo_labels="argmax", ce_old_forward="joint", uda_weight=1.0),
 }
 
 
