@@ -36,7 +36,7 @@ def _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD: tl.constexpr, SMOOTH: tl
 
 
 @triton.jit
-def _grad_chunk(x, t, c, y, lse, sum_t, mk, read, keep, off, grad_scale, HARD: tl.constexpr,
+def _grad_chunk(softmax, t, c, y, sum_t, mk, read, keep, off, grad_scale, HARD: tl.constexpr,
                 SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr):
     """grad_scale * mask * (softmax * sum(t') - t') of one chunk; 0 where the mask dropped the
     row (`read` False: nothing was loaded there)."""
@@ -44,7 +44,7 @@ def _grad_chunk(x, t, c, y, lse, sum_t, mk, read, keep, off, grad_scale, HARD: t
         t = tl.where(c == y[:, None], keep, 0.0)
         if SMOOTH:
             t += off
-    g = (tl.exp(x - lse[:, None]) * sum_t[:, None] - t) * grad_scale
+    g = (softmax * sum_t[:, None] - t) * grad_scale
     if HAS_MASK:
         g = tl.where(read, g * mk[:, None], 0.0)
     return g
@@ -93,7 +93,8 @@ def _soft_cross_entropy_kernel(
             part_a = t
             part_b = tl.where(t != 0.0, t * x, 0.0)
         m, row_a, row_b = tl.reduce((x, part_a, part_b), 1, max_sum_sum)
-        s = tl.sum(tl.exp(x - safe_max(m)[:, None]), 1)
+        e = tl.exp(x - safe_max(m)[:, None])  # kept: the gradient's softmax is e / s
+        s = tl.sum(e, 1)
     else:
         m = tl.full([ROWS], -float("inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
@@ -151,9 +152,9 @@ def _soft_cross_entropy_kernel(
 
     if COMPUTE_GRAD:
         g_rows = grad_ptr + rows[:, None] * grad_stride
-        if SINGLE:
-            g = _grad_chunk(x, t, cols, y, lse, sum_t, mk, read, keep, off, grad_scale, HARD,
-                            SMOOTH, HAS_MASK)
+        if SINGLE:  # the softmax from the exponentials already in registers: no exp here
+            g = _grad_chunk(e * (1.0 / s)[:, None], t, cols, y, sum_t, mk, read, keep, off,
+                            grad_scale, HARD, SMOOTH, HAS_MASK)
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < C))
         else:
@@ -161,8 +162,8 @@ def _soft_cross_entropy_kernel(
                 c = start + cols
                 read = todo[:, None] & (c < C)
                 x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
-                g = _grad_chunk(x, t, c, y, lse, sum_t, mk, read, keep, off, grad_scale, HARD,
-                                SMOOTH, HAS_MASK)
+                g = _grad_chunk(tl.exp(x - lse[:, None]), t, c, y, sum_t, mk, read, keep, off,
+                                grad_scale, HARD, SMOOTH, HAS_MASK)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & (c < C))
 

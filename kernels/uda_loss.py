@@ -58,8 +58,8 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         # two joint reductions (both maxima, then the three sums) instead of five in a row
         mw, ms = tl.reduce((w, x), 1, max_max)
         e = tl.exp(w - safe_max(mw)[:, None])
-        sw, qs, ss = tl.reduce((e, tl.where(e != 0.0, e * x, 0.0),
-                                tl.exp(x - safe_max(ms)[:, None])), 1, sum_sum_sum)
+        p = tl.exp(x - safe_max(ms)[:, None])  # kept: the gradient's softmax is p / ss
+        sw, qs, ss = tl.reduce((e, tl.where(e != 0.0, e * x, 0.0), p), 1, sum_sum_sum)
         mk = _confident(mw, sw, threshold)
         read = ok & (mk != 0.0)[:, None]
     else:
@@ -111,8 +111,8 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         g_rows = grad_ptr + rows[:, None] * grad_stride
         inv_sw = 1.0 / sw
         row_scale = (mk * grad_scale)[:, None]
-        if SINGLE:
-            g = (tl.exp(x - lse_s[:, None]) - e * inv_sw[:, None]) * row_scale
+        if SINGLE:  # from the exponentials already in registers: no exp here
+            g = (p * (1.0 / ss)[:, None] - e * inv_sw[:, None]) * row_scale
             g = tl.where(read, g, 0.0)
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
         else:
