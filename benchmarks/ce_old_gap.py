@@ -44,7 +44,8 @@ def parse_args(argv):
     p.add_argument("--trials", type=int, default=12, help="batches measured (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05,
                    help="the trial step's SGD learning rate (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"], help="(default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("warmup_steps", "trials"):
@@ -52,6 +53,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'trials' else 0}")
     if not args.lr > 0:
         p.error("--lr must be > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     return args
 
 
@@ -129,7 +132,8 @@ def main(argv=None):
     record = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dali": _dali_version(),
-        "date": datetime.date.today().isoformat(), "config": args.config, "model": config["model"]["student"],
+        "date": datetime.date.today().isoformat(), "config": args.config,
+        "model": config["model"]["student"],
         "batch_size": config["data"]["batch_size"], "mu": config["data"]["mu"],
         "warmup_steps": args.warmup_steps, "trials": args.trials, "lr": args.lr,
         **stats, "variance_ratio_joint_to_separate": round(ratio, 3), "trial_values": rows,
