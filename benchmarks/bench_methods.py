@@ -13,7 +13,7 @@ cifar10_4k_short), changed only by:
               and x_l, as the released code (docs/meta_gradient.md); run only when named
 Then one JSON object per method is appended to RESULTS/methods.jsonl (card, versions, date,
 final top-1 of the EMA student, student and teacher, wall seconds, images/s, the last logged h
-and UDA mask ratio, and the EMA-student top-1 curve), and OUT/methods.png draws the three
+and UDA mask ratio, h's statistics over the run (`feedback`), and the EMA-student top-1 curve), and OUT/methods.png draws the three
 curves. With --resume a method continues from OUT/<method>/last.pt (runs can span several
 sittings); a method whose run already reached its last step is not trained again. A run saved
 with other settings than the ones given now (anything but where it runs and how often it is
@@ -48,7 +48,24 @@ def _curve(run_dir):
     last = {}
     for r in rows:
         last.update({k: r[k] for k in LAST_LOGGED if k in r})
-    return curve, last
+    return curve, last, feedback_stats(rows)
+
+
+def feedback_stats(rows):
+    """h over a run's logged steps where the student learned (lr > 0; in its wait steps h says
+    nothing of a step): how many, mean, std, the fraction below 0 (the student's step raised its
+    labeled loss), and the mean of h after the baseline and of the UDA mask ratio. None for a run
+    without feedback logged (supervised)."""
+    hs = [r for r in rows if "h" in r and r.get("lr/student", 0) > 0]
+    if not hs:
+        return None
+    h = [r["h"] for r in hs]
+    mean = sum(h) / len(h)
+    std = (sum((v - mean) ** 2 for v in h) / max(len(h) - 1, 1)) ** 0.5
+    avg = lambda key: sum(r.get(key, 0.0) for r in hs) / len(hs)  # noqa: E731
+    return {"logged_steps": len(h), "h_mean": mean, "h_std": std,
+            "h_negative_fraction": sum(v < 0 for v in h) / len(h),
+            "h_centered_mean": avg("h_centered"), "mask_ratio_mean": avg("uda/mask_ratio")}
 
 
 # Keys that change where a run executes or how it is watched, not what it learns: a run may be
@@ -169,7 +186,7 @@ def main(argv=None):
             print(f"{method}: {'resuming' if resume else 'training'} {steps} steps -> {run_dir}",
                   flush=True)
             summary = train(config, run_dir, resume=resume)
-        curve, last = _curve(run_dir)
+        curve, last, h_stats = _curve(run_dir)
         curves[method] = curve
         records.append({
             "method": method, "config": args.config, "overrides": args.set,
@@ -181,7 +198,7 @@ def main(argv=None):
             "finetuned_student_top1": summary.get("finetuned_student_top1"),
             "seconds_last_sitting": summary["seconds_this_session"],
             "images_per_second": summary.get("images_per_second"),
-            "last_logged": last, "ema_student_top1_curve": curve,
+            "last_logged": last, "feedback": h_stats, "ema_student_top1_curve": curve,
             # the MPL settings after the preset (null for supervised), e.g. ce_old_forward
             "mpl": (None if config["method"] == "supervised"
                     else dataclasses.asdict(cfg.mpl_config(config))),

@@ -343,6 +343,13 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert records[0]["teacher_top1"] is None and records[2]["teacher_top1"] is not None
     assert records[0]["mpl"] is None and records[1]["mpl"]["mpl_weight"] == 0
     assert records[2]["mpl"]["ce_old_forward"] == "separate"
+    assert records[0]["feedback"] is None  # supervised: no teacher, no h
+    lines = (out / "mpl" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines if '"h"' in line]
+    learned = [r for r in logged if r["lr/student"] > 0]
+    assert records[2]["feedback"]["logged_steps"] == len(learned) > 0
+    assert records[2]["feedback"]["h_mean"] == pytest.approx(
+        sum(r["h"] for r in learned) / len(learned))
     import yaml
     assert yaml.safe_load((out / "uda" / "config.yaml").read_text())["mpl"]["mpl_weight"] == 0
     assert yaml.safe_load((out / "mpl" / "config.yaml").read_text())["mpl"]["mpl_weight"] is None
@@ -657,3 +664,21 @@ def test_bench_methods_mpl_joint_differs_from_mpl_in_ce_old_forward_alone():
     mpl, joint = (cfg.mpl_config(cfg.load("cifar10_4k_short", methods[m]))
                   for m in ("mpl", "mpl_joint"))
     assert mpl.ce_old_forward == "separate" and joint == mpl.replace(ce_old_forward="joint")
+
+
+def test_bench_methods_feedback_stats_skip_the_wait_steps():
+    import runpy
+    from pathlib import Path
+
+    stats = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                               "bench_methods.py"))["feedback_stats"]
+    rows = [{"step": 1, "h": 5.0, "h_centered": 5.0, "lr/student": 0.0, "uda/mask_ratio": 1.0},
+            {"step": 2, "h": -0.5, "h_centered": -1.0, "lr/student": 0.1, "uda/mask_ratio": 0.2},
+            {"step": 3, "h": 1.5, "h_centered": 1.0, "lr/student": 0.1, "uda/mask_ratio": 0.4},
+            {"step": 3, "eval/ema_student_top1": 0.5}]
+    got = stats(rows)
+    assert got["logged_steps"] == 2 and got["h_negative_fraction"] == 0.5
+    assert got["h_mean"] == pytest.approx(0.5) and got["h_std"] == pytest.approx(2 ** 0.5)
+    assert got["h_centered_mean"] == pytest.approx(0.0)
+    assert got["mask_ratio_mean"] == pytest.approx(0.3)
+    assert stats([{"step": 1, "loss": 1.0}]) is None
