@@ -47,6 +47,18 @@ def test_config_presets_and_errors(tmp_path):
         cfg.load("nonexistent_preset")
 
 
+def test_a_config_saved_before_ce_old_forward_existed_reads_as_joint():
+    """Runs saved before mpl.ce_old_forward existed took CE_old from the joint forward; read back,
+    their config says so (a resumed comparison then sees the difference instead of mixing the two),
+    while a config saved since keeps what it holds."""
+    saved = cfg.load("digits")
+    assert cfg.from_saved(saved)["mpl"]["ce_old_forward"] is None  # the preset's: separate
+    assert cfg.mpl_config(cfg.from_saved(saved)).ce_old_forward == "separate"
+    del saved["mpl"]["ce_old_forward"]
+    old = cfg.from_saved(saved)
+    assert old["mpl"]["ce_old_forward"] == "joint" and cfg.mpl_config(old).ce_old_forward == "joint"
+
+
 def test_bare_off_is_the_word_not_false(tmp_path):
     # YAML 1.1 reads `off` as false; train.amp's choice is the word "off" (first seen on a GPU)
     assert cfg.load("digits", ["train.amp=off"])["train"]["amp"] == "off"

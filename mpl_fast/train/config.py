@@ -183,10 +183,19 @@ def load(name_or_file="digits", overrides=()):
     return config
 
 
+# Keys added since runs were first saved whose default is not what those runs did: a config
+# saved without the key gets the value that describes how it was trained.
+_SAVED_BEFORE_THE_KEY = {("mpl", "ce_old_forward"): "joint"}  # CE_old came from the joint forward
+
+
 def from_saved(saved: dict) -> dict:
-    """A config stored in a checkpoint, completed with the defaults of keys added since."""
+    """A config stored in a checkpoint or a run's config.yaml, completed with the defaults of keys
+    added since (or, where a new default changed what a run does, with what it did then)."""
     config = copy.deepcopy(DEFAULTS)
     _merge(config, saved)
+    for (section, key), then in _SAVED_BEFORE_THE_KEY.items():
+        if key not in (saved.get(section) or {}):
+            config[section][key] = then
     return config
 
 
