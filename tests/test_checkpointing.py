@@ -114,8 +114,10 @@ def test_eval_and_no_grad_run_the_block_directly():
         assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
-def test_checkpointed_student_in_the_mpl_step_with_every_estimator():
-    """Extra forwards under frozen_bn_stats with gradients (dot, second_order) recompute too."""
+@pytest.mark.parametrize("ce_old_forward", ["separate", "joint"])
+def test_checkpointed_student_in_the_mpl_step_with_every_estimator(ce_old_forward):
+    """Extra forwards under frozen_bn_stats with gradients (dot, second_order) recompute too;
+    CE_old's forward without autograd runs the blocks directly."""
     from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 
     x = torch.randn(4, 3, 8, 8)
@@ -132,11 +134,12 @@ def test_checkpointed_student_in_the_mpl_step_with_every_estimator():
                 checkpoint_blocks(student)
             step = MPLStep(teacher, student, torch.optim.SGD(teacher.parameters(), lr=0.1),
                            torch.optim.SGD(student.parameters(), lr=0.1),
-                           MPLConfig(pseudo_labels=labels, estimator=estimator, baseline_decay=None))
+                           MPLConfig(pseudo_labels=labels, estimator=estimator, baseline_decay=None,
+                                     ce_old_forward=ce_old_forward))
             m = step(batch)
             results.append((m, dict(student.named_buffers()), dict(teacher.named_parameters())))
         (m0, b0, p0), (m1, b1, p1) = results
-        for key in ("teacher/loss", "student/loss", "student/ce_new", "h"):
+        for key in ("teacher/loss", "student/loss", "student/ce_old", "student/ce_new", "h"):
             assert torch.allclose(m0[key], m1[key], rtol=1e-4, atol=1e-6), (estimator, key)
         b1 = {n.replace(".block.", "."): b for n, b in b1.items()}  # unwrap CheckpointedBlock
         assert b0.keys() == b1.keys()
