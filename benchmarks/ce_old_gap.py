@@ -15,9 +15,10 @@ and a teacher stand-in (pseudo labels sampled from that student's softmax on x_u
 batches: h with CE_old from its own forward ('separate'), h from the joint forward ('joint'), and
 their difference. Each trial steps a copy of the student by plain SGD at LR on its pseudo-label
 loss (the part of an update that depends on this step's labels), the gradient taken from the
-joint forward so that both h share one update and differ by the gap alone. The spread of `gap` against the
-spread of h_separate says how much of the joint h is noise from normalisation. One JSON line is
-appended to OUT/ce_old_gap.jsonl with device, versions, date, settings and the statistics.
+joint forward so that both h share one update and differ by the gap alone. The spread of `gap`
+against the spread of h_separate says how much of the joint h is noise from normalisation. One
+JSON line is appended to OUT/ce_old_gap.jsonl with device, versions, date, settings and the
+statistics.
 """
 import argparse
 import copy
