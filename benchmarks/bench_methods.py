@@ -13,8 +13,8 @@ cifar10_4k_short), changed only by:
               and x_l, as the released code (docs/meta_gradient.md); run only when named
 Then one JSON object per method is appended to RESULTS/methods.jsonl (card, versions, date,
 final top-1 of the EMA student, student and teacher, wall seconds, images/s, the last logged h
-and UDA mask ratio, h's statistics over the run (`feedback`), and the EMA-student top-1 curve), and OUT/methods.png draws the three
-curves. With --resume a method continues from OUT/<method>/last.pt (runs can span several
+and UDA mask ratio, h's statistics over the run (`feedback`), the resolved MPL settings, and the
+EMA-student top-1 curve), and OUT/methods.png draws the methods' curves. With --resume a method continues from OUT/<method>/last.pt (runs can span several
 sittings); a method whose run already reached its last step is not trained again. A run saved
 with other settings than the ones given now (anything but where it runs and how often it is
 evaluated, logged or saved) is refused, so one comparison never mixes configurations.
@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,7 +41,9 @@ LABELS = {"supervised": "Supervised", "uda": "UDA only (no feedback)", "mpl": "M
 LAST_LOGGED = ("h", "baseline", "uda/mask_ratio", "teacher/ce_labeled", "student/ce_new")
 
 
-def _curve(run_dir):
+def _from_metrics(run_dir):
+    """From a run's metrics.jsonl: the EMA-student curve, the last logged diagnostics, h's
+    statistics."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     curve = [(r["step"], r["eval/ema_student_top1"]) for r in rows
@@ -60,12 +63,11 @@ def feedback_stats(rows):
     if not hs:
         return None
     h = [r["h"] for r in hs]
-    mean = sum(h) / len(h)
-    std = (sum((v - mean) ** 2 for v in h) / max(len(h) - 1, 1)) ** 0.5
-    avg = lambda key: sum(r.get(key, 0.0) for r in hs) / len(hs)  # noqa: E731
-    return {"logged_steps": len(h), "h_mean": mean, "h_std": std,
+    return {"logged_steps": len(h), "h_mean": statistics.fmean(h),
+            "h_std": statistics.stdev(h) if len(h) > 1 else 0.0,
             "h_negative_fraction": sum(v < 0 for v in h) / len(h),
-            "h_centered_mean": avg("h_centered"), "mask_ratio_mean": avg("uda/mask_ratio")}
+            "h_centered_mean": statistics.fmean(r.get("h_centered", 0.0) for r in hs),
+            "mask_ratio_mean": statistics.fmean(r.get("uda/mask_ratio", 0.0) for r in hs)}
 
 
 # Keys that change where a run executes or how it is watched, not what it learns: a run may be
@@ -186,7 +188,7 @@ def main(argv=None):
             print(f"{method}: {'resuming' if resume else 'training'} {steps} steps -> {run_dir}",
                   flush=True)
             summary = train(config, run_dir, resume=resume)
-        curve, last, h_stats = _curve(run_dir)
+        curve, last, h_stats = _from_metrics(run_dir)
         curves[method] = curve
         records.append({
             "method": method, "config": args.config, "overrides": args.set,

@@ -50,9 +50,10 @@ def parse_args(argv):
                    choices=["cpu", "cuda"], help="(default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")
     args = p.parse_args(argv)
-    for name in ("warmup_steps", "trials"):
-        if getattr(args, name) < (2 if name == "trials" else 0):
-            p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'trials' else 0}")
+    if args.warmup_steps < 0:
+        p.error("--warmup-steps must be >= 0")
+    if args.trials < 2:
+        p.error("--trials must be >= 2")  # a spread needs two values
     if not args.lr > 0:
         p.error("--lr must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
