@@ -10,12 +10,15 @@ counts decoded source images (B + mu*B per step). --synthetic N first writes N I
 --synthetic N is reused). --parts also times each pipeline of the stream alone (labeled;
 unlabeled; unlabeled without RandAugment), in source images/s, to show which part holds the
 stream back. --variant SPEC (repeatable) times the stream under other settings, SPEC being
-comma-separated KEY=VALUE of decode (gpu|cpu: where JPEGs are decoded), augment (gpu|cpu: where
+comma-separated KEY=VALUE of decode (gpu|cpu: where JPEGs are decoded; once: small images all
+of the output size decoded once before the timing into host memory, the time that takes recorded
+apart as decode_once_s), augment (gpu|cpu: where
 crops, flips, RandAugment and cutout run), steps_per_run (steps' batches a pipeline run makes),
 threads and hw_load (GPU decoding: the share of JPEGs sent to the hardware JPEG engine, 0-1),
 e.g. `--variant decode=cpu --variant decode=cpu,augment=cpu,threads=16`; the default is one
 variant, all on the device with --threads. The bare pipeline is timed (with --threads) for each
-decode device the variants use, and each variant is compared with the fastest bare. For large
+decode device the variants use (for `once`, the device's own: gpu on a GPU), and each variant is
+compared with the fastest bare. For large
 images bare decodes only the random crop's window (as the labeled stream does); it is also
 timed decoding the whole image, then cropping (as the unlabeled stream must, its two views
 cropping one decode), and each variant compared with that too. Appends a JSON record per
@@ -87,7 +90,8 @@ def main(argv=None):
                              "without RandAugment)")
     parser.add_argument("--variant", type=parse_variant, action="append", default=None,
                         metavar="SPEC", help="time the stream with these settings "
-                        "(decode=gpu|cpu,augment=gpu|cpu,steps_per_run=K,threads=T,hw_load=F; "
+                        "(decode=gpu|cpu|once,augment=gpu|cpu,steps_per_run=K,threads=T,"
+                        "hw_load=F; "
                         "repeatable)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="where data.jsonl is appended (default: %(default)s)")
@@ -99,7 +103,9 @@ def main(argv=None):
 
     from mpl_fast.data import dali_pipelines as P
     from mpl_fast.data.dali_stream import DaliStream, StreamSpec
-    from mpl_fast.data.image_folder import all_of_size, balanced_split, index_folder
+    from mpl_fast.data.decode_once import decode_index
+    from mpl_fast.data.image_folder import (DataError, all_of_size, balanced_split,
+                                            index_folder)
 
     root = Path(args.root)
     if args.synthetic is not None:
@@ -120,9 +126,12 @@ def main(argv=None):
     variants = [{"decode": "gpu", "augment": "gpu", "steps_per_run": 1, "threads": args.threads,
                  "hw_load": None, **v} for v in (args.variant or [{}])]
     if device.type == "cpu":  # every stage on the CPU, whatever a variant asks
-        variants = [dict(v, decode="cpu", augment="cpu") for v in variants]
+        variants = [dict(v, decode="once" if v["decode"] == "once" else "cpu", augment="cpu")
+                    for v in variants]
     # the hardware decoder's share means nothing to CPU decoding
-    variants = [dict(v, hw_load=None) if v["decode"] == "cpu" else v for v in variants]
+    variants = [dict(v, hw_load=None) if v["decode"] != "gpu" else v for v in variants]
+    if not sized and any(v["decode"] == "once" for v in variants):
+        raise DataError(f"--variant decode=once needs small images all {size}x{size}")
 
     def timed(fn, steps):
         for _ in range(3):
@@ -145,17 +154,24 @@ def main(argv=None):
         pipe.build()
         return args.steps * per_step / timed(pipe.run, args.steps)
 
-    bare = {decode: bare_rate(decode) for decode in dict.fromkeys(v["decode"] for v in variants)}
+    own = "gpu" if device.type == "cuda" else "cpu"  # what `once` is compared with
+    bare = {decode: bare_rate(decode) for decode in dict.fromkeys(
+        own if v["decode"] == "once" else v["decode"] for v in variants)}
     bare_ips = max(bare.values())
     # large images: also the whole image decoded, then cropped
-    bare_whole = None if small else bare_rate(variants[0]["decode"], whole=True)
+    bare_whole = None if small else bare_rate(variants[0]["decode"], whole=True)  # not once
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     records = []
     for v in variants:
         spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=v["threads"],
                           sized=sized, decode_device=v["decode"], augment_device=v["augment"],
                           steps_per_run=v["steps_per_run"], hw_decoder_load=v["hw_load"])
-        stream = DaliStream(index, labeled, spec, device)
+        source, decode_s = index, None
+        if v["decode"] == "once":
+            t0 = time.perf_counter()
+            source = decode_index(index, size, v["threads"], quiet=True)
+            decode_s = time.perf_counter() - t0
+        stream = DaliStream(source, labeled, spec, device)
         steps = max(args.steps, 3 * v["steps_per_run"])  # whole pipeline runs at least
         mpl_ips = steps * per_step / timed(stream.next, steps)
         parts = {}
@@ -166,7 +182,7 @@ def main(argv=None):
             parts["labeled"] = runs * b / timed(stream.lab.run, runs)
             parts["unlabeled"] = runs * ub / timed(stream.unl.run, runs)
             del stream
-            plain = DaliStream(index, labeled, dataclasses.replace(spec, ra_n=0), device)
+            plain = DaliStream(source, labeled, dataclasses.replace(spec, ra_n=0), device)
             parts["unlabeled_no_randaugment"] = runs * ub / timed(plain.unl.run, runs)
             del plain
         else:
@@ -181,6 +197,8 @@ def main(argv=None):
                   "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
                   "bare_images_per_s_by_decode": {k: round(x, 1) for k, x in bare.items()},
                   "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
+        if decode_s is not None:
+            record["decode_once_s"] = round(decode_s, 2)
         if bare_whole is not None:
             record["bare_whole_decode_images_per_s"] = round(bare_whole, 1)
             record["fraction_of_bare_whole_decode"] = round(mpl_ips / bare_whole, 3)

@@ -132,8 +132,11 @@ stage_data() {
     mpl-fast bench data --root "$CIFAR/train" --device gpu --batch-size 64 --mu 7 --parts \
       --out "$DIR/results" || return 1
     # where the stages run, and steps a pipeline run: 32-px images may decode and augment
-    # faster on the CPU threads, and DALI's per-batch costs shrink with several steps a run
+    # faster on the CPU threads, and DALI's per-batch costs shrink with several steps a run;
+    # decode=once: no decoding in the stream at all (decoded into memory before the timing)
     mpl-fast bench data --root "$CIFAR/train" --device gpu --batch-size 64 --mu 7 \
+      --variant decode=once --variant decode=once,steps_per_run=4 \
+      --variant decode=once,augment=cpu,threads=16 \
       --variant decode=cpu --variant steps_per_run=4 --variant decode=cpu,steps_per_run=4 \
       --variant decode=cpu,augment=cpu --variant decode=cpu,augment=cpu,steps_per_run=4 \
       --variant decode=cpu,augment=cpu,threads=16 --variant hw_load=0 --variant hw_load=1 \

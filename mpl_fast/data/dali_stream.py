@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from mpl_fast.data.decode_once import decode_index
 from mpl_fast.data.image_folder import DataError, FolderIndex  # or cifar_batches.ArrayIndex
 from mpl_fast.data.placement import placement
 from mpl_fast.mpl.step import MPLBatch
@@ -53,7 +54,7 @@ class StreamSpec:
     num_threads: int = 4
     seed: int = 0
     sized: bool = False  # small images all image_size x image_size already: no resize
-    decode_device: str = "gpu"  # feeding a GPU: where JPEGs are decoded (gpu | cpu)
+    decode_device: str = "gpu"  # feeding a GPU: where JPEGs are decoded (gpu | cpu | once)
     augment_device: str = "gpu"  # feeding a GPU: where crops, flips, RandAugment, cutout run
     steps_per_run: int = 1  # steps' batches made by one run of each pipeline
     hw_decoder_load: Optional[float] = None  # GPU decoding: share to the hardware JPEG engine
@@ -79,6 +80,8 @@ class DaliStream:
         except ValueError as err:
             raise DataError(str(err)) from err
         device_id = (self.device.index or 0) if gpu else None
+        if spec.decode_device == "once":  # a no-op for an index already decoded
+            index = decode_index(index, spec.image_size, spec.num_threads)
         self.k = spec.steps_per_run
         b = spec.batch_size // world
         seed = spec.seed + 7919 * start_step
@@ -153,6 +156,8 @@ class EvalStream:
 
         self.n, self.device = len(index), torch.device(device)
         gpu = self.device.type == "cuda"
+        if decode_device == "once":
+            index = decode_index(index, size, num_threads)
         source = (P.ArraySource(index.images, index.labels, batch_size, shuffle=False)
                   if hasattr(index, "images") else index.files)
         where = placement(gpu, decode_device, augment_device, hw_decoder_load)

@@ -15,15 +15,19 @@ class Placement(NamedTuple):
 
 
 DEVICES = ("gpu", "cpu")
+# decoding may also be done once, at the start, into host memory (see data/decode_once.py):
+# to the later stages that is CPU-decoded data
+DECODE_DEVICES = DEVICES + ("once",)
 
 
 def placement(gpu, decode_device="gpu", augment_device="gpu", hw_decoder_load=None) -> Placement:
     """The stages' placement for a pipeline feeding the GPU (`gpu`) or the CPU; on the CPU
     everything runs there, whatever the devices asked for. ValueError naming the setting for a
     placement DALI cannot run."""
-    for name, value in (("decode_device", decode_device), ("augment_device", augment_device)):
-        if value not in DEVICES:
-            raise ValueError(f"{name} must be one of {', '.join(DEVICES)}, got {value!r}")
+    for name, value, allowed in (("decode_device", decode_device, DECODE_DEVICES),
+                                 ("augment_device", augment_device, DEVICES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     if decode_device == "gpu" and augment_device == "cpu":
         raise ValueError("augment_device=cpu needs decode_device=cpu (DALI cannot bring GPU "
                          "images back to the CPU stages)")

@@ -84,6 +84,15 @@ class FolderData:
         # small images already at the size (CIFAR at 32) are not resized, in training or eval
         self.sized = self.small and all_of_size(self.index, self.image_size)
         self.test_sized = self.small and all_of_size(self.test_index, self.image_size)
+        if d["decode_device"] == "once":
+            from mpl_fast.data.decode_once import check_fits
+
+            if not (self.sized and self.test_sized):
+                raise DataError(f"data.decode_device=once needs small images (64 px at most) "
+                                f"all {self.image_size}x{self.image_size}, in training and test "
+                                "sets")
+            check_fits(len(self.index) + len(self.test_index), self.image_size)
+        self._decoded = {}  # decode_device=once: 'train' / 'test' -> the decoded ArrayIndex
         self.batches = 0
         self.stream = None
         self._eval = {}  # (batch size, device) -> EvalStream
@@ -96,8 +105,21 @@ class FolderData:
                           d["randaugment_n"], d["randaugment_m"], d["cutout"],
                           d["num_threads"], self.seed, self.sized, d["decode_device"],
                           d["augment_device"], d["steps_per_run"], d["hw_decoder_load"])
-        self.stream = DaliStream(self.index, self.labeled, spec, self.device, self.rank,
-                                 self.world, start_step=self.batches)
+        self.stream = DaliStream(self._stream_index("train"), self.labeled, spec, self.device,
+                                 self.rank, self.world, start_step=self.batches)
+
+    def _stream_index(self, which):
+        """The index the pipelines read: with decode_device=once, the images decoded once for
+        the whole run (kept across the stream's rebuilds on resume)."""
+        index = self.index if which == "train" else self.test_index
+        if self.d["decode_device"] != "once":
+            return index
+        if which not in self._decoded:
+            from mpl_fast.data.decode_once import decode_index
+
+            self._decoded[which] = decode_index(index, self.image_size, self.d["num_threads"],
+                                                quiet=self.rank != 0)
+        return self._decoded[which]
 
     def next(self):
         if self.stream is None:
@@ -125,7 +147,7 @@ class FolderData:
         key = (batch_size, str(device))
         if key not in self._eval:
             self._eval[key] = EvalStream(
-                self.test_index, self.image_size, self.small, device, batch_size,
+                self._stream_index("test"), self.image_size, self.small, device, batch_size,
                 self.d["num_threads"], self.test_sized, self.d["decode_device"],
                 self.d["augment_device"], self.d["hw_decoder_load"])
         return self._eval[key].batches()

@@ -44,7 +44,8 @@ DEFAULTS = {
         "num_threads": 4,
         # image_folder feeding a GPU: where DALI decodes, and where it crops, flips, runs
         # RandAugment and cutout (gpu | cpu; augment on cpu needs decode on cpu); the batch
-        # moves to the GPU before the first GPU stage
+        # moves to the GPU before the first GPU stage. decode_device=once: small images all
+        # image_size x image_size decoded once at the start into host memory (CPU)
         "decode_device": "gpu",
         "augment_device": "gpu",
         "steps_per_run": 1,  # image_folder: steps' batches made by one run of each pipeline
@@ -93,7 +94,7 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
     "train.cuda_graph": (False, True, "emulate"),
-    "data.decode_device": ("gpu", "cpu"),
+    "data.decode_device": ("gpu", "cpu", "once"),
     "data.augment_device": ("gpu", "cpu"),
 }
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
