@@ -382,3 +382,57 @@ def test_every_gpu_sitting_stage_has_its_function():
         assert re.search(rf"^stage_{stage.replace('-', '_')}\(\) \{{", text, re.M), stage
     usage = re.search(r"usage: .*run \[([^\]]*)\]", text).group(1).split()
     assert sorted(usage) == sorted(stages)  # the usage line names every stage
+
+
+def _sitting_bench_commands():
+    """Every `mpl-fast bench ...` command of gpu_sitting.sh: its argv after `bench`, the
+    continuation lines joined, cut at the shell's && || ; and the variables replaced."""
+    import re
+    import shlex
+
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh").read_text()
+    joined = text.replace("\\\n", " ")
+    out = []
+    for line in joined.splitlines():
+        at = line.find("mpl-fast bench ")
+        if at < 0 or line.lstrip().startswith("#"):
+            continue
+        command = re.split(r"&&|\|\||;", line[at:])[0]
+        command = re.sub(r"\$\{[A-Z_]+:-\}", "", command)  # optional extras: none
+        command = re.sub(r"\$\{?[A-Z_]+\}?", "x", command)
+        out.append(shlex.split(command)[2:])
+    return out
+
+
+def test_every_bench_command_of_the_gpu_sitting_parses(monkeypatch):
+    """A flag the benchmark does not know (or a bad --variant) would end a GPU call at once and
+    waste it: each command is parsed by its benchmark's own parser here, without running."""
+    import argparse
+    import runpy
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise Parsed
+
+    commands = _sitting_bench_commands()
+    assert {argv[0] for argv in commands} == {"ops", "step", "data", "methods"}
+    assert len(commands) >= 20
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    mains = {what: runpy.run_path(str(root / f"bench_{what}.py"))["main"]
+             for what in ("ops", "step", "data", "methods")}
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    for argv in commands:
+        try:
+            mains[argv[0]](argv[1:])
+        except Parsed:
+            continue
+        except SystemExit:
+            pytest.fail(f"gpu_sitting.sh: the parser refused `mpl-fast bench {' '.join(argv)}`")
+        pytest.fail("the parser was not reached")
+    with pytest.raises(SystemExit):  # and the check itself can fail
+        mains["data"](["--root", "x", "--variant", "decode=twice"])
