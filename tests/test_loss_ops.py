@@ -553,6 +553,40 @@ def test_eager_calls_bypass_the_dispatcher_and_match_the_registered_op(use, monk
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("registered", [False, True], ids=["eager_function", "registered_op"])
+def test_backward_fills_no_zeros_for_the_outputs_it_ignores(use, monkeypatch, backend, device,
+                                                             registered):
+    """The mask's and the gradient buffer's grads are never used: autograd must not fill them
+    with zeros (an N x C fill per call for the buffer, an extra kernel for the mask), whichever
+    way the op runs. Only the mask used downstream: no gradient at all."""
+    from torch.profiler import profile
+
+    from mpl_fast.ops import backend as backend_mod
+
+    use(backend)
+    if registered:
+        monkeypatch.setattr(backend_mod, "plain_eager", lambda *tensors: False)
+    n, c = 37, 100
+    x = _logits(n, c, torch.float32, device, 61).requires_grad_()
+    weak = _logits(n, c, torch.float32, device, 62)
+    y = torch.arange(n, device=device) % c
+    ce = ops.soft_cross_entropy(x, y, label_smoothing=0.1)
+    uda, mask = ops.uda_loss(weak, x, temperature=0.7, threshold=0.0)
+    with profile(record_shapes=True) as prof:
+        (ce + uda).backward()
+    fills = [e.name for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zero_", "aten::zeros_like", "aten::fill_")
+             and any(s in ([n], [n, c]) for s in e.input_shapes)]
+    assert fills == []
+    want = torch.func.grad(lambda t: F.cross_entropy(t, y, label_smoothing=0.1) + (
+        -(torch.softmax(weak / 0.7, 1) * torch.log_softmax(t, 1)).sum(1).mean()))(x.detach())
+    assert torch.allclose(x.grad, want, atol=1e-5)
+    x.grad = None
+    _, mask = ops.uda_loss(weak, x, temperature=0.7, threshold=0.0)
+    assert not mask.requires_grad and x.grad is None
+
+
 def test_traced_and_faked_calls_take_the_registered_op():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -98,10 +98,14 @@ def _(logits, target_index, target_probs, mask, label_smoothing, reduction, comp
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.has_grad = inputs[6]
+    # the gradient buffer's grad is never used: not filled with zeros (an N x C fill)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
     if not ctx.has_grad:
         raise RuntimeError("soft_cross_entropy was called without compute_grad=True; "
                            "call it with grad enabled and logits requiring grad")

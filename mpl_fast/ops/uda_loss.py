@@ -56,10 +56,15 @@ def _(logits_weak, logits_strong, temperature, threshold, reduction, compute_gra
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[2])
     ctx.has_grad = inputs[5]
+    # the mask's and the gradient buffer's grads are never used: not filled with zeros (an
+    # N x C fill for the buffer)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_mask, _grad_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # only the mask was used
+        return None, None, None, None, None, None
     if not ctx.has_grad:
         raise RuntimeError("uda_loss was called without a gradient; call it with grad enabled "
                            "and logits_strong requiring grad")
