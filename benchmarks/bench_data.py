@@ -14,6 +14,7 @@ comma-separated KEY=VALUE of decode (gpu|cpu: where JPEGs are decoded; once: sma
 of the output size decoded once before the timing into host memory, the time that takes recorded
 apart as decode_once_s), augment (gpu|cpu: where
 crops, flips, RandAugment and cutout run), steps_per_run (steps' batches a pipeline run makes),
+pipelines (unlabeled pipelines side by side, each making its share of the unlabeled batch),
 threads and hw_load (GPU decoding: the share of JPEGs sent to the hardware JPEG engine, 0-1),
 e.g. `--variant decode=cpu --variant decode=cpu,augment=cpu,threads=16`; the default is one
 variant, all on the device with --threads. The bare pipeline is timed (with --threads) for each
@@ -36,7 +37,7 @@ from mpl_fast.data.placement import placement
 from mpl_fast.train.run_log import append_jsonl
 
 VARIANT_KEYS = {"decode": str, "augment": str, "steps_per_run": int, "threads": int,
-                "hw_load": float}
+                "hw_load": float, "pipelines": int}
 
 
 def parse_variant(spec):
@@ -91,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--variant", type=parse_variant, action="append", default=None,
                         metavar="SPEC", help="time the stream with these settings "
                         "(decode=gpu|cpu|once,augment=gpu|cpu,steps_per_run=K,threads=T,"
-                        "hw_load=F; "
+                        "hw_load=F,pipelines=P; "
                         "repeatable)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="where data.jsonl is appended (default: %(default)s)")
@@ -124,7 +125,11 @@ def main(argv=None):
     sized = small and all_of_size(index, size)  # CIFAR at 32: no resize
     per_step = args.batch_size * (1 + args.mu)
     variants = [{"decode": "gpu", "augment": "gpu", "steps_per_run": 1, "threads": args.threads,
-                 "hw_load": None, **v} for v in (args.variant or [{}])]
+                 "hw_load": None, "pipelines": 1, **v} for v in (args.variant or [{}])]
+    for v in variants:
+        if (args.batch_size * args.mu) % v["pipelines"]:
+            parser.error(f"--variant pipelines={v['pipelines']} must divide the unlabeled batch "
+                         f"{args.batch_size * args.mu}")
     if device.type == "cpu":  # every stage on the CPU, whatever a variant asks
         variants = [dict(v, decode="once" if v["decode"] == "once" else "cpu", augment="cpu")
                     for v in variants]
@@ -165,7 +170,8 @@ def main(argv=None):
     for v in variants:
         spec = StreamSpec(args.batch_size, args.mu, size, small, num_threads=v["threads"],
                           sized=sized, decode_device=v["decode"], augment_device=v["augment"],
-                          steps_per_run=v["steps_per_run"], hw_decoder_load=v["hw_load"])
+                          steps_per_run=v["steps_per_run"], hw_decoder_load=v["hw_load"],
+                          unlabeled_pipelines=v["pipelines"])
         source, decode_s = index, None
         if v["decode"] == "once":
             t0 = time.perf_counter()
@@ -180,10 +186,11 @@ def main(argv=None):
             b, ub = args.batch_size * k, args.batch_size * args.mu * k
             runs = max(1, args.steps // k)
             parts["labeled"] = runs * b / timed(stream.lab.run, runs)
-            parts["unlabeled"] = runs * ub / timed(stream.unl.run, runs)
+            parts["unlabeled"] = runs * ub / timed(lambda: _run_all(stream.unl), runs)
             del stream
             plain = DaliStream(source, labeled, dataclasses.replace(spec, ra_n=0), device)
-            parts["unlabeled_no_randaugment"] = runs * ub / timed(plain.unl.run, runs)
+            parts["unlabeled_no_randaugment"] = runs * ub / timed(lambda: _run_all(plain.unl),
+                                                                  runs)
             del plain
         else:
             del stream
@@ -193,7 +200,7 @@ def main(argv=None):
                   "image_size": size, "batch_size": args.batch_size, "mu": args.mu,
                   "decode_device": v["decode"], "augment_device": v["augment"],
                   "steps_per_run": v["steps_per_run"], "threads": v["threads"],
-                  "hw_decoder_load": v["hw_load"],
+                  "hw_decoder_load": v["hw_load"], "unlabeled_pipelines": v["pipelines"],
                   "mpl_images_per_s": round(mpl_ips, 1), "bare_images_per_s": round(bare_ips, 1),
                   "bare_images_per_s_by_decode": {k: round(x, 1) for k, x in bare.items()},
                   "fraction_of_bare": round(mpl_ips / bare_ips, 3)}
@@ -222,12 +229,19 @@ def main(argv=None):
     return 0
 
 
+def _run_all(pipes):
+    for pipe in pipes:  # each ran ahead in its own executor: side by side
+        pipe.run()
+
+
 def _settings(record):
     hw = record["hw_decoder_load"]
     return (f"decode {record['decode_device']}"
             + (f" ({hw:g} to the hardware decoder)" if hw is not None else "")
             + f", augment {record['augment_device']}, {record['steps_per_run']} step(s) a run, "
-            f"{record['threads']} threads")
+            f"{record['threads']} threads"
+            + (f", {record['unlabeled_pipelines']} unlabeled pipelines"
+               if record.get("unlabeled_pipelines", 1) > 1 else ""))
 
 
 if __name__ == "__main__":

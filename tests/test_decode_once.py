@@ -106,14 +106,15 @@ def test_placement_and_config_take_once():
         cfg.load("cifar10_4k_short", ["data.decode_device=twice"])
 
 
-@pytest.mark.parametrize("steps_per_run", [1, 2])
-def test_a_stream_decoded_once_gives_each_row_its_own_image(tmp_path, steps_per_run):
+@pytest.mark.parametrize("steps_per_run,pipelines", [(1, 1), (2, 1), (2, 2)])
+def test_a_stream_decoded_once_gives_each_row_its_own_image(tmp_path, steps_per_run, pipelines):
     from mpl_fast.data.dali_pipelines import MEAN, STD
     from mpl_fast.data.dali_stream import DaliStream, StreamSpec
 
     index = index_folder(_colour_tree(tmp_path / "t"))
     spec = StreamSpec(batch_size=6, mu=2, image_size=32, small=True, num_threads=1, cutout=8,
-                      sized=True, decode_device="once", steps_per_run=steps_per_run)
+                      sized=True, decode_device="once", steps_per_run=steps_per_run,
+                      unlabeled_pipelines=pipelines)
     stream = DaliStream(index, balanced_split(index, per_class=2), spec, "cpu")
     shutil.rmtree(tmp_path / "t")  # decoded already: the files are not read again
     mean, std = torch.tensor(MEAN), torch.tensor(STD)
@@ -168,9 +169,12 @@ def test_bench_data_times_a_once_variant(tmp_path, capsys):
     root = _noise_tree(tmp_path / "t", per_class=(6, 6, 6))
     common = ["bench", "data", "--root", str(root), "--device", "cpu", "--batch-size", "3",
               "--mu", "2", "--steps", "2", "--threads", "1", "--out", str(tmp_path)]
-    assert cli.main(common + ["--variant", "decode=cpu", "--variant", "decode=once"]) == 0
+    assert cli.main(common + ["--variant", "decode=cpu", "--variant", "decode=once",
+                              "--variant", "decode=once,pipelines=2"]) == 0
     out = capsys.readouterr().out
-    cpu, once = [json.loads(r) for r in (tmp_path / "data.jsonl").read_text().splitlines()]
+    cpu, once, two = [json.loads(r) for r in (tmp_path / "data.jsonl").read_text().splitlines()]
+    assert [r["unlabeled_pipelines"] for r in (cpu, once, two)] == [1, 1, 2]
+    assert two["mpl_images_per_s"] > 0 and "2 unlabeled pipelines" in out
     assert (cpu["decode_device"], once["decode_device"]) == ("cpu", "once")
     assert once["decode_once_s"] > 0 and "decode_once_s" not in cpu
     assert once["bare_images_per_s_by_decode"] == cpu["bare_images_per_s_by_decode"]
@@ -178,6 +182,9 @@ def test_bench_data_times_a_once_variant(tmp_path, capsys):
     assert "decode once" in out
     assert cli.main(common + ["--image-size", "16", "--variant", "decode=once"]) == 2
     assert "decode=once needs small images all 16x16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # 3 x 2 unlabeled rows a step: 4 cannot share them
+        cli.main(common + ["--variant", "pipelines=4"])
+    assert err.value.code == 2 and "pipelines=4 must divide" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("augment", ["gpu", "cpu"], ids=["augment_on_gpu", "augment_on_cpu"])

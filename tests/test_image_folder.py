@@ -176,6 +176,42 @@ def test_the_hardware_decoders_share_reaches_the_gpu_decoders_only(decode, hw):
         assert got == (hw if decode == "gpu" else None), (small, got)
 
 
+@pytest.mark.parametrize("pipelines", [1, 2, 3])
+@pytest.mark.parametrize("steps_per_run", [1, 2])
+def test_unlabeled_pipelines_side_by_side_make_each_step_from_their_shards(tree, pipelines,
+                                                                           steps_per_run):
+    """unlabeled_pipelines=P: a step's 12 unlabeled rows come 12/P from each of P pipelines
+    reading disjoint shards, so two steps are one epoch of the 24 files, each row with its own
+    file's colour and index, in both views, channels_last; a P that does not divide the
+    unlabeled batch is refused."""
+    index, stream = _stream(tree, mu=3, unlabeled_pipelines=pipelines,
+                            steps_per_run=steps_per_run, seed=7)
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    steps = [stream.next() for _ in range(4)]
+    for first in (0, 2):
+        seen = torch.cat([b.unlabeled_index for b in steps[first:first + 2]]).tolist()
+        assert sorted(seen) == list(range(24))
+    for b in steps:
+        assert b.x_uw.shape == b.x_us.shape == (12, 3, 16, 16)
+        assert b.x_uw.is_contiguous(memory_format=torch.channels_last)
+        assert b.x_us.is_contiguous(memory_format=torch.channels_last)
+        for row, i in enumerate(b.unlabeled_index.tolist()):
+            c, k = index.labels[i], int(index.files[i].split("_")[-1].split(".")[0])
+            want = (torch.tensor(_color(c, k), dtype=torch.float32) - mean) / std
+            assert torch.allclose(b.x_uw[row].mean(dim=(1, 2)), want, atol=0.1), (row, i)
+    assert len({pipe.seed for pipe in stream.unl}) == pipelines  # augmentation seeds apart
+    from mpl_fast.data.image_folder import DataError
+    from mpl_fast.train import config as cfg
+
+    with pytest.raises(DataError, match="unlabeled_pipelines=5 must be >= 1 and divide"):
+        _stream(tree, mu=3, unlabeled_pipelines=5)
+    assert cfg.load("cifar10_4k_short", ["data.unlabeled_pipelines=4"])["data"][
+        "unlabeled_pipelines"] == 4
+    with pytest.raises(cfg.ConfigError, match="data.unlabeled_pipelines must be >= 1"):
+        cfg.load("cifar10_4k_short", ["data.unlabeled_pipelines=0"])
+
+
 def test_shards_are_disjoint_and_cover(tree):
     pytest.importorskip("nvidia.dali")
     from mpl_fast.data import dali_pipelines as P
@@ -248,7 +284,8 @@ def test_train_on_an_image_folder(tree, tmp_path, monkeypatch):
     config = cfg.load("digits", [
         "data.name=image_folder", f"data.root={root}", "data.image_size=16",
         "data.labeled_per_class=2", "data.batch_size=4", "data.mu=2", "data.num_threads=1",
-        "data.cutout=4", "data.steps_per_run=2", "train.steps=6", "train.eval_every=3",
+        "data.cutout=4", "data.steps_per_run=2", "data.unlabeled_pipelines=2",
+        "train.steps=6", "train.eval_every=3",
         "train.checkpoint_every=3",
         "train.log_every=1", "train.finetune_steps=2", "optim.student_wait_steps=2",
         "train.device=cpu"])

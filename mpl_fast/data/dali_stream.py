@@ -7,6 +7,12 @@ step at a time: DALI's costs per batch and per operator (the unlabeled pipeline 
 with two RandAugment layers, 14 without) are then paid once for several steps, which matters
 for small images.
 
+The unlabeled batch may come from several pipelines at once (`unlabeled_pipelines`), each making
+its share of the rows from its own shard of the data: RandAugment routes every sample through
+conditional splits and merges (one branch an operation), and DALI pays those per sample in one
+thread of a pipeline's executor whatever num_threads is (on a CPU, 16 if/else around an identity
+cost ~3 µs a sample each), so pipelines side by side are what spreads that work over cores.
+
 Resume position: DALI readers cannot seek, so on resume the pipelines restart with seeds derived
 from (seed, step): the run continues with fresh, deterministic data order and augmentation, not
 the exact batches an uninterrupted run would have drawn (an in-memory data set resumes exactly).
@@ -58,6 +64,7 @@ class StreamSpec:
     augment_device: str = "gpu"  # feeding a GPU: where crops, flips, RandAugment, cutout run
     steps_per_run: int = 1  # steps' batches made by one run of each pipeline
     hw_decoder_load: Optional[float] = None  # GPU decoding: share to the hardware JPEG engine
+    unlabeled_pipelines: int = 1  # pipelines making the unlabeled batch side by side
 
 
 class DaliStream:
@@ -72,6 +79,10 @@ class DaliStream:
             raise DataError(f"batch size {spec.batch_size} must divide by the world size {world}")
         if spec.steps_per_run < 1:
             raise DataError(f"steps_per_run must be >= 1, got {spec.steps_per_run}")
+        parts = spec.unlabeled_pipelines
+        if parts < 1 or (spec.batch_size // world * spec.mu) % parts:
+            raise DataError(f"unlabeled_pipelines={parts} must be >= 1 and divide the unlabeled "
+                            f"batch of a rank, {spec.batch_size // world * spec.mu}")
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         try:
@@ -87,23 +98,28 @@ class DaliStream:
         seed = spec.seed + 7919 * start_step
         common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
         lab_labels = [index.labels[i] for i in labeled]
+        ub = b * spec.mu // parts  # unlabeled rows a step from each unlabeled pipeline
         if hasattr(index, "images"):  # in-memory arrays (CIFAR python batches)
             # the sources index samples by the pipelines' batch: k steps' worth
             lab_src = P.ArraySource(index.images[labeled], lab_labels, b * self.k, rank, world,
                                     seed)
-            unl_src = P.ArraySource(index.images, list(range(len(index))), b * spec.mu * self.k,
-                                    rank, world, seed + 2)
+            unl_src = [P.ArraySource(index.images, list(range(len(index))), ub * self.k,
+                                     rank * parts + j, world * parts, seed + 2)
+                       for j in range(parts)]
         else:
-            lab_src, unl_src = [index.files[i] for i in labeled], index.files
+            lab_src, unl_src = [index.files[i] for i in labeled], [index.files] * parts
         self.lab = P.labeled_pipeline(
             lab_src, lab_labels, spec.image_size, spec.small, where, rank, world, seed,
             spec.sized, batch_size=b * self.k, seed=seed + 1, **common)
-        self.unl = P.unlabeled_pipeline(
-            unl_src, spec.image_size, spec.small, where, spec.ra_n, spec.ra_m, spec.cutout,
-            rank, world, seed + 2, spec.sized, batch_size=b * spec.mu * self.k, seed=seed + 3,
-            **common)
+        # shard j of a rank's unlabeled pipelines reads shard rank * parts + j of the data (one
+        # reader seed for all: disjoint shards), with augmentation seeds of its own
+        self.unl = [P.unlabeled_pipeline(
+            unl_src[j], spec.image_size, spec.small, where, spec.ra_n, spec.ra_m, spec.cutout,
+            rank * parts + j, world * parts, seed + 2, spec.sized, batch_size=ub * self.k,
+            seed=seed + 3 + 104729 * j, **common) for j in range(parts)]
         self.lab.build()
-        self.unl.build()
+        for pipe in self.unl:
+            pipe.build()
         self._batches, self._labeled = [], []  # made by the last runs, not yet handed out
 
     def _run(self, pipe):
@@ -121,10 +137,13 @@ class DaliStream:
     def next(self) -> MPLBatch:
         if not self._batches:
             xs, ys = self._labeled_run()
-            weak, strong, idx = self._run(self.unl)
-            parts = (_to_torch(weak, self.device).chunk(self.k),
-                     _to_torch(strong, self.device).chunk(self.k),
-                     _to_torch(idx, "cpu").flatten().long().chunk(self.k))
+            outs = [self._run(pipe) for pipe in self.unl]  # they ran ahead side by side
+            views = [[_to_torch(o[v], self.device).chunk(self.k) for o in outs] for v in (0, 1)]
+            idx = [_to_torch(o[2], "cpu").flatten().long().chunk(self.k) for o in outs]
+
+            def step_rows(chunks, s):  # step s: its rows from every unlabeled pipeline
+                return chunks[0][s] if len(chunks) == 1 else torch.cat([c[s] for c in chunks])
+            parts = [[step_rows(chunks, s) for s in range(self.k)] for chunks in (*views, idx)]
             for x_l, y_l, x_uw, x_us, i in zip(xs, ys, *parts):
                 batch = MPLBatch(x_l, y_l, x_uw, x_us)
                 batch.unlabeled_index = i  # file indices (e.g. rows of a Reduced-MPL logit store)

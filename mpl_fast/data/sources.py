@@ -104,7 +104,8 @@ class FolderData:
         spec = StreamSpec(d["batch_size"], d["mu"], self.image_size, self.small,
                           d["randaugment_n"], d["randaugment_m"], d["cutout"],
                           d["num_threads"], self.seed, self.sized, d["decode_device"],
-                          d["augment_device"], d["steps_per_run"], d["hw_decoder_load"])
+                          d["augment_device"], d["steps_per_run"], d["hw_decoder_load"],
+                          d["unlabeled_pipelines"])
         self.stream = DaliStream(self._stream_index("train"), self.labeled, spec, self.device,
                                  self.rank, self.world, start_step=self.batches)
 

@@ -50,6 +50,9 @@ DEFAULTS = {
         "augment_device": "gpu",
         "steps_per_run": 1,  # image_folder: steps' batches made by one run of each pipeline
         "hw_decoder_load": None,  # GPU decoding: share of JPEGs to the hardware engine (0-1)
+        # image_folder: pipelines making the unlabeled batch side by side, each its share from
+        # a shard of the data (RandAugment's per-sample routing runs in one thread a pipeline)
+        "unlabeled_pipelines": 1,
     },
     "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None,
               "checkpoint": "none",  # activation checkpointing: none|teacher|student|both
@@ -99,7 +102,8 @@ CHOICES = {
 }
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
             "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.eval_batch_size", "train.max_nonfinite_skips", "data.steps_per_run")
+            "train.eval_batch_size", "train.max_nonfinite_skips", "data.steps_per_run",
+            "data.unlabeled_pipelines")
 NON_NEGATIVE = ("optim.teacher_lr", "optim.student_lr", "optim.momentum", "optim.weight_decay",
                 "optim.warmup_steps", "optim.student_wait_steps", "train.finetune_steps",
                 "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength")
