@@ -1,0 +1,35 @@
+"""benchmarks/dali_conditionals.py: what DALI's if/else routing costs a sample (CPU)."""
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nvidia.dali")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "dali_conditionals.py"
+
+
+def test_it_records_a_rate_per_count_and_threads_and_the_routing_costs(tmp_path, capsys):
+    main = runpy.run_path(str(SCRIPT))["main"]
+    assert main(["--ifs", "8", "--threads", "1", "--batch", "64", "--runs", "3",
+                 "--out", str(tmp_path)]) == 0
+    records = [json.loads(r) for r in
+               (tmp_path / "dali_conditionals.jsonl").read_text().splitlines()]
+    assert [(r["ifs"], r["threads"]) for r in records] == [(0, 1), (8, 1)]  # 0: the baseline
+    base, routed = records
+    assert base["us_per_sample_per_if"] is None
+    # eight splits and merges of every sample cost something (measured: ~3 us each)
+    assert routed["samples_per_s"] < base["samples_per_s"]
+    assert routed["us_per_sample_per_if"] > 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary: one if/else")
+
+
+@pytest.mark.parametrize("bad", [["--ifs", "a"], ["--ifs", "-1"], ["--threads", "0"],
+                                 ["--runs", "0"]])
+def test_bad_input_exits_2(bad, tmp_path):
+    main = runpy.run_path(str(SCRIPT))["main"]
+    with pytest.raises(SystemExit) as err:
+        main(bad + ["--out", str(tmp_path)])
+    assert err.value.code == 2
+    assert not (tmp_path / "dali_conditionals.jsonl").exists()
