@@ -148,7 +148,8 @@ stage_data() {
       --out "$DIR/results" || return 1
   fi
   mpl-fast bench data --synthetic 8192 --root /tmp/synth --device gpu --batch-size 32 --mu 4 --parts \
-    --variant steps_per_run=1 --variant steps_per_run=4 --out "$DIR/results"
+    --variant steps_per_run=1 --variant steps_per_run=4 --variant pipelines=2 \
+    --variant pipelines=4 --out "$DIR/results"
 }
 
 # activation checkpointing (#7): time, activation memory and the largest batch, without, with
