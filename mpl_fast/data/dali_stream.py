@@ -100,7 +100,7 @@ class DaliStream:
         common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
         lab_labels = [index.labels[i] for i in labeled]
         ub = b * spec.mu // parts  # unlabeled rows a step from each unlabeled pipeline
-        if hasattr(index, "images"):  # in-memory arrays (CIFAR python batches)
+        if hasattr(index, "images"):  # in-memory arrays (CIFAR python batches, decoded once)
             # the sources index samples by the pipelines' batch: k steps' worth
             lab_src = P.ArraySource(index.images[labeled], lab_labels, b * self.k, rank, world,
                                     seed)
