@@ -131,18 +131,27 @@ def test_dali_gpu_eval_batches_match_the_cpu_ones(tmp_path, decode, augment):
                               xc[centre].mean(dim=(2, 3)), atol=0.1)
 
 
-@pytest.mark.parametrize("hw,small,sized,decode,augment,steps_per_run,hw_load", [
-    ((40, 48), False, False, "gpu", "gpu", 1, None), ((40, 48), True, False, "gpu", "gpu", 1, None),
-    ((16, 16), True, True, "gpu", "gpu", 1, None), ((16, 16), True, True, "cpu", "gpu", 1, None),
-    ((40, 48), False, False, "cpu", "gpu", 2, None), ((16, 16), True, True, "cpu", "cpu", 2, None),
-    ((40, 48), False, False, "cpu", "cpu", 1, None), ((16, 16), True, True, "gpu", "gpu", 1, 0.0),
-    ((40, 48), False, False, "gpu", "gpu", 1, 1.0)])
+@pytest.mark.parametrize("hw,small,sized,decode,augment,steps_per_run,hw_load,pipelines", [
+    ((40, 48), False, False, "gpu", "gpu", 1, None, 1),
+    ((40, 48), True, False, "gpu", "gpu", 1, None, 1),
+    ((16, 16), True, True, "gpu", "gpu", 1, None, 1),
+    ((16, 16), True, True, "cpu", "gpu", 1, None, 1),
+    ((40, 48), False, False, "cpu", "gpu", 2, None, 1),
+    ((16, 16), True, True, "cpu", "cpu", 2, None, 1),
+    ((40, 48), False, False, "cpu", "cpu", 1, None, 1),
+    ((16, 16), True, True, "gpu", "gpu", 1, 0.0, 1),
+    ((40, 48), False, False, "gpu", "gpu", 1, 1.0, 1),
+    ((16, 16), True, True, "once", "gpu", 1, None, 1),
+    ((16, 16), True, True, "once", "cpu", 2, None, 2),
+    ((40, 48), False, False, "gpu", "gpu", 1, None, 2)])
 def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path, hw, small, sized, decode,
-                                                       augment, steps_per_run, hw_load):
+                                                       augment, steps_per_run, hw_load,
+                                                       pipelines):
     """Large images (random-resized crop), small ones resized then padded and cropped (one
     slice on the GPU), and small ones already at the size (no resize); decoded on the GPU (its
-    hardware JPEG engine's share at DALI's default, 0 or 1) or the CPU, augmented on the GPU or
-    the CPU (the output on the GPU whatever the placement), one or two steps a pipeline run."""
+    hardware JPEG engine's share at DALI's default, 0 or 1), the CPU, or once into memory,
+    augmented on the GPU or the CPU (the output on the GPU whatever the placement), one or two
+    steps a pipeline run, the unlabeled batch from one or two pipelines side by side."""
     pytest.importorskip("nvidia.dali")
     from mpl_fast.data.dali_stream import DaliStream, StreamSpec
     from mpl_fast.data.image_folder import all_of_size, balanced_split, index_folder
@@ -152,7 +161,8 @@ def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path, hw, small, size
     split = balanced_split(index, per_class=2)
     spec = StreamSpec(batch_size=4, mu=2, image_size=16, small=small, num_threads=1, cutout=0,
                       sized=sized, decode_device=decode, augment_device=augment,
-                      steps_per_run=steps_per_run, hw_decoder_load=hw_load)
+                      steps_per_run=steps_per_run, hw_decoder_load=hw_load,
+                      unlabeled_pipelines=pipelines)
     gpu, cpu = DaliStream(index, split, spec, "cuda"), DaliStream(index, split, spec, "cpu")
     mean = torch.tensor([0.485, 0.456, 0.406]) * 255
     std = torch.tensor([0.229, 0.224, 0.225]) * 255
