@@ -212,6 +212,26 @@ def test_unlabeled_pipelines_side_by_side_make_each_step_from_their_shards(tree,
         cfg.load("cifar10_4k_short", ["data.unlabeled_pipelines=0"])
 
 
+def test_ranks_and_their_unlabeled_pipelines_read_disjoint_shards(tree):
+    """Under DDP (2 ranks) with 2 unlabeled pipelines a rank: 4 shards of the 24 files, so two
+    steps of both ranks are one epoch, every file once, none on both ranks."""
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.dali_stream import DaliStream, StreamSpec
+
+    index = index_folder(tree)
+    spec = StreamSpec(batch_size=4, mu=3, image_size=16, small=False, num_threads=1, cutout=0,
+                      unlabeled_pipelines=2)
+    labeled = balanced_split(index, per_class=2)
+    seen = []
+    for rank in range(2):
+        stream = DaliStream(index, labeled, spec, "cpu", rank=rank, world=2)
+        steps = [stream.next() for _ in range(2)]
+        assert all(b.x_uw.shape[0] == 6 and b.x_l.shape[0] == 2 for b in steps)
+        seen.append(torch.cat([b.unlabeled_index for b in steps]).tolist())
+    assert len(set(seen[0])) == len(set(seen[1])) == 12
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(24))
+
+
 def test_shards_are_disjoint_and_cover(tree):
     pytest.importorskip("nvidia.dali")
     from mpl_fast.data import dali_pipelines as P
