@@ -141,6 +141,7 @@ stage_data() {
     mpl-fast bench data --root "$CIFAR/train" --device gpu --batch-size 64 --mu 7 \
       --variant decode=once --variant decode=once,steps_per_run=4 \
       --variant decode=once,pipelines=4 --variant decode=once,pipelines=8 \
+      --variant decode=once,pipelines=4,steps_per_run=4 \
       --variant decode=once,augment=cpu,threads=16 \
       --variant decode=once,augment=cpu,pipelines=8,threads=2 \
       --variant decode=cpu --variant steps_per_run=4 --variant pipelines=4 \
