@@ -71,14 +71,16 @@ stage_ops() {
 # 1000 classes the kernels were latency-bound (as slow in bf16 as in fp32) and 2 or 4 rows a
 # program at 8 warps made them slower (second sitting): 2048:4096:4 puts 2 rows in a program of
 # 4 warps, 1024:4096:2 one row in 2 warps (more bytes in flight per thread), 1024:4096:1 one
-# row a warp (its reductions in shuffles, no shared memory or barriers; 32 programs can sit on an
-# SM, twice the rows in flight of 4 warps a row). At 10 classes UDA
+# row a warp (its reductions in shuffles, no shared memory or barriers; at up to 118 registers a
+# thread about 17 programs fit an SM, as many rows in flight as 4 warps a row). At 10 classes UDA
 # was slower than torch.compile (0.66x in bf16): 64 rows a program make only 240 programs for
-# 132 SMs; 256:4096:1 makes 960 programs of 16 rows and one warp. At 32000 classes, `:lanes`
+# 132 SMs; 256:4096:1 makes 960 programs of 16 rows and one warp, 128:4096:1 1920 of 8 rows (at
+# 1000 classes it is 1024:4096:1 again). At 32000 classes, `:lanes`
 # keeps a streamed row's statistics per lane: no reduction inside the loop (softmax_common).
 stage_ops_tiles() {
   mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
-    --tiles 1024:4096:8,256:4096:1,1024:4096:2,1024:4096:1,2048:4096:4 --out "$DIR/results" &&
+    --tiles 1024:4096:8,256:4096:1,128:4096:1,1024:4096:2,1024:4096:1,2048:4096:4 \
+    --out "$DIR/results" &&
     mpl-fast bench ops --shapes 4096x32000 --no-compile \
       --tiles 1024:4096:8,1024:4096:8:lanes,4096:4096:4,4096:4096:4:lanes,32768:32768:32 \
       --out "$DIR/results"
