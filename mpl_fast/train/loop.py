@@ -16,6 +16,7 @@ from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
+from mpl_fast.train.data_wait import DataWait
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import accuracies, accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves
@@ -262,12 +263,16 @@ def train(config, out_dir, resume=False):
     last_eval = None
     # the supervised method draws labeled batches alone: no unlabeled views decoded for nothing
     fetch = run.data.next_labeled if config["method"] == "supervised" else run.data.next
+    data_wait = DataWait()
     try:
         while run.step < t["steps"]:
+            began = time.perf_counter()
             try:
                 batch = run.to_device(fetch())
             except DataError as err:
                 raise TrainError(str(err)) from err
+            fetched = time.perf_counter() - began
+            aside = 0.0  # evaluation and checkpoint saves: not the loop's own work
             try:
                 metrics = run.train_step(batch, run.step)
                 run.consecutive_skips = 0
@@ -287,11 +292,13 @@ def train(config, out_dir, resume=False):
             run.ema.update(run.student)
             run.step += 1
             if run.step % t["eval_every"] == 0 or run.step == t["steps"]:
+                eval_began = time.perf_counter()
                 last_eval = run.evaluate()
                 metrics = {**metrics, **last_eval}
                 if metrics["eval/ema_student_top1"] > run.best:
                     run.best = metrics["eval/ema_student_top1"]
                     run.save("best.pt")
+                aside += time.perf_counter() - eval_began
             logging = run.step % t["log_every"] == 0 or "eval/student_top1" in metrics \
                 or "nonfinite_skipped" in metrics
             saving = run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]
@@ -299,9 +306,15 @@ def train(config, out_dir, resume=False):
                 _check_graphed_losses(metrics, run.step)
             if logging:
                 metrics["nonfinite_skipped"] = run.skipped
+                share = data_wait.share()  # the iterations since the last log
+                if share is not None:  # a wall-clock share: differs from run to run
+                    metrics["time/data_wait"] = share
                 logger.log(run.step, metrics)
             if saving:
+                save_began = time.perf_counter()
                 run.save("last.pt")
+                aside += time.perf_counter() - save_began
+            data_wait.add(fetched, time.perf_counter() - began - aside)
         final = last_eval if last_eval is not None else run.evaluate()  # the last step's
         summary = {"steps": run.step, "method": config["method"],
                    "student_top1": final["eval/student_top1"],
@@ -310,6 +323,9 @@ def train(config, out_dir, resume=False):
                    "best_ema_student_top1": run.best, "nonfinite_skipped": run.skipped,
                    "seconds_this_session": round(time.time() - started, 1),
                    "images_per_second": round(logger.images_per_second(run.step), 1)}
+        share = data_wait.session_share()
+        if share is not None:
+            summary["data_wait_share"] = round(share, 3)
         if t["finetune_steps"] > 0 and main:
             summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"])
     finally:

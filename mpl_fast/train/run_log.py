@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 SHOWN = (("teacher/loss", "t_loss"), ("student/loss", "s_loss"), ("h", "h"),
-         ("uda/mask_ratio", "mask"), ("lr/student", "lr_s"))
+         ("uda/mask_ratio", "mask"), ("lr/student", "lr_s"), ("time/data_wait", "data_wait"))
 
 
 class RunLogger:
