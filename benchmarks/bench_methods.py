@@ -12,7 +12,8 @@ cifar10_4k_short), changed only by:
   mpl_joint   mpl.ce_old_forward=joint: MPL with CE_old from the student's joint forward on x_us
               and x_l, as the released code (docs/meta_gradient.md); run only when named
 Then one JSON object per method is appended to RESULTS/methods.jsonl (card, versions, date,
-final top-1 of the EMA student, student and teacher, wall seconds, images/s, the last logged h
+final top-1 of the EMA student, student and teacher, wall seconds, images/s, the share of the
+loop spent waiting for data, the last logged h
 and UDA mask ratio, h's statistics over the run (`feedback`), the resolved MPL settings, and the
 EMA-student top-1 curve), and OUT/methods.png draws the methods' curves. With --resume a method continues from OUT/<method>/last.pt (runs can span several
 sittings); a method whose run already reached its last step is not trained again. A run saved
@@ -200,6 +201,8 @@ def main(argv=None):
             "finetuned_student_top1": summary.get("finetuned_student_top1"),
             "seconds_last_sitting": summary["seconds_this_session"],
             "images_per_second": summary.get("images_per_second"),
+            # the last sitting's share of loop time waiting for data (None: run before it existed)
+            "data_wait_share": summary.get("data_wait_share"),
             "last_logged": last, "feedback": h_stats, "ema_student_top1_curve": curve,
             # the MPL settings after the preset (null for supervised), e.g. ce_old_forward
             "mpl": (None if config["method"] == "supervised"
