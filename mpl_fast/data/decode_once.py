@@ -84,8 +84,8 @@ def _decodes(files, num_threads):
 
 
 def _first_undecodable(files, num_threads):
-    """The first file of a batch that failed that DALI cannot decode, found by halving (DALI's
-    error does not name it): about log2(len(files)) small pipelines."""
+    """In a batch DALI failed to decode, the first file it cannot decode, found by halving
+    (DALI's error does not name it): about log2(len(files)) small pipelines."""
     while len(files) > 1:
         half = files[:len(files) // 2]
         files = half if not _decodes(half, num_threads) else files[len(files) // 2:]
