@@ -23,7 +23,6 @@ statistics.
 import argparse
 import copy
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -77,6 +76,7 @@ def main(argv=None):
     from mpl_fast.models.registry import build_model
     from mpl_fast.mpl.bn import frozen_bn_stats
     from mpl_fast.train import config as cfg
+    from mpl_fast.train.run_log import append_jsonl
 
     try:
         config = cfg.load(args.config, [f"data.root={args.root}", *args.set])
@@ -142,9 +142,7 @@ def main(argv=None):
         **stats, "variance_ratio_joint_to_separate": round(ratio, 3), "trial_values": rows,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "ce_old_gap.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(out / "ce_old_gap.jsonl", [record])
     print(f"summary: std of h {stats['h_separate']['std']:.5f} (separate) vs "
           f"{stats['h_joint']['std']:.5f} (joint), gap std {stats['gap']['std']:.5f}: the joint "
           f"forward's h has {ratio:.1f}x the variance -> {out / 'ce_old_gap.jsonl'}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from mpl_fast.data.placement import placement
+from mpl_fast.data.placement import DECODE_DEVICES, DEVICES, placement
 from mpl_fast.mpl.config import MPLConfig, preset as mpl_preset
 
 
@@ -97,8 +97,8 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
     "train.cuda_graph": (False, True, "emulate"),
-    "data.decode_device": ("gpu", "cpu", "once"),
-    "data.augment_device": ("gpu", "cpu"),
+    "data.decode_device": DECODE_DEVICES,
+    "data.augment_device": DEVICES,
 }
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
             "train.log_every", "train.eval_every", "train.checkpoint_every",
