@@ -24,11 +24,13 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
     cols = tl.arange(0, BLOCK)[None, :]
     if SINGLE:  # the row is one tile: read once, probs written from registers
         ok = row_ok[:, None] & (cols < C)
-        x = tl.load(x_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        # max, argmax and differences of the logits, scaled by 1/T after (softmax_common: a
+        # scaled max subtracted would be contracted into an FMA)
+        x = tl.load(x_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
         # the max and its column in one reduction (the first maximum wins)
         m, best = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
         m_safe = safe_max(m)
-        e = tl.exp(x - m_safe[:, None])
+        e = tl.exp((x - m_safe[:, None]) * inv_temperature)
         inv_s = 1.0 / tl.sum(e, 1)
         tl.store(p_rows + cols, e * inv_s[:, None], mask=ok)
     else:
@@ -42,28 +44,27 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
         for start in range(0, C, BLOCK):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
-            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
-                * inv_temperature
+            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
             if LANES:  # strict: a lane keeps its first maximum
                 best_lane = tl.where(x > m_lane, c, best_lane)
-                m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x)
+                m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x, inv_temperature)
             else:  # the chunk's max and its column in one reduction
                 chunk_m, chunk_best = tl.max(x, 1, return_indices=True,
                                              return_indices_tie_break_left=True)
                 best = tl.where(chunk_m > m, chunk_best + start, best)  # strict: the first max
-                m, s = online_softmax_update(m, s, x, chunk_m)
+                m, s = online_softmax_update(m, s, x, chunk_m, inv_temperature)
         if LANES:  # the first maximum: the lowest column among the lanes' first maxima
-            m, s = lane_softmax_combine(m_lane, s_lane)
+            m, s = lane_softmax_combine(m_lane, s_lane, inv_temperature)
             best = tl.min(tl.where(m_lane == m[:, None], best_lane, C), 1)
         m_safe = safe_max(m)
         inv_s = 1.0 / s
         for start in range(0, C, BLOCK):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
-            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
-                * inv_temperature
-            tl.store(p_rows + c, tl.exp(x - m_safe[:, None]) * inv_s[:, None], mask=ok)
-    max_prob = tl.exp(m - m_safe) * inv_s
+            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+            tl.store(p_rows + c, tl.exp((x - m_safe[:, None]) * inv_temperature) * inv_s[:, None],
+                     mask=ok)
+    max_prob = tl.exp((m - m_safe) * inv_temperature) * inv_s
     tl.store(max_prob_ptr + rows, max_prob, mask=row_ok)
     tl.store(mask_ptr + rows, (max_prob >= threshold).to(tl.float32), mask=row_ok)
     tl.store(labels_ptr + rows, best.to(tl.int64), mask=row_ok)

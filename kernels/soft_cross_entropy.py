@@ -111,9 +111,9 @@ def _soft_cross_entropy_kernel(
             read = todo[:, None] & (c < C)
             x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
             if LANES:
-                m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x)
+                m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x, 1.0)
             else:
-                m, s = online_softmax_update(m, s, x, tl.max(x, 1))
+                m, s = online_softmax_update(m, s, x, tl.max(x, 1), 1.0)
             if HARD:
                 if SMOOTH:
                     acc_x += tl.where(read, x, 0.0)
@@ -122,7 +122,7 @@ def _soft_cross_entropy_kernel(
                 # a zero target weight contributes nothing, even against a -inf logit
                 acc_tx += tl.where(t != 0.0, t * x, 0.0)
         if LANES:
-            m, s = lane_softmax_combine(m_lane, s_lane)
+            m, s = lane_softmax_combine(m_lane, s_lane, 1.0)
         if HARD:
             row_a = tl.load(logits_ptr + rows * logits_stride + tl.where(in_range, y, 0),
                             mask=todo, other=0.0).to(tl.float32)

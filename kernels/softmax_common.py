@@ -7,6 +7,13 @@ reductions that wait on each other) or per lane (lane_softmax_update: each colum
 tile keeps its own max and sum, one exp an element and no reduction inside the loop; the lanes
 are combined once, after it). Which one is faster is for a GPU to say: LANE_STATS picks it
 (`mpl-fast bench ops --tiles 1024:4096:8:lanes` times the per-lane one).
+
+A temperature is applied after the max is subtracted, exp((x - m) * inv_t), never as
+exp(x * inv_t - m'): the compiler contracts a product and a difference into one FMA, which
+subtracts the rounded max from the unrounded product, so the max element's weight was
+exp(+-ulp/2) instead of 1 (at logits in the thousands, a "largest probability" of 1.0002 and a
+confidence mask off at threshold 1; seen on the H200, never in the interpreter). A difference
+scaled afterwards leaves nothing to contract: the max element's weight is exp(0) = 1 exactly.
 """
 import contextlib
 import math
@@ -26,49 +33,51 @@ LANE_STATS = False  # streamed rows: statistics per lane (True) or per row
 
 
 @triton.jit
-def running_max(m, chunk_m):
+def running_max(m, chunk_m, inv_t):
     """A running row max m [ROWS] met by a chunk's max: (the new max, it with -inf mapped to 0
-    so that exp(x - it) stays finite, the factor exp(m - that) rescaling sums kept against m)."""
+    so that exp(x - it) stays finite, the factor exp((m - that) * inv_t) rescaling sums kept
+    against m)."""
     m_new = tl.maximum(m, chunk_m)
     m_safe = safe_max(m_new)
-    return m_new, m_safe, tl.exp(m - m_safe)
+    return m_new, m_safe, tl.exp((m - m_safe) * inv_t)
 
 
 @triton.jit
-def online_softmax_update(m, s, x, chunk_m):
+def online_softmax_update(m, s, x, chunk_m, inv_t):
     """Fold a chunk x [ROWS, BLOCK], whose row max is chunk_m (reduced by the caller, maybe
-    jointly with something else), into the running max m and sum s of exp(x - m) [ROWS].
+    jointly with something else), into the running max m and sum s of exp((x - m) * inv_t)
+    [ROWS] (inv_t: the inverse temperature, 1.0 for none).
 
     -inf entries (and rows that are -inf so far) are handled without producing NaN.
     """
-    m_new, m_safe, scale = running_max(m, chunk_m)
-    return m_new, s * scale + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+    m_new, m_safe, scale = running_max(m, chunk_m, inv_t)
+    return m_new, s * scale + tl.sum(tl.exp((x - m_safe[:, None]) * inv_t), 1)
 
 
 @triton.jit
-def lane_weight(m, x):
+def lane_weight(m, x, inv_t):
     """For a chunk x against per-lane running maxima m ([ROWS, BLOCK] both): (the new maxima,
-    e, up), one exp an element: e = exp(-|x - m|) is the new element's weight when it is not
-    above its lane's max (up False), else the factor that rescales the lane's sums (up True);
-    0 where both are -inf (nothing to add)."""
+    e, up), one exp an element: e = exp(-|x - m| * inv_t) is the new element's weight when it is
+    not above its lane's max (up False), else the factor that rescales the lane's sums (up
+    True); 0 where both are -inf (nothing to add)."""
     m_new = tl.maximum(m, x)
-    e = tl.where(m_new == -float("inf"), 0.0, tl.exp(-tl.abs(x - m)))
+    e = tl.where(m_new == -float("inf"), 0.0, tl.exp(-tl.abs(x - m) * inv_t))
     return m_new, e, x > m
 
 
 @triton.jit
-def lane_softmax_update(m, s, x):
-    """Fold a chunk x [ROWS, BLOCK] into per-lane running maxima m and sums s of exp(x - m)
-    [ROWS, BLOCK] (see lane_weight). -inf entries add nothing."""
-    m_new, e, up = lane_weight(m, x)
+def lane_softmax_update(m, s, x, inv_t):
+    """Fold a chunk x [ROWS, BLOCK] into per-lane running maxima m and sums s of
+    exp((x - m) * inv_t) [ROWS, BLOCK] (see lane_weight). -inf entries add nothing."""
+    m_new, e, up = lane_weight(m, x, inv_t)
     return m_new, tl.where(up, s * e + 1.0, s + e)
 
 
 @triton.jit
-def lane_softmax_combine(m, s):
-    """The row max and sum of exp(x - max) [ROWS] from per-lane ones [ROWS, BLOCK]."""
+def lane_softmax_combine(m, s, inv_t):
+    """The row max and sum of exp((x - max) * inv_t) [ROWS] from per-lane ones [ROWS, BLOCK]."""
     row_m = tl.max(m, 1)
-    return row_m, tl.sum(s * tl.exp(m - safe_max(row_m)[:, None]), 1)
+    return row_m, tl.sum(s * tl.exp((m - safe_max(row_m)[:, None]) * inv_t), 1)
 
 
 # Combine functions of joint reductions: tl.reduce over a tuple of tensors reduces them all in

@@ -17,18 +17,18 @@ from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
 
 
 @triton.jit
-def _confident(mw, sw, threshold):
-    """The mask, 1.0 where the largest target probability max(q) = exp(mw - mw) / sw reaches the
-    threshold (mw: the running max of weak / T, sw: the sum of exp(weak / T - mw))."""
-    return (tl.exp(mw - safe_max(mw)) / sw >= threshold).to(tl.float32)
+def _confident(mw, sw, threshold, inv_t):
+    """The mask, 1.0 where the largest target probability max(q) = exp((mw - mw) / T) / sw
+    reaches the threshold (mw: the running max of weak, sw: the sum of exp((weak - mw) / T))."""
+    return (tl.exp((mw - safe_max(mw)) * inv_t) / sw >= threshold).to(tl.float32)
 
 
 @triton.jit
-def _lane_weak_update(mw, sw, qs, w, x):
-    """Per lane ([ROWS, BLOCK] each): the running max mw of weak / T, the sum sw of
-    exp(weak / T - mw), and qs, those weights times the strong logits; one exp an element, the
+def _lane_weak_update(mw, sw, qs, w, x, inv_t):
+    """Per lane ([ROWS, BLOCK] each): the running max mw of weak, the sum sw of
+    exp((weak - mw) / T), and qs, those weights times the strong logits; one exp an element, the
     new element's weight (not above the lane's max) or the rescale of the lane's sums (above)."""
-    mw_new, e, up = lane_weight(mw, w)
+    mw_new, e, up = lane_weight(mw, w, inv_t)
     sw = tl.where(up, sw * e + 1.0, sw + e)
     # a zero weight adds nothing, even against a -inf strong logit
     qs = tl.where(up, tl.where(e != 0.0, qs * e, 0.0) + x, qs + tl.where(e != 0.0, e * x, 0.0))
@@ -53,21 +53,23 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         # the weak row decides the mask; the strong row is loaded with it, before the first
         # reduction (a load placed after one waits for its barriers: two memory latencies a
         # row instead of one), and dropped where the mask is 0
-        w = tl.load(w_rows + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temperature
+        # the weak logits' differences are scaled by 1/T after the max is subtracted, never
+        # before (softmax_common: a scaled max subtracted would be contracted into an FMA)
+        w = tl.load(w_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
         x = tl.load(s_rows + cols, mask=ok, other=-float("inf")).to(tl.float32)
         # two joint reductions (both maxima, then the three sums) instead of five in a row
         mw, ms = tl.reduce((w, x), 1, max_max)
-        e = tl.exp(w - safe_max(mw)[:, None])
+        e = tl.exp((w - safe_max(mw)[:, None]) * inv_temperature)
         p = tl.exp(x - safe_max(ms)[:, None])  # kept: the gradient's softmax is p / ss
         sw, qs, ss = tl.reduce((e, tl.where(e != 0.0, e * x, 0.0), p), 1, sum_sum_sum)
-        mk = _confident(mw, sw, threshold)
+        mk = _confident(mw, sw, threshold, inv_temperature)
         read = ok & (mk != 0.0)[:, None]
     else:
         mw = tl.full([ROWS], -float("inf"), tl.float32)
         sw = tl.zeros([ROWS], tl.float32)
         ms = tl.full([ROWS], -float("inf"), tl.float32)
         ss = tl.zeros([ROWS], tl.float32)
-        qs = tl.zeros([ROWS], tl.float32)  # sum_c exp(w_c / T - mw) * strong_c, rescaled with mw
+        qs = tl.zeros([ROWS], tl.float32)  # sum_c exp((w_c - mw) / T) * strong_c, rescaled with mw
         # LANES: the same statistics per lane, combined after the loop
         mw_l = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)
         sw_l = tl.zeros([ROWS, BLOCK], tl.float32)
@@ -77,17 +79,16 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         for start in range(0, C, BLOCK):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
-            w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32) \
-                * inv_temperature
+            w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
             x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
             if LANES:
-                mw_l, sw_l, qs_l = _lane_weak_update(mw_l, sw_l, qs_l, w, x)
-                ms_l, ss_l = lane_softmax_update(ms_l, ss_l, x)
+                mw_l, sw_l, qs_l = _lane_weak_update(mw_l, sw_l, qs_l, w, x, inv_temperature)
+                ms_l, ss_l = lane_softmax_update(ms_l, ss_l, x, 1.0)
             else:  # two joint reductions a chunk (the maxima, then the sums), not five
                 chunk_mw, chunk_ms = tl.reduce((w, x), 1, max_max)
-                mw, mw_safe, w_scale = running_max(mw, chunk_mw)
-                ms, ms_safe, s_scale = running_max(ms, chunk_ms)
-                e = tl.exp(w - mw_safe[:, None])
+                mw, mw_safe, w_scale = running_max(mw, chunk_mw, inv_temperature)
+                ms, ms_safe, s_scale = running_max(ms, chunk_ms, 1.0)
+                e = tl.exp((w - mw_safe[:, None]) * inv_temperature)
                 chunk_sw, chunk_qs, chunk_ss = tl.reduce(
                     (e, tl.where(e != 0.0, e * x, 0.0), tl.exp(x - ms_safe[:, None])), 1,
                     sum_sum_sum)
@@ -96,14 +97,14 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
                 ss = ss * s_scale + chunk_ss
         if LANES:
             mw = tl.max(mw_l, 1)
-            f = tl.exp(mw_l - safe_max(mw)[:, None])
+            f = tl.exp((mw_l - safe_max(mw)[:, None]) * inv_temperature)
             sw = tl.sum(sw_l * f, 1)
             qs = tl.sum(tl.where(f != 0.0, qs_l * f, 0.0), 1)
-            ms, ss = lane_softmax_combine(ms_l, ss_l)
+            ms, ss = lane_softmax_combine(ms_l, ss_l, 1.0)
     mw_safe = safe_max(mw)
     lse_s = safe_max(ms) + tl.log(ss)
     if not SINGLE:
-        mk = _confident(mw, sw, threshold)
+        mk = _confident(mw, sw, threshold, inv_temperature)
     loss = lse_s - qs / sw
     tl.store(loss_ptr + rows, tl.where(mk != 0.0, loss, 0.0), mask=row_ok)
     tl.store(mask_ptr + rows, mk, mask=row_ok)
@@ -122,11 +123,10 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
                 c = start + cols
                 ok = row_ok[:, None] & (c < C)
                 read = keep[:, None] & (c < C)
-                w = tl.load(w_rows + c, mask=read, other=-float("inf")).to(tl.float32) \
-                    * inv_temperature
+                w = tl.load(w_rows + c, mask=read, other=-float("inf")).to(tl.float32)
                 x = tl.load(s_rows + c, mask=read, other=-float("inf")).to(tl.float32)
-                g = (tl.exp(x - lse_s[:, None]) - tl.exp(w - mw_safe[:, None]) * inv_sw[:, None]) \
-                    * row_scale
+                q = tl.exp((w - mw_safe[:, None]) * inv_temperature) * inv_sw[:, None]
+                g = (tl.exp(x - lse_s[:, None]) - q) * row_scale
                 g = tl.where(read, g, 0.0)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 

@@ -249,7 +249,8 @@ def test_rows_aligned_or_not_give_the_contiguous_results(use, backend, device, d
                                                          offset):
     """C = 1000 (a multiple of 8, not of 16: the kernels tell the compiler so, and it moves 16
     bytes an instruction) inside wider rows: aligned row starts (1008, offset 8), odd strides
-    (1003) and a misaligned start (offset 5) must all give what the contiguous rows give."""
+    (1003) and a misaligned start (offset 5) must all give what the contiguous rows give, to
+    rounding."""
     use(backend)
     n, c = 5, 1000
     wide = _logits(n, width, dtype, device, 31)
@@ -272,8 +273,16 @@ def test_rows_aligned_or_not_give_the_contiguous_results(use, backend, device, d
 
     got = run(x, w, t)
     want = run(x.contiguous(), w.contiguous(), t.contiguous())
+    # equal to rounding: the variant compiled for aligned rows may sum a row in another order
+    # (H200, 2026-11-26: last-bit differences in the gradient); a misread element is far off
     for a, b in zip(got, want):
-        assert torch.equal(a, b)
+        if a.is_floating_point() and a.dtype != torch.float32:
+            torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-4)
+        elif a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+    assert torch.equal(got[3], want[3])  # the mask
     truth = loss_truth.soft_ce_rows(x.double().cpu(), y.cpu(), 0.15, None).sum()
     assert torch.allclose(got[0].double().cpu(), truth, rtol=1e-4, atol=1e-4)
 
@@ -667,6 +676,34 @@ def test_pseudo_labels_first_maximum_in_streamed_rows(use, backend, device):
     assert out.labels.tolist() == [min(cols) for cols in ties] + [0]
     assert torch.allclose(out.probs.cpu()[:-1], torch.softmax(x[:-1].double(), 1).float(),
                           atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [10, 1000, 9000])
+def test_a_dominant_logit_is_probability_one_under_a_temperature(use, backend, device, dtype, c):
+    """Logits in the thousands, one of them 200 above the rest: softmax(x / T) is exactly 1 there
+    and 0 elsewhere. The largest probability must be 1, not 1 +- an ulp of x / T (a compiled
+    x * (1/T) - max contracted into one FMA made it 1.0002 on the H200, and UDA's mask at
+    threshold 1 then dropped rows whose target is certain)."""
+    use(backend)
+    g = torch.Generator().manual_seed(c)
+    n = 7
+    x = torch.randn(n, c, generator=g) * 3 + 3000
+    top = torch.randint(0, c, (n,), generator=g)
+    x[torch.arange(n), top] = 3200 + torch.rand(n, generator=g) * 50
+    x = x.to(dtype).to(device)
+    pl = ops.pseudo_labels(x, temperature=0.7, threshold=1.0)
+    assert pl.labels.tolist() == top.tolist()
+    assert pl.max_prob.tolist() == [1.0] * n
+    assert pl.mask.tolist() == [1.0] * n
+    assert torch.equal(pl.probs, torch.nn.functional.one_hot(top, c).float().to(device))
+    strong = _logits(n, c, dtype, device, c + 1)
+    loss, mask = ops.uda_loss(x, strong, temperature=0.7, threshold=1.0, reduction="none")
+    assert mask.tolist() == [1.0] * n
+    strong64 = strong.double()
+    want = torch.logsumexp(strong64, 1) - strong64[torch.arange(n), top.to(device)]
+    assert torch.allclose(loss.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def _streamed_edge_rows(c, seed):
