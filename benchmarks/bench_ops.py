@@ -18,11 +18,12 @@ the gradient written in the forward is used as is. A weighted loss (w * loss) ad
 and one write of the gradient, in place.
 
 --tiles sweeps the tile of our kernels (elements a program holds per step : widest row chunk :
-most warps, and `:lanes` for a streamed row's statistics kept per lane, see
+most warps : elements a warp, and `:lanes` for a streamed row's statistics kept per lane, see
 kernels/softmax_common.py; the default is the shipped one), to choose it from measurements.
+Each row records the launch the tile made at its C (rows a program, block, warps).
 
     python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000]
-                                   [--tiles 1024:4096:8,1024:4096:8:lanes]
+                                   [--tiles 256:4096:8:512,256:4096:8:512:lanes]
 """
 import argparse
 import datetime
@@ -92,16 +93,22 @@ def graph_timer(fn, device, grad_to_none=(), replays=50):
 
 
 def parse_tile(spec):
-    """'ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes]' -> (three ints, powers of two; lanes: whether a
-    streamed row keeps its statistics per lane)."""
+    """'ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes]' -> (elements, max_block, max_warps,
+    lanes, elements_per_warp): powers of two; lanes: whether a streamed row keeps its statistics
+    per lane; PER_WARP (elements a warp holds; the shipped one when left out)."""
+    from mpl_fast.kernels import softmax_common
+
     parts = spec.split(":")
-    lanes = len(parts) == 4 and parts[3] == "lanes"
-    numbers = parts[:3] if lanes else parts
-    if len(numbers) != 3 or not all(p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0
-                                    for p in numbers):
+    lanes = len(parts) in (4, 5) and parts[-1] == "lanes"
+    numbers = parts[:-1] if lanes else parts
+    if len(numbers) not in (3, 4) or not all(
+            p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in numbers):
         raise argparse.ArgumentTypeError(
-            f"tile {spec!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes], powers of two")
-    return (*(int(p) for p in numbers), lanes)
+            f"tile {spec!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes], powers "
+            "of two")
+    numbers = [int(p) for p in numbers]
+    per_warp = numbers[3] if len(numbers) == 4 else softmax_common.ELEMENTS_PER_WARP
+    return (*numbers[:3], lanes, per_warp)
 
 
 def parse_shape(spec):
@@ -123,8 +130,8 @@ def parse_dtype(name):
 
 
 def tile_name(tile):
-    """(elements, max_block, max_warps, lanes) -> 'E:B:W' or 'E:B:W:lanes'."""
-    return ":".join(map(str, tile[:3])) + (":lanes" if tile[3] else "")
+    """(elements, max_block, max_warps, lanes, elements_per_warp) -> 'E:B:W:P[:lanes]'."""
+    return ":".join(map(str, (*tile[:3], tile[4]))) + (":lanes" if tile[3] else "")
 
 
 def copy_bandwidth(device):
@@ -197,11 +204,16 @@ def record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth):
     def r4(v):
         return round(v, 4) if v is not None else None
 
+    from mpl_fast.kernels import softmax_common
+
     t_ours = pick(mine)
     gbps = nbytes / (t_ours * 1e-3) / 1e9
     comp = base.get("compile", (None, None))
+    with softmax_common.tile_settings(*tile):
+        launch = softmax_common.tile_for(c)
     return dict(meta, op=name, n=n, c=c, dtype=str(dtype).split(".")[1],
-                tile=tile_name(tile),
+                tile=tile_name(tile), rows_per_program=launch.rows, block=launch.block,
+                num_warps=launch.num_warps,
                 ms=r4(mine[0]), eager_ms=r4(base["eager"][0]), compile_ms=r4(comp[0]),
                 graph_ms=r4(mine[1]), eager_graph_ms=r4(base["eager"][1]),
                 compile_graph_ms=r4(comp[1]),
@@ -222,7 +234,7 @@ def print_row(row):
     ekey = "eager_graph_ms" if graphed else "eager_ms"
     ckey = "compile_graph_ms" if graphed else "compile_ms"
     print(f"{row['op']:20s} {str(row['n']) + 'x' + str(row['c']):>12s} {row['dtype']:>8s} "
-          f"{row['tile']:>13s} {f(row[key], 7)} {f(row[ekey], 7)} {f(row[ckey], 7)} "
+          f"{row['tile']:>20s} {f(row[key], 7)} {f(row[ekey], 7)} {f(row[ckey], 7)} "
           f"{f(row['speedup_vs_eager'], 7, 2)} {f(row['speedup_vs_compile'], 6, 2)} "
           f"{row['GBps']:6.0f} {100 * row['bandwidth_fraction']:4.0f} {f(row['ms'], 6)} "
           f"{f(row['eager_ms'], 6)}")
@@ -232,7 +244,8 @@ def main(argv=None):
     from mpl_fast.kernels import softmax_common
 
     shipped = tile_name((softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
-                         softmax_common.MAX_WARPS, softmax_common.LANE_STATS))
+                         softmax_common.MAX_WARPS, softmax_common.LANE_STATS,
+                         softmax_common.ELEMENTS_PER_WARP))
     parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
                                      description="benchmark the fused loss ops")
     parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES),
@@ -242,9 +255,11 @@ def main(argv=None):
                         help="comma-separated logits dtypes: float32, bfloat16, float16 "
                         "(default: %(default)s)")
     parser.add_argument("--tiles", default=shipped,
-                        help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS[:lanes] tiles of our "
-                        "kernels to time (:lanes: a streamed row's statistics per lane; "
-                        "default: the shipped one, %(default)s)")
+                        help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes] "
+                        "tiles of our kernels to time (a program holds ELEMENTS, at least a "
+                        "row, in chunks of at most MAX_BLOCK columns, with a warp per PER_WARP "
+                        "elements up to MAX_WARPS; :lanes: a streamed row's statistics per "
+                        "lane; default: the shipped one, %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s; off CUDA only host times)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
@@ -268,7 +283,7 @@ def main(argv=None):
     timing = ("ms: graph replay (GPU time), host: called from Python" if device.type == "cuda"
               else "ms: called from Python (no GPU: no graph replay)")
     print(f"{card}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; {timing}")
-    print(f"{'op':20s} {'N x C':>12s} {'dtype':>8s} {'tile':>13s} {'ours':>7s} {'eager':>7s} "
+    print(f"{'op':20s} {'N x C':>12s} {'dtype':>8s} {'tile':>20s} {'ours':>7s} {'eager':>7s} "
           f"{'compile':>7s} {'x eager':>7s} {'x comp':>6s} {'GB/s':>6s} {'% bw':>4s} "
           f"{'host':>6s} {'eager':>6s}")
     out = Path(args.out)

@@ -64,25 +64,22 @@ stage_ops() {
   mpl-fast bench ops --out "$DIR/results"
 }
 
-# our kernels' tile, swept at the two shapes the bandwidth target is set at (#3). A row longer
-# than MAX_BLOCK is read twice (statistics, then gradient), which caps the bandwidth fraction at
-# 2/3 unless the second read hits L2; the 32768 tile holds a 32000-class row whole (it spills:
-# tests/compile_kernels_for_gpu.py --tile shows how much), so only a measurement decides. At
-# 1000 classes the kernels were latency-bound (as slow in bf16 as in fp32) and 2 or 4 rows a
-# program at 8 warps made them slower (second sitting): 2048:4096:4 puts 2 rows in a program of
-# 4 warps, 1024:4096:2 one row in 2 warps (more bytes in flight per thread), 1024:4096:1 one
-# row a warp (its reductions in shuffles, no shared memory or barriers; at up to 118 registers a
-# thread about 17 programs fit an SM, as many rows in flight as 4 warps a row). At 10 classes UDA
-# was slower than torch.compile (0.66x in bf16): 64 rows a program make only 240 programs for
-# 132 SMs; 256:4096:1 makes 960 programs of 16 rows and one warp, 128:4096:1 1920 of 8 rows (at
-# 1000 classes it is 1024:4096:1 again). At 32000 classes, `:lanes`
-# keeps a streamed row's statistics per lane: no reduction inside the loop (softmax_common).
+# our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes], kernels/softmax_common.py),
+# swept at the shapes the bandwidth target is set at (#3). The third sitting (H200, 2026-11-26)
+# chose the shipped 256:4096:8:512 (16 elements a thread; 10 classes: 16 rows, one warp; 1000:
+# one row, two warps; 32000: 4096-column chunks, 8 warps) over 1024:4096:8 with 8 a thread (15-17%
+# less time at 1000 classes in bf16), and per-row over per-lane statistics at 32000. What is
+# left to try around it: at 10 classes 8 and 32 rows a warp, and 16 rows over 2 warps; at 1000 one
+# row a warp, two rows over two warps, and the earlier four warps a row; at 32000 chunks of 4096
+# over 4 warps and a whole 32768 row over 32 (it spills: tests/compile_kernels_for_gpu.py --tile
+# shows how much; a streamed row is read twice, a whole one once). The launch each tile made at
+# each C is in its record.
 stage_ops_tiles() {
   mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
-    --tiles 1024:4096:8,256:4096:1,128:4096:1,1024:4096:2,1024:4096:1,2048:4096:4 \
+    --tiles 256:4096:8:512,128:4096:8:512,512:4096:8:512,256:4096:8:128,1024:4096:8:1024,2048:4096:8:1024,1024:4096:8:256 \
     --out "$DIR/results" &&
     mpl-fast bench ops --shapes 4096x32000 --no-compile \
-      --tiles 1024:4096:8,1024:4096:8:lanes,4096:4096:4,4096:4096:4:lanes,32768:32768:32 \
+      --tiles 256:4096:8:512,256:4096:4:512,32768:32768:32:1024 \
       --out "$DIR/results"
 }
 

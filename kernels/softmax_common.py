@@ -6,7 +6,7 @@ row (online_softmax_update: a max and a sum reduced across the tile at every chu
 reductions that wait on each other) or per lane (lane_softmax_update: each column slot of the
 tile keeps its own max and sum, one exp an element and no reduction inside the loop; the lanes
 are combined once, after it). Which one is faster is for a GPU to say: LANE_STATS picks it
-(`mpl-fast bench ops --tiles 1024:4096:8:lanes` times the per-lane one).
+(`mpl-fast bench ops --tiles 256:4096:8:512:lanes` times the per-lane one).
 
 A temperature is applied after the max is subtracted, exp((x - m) * inv_t), never as
 exp(x * inv_t - m'): the compiler contracts a product and a difference into one FMA, which
@@ -23,12 +23,19 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-# Elements one program holds per loop iteration. Rows of fewer classes are packed several to a
-# program so that, e.g., 15360 x 10 logits are 240 programs of 64 rows, not 15360 of one.
-# (Module settings, read at each launch: `mpl-fast bench ops --tiles` sweeps them on a GPU.)
-TILE_ELEMENTS = 1024
+# Elements one program holds per loop iteration, at least one row's worth. Rows of fewer classes
+# are packed several to a program: 15360 x 10 logits are 960 programs of 16 rows, not 15360 of
+# one. A program has a warp per 512 elements (16 a thread), at most MAX_WARPS: 10 classes, 16 rows
+# and one warp; 1000 classes, one row and two warps; a streamed row, 4096 columns a step and 8.
+# Chosen on the H200 (2026-11-26, benchmarks/results/ops.jsonl): against the earlier tile (1024
+# elements, 8 a thread: 64 rows and 4 warps at 10 classes, one row and 4 warps at 1000) 15-17%
+# less time at 1000 classes in bf16, 5-13% at 10, the same in fp32; per-lane statistics were
+# slower at 32000 classes in every op and dtype. (Module settings, read at each launch: `mpl-fast
+# bench ops --tiles` sweeps them on a GPU.)
+TILE_ELEMENTS = 256
 MAX_BLOCK = 4096
 MAX_WARPS = 8
+ELEMENTS_PER_WARP = 512
 LANE_STATS = False  # streamed rows: statistics per lane (True) or per row
 
 
@@ -140,16 +147,19 @@ def row_alignment(num_classes: int, *row_strides: int) -> int:
 
 
 @contextlib.contextmanager
-def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False):
+def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False,
+                  elements_per_warp=None):
     """Launch with another tile inside the block (a benchmark sweep, a register report); the
-    shipped settings come back after it."""
-    global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS
-    shipped = TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS
+    shipped settings come back after it. elements_per_warp None keeps the shipped one."""
+    global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP
+    shipped = TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP
     TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = elements, max_block, max_warps, lanes
+    if elements_per_warp is not None:
+        ELEMENTS_PER_WARP = elements_per_warp
     try:
         yield
     finally:
-        TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = shipped
+        TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP = shipped
 
 
 class Tile(NamedTuple):
@@ -167,5 +177,5 @@ def tile_for(num_classes: int) -> Tile:
     rows = max(1, TILE_ELEMENTS // block)
     elements = rows * block
     single = num_classes <= block
-    return Tile(rows, block, min(MAX_WARPS, max(1, elements // 256)),  # 8 elements a thread
+    return Tile(rows, block, min(MAX_WARPS, max(1, elements // ELEMENTS_PER_WARP)),
                 single, LANE_STATS and not single)

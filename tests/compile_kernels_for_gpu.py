@@ -157,7 +157,8 @@ def main(argv=None):
     parser.add_argument("--classes", default="10,100,1000,4000,32000",
                         help="class counts to launch with (each picks a tile)")
     parser.add_argument("--tile", default=None,
-                        help="ELEMENTS:MAX_BLOCK:MAX_WARPS instead of the shipped tile (to see "
+                        help="ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP] instead of the shipped "
+                        "tile (to see "
                         "what a tile `mpl-fast bench ops --tiles` would sweep costs in registers)")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: compile only every n-th variant from the i-th (parallel runs)")
@@ -167,8 +168,13 @@ def main(argv=None):
         sys.exit("compile_kernels_for_gpu: unset TRITON_INTERPRET (it makes kernels uncompilable)")
     from mpl_fast.kernels import softmax_common
 
-    tile = (softmax_common.tile_settings(*(int(v) for v in args.tile.split(":")))
-            if args.tile else contextlib.nullcontext())
+    if args.tile:
+        numbers = [int(v) for v in args.tile.split(":")]
+        if len(numbers) not in (3, 4):
+            parser.error(f"--tile {args.tile!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP]")
+        tile = softmax_common.tile_settings(*numbers[:3], False, *numbers[3:])
+    else:
+        tile = contextlib.nullcontext()
     with tile:
         compile_all(args, shard, shards)
 

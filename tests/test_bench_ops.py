@@ -23,7 +23,9 @@ def test_bench_ops_records_rows(tmp_path, capsys):
         full = {"soft_cross_entropy": 2, "uda_loss": 3, "pseudo_labels": 2}[r["op"]] * 8 * 10 * 4
         assert 0 < r["min_bytes"] <= full
         assert r["graph_ms"] is None and r["speedup_vs_compile"] is None  # no GPU, no compile
-        assert r["tile"] == "1024:4096:8"  # the shipped tile
+        assert r["tile"] == "256:4096:8:512"  # the shipped tile
+        # 8 rows of 10 classes fit the 256-element tile's 16: one program of one warp
+        assert (r["rows_per_program"], r["block"], r["num_warps"]) == (16, 16, 1)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
 
 
@@ -36,15 +38,20 @@ def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
 
     shipped = settings()
     assert cli.main(["bench", "ops", "--shapes", "5x300", "--dtypes", "bfloat16", "--no-compile",
-                     "--tiles", "1024:4096:8,2048:128:4,1024:128:4:lanes", "--device", "cpu",
+                     "--tiles", "1024:4096:8,2048:128:4:256,1024:128:4:lanes", "--device", "cpu",
                      "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ops.jsonl").read_text().splitlines()]
     assert sorted((r["op"], r["tile"]) for r in rows) == sorted(
         (op, t) for op in ("soft_cross_entropy", "uda_loss", "pseudo_labels")
-        for t in ("1024:4096:8", "2048:128:4", "1024:128:4:lanes"))
+        for t in ("1024:4096:8:512", "2048:128:4:256", "1024:128:4:512:lanes"))
+    # the launch each tile made at 300 classes (rows a program, block, warps)
+    launch = {r["tile"]: (r["rows_per_program"], r["block"], r["num_warps"]) for r in rows}
+    assert launch == {"1024:4096:8:512": (2, 512, 2), "2048:128:4:256": (16, 128, 4),
+                      "1024:128:4:512:lanes": (8, 128, 2)}
     assert settings() == shipped
     capsys.readouterr()
-    for bad in ("1024:4096", "1000:4096:8", "a:b:c", "1024:4096:8:rows", "1024:4096:8:lanes:x"):
+    for bad in ("1024:4096", "1000:4096:8", "a:b:c", "1024:4096:8:rows", "1024:4096:8:lanes:x",
+                "1024:4096:8:500", "1024:4096:8:512:2", "lanes"):
         with pytest.raises(SystemExit):
             cli.main(["bench", "ops", "--tiles", bad, "--device", "cpu", "--out", str(tmp_path)])
         assert "--tiles" in capsys.readouterr().err
@@ -301,7 +308,7 @@ def test_bench_ops_ratios_never_mix_gpu_and_host_times():
 
     record = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
                                 "bench_ops.py"))["record"]
-    tile = (1024, 4096, 8, False)
+    tile = (1024, 4096, 8, False, 512)
     # ours could not be captured: every ratio from host times
     r = record({}, "op", 2, 3, torch.float32, tile, (0.5, None),
                {"eager": (0.4, 0.02), "compile": (0.3, 0.01)}, 1e6, 1e12)

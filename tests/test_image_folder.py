@@ -385,7 +385,10 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
             "model.teacher=small_cnn", "--set", "model.student=small_cnn", "--set",
             "train.steps=4", "--set", "train.eval_every=2", "--set", "train.finetune_steps=0",
             "--set", "train.device=cpu", "--set", "optim.student_wait_steps=1",
-            "--set", "mpl.uda_ramp_steps=2", "--set", "optim.warmup_steps=1"]
+            "--set", "mpl.uda_ramp_steps=2", "--set", "optim.warmup_steps=1",
+            # the tree's images are of several sizes: decoded in the stream, not once (the
+            # preset's 4 unlabeled pipelines and 4 steps a run are kept)
+            "--set", "data.decode_device=gpu"]
     out, results = tmp_path / "runs", tmp_path / "results"
     args = ["bench", "methods", *tiny, "--out", str(out), "--results", str(results)]
     assert cli.main(args) == 0
