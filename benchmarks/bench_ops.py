@@ -21,6 +21,8 @@ and one write of the gradient, in place.
 most warps : elements a warp, and `:lanes` for a streamed row's statistics kept per lane, see
 kernels/softmax_common.py; the default is the shipped one), to choose it from measurements.
 Each row records the launch the tile made at its C (rows a program, block, warps).
+--kernels adds where a call's time goes (torch.profiler over 10 calls: the costliest GPU
+kernels a call, or CPU ops off CUDA) for ours, eager and compile, as `kernels` in the record.
 
     python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000]
                                    [--tiles 256:4096:8:512,256:4096:8:512:lanes]
@@ -90,6 +92,36 @@ def graph_timer(fn, device, grad_to_none=(), replays=50):
         b.record()
     torch.cuda.synchronize()
     return statistics.median(a.elapsed_time(b) for a, b in zip(start, end))
+
+
+def kernel_times(fn, device, grad_to_none=(), calls=10, top=8):
+    """Where one call's time goes: [name, us a call] of its `top` most costly entries, from
+    torch.profiler over `calls` calls. On a GPU the device kernels (their own time: what the
+    graph replay's total is made of), else the ops' self CPU times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    for t in grad_to_none:
+        t.grad = None
+    fn()  # warm-up outside the profile (compilation, caches)
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+        if gpu:
+            torch.cuda.synchronize()
+    kernel = torch.autograd.DeviceType.CUDA
+    totals = {}
+    for e in prof.key_averages():
+        if gpu and e.device_type != kernel:
+            continue
+        us = e.self_device_time_total if gpu else e.self_cpu_time_total
+        if us > 0:
+            totals[e.key] = totals.get(e.key, 0.0) + us / calls
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return [[name, round(us, 2)] for name, us in ranked]
 
 
 def parse_tile(spec):
@@ -263,6 +295,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s; off CUDA only host times)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also profile where each call's time goes (torch.profiler: the "
+                        "costliest GPU kernels, or CPU ops off CUDA, a call) for ours, eager and "
+                        "compile; recorded as `kernels`, ours printed under its row")
     parser.add_argument("--out", default="benchmarks/results",
                         help="where ops.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -296,11 +332,15 @@ def main(argv=None):
                     theirs["compile"] = torch.compile(eager)
                 base = {k: (timer(f, device, leaves), graph_timer(f, device, leaves))
                         for k, f in theirs.items()}
+                theirs_kernels = ({k: kernel_times(f, device, leaves) for k, f in theirs.items()}
+                                  if args.kernels else {})
                 for tile in tiles:
                     try:
                         with softmax_common.tile_settings(*tile):
                             mine = (timer(ours, device, leaves),
                                     graph_timer(ours, device, leaves))
+                            mine_kernels = (kernel_times(ours, device, leaves)
+                                            if args.kernels else None)
                     except Exception as err:  # a swept tile the compiler refuses: say, go on
                         if tile_name(tile) == shipped:
                             raise
@@ -308,9 +348,14 @@ def main(argv=None):
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
                         continue
                     row = record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth)
+                    if args.kernels:
+                        row["kernels"] = dict(ours=mine_kernels, **theirs_kernels)
                     rows.append(row)
                     append_jsonl(out / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows
                     print_row(row)
+                    if args.kernels:
+                        print("    ours: " + ", ".join(f"{k[:48]} {us:.1f} us"
+                                                       for k, us in mine_kernels[:4]))
     if not rows:
         print("summary: no rows (every tile failed)")
         return 1

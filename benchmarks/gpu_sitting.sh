@@ -60,8 +60,11 @@ stage_tests_ops() {
   TRITON_INTERPRET=0 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider tests/test_loss_ops.py
 }
 
+# --kernels: where each call's GPU time goes (our kernel against the small ones around it: the
+# mean's sum, the backward's scale), for the 1000-class cross-entropy and UDA that stay under 70%
+# of bandwidth while pseudo_labels, one kernel, reaches 77-82%
 stage_ops() {
-  mpl-fast bench ops --out "$DIR/results"
+  mpl-fast bench ops --kernels --out "$DIR/results"
 }
 
 # our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes], kernels/softmax_common.py),

@@ -57,6 +57,29 @@ def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
         assert "--tiles" in capsys.readouterr().err
 
 
+def test_bench_ops_kernels_says_where_each_call_goes(tmp_path, capsys):
+    """--kernels: each record holds the costliest profiled entries a call of ours and of eager
+    torch (here CPU ops, on a GPU kernels), most costly first; ours' own autograd Function is
+    among them, eager's log-softmax too."""
+    assert cli.main(["bench", "ops", "--shapes", "6x10", "--dtypes", "float32", "--no-compile",
+                     "--kernels", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = {json.loads(line)["op"]: json.loads(line)
+            for line in (tmp_path / "ops.jsonl").read_text().splitlines()}
+    assert set(rows) == {"soft_cross_entropy", "uda_loss", "pseudo_labels"}
+    for r in rows.values():
+        assert set(r["kernels"]) == {"ours", "eager"}  # no compile row asked for
+        for entries in r["kernels"].values():
+            assert 0 < len(entries) <= 8
+            assert all(isinstance(name, str) and us > 0 for name, us in entries)
+            assert [us for _, us in entries] == sorted((us for _, us in entries), reverse=True)
+    names = {op: [name for name, _ in r["kernels"]["ours"]] for op, r in rows.items()}
+    assert any("SoftCrossEntropy" in name for name in names["soft_cross_entropy"])
+    assert any("UdaLoss" in name for name in names["uda_loss"])
+    eager = [name for name, _ in rows["soft_cross_entropy"]["kernels"]["eager"]]
+    assert any("log_softmax" in name for name in eager), eager
+    assert capsys.readouterr().out.count("    ours: ") == 3
+
+
 @pytest.mark.parametrize("option,bad", [("--shapes", "10x0"), ("--shapes", "0x10"),
                                         ("--shapes", "10"), ("--shapes", "10x1000x2"),
                                         ("--dtypes", "float64"), ("--dtypes", "int8")])
@@ -264,11 +287,16 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
 def test_bench_ops_times_graph_replays_on_a_gpu(tmp_path):
     """The GPU-time column: each variant captured and replayed (bench ops' own path on CUDA)."""
     assert cli.main(["bench", "ops", "--shapes", "130x1000", "--dtypes", "bfloat16",
-                     "--tiles", "1024:4096:8,4096:4096:8", "--device", "cuda",
+                     "--tiles", "1024:4096:8,4096:4096:8", "--device", "cuda", "--kernels",
                      "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ops.jsonl").read_text().splitlines()]
     assert len(rows) == 6
+    kernel = {"soft_cross_entropy": "_soft_cross_entropy_kernel", "uda_loss": "_uda_loss_kernel",
+              "pseudo_labels": "_pseudo_labels_kernel"}
     for r in rows:
+        # --kernels: on a GPU the device kernels, ours' Triton kernel among them
+        assert any(kernel[r["op"]] in name for name, _ in r["kernels"]["ours"]), r["kernels"]
+        assert set(r["kernels"]) == {"ours", "eager", "compile"}
         for key in ("graph_ms", "eager_graph_ms", "compile_graph_ms"):
             assert r[key] is not None and r[key] > 0, (r["op"], key)
         assert r["graph_timed"]  # the ratios come from the GPU times (rounded in the record)

@@ -697,7 +697,8 @@ def test_ce_old_gap_script_measures_the_normalisation_gap(tree, tmp_path, capsys
     main = runpy.run_path(str(script))["main"]
     tiny = ["--set", "data.image_size=16", "--set", "data.labeled_per_class=4", "--set",
             "data.batch_size=4", "--set", "data.mu=3", "--set", "data.num_threads=1",
-            "--set", "data.cutout=4", "--set", f"model.student={student}"]
+            "--set", "data.cutout=4", "--set", f"model.student={student}",
+            "--set", "data.decode_device=gpu"]  # the tree's images are of several sizes
     assert main(["--root", str(root), *tiny, "--warmup-steps", "2", "--trials", "3",
                  "--device", "cpu", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "ce_old_gap.jsonl").read_text())

@@ -58,8 +58,11 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
     for name, rs in by_kernel.items():
         tiles = {(r["constexprs"]["ROWS"], r["constexprs"]["BLOCK"],
                   r["constexprs"].get("SINGLE", True)) for r in rs}
-        assert tiles == {(64, 16, True), (8, 128, True), (1, 1024, True), (1, 4096, True),
+        assert tiles == {(16, 16, True), (2, 128, True), (1, 1024, True), (1, 4096, True),
                          (1, 4096, name == "_scale_rows_kernel")}, name
+        # the shipped tile's warps (softmax_common: a warp per 512 elements, at most 8)
+        warps = {(r["constexprs"]["ROWS"], r["constexprs"]["BLOCK"], r["num_warps"]) for r in rs}
+        assert warps == {(16, 16, 1), (2, 128, 1), (1, 1024, 2), (1, 4096, 8)}, name
         first_ptr = {next(iter(r["signature"].values())) for r in rs}
         assert first_ptr == {"*fp32", "*bf16", "*fp16"}, name
     # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked),
