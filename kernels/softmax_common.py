@@ -29,8 +29,8 @@ import triton.language as tl
 # and one warp; 1000 classes, one row and two warps; a streamed row, 4096 columns a step and 8.
 # Chosen on the H200 (2026-11-26, benchmarks/results/ops.jsonl): against the earlier tile (1024
 # elements, 8 a thread: 64 rows and 4 warps at 10 classes, one row and 4 warps at 1000) 15-17%
-# less time at 1000 classes in bf16, 5-13% at 10, the same in fp32; per-lane statistics were
-# slower at 32000 classes in every op and dtype. (Module settings, read at each launch: `mpl-fast
+# less time at 1000 classes in bf16 (within 5% either way in fp32), 5-10% less at 10 classes
+# in bf16 (1-12% in fp32); per-lane statistics were slower at 32000 classes in every op and dtype. (Module settings, read at each launch: `mpl-fast
 # bench ops --tiles` sweeps them on a GPU.)
 TILE_ELEMENTS = 256
 MAX_BLOCK = 4096
