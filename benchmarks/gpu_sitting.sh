@@ -67,7 +67,7 @@ stage_ops() {
   mpl-fast bench ops --kernels --out "$DIR/results"
 }
 
-# our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes], kernels/softmax_common.py),
+# our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes][:sN], softmax_common.py),
 # swept at the shapes the bandwidth target is set at (#3). The third sitting (H200, 2026-11-26)
 # chose the shipped 256:4096:8:512 (16 elements a thread; 10 classes: 16 rows, one warp; 1000:
 # one row, two warps; 32000: 4096-column chunks, 8 warps) over 1024:4096:8 with 8 a thread (15-17%
@@ -75,14 +75,16 @@ stage_ops() {
 # left to try around it: at 10 classes 8 and 32 rows a warp, and 16 rows over 2 warps; at 1000 one
 # row a warp, two rows over two warps, and the earlier four warps a row; at 32000 chunks of 4096
 # over 4 warps and a whole 32768 row over 32 (it spills: tests/compile_kernels_for_gpu.py --tile
-# shows how much; a streamed row is read twice, a whole one once). The launch each tile made at
-# each C is in its record.
+# shows how much; a streamed row is read twice, a whole one once), and a streamed row's chunks
+# software-pipelined, 2 and 3 in flight (:s2, :s3; the third sitting's 32000-class kernels took
+# 45-72% of bandwidth with one chunk in flight a program). The launch each tile made at each C is
+# in its record.
 stage_ops_tiles() {
   mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
     --tiles 256:4096:8:512,128:4096:8:512,512:4096:8:512,256:4096:8:128,1024:4096:8:1024,2048:4096:8:1024,1024:4096:8:256 \
     --out "$DIR/results" &&
     mpl-fast bench ops --shapes 4096x32000 --no-compile \
-      --tiles 256:4096:8:512,256:4096:4:512,32768:32768:32:1024 \
+      --tiles 256:4096:8:512,256:4096:8:512:s2,256:4096:8:512:s3,256:2048:4:512:s3,256:4096:4:512,32768:32768:32:1024 \
       --out "$DIR/results"
 }
 

@@ -14,7 +14,8 @@ from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
 def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
                           mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                          LANES: tl.constexpr, ALIGN: tl.constexpr):
+                          LANES: tl.constexpr, STAGES: tl.constexpr,
+                          ALIGN: tl.constexpr):
     C = aligned(C, ALIGN)
     logits_stride = aligned(logits_stride, ALIGN)
     probs_stride = aligned(probs_stride, ALIGN)
@@ -41,7 +42,7 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
         m_lane = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)
         s_lane = tl.zeros([ROWS, BLOCK], tl.float32)
         best_lane = tl.zeros([ROWS, BLOCK], tl.int32) + cols
-        for start in range(0, C, BLOCK):
+        for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
             x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
@@ -58,7 +59,7 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
             best = tl.min(tl.where(m_lane == m[:, None], best_lane, C), 1)
         m_safe = safe_max(m)
         inv_s = 1.0 / s
-        for start in range(0, C, BLOCK):
+        for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
             x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
@@ -86,6 +87,7 @@ def pseudo_labels_forward(logits, temperature, threshold):
         logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
         1.0 / float(temperature), float(threshold),
         ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)),
+        LANES=tile.lanes, STAGES=tile.stages,
+        ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)),
         num_warps=tile.num_warps)
     return probs, max_prob, mask, labels

@@ -56,7 +56,8 @@ def _soft_cross_entropy_kernel(
         loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale,
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-        SINGLE: tl.constexpr, LANES: tl.constexpr, ALIGN: tl.constexpr):
+        SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
+        ALIGN: tl.constexpr):
     C = aligned(C, ALIGN)
     logits_stride = aligned(logits_stride, ALIGN)
     probs_stride = aligned(probs_stride, ALIGN)
@@ -106,7 +107,7 @@ def _soft_cross_entropy_kernel(
         acc_t = tl.zeros([ROWS, BLOCK], tl.float32)
         acc_tx = tl.zeros([ROWS, BLOCK], tl.float32)
         acc_x = tl.zeros([ROWS, BLOCK], tl.float32)
-        for start in range(0, C, BLOCK):
+        for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             read = todo[:, None] & (c < C)
             x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
@@ -158,7 +159,7 @@ def _soft_cross_entropy_kernel(
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < C))
         else:
-            for start in range(0, C, BLOCK):
+            for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
                 read = todo[:, None] & (c < C)
                 x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
@@ -200,6 +201,7 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride),
+        LANES=tile.lanes, STAGES=tile.stages,
+        ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride),
         num_warps=tile.num_warps)
     return loss, grad

@@ -8,6 +8,11 @@ tile keeps its own max and sum, one exp an element and no reduction inside the l
 are combined once, after it). Which one is faster is for a GPU to say: LANE_STATS picks it
 (`mpl-fast bench ops --tiles 256:4096:8:512:lanes` times the per-lane one).
 
+A streamed row's chunks are loaded one at a time unless STREAM_STAGES > 1: then the loops are
+software-pipelined (tl.range's num_stages), the next STREAM_STAGES - 1 chunks copied
+asynchronously into shared memory (cp.async) while the current one is reduced, so a program
+keeps more than one chunk's bytes in flight (`--tiles 256:4096:8:512:s3` times it).
+
 A temperature is applied after the max is subtracted, exp((x - m) * inv_t), never as
 exp(x * inv_t - m'): the compiler contracts a product and a difference into one FMA, which
 subtracts the rounded max from the unrounded product, so the max element's weight was
@@ -30,13 +35,15 @@ import triton.language as tl
 # Chosen on the H200 (2026-11-26, benchmarks/results/ops.jsonl): against the earlier tile (1024
 # elements, 8 a thread: 64 rows and 4 warps at 10 classes, one row and 4 warps at 1000) 15-17%
 # less time at 1000 classes in bf16 (within 5% either way in fp32), 5-10% less at 10 classes
-# in bf16 (1-12% in fp32); per-lane statistics were slower at 32000 classes in every op and dtype. (Module settings, read at each launch: `mpl-fast
-# bench ops --tiles` sweeps them on a GPU.)
+# in bf16 (1-12% in fp32); per-lane statistics were slower at 32000 classes in every op and
+# dtype. (Module settings, read at each launch: `mpl-fast bench ops --tiles` sweeps them on a
+# GPU.)
 TILE_ELEMENTS = 256
 MAX_BLOCK = 4096
 MAX_WARPS = 8
 ELEMENTS_PER_WARP = 512
 LANE_STATS = False  # streamed rows: statistics per lane (True) or per row
+STREAM_STAGES = 1  # streamed rows: chunks in flight a program (1: no pipelining; not measured)
 
 
 @triton.jit
@@ -148,18 +155,23 @@ def row_alignment(num_classes: int, *row_strides: int) -> int:
 
 @contextlib.contextmanager
 def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False,
-                  elements_per_warp=None):
+                  elements_per_warp=None, stages=None):
     """Launch with another tile inside the block (a benchmark sweep, a register report); the
-    shipped settings come back after it. elements_per_warp None keeps the shipped one."""
-    global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP
-    shipped = TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP
+    shipped settings come back after it. elements_per_warp or stages None keeps the shipped
+    one."""
+    global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES
+    shipped = (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP,
+               STREAM_STAGES)
     TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = elements, max_block, max_warps, lanes
     if elements_per_warp is not None:
         ELEMENTS_PER_WARP = elements_per_warp
+    if stages is not None:
+        STREAM_STAGES = stages
     try:
         yield
     finally:
-        TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP = shipped
+        (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP,
+         STREAM_STAGES) = shipped
 
 
 class Tile(NamedTuple):
@@ -168,6 +180,7 @@ class Tile(NamedTuple):
     num_warps: int
     single: bool    # a row fits in one tile (read once)
     lanes: bool     # a streamed row's statistics per lane (see the module docstring)
+    stages: int     # a streamed row's chunks in flight (1 for a one-tile row)
 
 
 def tile_for(num_classes: int) -> Tile:
@@ -178,4 +191,4 @@ def tile_for(num_classes: int) -> Tile:
     elements = rows * block
     single = num_classes <= block
     return Tile(rows, block, min(MAX_WARPS, max(1, elements // ELEMENTS_PER_WARP)),
-                single, LANE_STATS and not single)
+                single, LANE_STATS and not single, 1 if single else STREAM_STAGES)

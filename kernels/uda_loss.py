@@ -39,7 +39,8 @@ def _lane_weak_update(mw, sw, qs, w, x, inv_t):
 def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
                      grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                      COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     SINGLE: tl.constexpr, LANES: tl.constexpr, ALIGN: tl.constexpr):
+                     SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
+                     ALIGN: tl.constexpr):
     C = aligned(C, ALIGN)
     weak_stride = aligned(weak_stride, ALIGN)
     strong_stride = aligned(strong_stride, ALIGN)
@@ -76,7 +77,7 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         qs_l = tl.zeros([ROWS, BLOCK], tl.float32)
         ms_l = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)
         ss_l = tl.zeros([ROWS, BLOCK], tl.float32)
-        for start in range(0, C, BLOCK):
+        for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
             w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
@@ -119,7 +120,7 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
         else:
             # a masked row's gradient is 0: it is written without reading the row again
             keep = row_ok & (mk != 0.0)
-            for start in range(0, C, BLOCK):
+            for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
                 ok = row_ok[:, None] & (c < C)
                 read = keep[:, None] & (c < C)
@@ -150,6 +151,7 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
         grad if compute_grad else loss, grad_stride,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride),
+        LANES=tile.lanes, STAGES=tile.stages,
+        ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride),
         num_warps=tile.num_warps)
     return loss, mask, grad

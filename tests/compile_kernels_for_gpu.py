@@ -21,6 +21,8 @@ import tempfile
 
 import torch
 
+# the stages a pipelined variant is compiled with: two chunks in flight beyond the one reduced
+PIPELINED_STAGES = 2
 POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                  torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 
@@ -100,14 +102,17 @@ def resource_usage(cubin: bytes):
 
 
 def global_access_widths(cubin: bytes):
-    """{'load': {bits: count}, 'store': {bits: count}} of the kernel's global loads and stores
-    (LDG/STG in its SASS): 128 where a thread moves 16 bytes an instruction, 16 where a bf16
-    row goes an element at a time."""
-    widths = {"load": {}, "store": {}}
-    for op, suffix in re.findall(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)", cuobjdump(cubin, "-sass")):
+    """{'load': {bits: count}, 'store': {bits: count}, 'async': {bits: count}} of the kernel's
+    global loads and stores (LDG/STG in its SASS) and its asynchronous copies from global to
+    shared memory (LDGSTS, cp.async: a software-pipelined loop's loads): 128 where a thread
+    moves 16 bytes an instruction, 16 where a bf16 row goes an element at a time."""
+    widths = {"load": {}, "store": {}, "async": {}}
+    kinds = {"LDG": "load", "STG": "store", "LDGSTS": "async"}
+    for op, suffix in re.findall(r"\b(LDGSTS|LDG|STG)\.E((?:\.[A-Z0-9]+)*)",
+                                 cuobjdump(cubin, "-sass")):
         bits = next((int(p.lstrip("SU")) for p in suffix.split(".")[1:]
                      if p.lstrip("SU").isdigit()), 32)
-        kind = widths["load" if op == "LDG" else "store"]
+        kind = widths[kinds[op]]
         kind[bits] = kind.get(bits, 0) + 1
     return widths
 
@@ -126,9 +131,12 @@ def record_launches(num_classes, dtypes):
     n = 3
     from mpl_fast.kernels import softmax_common as sc
 
-    # each tile with a streamed row's statistics per row and per lane (LANES, where it streams)
-    for lanes, c, dtype in itertools.product((False, True), num_classes, dtypes):
-        with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, lanes):
+    # each tile with a streamed row's statistics per row and per lane (LANES, where it streams),
+    # and per row with its chunks software-pipelined (STAGES; softmax_common.STREAM_STAGES)
+    for (lanes, stages), c, dtype in itertools.product(
+            ((False, 1), (True, 1), (False, PIPELINED_STAGES)), num_classes, dtypes):
+        with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, lanes,
+                              stages=stages):
             _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c, dtype)
     return [(rec.kernel, args, kwargs) for rec in recorders.values()
             for args, kwargs in rec.calls]
@@ -204,6 +212,7 @@ def compile_all(args, shard, shards):
                   "signature": {k: v for k, v in signature.items() if v != "constexpr"},
                   "constexprs": constexprs, **options,
                   **resource_usage(compiled.asm["cubin"]),
+                  "dynamic_shared": compiled.metadata.shared,
                   **global_access_widths(compiled.asm["cubin"])}
         print(json.dumps(record), flush=True)
 

@@ -2,9 +2,11 @@
 
 CI otherwise runs them only through the interpreter, which accepts programs the real compiler
 rejects; this compiles every variant the launchers can produce (3 dtypes x tiles x the constexpr
-switches) to a cubin, and checks that none spills registers beyond a word or two and that
-long rows are read and written 16 bytes an instruction.
+switches) to a cubin, and checks that none spills registers beyond a word or two, that long rows
+are read and written 16 bytes an instruction, and that a streamed row's pipelined loops
+(softmax_common.STREAM_STAGES) load through asynchronous copies.
 """
+import importlib
 import json
 import os
 import pathlib
@@ -16,6 +18,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 SCRIPT = pathlib.Path(__file__).with_name("compile_kernels_for_gpu.py")
+SCRIPT_MODULE = importlib.import_module("tests.compile_kernels_for_gpu")
 
 
 def _ptxas_present():
@@ -66,11 +69,23 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         first_ptr = {next(iter(r["signature"].values())) for r in rs}
         assert first_ptr == {"*fp32", "*bf16", "*fp16"}, name
     # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked),
-    # the chunked tile also with per-lane statistics
-    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 6
+    # the chunked tile also with per-lane statistics and with its chunks pipelined
+    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 7
+    pipelined = SCRIPT_MODULE.PIPELINED_STAGES
     for name in ("_pseudo_labels_kernel", "_soft_cross_entropy_kernel", "_uda_loss_kernel"):
-        lanes = {(r["constexprs"]["SINGLE"], r["constexprs"]["LANES"]) for r in by_kernel[name]}
-        assert lanes == {(True, False), (False, False), (False, True)}, name
+        streams = {(r["constexprs"]["SINGLE"], r["constexprs"]["LANES"], r["constexprs"]["STAGES"])
+                   for r in by_kernel[name]}
+        assert streams == {(True, False, 1), (False, False, 1), (False, True, 1),
+                           (False, False, pipelined)}, name
+        for r in by_kernel[name]:
+            copies = r["async"]
+            if r["constexprs"]["STAGES"] > 1:
+                # the pipelined loops' loads became asynchronous copies into shared memory,
+                # 16 bytes each; the buffers fit an SM's shared memory (227 KiB on sm_90)
+                assert copies.get("128", 0) >= 1 and set(copies) == {"128"}, r
+                assert r["dynamic_shared"] <= 227 * 1024, r
+            else:
+                assert copies == {}, r
     for r in records:
         assert r["arch"] == "sm_90"
         # ptxas 13 under triton's --regAllocOptLevel=2 may park a word or two on the stack;
@@ -83,5 +98,6 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         # one two-byte load left is soft_cross_entropy's gather of the target's logit in a
         # streamed row
         if r["constexprs"]["BLOCK"] >= 1024:
-            assert r["load"].get("128", 0) >= 1 and r["load"].get("16", 0) <= 1, r
+            wide = r["load"].get("128", 0) + r["async"].get("128", 0)
+            assert wide >= 1 and r["load"].get("16", 0) <= 1, r
             assert r["store"].get("16", 0) == 0, r

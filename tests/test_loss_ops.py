@@ -17,12 +17,14 @@ SLACK = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
 def _backends():
-    """torch; the Triton kernels as shipped; and "triton-lanes", the same kernels with a
-    streamed row's statistics kept per lane (softmax_common.LANE_STATS), for benchmarks to
-    choose from."""
+    """torch; the Triton kernels as shipped; "triton-lanes", the same kernels with a streamed
+    row's statistics kept per lane (softmax_common.LANE_STATS); and on a GPU "triton-staged",
+    with a streamed row's chunks software-pipelined (STREAM_STAGES 2: the interpreter runs the
+    loops the same either way), for benchmarks to choose from."""
     out = [("torch", "cpu"), ("triton", "cpu"), ("triton-lanes", "cpu")]
     out.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu))
     out.append(pytest.param("triton-lanes", "cuda", marks=pytest.mark.gpu))
+    out.append(pytest.param("triton-staged", "cuda", marks=pytest.mark.gpu))
     return out
 
 
@@ -33,6 +35,8 @@ def use(monkeypatch):
 
         monkeypatch.setenv("MPL_FAST_BACKEND", name.split("-")[0])
         monkeypatch.setattr(softmax_common, "LANE_STATS", name == "triton-lanes")
+        if name == "triton-staged":  # else the shipped setting
+            monkeypatch.setattr(softmax_common, "STREAM_STAGES", 2)
     return set_backend
 
 
@@ -240,6 +244,19 @@ def test_row_alignment_is_the_largest_power_of_two_dividing_classes_and_strides(
     assert row_alignment(100, 100) == 4 and row_alignment(10, 10) == 2
     assert row_alignment(1000, 0) == 8  # a stride of 0 (one broadcast row) divides nothing away
     assert row_alignment(1024) == 16
+
+
+def test_pipelined_stages_reach_streamed_rows_only_and_the_shipped_tile_comes_back():
+    """STREAM_STAGES is a streamed row's setting: a one-tile row is read once, with nothing to
+    pipeline, so its launch keeps one stage (one compiled variant fewer); a sweep's setting is
+    undone after it."""
+    from mpl_fast.kernels import softmax_common as sc
+
+    shipped = sc.tile_for(32000)
+    with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, stages=3):
+        assert sc.tile_for(32000).stages == 3 and not sc.tile_for(32000).single
+        assert sc.tile_for(1000).stages == 1 and sc.tile_for(1000).single
+    assert sc.tile_for(32000) == shipped and shipped.stages == sc.STREAM_STAGES
 
 
 @pytest.mark.parametrize("backend,device", _backends())
