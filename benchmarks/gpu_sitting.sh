@@ -229,7 +229,7 @@ stage_gather() {
     "$([ -d "$CIFAR/train" ] && echo here || echo absent)"
 }
 
-declare -A LIMIT=([build]=90 [tests]=300 [tests-ops]=120 [ops]=180 [step]=150 [step-compiled]=560 [memory]=300
+declare -A LIMIT=([build]=90 [tests]=340 [tests-ops]=160 [ops]=180 [step]=150 [step-compiled]=560 [memory]=300
   [step-imagenet]=150 [step-imagenet-compiled]=300 [ops-tiles]=240
   [data]=300 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
   [methods]=570 [gather]=20)
