@@ -24,6 +24,8 @@ choose it from measurements. Each row records the launch the tile made at its C 
 block, warps, stages).
 --kernels adds where a call's time goes (torch.profiler over 10 calls: the costliest GPU
 kernels a call, or CPU ops off CUDA) for ours, eager and compile, as `kernels` in the record.
+--profiler-range times nothing: it calls ours once per case inside a CUDA profiler range, for
+Nsight Compute (`ncu --profile-from-start off ... mpl-fast bench ops --profiler-range`).
 
     python benchmarks/bench_ops.py [--shapes 15360x10,4096x32000]
                                    [--tiles 256:4096:8:512,256:4096:8:512:s3]
@@ -280,6 +282,35 @@ def print_row(row):
           f"{f(row['eager_ms'], 6)}")
 
 
+def profile_ranges(shapes, dtypes, tiles, device):
+    """Each case of ours called once between cudaProfilerStart and cudaProfilerStop, after two
+    warm-up calls (compilation, first touch), timing nothing: the ranges `ncu --profile-from-start
+    off` profiles (Nsight Compute: occupancy, stall reasons, memory throughput of our kernels
+    and the small ones around them). Returns how many calls were profiled."""
+    from mpl_fast.kernels import softmax_common
+
+    cudart = torch.cuda.cudart()
+    count = 0
+    for n, c in shapes:
+        for dtype in dtypes:
+            for name, (ours, _, _, leaves) in cases(n, c, dtype, device).items():
+                for tile in tiles:
+                    with softmax_common.tile_settings(*tile):
+                        for call in range(3):
+                            for t in leaves:
+                                t.grad = None
+                            torch.cuda.synchronize(device)
+                            if call == 2:
+                                cudart.cudaProfilerStart()
+                            ours()
+                            torch.cuda.synchronize(device)
+                        cudart.cudaProfilerStop()
+                    count += 1
+                    print(f"profiled {name} {n}x{c} {str(dtype).split('.')[1]} "
+                          f"tile {tile_name(tile)}", flush=True)
+    return count
+
+
 def main(argv=None):
     from mpl_fast.kernels import softmax_common
 
@@ -309,6 +340,9 @@ def main(argv=None):
                         help="also profile where each call's time goes (torch.profiler: the "
                         "costliest GPU kernels, or CPU ops off CUDA, a call) for ours, eager and "
                         "compile; recorded as `kernels`, ours printed under its row")
+    parser.add_argument("--profiler-range", action="store_true",
+                        help="time nothing: call ours once per case between "
+                        "cudaProfilerStart/Stop, for `ncu --profile-from-start off` (CUDA only)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="where ops.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -320,6 +354,13 @@ def main(argv=None):
             parser.error(f"--{option}: {err}")
     tiles, shapes, dtypes = parsed["tiles"], parsed["shapes"], parsed["dtypes"]
     device = torch.device(args.device)
+    if args.profiler_range:
+        if device.type != "cuda":
+            parser.error(f"--profiler-range marks CUDA profiler ranges: --device {device} is "
+                         "not a CUDA device")
+        count = profile_ranges(shapes, dtypes, tiles, device)
+        print(f"summary: {count} calls in profiler ranges on {torch.cuda.get_device_name(device)}")
+        return 0
     bandwidth = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     import triton

@@ -9,7 +9,7 @@
 #       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]). For DALI also run
 #       `bash ../shared/device/dali-wheels.sh` (.dali/p1 .. p5 and install.sh, ~60 MB each).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
-#       STAGE: build tests tests-ops ops ops-tiles step memory memory-teacher memory-partial
+#       STAGE: build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial
 #       step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods
 #       gather (default: build tests ops ops-tiles step memory step-imagenet, in that order),
 #       each under its own limit and all under SITTING_SECONDS.
@@ -65,6 +65,27 @@ stage_tests_ops() {
 # of bandwidth while pseudo_labels, one kernel, reaches 77-82%
 stage_ops() {
   mpl-fast bench ops --kernels --out "$DIR/results"
+}
+
+# Nsight Compute on our kernels at the shapes #3's bandwidth target is set at (the cross-entropy
+# and UDA at 34-67%): achieved occupancy, warp stall reasons, memory throughput, per kernel, the
+# small ones around ours included; the shipped tile and, at 32000 classes, pipelined chunks.
+# Needs ncu on the machine (not in ../shared/device/README.md's list: the stage says so if absent)
+stage_ops_ncu() {
+  local ncu
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
+    | head -n 1)
+  if [ -z "$ncu" ]; then
+    echo "no ncu on this machine"
+    return 1
+  fi
+  "$ncu" --profile-from-start off --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    mpl-fast bench ops --profiler-range --shapes 15360x1000 --dtypes bfloat16 &&
+    "$ncu" --profile-from-start off --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats \
+      mpl-fast bench ops --profiler-range --shapes 4096x32000 --dtypes bfloat16 \
+      --tiles 256:4096:8:512,256:4096:8:512:s3
 }
 
 # our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes][:sN], softmax_common.py),
@@ -229,7 +250,7 @@ stage_gather() {
     "$([ -d "$CIFAR/train" ] && echo here || echo absent)"
 }
 
-declare -A LIMIT=([build]=90 [tests]=340 [tests-ops]=160 [ops]=180 [step]=150 [step-compiled]=560 [memory]=300
+declare -A LIMIT=([build]=90 [tests]=340 [tests-ops]=160 [ops]=180 [ops-ncu]=150 [step]=150 [step-compiled]=560 [memory]=300
   [step-imagenet]=150 [step-imagenet-compiled]=300 [ops-tiles]=240
   [data]=300 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
   [methods]=570 [gather]=20)
@@ -350,6 +371,6 @@ pack() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests tests-ops ops ops-tiles step memory memory-teacher memory-partial step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods gather]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods gather]" >&2
      exit 2 ;;
 esac

@@ -308,6 +308,35 @@ def test_bench_ops_times_graph_replays_on_a_gpu(tmp_path):
                                                       rel=0.03, abs=0.01)
 
 
+def test_bench_ops_profiler_range_needs_a_cuda_device(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "ops", "--profiler-range", "--device", "cpu", "--out", str(tmp_path)])
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert "--profiler-range" in err and "not a CUDA device" in err
+    assert not (tmp_path / "ops.jsonl").exists()
+
+
+@pytest.mark.gpu
+def test_bench_ops_profiler_range_profiles_each_case_once_on_a_gpu(tmp_path, capsys,
+                                                                   monkeypatch):
+    """One call of ours per case and tile inside a profiler range (what ncu profiles), after
+    its warm-up calls outside it; nothing timed or written."""
+    import torch
+
+    ranges = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: type("R", (), {
+        "cudaProfilerStart": staticmethod(lambda: ranges.append("start")),
+        "cudaProfilerStop": staticmethod(lambda: ranges.append("stop"))})())
+    assert cli.main(["bench", "ops", "--profiler-range", "--shapes", "130x1000,3x9000",
+                     "--dtypes", "bfloat16", "--tiles", "256:4096:8:512,256:4096:8:512:s2",
+                     "--device", "cuda", "--out", str(tmp_path)]) == 0
+    assert ranges == ["start", "stop"] * 12  # 2 shapes x 3 ops x 2 tiles
+    out = capsys.readouterr().out
+    assert "profiled uda_loss 3x9000 bfloat16 tile 256:4096:8:512:s2" in out
+    assert not (tmp_path / "ops.jsonl").exists()
+
+
 @pytest.mark.gpu
 def test_bench_step_graphs_the_floor_and_the_reference_on_a_gpu(tmp_path):
     assert cli.main(["bench", "step", "--model", "small_cnn", "--batch-size", "8", "--mu", "2",
@@ -461,13 +490,21 @@ def test_every_bench_command_of_the_gpu_sitting_parses(monkeypatch):
     assert {argv[0] for argv in commands} == {"ops", "step", "data", "methods"}
     assert len(commands) >= 20
     root = Path(__file__).resolve().parent.parent / "benchmarks"
-    mains = {what: runpy.run_path(str(root / f"bench_{what}.py"))["main"]
-             for what in ("ops", "step", "data", "methods")}
+    modules = {what: runpy.run_path(str(root / f"bench_{what}.py"))
+               for what in ("ops", "step", "data", "methods")}
+    mains = {what: module["main"] for what, module in modules.items()}
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
     for argv in commands:
         try:
             mains[argv[0]](argv[1:])
         except Parsed as parsed:
+            if argv[0] == "ops":  # bench ops' own checks of its lists, made after parse_args
+                args = parsed.args[0]
+                ops_module = modules["ops"]
+                for option, parser_name in (("tiles", "parse_tile"), ("shapes", "parse_shape"),
+                                            ("dtypes", "parse_dtype")):
+                    for value in getattr(args, option).split(","):
+                        ops_module[parser_name](value)  # raises on a bad one
             if argv[0] == "data":  # bench data's own check, made after it indexes the files
                 args = parsed.args[0]
                 for v in args.variant or []:
