@@ -18,10 +18,11 @@ the gradient written in the forward is used as is. A weighted loss (w * loss) ad
 and one write of the gradient, in place.
 
 --tiles sweeps the tile of our kernels (elements a program holds per step : widest row chunk :
-most warps : elements a warp, `:lanes` for a streamed row's statistics kept per lane and `:sN`
-for N of its chunks in flight, see kernels/softmax_common.py; the default is the shipped one), to
-choose it from measurements. Each row records the launch the tile made at its C (rows a program,
-block, warps, stages).
+most warps : elements a warp, `:lanes` for a streamed row's statistics kept per lane, `:sN`
+for N of its chunks in flight, `:rN` for one-tile rows by persistent programs with N tiles in
+flight, see kernels/softmax_common.py; the default is the shipped one), to choose it from
+measurements. Each row records the launch the tile made at its C (rows a program, block, warps,
+stages, row stages).
 --kernels adds where a call's time goes (torch.profiler over 10 calls: the costliest GPU
 kernels a call, or CPU ops off CUDA) for ours, eager and compile, as `kernels` in the record.
 --profiler-range times nothing: it calls ours once per case inside a CUDA profiler range, for
@@ -128,27 +129,37 @@ def kernel_times(fn, device, grad_to_none=(), calls=10, top=8):
 
 
 def parse_tile(spec):
-    """'ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES]' -> (elements, max_block,
-    max_warps, lanes, elements_per_warp, stages): powers of two; PER_WARP (elements a warp
-    holds; the shipped one when left out); lanes: whether a streamed row keeps its statistics
-    per lane; STAGES (1 to 4): a streamed row's chunks in flight (the shipped count when left
-    out)."""
+    """'ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES]' ->
+    (elements, max_block, max_warps, lanes, elements_per_warp, stages, row_stages): powers of
+    two; PER_WARP (elements a warp holds; the shipped one when left out); lanes: whether a
+    streamed row keeps its statistics per lane; STAGES (1 to 4): a streamed row's chunks in
+    flight; ROW_STAGES (1 to 4): a persistent program's tiles of one-tile rows in flight (the
+    shipped counts when left out)."""
     from mpl_fast.kernels import softmax_common
 
     parts = spec.split(":")
-    stages = softmax_common.STREAM_STAGES
-    if len(parts) > 3 and parts[-1][:1] == "s" and parts[-1][1:] in ("1", "2", "3", "4"):
-        stages = int(parts.pop()[1:])
-    lanes = len(parts) in (4, 5) and parts[-1] == "lanes"
-    numbers = parts[:-1] if lanes else parts
-    if len(numbers) not in (3, 4) or not all(
+    options = {"lanes": False, "s": softmax_common.STREAM_STAGES,
+               "r": softmax_common.ROW_STAGES}
+    seen = []
+    while len(parts) > 3 and not parts[-1].isdigit():
+        token = parts.pop()
+        key = "lanes" if token == "lanes" else token[:1]
+        if key in seen or (key != "lanes" and (key not in options
+                                               or token[1:] not in ("1", "2", "3", "4"))):
+            seen = None
+            break
+        seen.append(key)
+        options[key] = True if key == "lanes" else int(token[1:])
+    numbers = parts
+    if seen is None or len(numbers) not in (3, 4) or not all(
             p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in numbers):
         raise argparse.ArgumentTypeError(
-            f"tile {spec!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES],"
-            " powers of two, STAGES 1 to 4")
+            f"tile {spec!r}: expected "
+            "ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES], powers "
+            "of two, stages 1 to 4")
     numbers = [int(p) for p in numbers]
     per_warp = numbers[3] if len(numbers) == 4 else softmax_common.ELEMENTS_PER_WARP
-    return (*numbers[:3], lanes, per_warp, stages)
+    return (*numbers[:3], options["lanes"], per_warp, options["s"], options["r"])
 
 
 def parse_shape(spec):
@@ -170,10 +181,12 @@ def parse_dtype(name):
 
 
 def tile_name(tile):
-    """(elements, max_block, max_warps, lanes, elements_per_warp, stages) ->
-    'E:B:W:P[:lanes][:sSTAGES]' (stages named when more than 1: earlier records had none)."""
+    """(elements, max_block, max_warps, lanes, elements_per_warp, stages, row_stages) ->
+    'E:B:W:P[:lanes][:sSTAGES][:rROW_STAGES]' (stages named when more than 1: earlier records
+    had none)."""
     return (":".join(map(str, (*tile[:3], tile[4]))) + (":lanes" if tile[3] else "")
-            + (f":s{tile[5]}" if tile[5] != 1 else ""))
+            + (f":s{tile[5]}" if tile[5] != 1 else "")
+            + (f":r{tile[6]}" if tile[6] != 1 else ""))
 
 
 def copy_bandwidth(device):
@@ -256,6 +269,7 @@ def record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth):
     return dict(meta, op=name, n=n, c=c, dtype=str(dtype).split(".")[1],
                 tile=tile_name(tile), rows_per_program=launch.rows, block=launch.block,
                 num_warps=launch.num_warps, stages=launch.stages,
+                row_stages=launch.row_stages,
                 ms=r4(mine[0]), eager_ms=r4(base["eager"][0]), compile_ms=r4(comp[0]),
                 graph_ms=r4(mine[1]), eager_graph_ms=r4(base["eager"][1]),
                 compile_graph_ms=r4(comp[1]),
@@ -316,7 +330,8 @@ def main(argv=None):
 
     shipped = tile_name((softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
                          softmax_common.MAX_WARPS, softmax_common.LANE_STATS,
-                         softmax_common.ELEMENTS_PER_WARP, softmax_common.STREAM_STAGES))
+                         softmax_common.ELEMENTS_PER_WARP, softmax_common.STREAM_STAGES,
+                         softmax_common.ROW_STAGES))
     parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
                                      description="benchmark the fused loss ops")
     parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES),
@@ -326,13 +341,13 @@ def main(argv=None):
                         help="comma-separated logits dtypes: float32, bfloat16, float16 "
                         "(default: %(default)s)")
     parser.add_argument("--tiles", default=shipped,
-                        help="comma-separated "
-                        "ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES] tiles of our "
-                        "kernels to time (a program holds ELEMENTS, at least a row, in chunks "
-                        "of at most MAX_BLOCK columns, with a warp per PER_WARP elements up to "
-                        "MAX_WARPS; :lanes: a streamed row's statistics per lane; :sSTAGES: a "
-                        "streamed row's chunks in flight, 1 to 4; default: the shipped one, "
-                        "%(default)s)")
+                        help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes]"
+                        "[:sSTAGES][:rROW_STAGES] tiles of our kernels to time (a program holds "
+                        "ELEMENTS, at least a row, in chunks of at most MAX_BLOCK columns, with "
+                        "a warp per PER_WARP elements up to MAX_WARPS; :lanes: a streamed row's "
+                        "statistics per lane; :sSTAGES: a streamed row's chunks in flight, 1 to "
+                        "4; :rROW_STAGES: one-tile rows by persistent programs with that many "
+                        "tiles in flight, 1 to 4; default: the shipped one, %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s; off CUDA only host times)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
+from mpl_fast.kernels.softmax_common import (aligned, grid, lane_softmax_combine,
                                              lane_softmax_update, online_softmax_update,
                                              row_alignment, safe_max, tile_for, tile_rows)
 
@@ -14,12 +14,31 @@ from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
 def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
                           mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                          LANES: tl.constexpr, STAGES: tl.constexpr,
+                          LANES: tl.constexpr, STAGES: tl.constexpr, ROW_STAGES: tl.constexpr,
                           ALIGN: tl.constexpr):
+    if ROW_STAGES > 1:  # persistent: the next tiles' rows load while this one is reduced
+        for tile in tl.range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0),
+                             num_stages=ROW_STAGES):
+            _pseudo_labels_tile(tile, logits_ptr, logits_stride, probs_ptr, probs_stride,
+                                max_prob_ptr, mask_ptr, labels_ptr, N, C, inv_temperature,
+                                threshold, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+    else:
+        _pseudo_labels_tile(tl.program_id(0), logits_ptr, logits_stride, probs_ptr,
+                            probs_stride, max_prob_ptr, mask_ptr, labels_ptr, N, C,
+                            inv_temperature, threshold, ROWS, BLOCK, SINGLE, LANES, STAGES,
+                            ALIGN)
+
+
+@triton.jit
+def _pseudo_labels_tile(tile, logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
+                        mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                        LANES: tl.constexpr, STAGES: tl.constexpr, ALIGN: tl.constexpr):
+    """One tile of ROWS rows."""
     C = aligned(C, ALIGN)
     logits_stride = aligned(logits_stride, ALIGN)
     probs_stride = aligned(probs_stride, ALIGN)
-    rows, row_ok = tile_rows(N, ROWS)
+    rows, row_ok = tile_rows(tile, N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     p_rows = probs_ptr + rows[:, None] * probs_stride
     cols = tl.arange(0, BLOCK)[None, :]
@@ -83,11 +102,11 @@ def pseudo_labels_forward(logits, temperature, threshold):
     if n == 0:
         return probs, max_prob, mask, labels
     tile = tile_for(c)
-    _pseudo_labels_kernel[(triton.cdiv(n, tile.rows),)](
+    _pseudo_labels_kernel[grid(tile, n, dev)](
         logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
         1.0 / float(temperature), float(threshold),
         ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, STAGES=tile.stages,
+        LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
         ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)),
         num_warps=tile.num_warps)
     return probs, max_prob, mask, labels

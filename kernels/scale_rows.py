@@ -7,13 +7,10 @@ A fixed number of programs (a few per SM) loops over the tiles of rows, so a sin
 costs a few hundred programs that read it and stop, not one program per tile (15360 of them
 for 15360 rows of 1000 classes).
 """
-import functools
-
-import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import aligned, row_alignment, tile_for
+from mpl_fast.kernels.softmax_common import aligned, row_alignment, sm_count, tile_for
 
 PROGRAMS_PER_SM = 4
 
@@ -50,11 +47,6 @@ def _scale_rows_kernel(grad_ptr, grad_stride, scale_ptr, scale_stride, N, C, TIL
                 tl.store(g_rows + c, (g * s[:, None]).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def scale_rows_forward(grad, scale, max_programs=None):
     """grad (N x C, rows contiguous) *= scale (0-dim, or N with any stride), in place.
     max_programs: the grid's size at most (default: PROGRAMS_PER_SM per SM; 64 off CUDA)."""
@@ -64,7 +56,7 @@ def scale_rows_forward(grad, scale, max_programs=None):
     tile = tile_for(c)
     tiles = triton.cdiv(n, tile.rows)
     if max_programs is None:
-        max_programs = (PROGRAMS_PER_SM * _sm_count(grad.device.index or 0)
+        max_programs = (PROGRAMS_PER_SM * sm_count(grad.device.index or 0)
                         if grad.is_cuda else 64)
     _scale_rows_kernel[(min(tiles, max_programs),)](
         grad, grad.stride(0), scale, scale.stride(0) if scale.dim() else 0, n, c, tiles,

@@ -1,7 +1,8 @@
 """Triton kernel of soft_cross_entropy: per-row loss and, in the same pass, its gradient.
 
-One program per tile of rows (several rows to a program when C is small). When a row fits in
-one tile (C <= 4096) it is read once and the gradient comes from registers. Otherwise pass 1
+One program per tile of rows (several rows to a program when C is small; or persistent
+programs looping over the tiles: softmax_common.ROW_STAGES). When a row fits in one tile
+(C <= 4096) it is read once and the gradient comes from registers. Otherwise pass 1
 streams each row (online softmax, its statistics per row or per lane: see softmax_common; for
 soft targets also the target mass and the target-weighted logits) and pass 2, only when a
 gradient is wanted, writes
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
+from mpl_fast.kernels.softmax_common import (aligned, grid, lane_softmax_combine,
                                              lane_softmax_update, max_sum_sum,
                                              online_softmax_update, row_alignment, safe_max,
                                              tile_for, tile_rows)
@@ -57,12 +58,35 @@ def _soft_cross_entropy_kernel(
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
+        ROW_STAGES: tl.constexpr, ALIGN: tl.constexpr):
+    if ROW_STAGES > 1:  # persistent: the next tiles' rows load while this one is reduced
+        for tile in tl.range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0),
+                             num_stages=ROW_STAGES):
+            _soft_cross_entropy_tile(
+                tile, logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride, mask_ptr,
+                loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale, HARD,
+                SMOOTH, HAS_MASK, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+    else:
+        _soft_cross_entropy_tile(
+            tl.program_id(0), logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride,
+            mask_ptr, loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale, HARD,
+            SMOOTH, HAS_MASK, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+
+
+@triton.jit
+def _soft_cross_entropy_tile(
+        tile, logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride, mask_ptr,
+        loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale,
+        HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
         ALIGN: tl.constexpr):
+    """One tile of ROWS rows."""
     C = aligned(C, ALIGN)
     logits_stride = aligned(logits_stride, ALIGN)
     probs_stride = aligned(probs_stride, ALIGN)
     grad_stride = aligned(grad_stride, ALIGN)
-    rows, row_ok = tile_rows(N, ROWS)
+    rows, row_ok = tile_rows(tile, N, ROWS)
     x_rows = logits_ptr + rows[:, None] * logits_stride
     t_rows = probs_ptr + rows[:, None] * probs_stride
     cols = tl.arange(0, BLOCK)[None, :]
@@ -192,7 +216,7 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
     probs_stride = 0 if hard else target_probs.stride(0)
     grad_stride = grad.stride(0) if compute_grad else 0
     dummy = loss
-    _soft_cross_entropy_kernel[(triton.cdiv(n, tile.rows),)](
+    _soft_cross_entropy_kernel[grid(tile, n, logits.device)](
         logits, logits.stride(0),
         target_index if hard else dummy,
         dummy if hard else target_probs, probs_stride,
@@ -201,7 +225,7 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         n, c, float(label_smoothing), float(grad_scale),
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, STAGES=tile.stages,
+        LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
         ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride),
         num_warps=tile.num_warps)
     return loss, grad

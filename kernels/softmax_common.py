@@ -13,6 +13,11 @@ software-pipelined (tl.range's num_stages), the next STREAM_STAGES - 1 chunks co
 asynchronously into shared memory (cp.async) while the current one is reduced, so a program
 keeps more than one chunk's bytes in flight (`--tiles 256:4096:8:512:s3` times it).
 
+One-tile rows are one tile a program unless ROW_STAGES > 1: then a persistent grid
+(PERSISTENT_PROGRAMS_PER_SM programs a SM) loops over the tiles, software-pipelined (tl.range's
+num_stages): the next tiles' rows are loaded while the current one is reduced, instead of each
+program paying a load's latency before its reductions (`--tiles 256:4096:8:512:r2` times it).
+
 A temperature is applied after the max is subtracted, exp((x - m) * inv_t), never as
 exp(x * inv_t - m'): the compiler contracts a product and a difference into one FMA, which
 subtracts the rounded max from the unrounded product, so the max element's weight was
@@ -21,10 +26,12 @@ confidence mask off at threshold 1; seen on the H200, never in the interpreter).
 scaled afterwards leaves nothing to contract: the max element's weight is exp(0) = 1 exactly.
 """
 import contextlib
+import functools
 import math
 import os
 from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -44,6 +51,10 @@ MAX_WARPS = 8
 ELEMENTS_PER_WARP = 512
 LANE_STATS = False  # streamed rows: statistics per lane (True) or per row
 STREAM_STAGES = 1  # streamed rows: chunks in flight a program (1: no pipelining; not measured)
+ROW_STAGES = 1  # one-tile rows: tiles in flight a persistent program (1: a program a tile; not
+#                 measured)
+PERSISTENT_PROGRAMS_PER_SM = 16  # 16 programs of 1-2 warps: a quarter to half of an SM's warps
+PERSISTENT_PROGRAMS_OFF_CUDA = 64  # the interpreter's persistent grid
 
 
 @triton.jit
@@ -122,9 +133,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @triton.jit
-def tile_rows(N, ROWS: tl.constexpr):
-    """This program's rows (int64, so that row * stride cannot overflow) and which exist."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def tile_rows(tile, N, ROWS: tl.constexpr):
+    """The rows of tile number `tile` (int64, so that row * stride cannot overflow; tile * ROWS
+    < N + ROWS cannot) and which exist."""
+    rows = tl.arange(0, ROWS).to(tl.int64) + tile * ROWS
     return rows, rows < N
 
 
@@ -155,23 +167,26 @@ def row_alignment(num_classes: int, *row_strides: int) -> int:
 
 @contextlib.contextmanager
 def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False,
-                  elements_per_warp=None, stages=None):
+                  elements_per_warp=None, stages=None, row_stages=None):
     """Launch with another tile inside the block (a benchmark sweep, a register report); the
-    shipped settings come back after it. elements_per_warp or stages None keeps the shipped
-    one."""
+    shipped settings come back after it. elements_per_warp, stages or row_stages None keeps
+    the shipped one."""
     global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES
+    global ROW_STAGES
     shipped = (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP,
-               STREAM_STAGES)
+               STREAM_STAGES, ROW_STAGES)
     TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = elements, max_block, max_warps, lanes
     if elements_per_warp is not None:
         ELEMENTS_PER_WARP = elements_per_warp
     if stages is not None:
         STREAM_STAGES = stages
+    if row_stages is not None:
+        ROW_STAGES = row_stages
     try:
         yield
     finally:
         (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP,
-         STREAM_STAGES) = shipped
+         STREAM_STAGES, ROW_STAGES) = shipped
 
 
 class Tile(NamedTuple):
@@ -181,6 +196,7 @@ class Tile(NamedTuple):
     single: bool    # a row fits in one tile (read once)
     lanes: bool     # a streamed row's statistics per lane (see the module docstring)
     stages: int     # a streamed row's chunks in flight (1 for a one-tile row)
+    row_stages: int  # a persistent program's tiles in flight (1: a program a tile, streamed rows)
 
 
 def tile_for(num_classes: int) -> Tile:
@@ -191,4 +207,22 @@ def tile_for(num_classes: int) -> Tile:
     elements = rows * block
     single = num_classes <= block
     return Tile(rows, block, min(MAX_WARPS, max(1, elements // ELEMENTS_PER_WARP)),
-                single, LANE_STATS and not single, 1 if single else STREAM_STAGES)
+                single, LANE_STATS and not single, 1 if single else STREAM_STAGES,
+                ROW_STAGES if single else 1)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def grid(tile: Tile, n: int, device) -> tuple:
+    """The launch grid of a row-wise kernel over n rows: a program a tile of rows, or with
+    row_stages > 1 a persistent grid of at most PERSISTENT_PROGRAMS_PER_SM programs a SM
+    (PERSISTENT_PROGRAMS_OFF_CUDA in the interpreter) looping over the tiles."""
+    tiles = triton.cdiv(n, tile.rows)
+    if tile.row_stages == 1:
+        return (tiles,)
+    programs = (PERSISTENT_PROGRAMS_PER_SM * sm_count(device.index or 0)
+                if device.type == "cuda" else PERSISTENT_PROGRAMS_OFF_CUDA)
+    return (min(tiles, programs),)

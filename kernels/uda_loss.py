@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine,
+from mpl_fast.kernels.softmax_common import (aligned, grid, lane_softmax_combine,
                                              lane_softmax_update, lane_weight, max_max,
                                              row_alignment, running_max, safe_max, sum_sum_sum,
                                              tile_for, tile_rows)
@@ -40,12 +40,32 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
                      grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                      COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                      SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
-                     ALIGN: tl.constexpr):
+                     ROW_STAGES: tl.constexpr, ALIGN: tl.constexpr):
+    if ROW_STAGES > 1:  # persistent: the next tiles' rows load while this one is reduced
+        for tile in tl.range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0),
+                             num_stages=ROW_STAGES):
+            _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
+                           mask_ptr, grad_ptr, grad_stride, N, C, inv_temperature, threshold,
+                           grad_scale, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+    else:
+        _uda_loss_tile(tl.program_id(0), weak_ptr, weak_stride, strong_ptr, strong_stride,
+                       loss_ptr, mask_ptr, grad_ptr, grad_stride, N, C, inv_temperature,
+                       threshold, grad_scale, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES,
+                       ALIGN)
+
+
+@triton.jit
+def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr, mask_ptr,
+                   grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
+                   COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                   SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
+                   ALIGN: tl.constexpr):
+    """One tile of ROWS rows."""
     C = aligned(C, ALIGN)
     weak_stride = aligned(weak_stride, ALIGN)
     strong_stride = aligned(strong_stride, ALIGN)
     grad_stride = aligned(grad_stride, ALIGN)
-    rows, row_ok = tile_rows(N, ROWS)
+    rows, row_ok = tile_rows(tile, N, ROWS)
     w_rows = weak_ptr + rows[:, None] * weak_stride
     s_rows = strong_ptr + rows[:, None] * strong_stride
     cols = tl.arange(0, BLOCK)[None, :]
@@ -146,12 +166,12 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
         return loss, mask, grad
     tile = tile_for(c)
     grad_stride = grad.stride(0) if compute_grad else 0  # 0: no rows (divides nothing away)
-    _uda_loss_kernel[(triton.cdiv(n, tile.rows),)](
+    _uda_loss_kernel[grid(tile, n, dev)](
         weak, weak.stride(0), strong, strong.stride(0), loss, mask,
         grad if compute_grad else loss, grad_stride,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
-        LANES=tile.lanes, STAGES=tile.stages,
+        LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
         ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride),
         num_warps=tile.num_warps)
     return loss, mask, grad

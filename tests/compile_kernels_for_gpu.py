@@ -21,8 +21,10 @@ import tempfile
 
 import torch
 
-# the stages a pipelined variant is compiled with: two chunks in flight beyond the one reduced
+# the stages a pipelined variant is compiled with (a streamed row's chunks, or a persistent
+# program's tiles, in flight)
 PIPELINED_STAGES = 2
+PERSISTENT_CLASSES = (10, 1000)
 POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                  torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 
@@ -138,6 +140,14 @@ def record_launches(num_classes, dtypes):
         with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, lanes,
                               stages=stages):
             _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c, dtype)
+    # one-tile rows by persistent, pipelined programs (ROW_STAGES; softmax_common.ROW_STAGES),
+    # in bf16 at the class counts given among PERSISTENT_CLASSES (the other dtypes compile the
+    # same loop; compiling every variant of it would double the time of this script)
+    for c in (c for c in num_classes if c in PERSISTENT_CLASSES):
+        with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS,
+                              row_stages=PIPELINED_STAGES):
+            _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c,
+                        torch.bfloat16)
     return [(rec.kernel, args, kwargs) for rec in recorders.values()
             for args, kwargs in rec.calls]
 

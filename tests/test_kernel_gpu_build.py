@@ -3,8 +3,9 @@
 CI otherwise runs them only through the interpreter, which accepts programs the real compiler
 rejects; this compiles every variant the launchers can produce (3 dtypes x tiles x the constexpr
 switches) to a cubin, and checks that none spills registers beyond a word or two, that long rows
-are read and written 16 bytes an instruction, and that a streamed row's pipelined loops
-(softmax_common.STREAM_STAGES) load through asynchronous copies.
+are read and written 16 bytes an instruction, and that the pipelined loops (a streamed row's
+chunks, softmax_common.STREAM_STAGES; a persistent program's tiles, ROW_STAGES) load through
+asynchronous copies.
 """
 import importlib
 import json
@@ -69,20 +70,25 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         first_ptr = {next(iter(r["signature"].values())) for r in rs}
         assert first_ptr == {"*fp32", "*bf16", "*fp16"}, name
     # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked),
-    # the chunked tile also with per-lane statistics and with its chunks pipelined
-    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 7
+    # the chunked tile also with per-lane statistics and with its chunks pipelined; and the
+    # persistent programs over one-tile rows, in bf16 at 10 and 1000 classes
+    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 7 + 16 * 2
     pipelined = SCRIPT_MODULE.PIPELINED_STAGES
     for name in ("_pseudo_labels_kernel", "_soft_cross_entropy_kernel", "_uda_loss_kernel"):
-        streams = {(r["constexprs"]["SINGLE"], r["constexprs"]["LANES"], r["constexprs"]["STAGES"])
+        streams = {tuple(r["constexprs"][k] for k in ("SINGLE", "LANES", "STAGES", "ROW_STAGES"))
                    for r in by_kernel[name]}
-        assert streams == {(True, False, 1), (False, False, 1), (False, True, 1),
-                           (False, False, pipelined)}, name
+        assert streams == {(True, False, 1, 1), (False, False, 1, 1), (False, True, 1, 1),
+                           (False, False, pipelined, 1), (True, False, 1, pipelined)}, name
         for r in by_kernel[name]:
             copies = r["async"]
-            if r["constexprs"]["STAGES"] > 1:
-                # the pipelined loops' loads became asynchronous copies into shared memory,
-                # 16 bytes each; the buffers fit an SM's shared memory (227 KiB on sm_90)
-                assert copies.get("128", 0) >= 1 and set(copies) == {"128"}, r
+            if r["constexprs"]["STAGES"] > 1 or r["constexprs"]["ROW_STAGES"] > 1:
+                # the pipelined loops' loads became asynchronous copies into shared memory (a
+                # row's 16 bytes a copy from 1000 classes on, a persistent program's masks and
+                # class indices 4 and 8); the buffers fit an SM's shared memory (227 KiB on
+                # sm_90)
+                assert sum(copies.values()) >= 1 and "16" not in copies, r
+                if r["constexprs"]["BLOCK"] >= 1024:
+                    assert copies.get("128", 0) >= 1, r
                 assert r["dynamic_shared"] <= 227 * 1024, r
             else:
                 assert copies == {}, r

@@ -16,17 +16,20 @@ SHAPES = [(7, 2), (9, 10), (130, 11), (37, 100), (5, 1000), (4, 3001), (3, 32000
 SLACK = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
-def _backends(streamed=False):
+def _backends(pipelined=False):
     """torch; the Triton kernels as shipped; "triton-lanes", the same kernels with a streamed
-    row's statistics kept per lane (softmax_common.LANE_STATS); and, for the tests with streamed
-    rows (streamed=True) on a GPU, "triton-staged", with a streamed row's chunks
-    software-pipelined (STREAM_STAGES 2; the interpreter runs the loops the same either way, and
-    a one-tile row is not pipelined), for benchmarks to choose from."""
+    row's statistics kept per lane (softmax_common.LANE_STATS); and, for the tests of every row
+    length (pipelined=True) on a GPU, the pipelined kernels: "triton-staged", a streamed row's
+    chunks software-pipelined (STREAM_STAGES 2), and "triton-persistent", one-tile rows by
+    persistent programs with 2 tiles in flight (ROW_STAGES 2); the interpreter runs pipelined
+    loops as plain ones (the persistent programs' loop itself is tested on the CPU below); for
+    benchmarks to choose from."""
     out = [("torch", "cpu"), ("triton", "cpu"), ("triton-lanes", "cpu")]
     out.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu))
     out.append(pytest.param("triton-lanes", "cuda", marks=pytest.mark.gpu))
-    if streamed:
+    if pipelined:
         out.append(pytest.param("triton-staged", "cuda", marks=pytest.mark.gpu))
+        out.append(pytest.param("triton-persistent", "cuda", marks=pytest.mark.gpu))
     return out
 
 
@@ -39,6 +42,8 @@ def use(monkeypatch):
         monkeypatch.setattr(softmax_common, "LANE_STATS", name == "triton-lanes")
         if name == "triton-staged":  # else the shipped setting
             monkeypatch.setattr(softmax_common, "STREAM_STAGES", 2)
+        if name == "triton-persistent":
+            monkeypatch.setattr(softmax_common, "ROW_STAGES", 2)
     return set_backend
 
 
@@ -56,7 +61,7 @@ def _no_worse_than_torch(ours, torch_own, truth, dtype):
     assert err <= ref + SLACK[dtype] * scale, (err, ref)
 
 
-@pytest.mark.parametrize("backend,device", _backends(streamed=True))
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c", SHAPES)
 @pytest.mark.parametrize("hard", [True, False])
@@ -248,10 +253,11 @@ def test_row_alignment_is_the_largest_power_of_two_dividing_classes_and_strides(
     assert row_alignment(1024) == 16
 
 
-def test_pipelined_stages_reach_streamed_rows_only_and_the_shipped_tile_comes_back():
+def test_pipelined_stages_reach_their_rows_only_and_the_shipped_tile_comes_back():
     """STREAM_STAGES is a streamed row's setting: a one-tile row is read once, with nothing to
-    pipeline, so its launch keeps one stage (one compiled variant fewer); a sweep's setting is
-    undone after it."""
+    pipeline, so its launch keeps one stage (one compiled variant fewer); ROW_STAGES is a
+    one-tile row's (persistent programs over the tiles); a sweep's setting is undone after
+    it."""
     from mpl_fast.kernels import softmax_common as sc
 
     shipped = sc.tile_for(32000)
@@ -259,6 +265,51 @@ def test_pipelined_stages_reach_streamed_rows_only_and_the_shipped_tile_comes_ba
         assert sc.tile_for(32000).stages == 3 and not sc.tile_for(32000).single
         assert sc.tile_for(1000).stages == 1 and sc.tile_for(1000).single
     assert sc.tile_for(32000) == shipped and shipped.stages == sc.STREAM_STAGES
+    with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, row_stages=2):
+        assert sc.tile_for(1000).row_stages == 2 and sc.tile_for(32000).row_stages == 1
+        # a persistent grid: at most 64 programs off CUDA, fewer when there are fewer tiles
+        assert sc.grid(sc.tile_for(1000), 1000, torch.device("cpu")) == (64,)
+        assert sc.grid(sc.tile_for(1000), 5, torch.device("cpu")) == (5,)
+    with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, row_stages=1):
+        assert sc.grid(sc.tile_for(1000), 1000, torch.device("cpu")) == (1000,)  # a tile each
+
+
+@pytest.mark.parametrize("c", [10, 1000])
+def test_persistent_programs_give_the_shipped_results_bit_for_bit(use, monkeypatch, c):
+    """One-tile rows by persistent programs (ROW_STAGES 2: 8 programs here, each looping over
+    several tiles, the last one partial) against a program a tile: the same arithmetic a row, so
+    the same bits, for the three ops, their gradients and masks."""
+    from mpl_fast.kernels import softmax_common
+
+    use("triton")
+    monkeypatch.setattr(softmax_common, "PERSISTENT_PROGRAMS_OFF_CUDA", 8)
+    rows_per_tile = softmax_common.tile_for(c).rows
+    n = 8 * rows_per_tile * 2 + rows_per_tile // 2 + 3  # > 2 tiles a program, the last partial
+    x = _logits(n, c, torch.bfloat16, "cpu", 81)
+    weak = _logits(n, c, torch.bfloat16, "cpu", 82, scale=6.0)
+    g = torch.Generator().manual_seed(83)
+    y = torch.randint(0, c, (n,), generator=g)
+    mask = (torch.rand(n, generator=g) > 0.3).float()
+    # UDA's and pseudo_labels' confidence masks keep about half the rows
+    threshold = float(torch.softmax(weak.float() / 0.7, 1).max(1).values.median())
+
+    def run():
+        xg = x.clone().requires_grad_()
+        ce = ops.soft_cross_entropy(xg, y, label_smoothing=0.1, mask=mask, reduction="none")
+        uda, uda_mask = ops.uda_loss(weak, xg, temperature=0.7, threshold=threshold,
+                                     reduction="none")
+        (ce.sum() + 0.5 * uda.sum()).backward()
+        pl = ops.pseudo_labels(weak, temperature=0.7, threshold=threshold)
+        return [ce, uda, uda_mask, xg.grad, *pl]
+
+    shipped = run()
+    assert softmax_common.grid(softmax_common.tile_for(c), n, x.device)[0] > 16
+    monkeypatch.setattr(softmax_common, "ROW_STAGES", 2)
+    assert softmax_common.grid(softmax_common.tile_for(c), n, x.device) == (8,)
+    persistent = run()
+    assert 0.2 < float(shipped[2].mean()) < 0.8  # the UDA mask keeps some rows, not all
+    for a, b in zip(shipped, persistent):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend,device", _backends())
@@ -335,7 +386,7 @@ def test_deterministic(use, backend, device):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-@pytest.mark.parametrize("backend,device", _backends(streamed=True))
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c", SHAPES)
 def test_pseudo_labels(use, backend, device, dtype, n, c):
@@ -375,7 +426,7 @@ def test_pseudo_labels_edges_and_sampling(use, backend, device):
                           atol=0.015)
 
 
-@pytest.mark.parametrize("backend,device", _backends(streamed=True))
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c", SHAPES)
 def test_uda_loss(use, backend, device, dtype, n, c):
@@ -400,7 +451,7 @@ def test_uda_loss(use, backend, device, dtype, n, c):
     _no_worse_than_torch(sg.grad.cpu(), st.grad.cpu(), s64.grad, dtype)
 
 
-@pytest.mark.parametrize("backend,device", _backends(streamed=True))
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", [1000, 5000])
 def test_rows_with_some_masked(use, backend, device, dtype, c):
@@ -680,7 +731,7 @@ def test_scale_rows_kernel_against_a_float64_reference(n, c, dtype, max_programs
             assert torch.equal(grad[keep], base[keep])
 
 
-@pytest.mark.parametrize("backend,device", _backends(streamed=True))
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
 def test_pseudo_labels_first_maximum_in_streamed_rows(use, backend, device):
     """Rows streamed in chunks of 4096 columns: the label is the first maximum, whether the
     maxima share a chunk, share a lane (4096 columns apart), or neither."""
@@ -697,7 +748,7 @@ def test_pseudo_labels_first_maximum_in_streamed_rows(use, backend, device):
                           atol=1e-6)
 
 
-@pytest.mark.parametrize("backend,device", _backends(streamed=True))
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c", [10, 1000, 9000])
 def test_a_dominant_logit_is_probability_one_under_a_temperature(use, backend, device, dtype, c):
@@ -741,7 +792,7 @@ def _streamed_edge_rows(c, seed):
     return x
 
 
-@pytest.mark.parametrize("backend,device", _backends(streamed=True))
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_rows_with_infinities_and_wide_ranges(use, backend, device, dtype):
     """The three ops on rows streamed in chunks (per-row or per-lane statistics), against the
