@@ -33,6 +33,8 @@ Nsight Compute (`ncu --profile-from-start off ... mpl-fast bench ops --profiler-
 """
 import argparse
 import datetime
+import itertools
+import re
 import statistics
 import time
 from pathlib import Path
@@ -134,32 +136,26 @@ def parse_tile(spec):
     two; PER_WARP (elements a warp holds; the shipped one when left out); lanes: whether a
     streamed row keeps its statistics per lane; STAGES (1 to 4): a streamed row's chunks in
     flight; ROW_STAGES (1 to 4): a persistent program's tiles of one-tile rows in flight (the
-    shipped counts when left out)."""
+    shipped counts when left out). The options follow the numbers, each at most once."""
     from mpl_fast.kernels import softmax_common
 
     parts = spec.split(":")
-    options = {"lanes": False, "s": softmax_common.STREAM_STAGES,
-               "r": softmax_common.ROW_STAGES}
-    seen = []
-    while len(parts) > 3 and not parts[-1].isdigit():
-        token = parts.pop()
-        key = "lanes" if token == "lanes" else token[:1]
-        if key in seen or (key != "lanes" and (key not in options
-                                               or token[1:] not in ("1", "2", "3", "4"))):
-            seen = None
-            break
-        seen.append(key)
-        options[key] = True if key == "lanes" else int(token[1:])
-    numbers = parts
-    if seen is None or len(numbers) not in (3, 4) or not all(
-            p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in numbers):
+    numbers = list(itertools.takewhile(str.isdigit, parts))
+    options = parts[len(numbers):]
+    kinds = [o[:1] for o in options]  # "l" for lanes
+    if (len(numbers) not in (3, 4) or len(set(kinds)) != len(kinds)
+            or not all(o == "lanes" or re.fullmatch(r"[sr][1-4]", o) for o in options)
+            or not all(int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in numbers)):
         raise argparse.ArgumentTypeError(
             f"tile {spec!r}: expected "
             "ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES], powers "
             "of two, stages 1 to 4")
     numbers = [int(p) for p in numbers]
     per_warp = numbers[3] if len(numbers) == 4 else softmax_common.ELEMENTS_PER_WARP
-    return (*numbers[:3], options["lanes"], per_warp, options["s"], options["r"])
+    stages = {o[0]: int(o[1:]) for o in options if o != "lanes"}
+    return (*numbers[:3], "lanes" in options, per_warp,
+            stages.get("s", softmax_common.STREAM_STAGES),
+            stages.get("r", softmax_common.ROW_STAGES))
 
 
 def parse_shape(spec):
@@ -328,10 +324,7 @@ def profile_ranges(shapes, dtypes, tiles, device):
 def main(argv=None):
     from mpl_fast.kernels import softmax_common
 
-    shipped = tile_name((softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK,
-                         softmax_common.MAX_WARPS, softmax_common.LANE_STATS,
-                         softmax_common.ELEMENTS_PER_WARP, softmax_common.STREAM_STAGES,
-                         softmax_common.ROW_STAGES))
+    shipped = tile_name(softmax_common.current_tile())
     parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
                                      description="benchmark the fused loss ops")
     parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES),

@@ -10,7 +10,8 @@ for 15360 rows of 1000 classes).
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import aligned, row_alignment, sm_count, tile_for
+from mpl_fast.kernels.softmax_common import (aligned, persistent_programs, row_alignment,
+                                             tile_for)
 
 PROGRAMS_PER_SM = 4
 
@@ -49,15 +50,15 @@ def _scale_rows_kernel(grad_ptr, grad_stride, scale_ptr, scale_stride, N, C, TIL
 
 def scale_rows_forward(grad, scale, max_programs=None):
     """grad (N x C, rows contiguous) *= scale (0-dim, or N with any stride), in place.
-    max_programs: the grid's size at most (default: PROGRAMS_PER_SM per SM; 64 off CUDA)."""
+    max_programs: the grid's size at most (default: PROGRAMS_PER_SM per SM, see
+    softmax_common.persistent_programs)."""
     n, c = grad.shape
     if n == 0 or c == 0:
         return
     tile = tile_for(c)
     tiles = triton.cdiv(n, tile.rows)
     if max_programs is None:
-        max_programs = (PROGRAMS_PER_SM * sm_count(grad.device.index or 0)
-                        if grad.is_cuda else 64)
+        max_programs = persistent_programs(grad.device, PROGRAMS_PER_SM)
     _scale_rows_kernel[(min(tiles, max_programs),)](
         grad, grad.stride(0), scale, scale.stride(0) if scale.dim() else 0, n, c, tiles,
         ROWS=tile.rows, BLOCK=tile.block, PER_ROW=scale.dim() > 0,

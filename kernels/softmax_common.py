@@ -54,7 +54,7 @@ STREAM_STAGES = 1  # streamed rows: chunks in flight a program (1: no pipelining
 ROW_STAGES = 1  # one-tile rows: tiles in flight a persistent program (1: a program a tile; not
 #                 measured)
 PERSISTENT_PROGRAMS_PER_SM = 16  # 16 programs of 1-2 warps: a quarter to half of an SM's warps
-PERSISTENT_PROGRAMS_OFF_CUDA = 64  # the interpreter's persistent grid
+PERSISTENT_PROGRAMS_OFF_CUDA = 64  # a persistent grid in the interpreter
 
 
 @triton.jit
@@ -165,6 +165,12 @@ def row_alignment(num_classes: int, *row_strides: int) -> int:
     return min(g & -g, 16) if g else 16
 
 
+def current_tile() -> tuple:
+    """The module's tile settings, in tile_settings' argument order."""
+    return (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES,
+            ROW_STAGES)
+
+
 @contextlib.contextmanager
 def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False,
                   elements_per_warp=None, stages=None, row_stages=None):
@@ -173,8 +179,7 @@ def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = F
     the shipped one."""
     global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES
     global ROW_STAGES
-    shipped = (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP,
-               STREAM_STAGES, ROW_STAGES)
+    shipped = current_tile()
     TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = elements, max_block, max_warps, lanes
     if elements_per_warp is not None:
         ELEMENTS_PER_WARP = elements_per_warp
@@ -216,13 +221,19 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def persistent_programs(device, per_sm: int) -> int:
+    """The size of a persistent grid (programs that loop over the tiles): per_sm programs a SM
+    on CUDA, PERSISTENT_PROGRAMS_OFF_CUDA in the interpreter."""
+    if device.type == "cuda":
+        return per_sm * sm_count(device.index or 0)
+    return PERSISTENT_PROGRAMS_OFF_CUDA
+
+
 def grid(tile: Tile, n: int, device) -> tuple:
     """The launch grid of a row-wise kernel over n rows: a program a tile of rows, or with
     row_stages > 1 a persistent grid of at most PERSISTENT_PROGRAMS_PER_SM programs a SM
-    (PERSISTENT_PROGRAMS_OFF_CUDA in the interpreter) looping over the tiles."""
+    looping over the tiles."""
     tiles = triton.cdiv(n, tile.rows)
     if tile.row_stages == 1:
         return (tiles,)
-    programs = (PERSISTENT_PROGRAMS_PER_SM * sm_count(device.index or 0)
-                if device.type == "cuda" else PERSISTENT_PROGRAMS_OFF_CUDA)
-    return (min(tiles, programs),)
+    return (min(tiles, persistent_programs(device, PERSISTENT_PROGRAMS_PER_SM)),)
