@@ -20,9 +20,9 @@ and one write of the gradient, in place.
 --tiles sweeps the tile of our kernels (elements a program holds per step : widest row chunk :
 most warps : elements a warp, `:lanes` for a streamed row's statistics kept per lane, `:sN`
 for N of its chunks in flight, `:rN` for one-tile rows by persistent programs with N tiles in
-flight, see kernels/softmax_common.py; the default is the shipped one), to choose it from
-measurements. Each row records the launch the tile made at its C (rows a program, block, warps,
-stages, row stages).
+flight, `:mN` for at most N registers a thread, see kernels/softmax_common.py; the default is
+the shipped one), to choose it from measurements. Each row records the launch the tile made at
+its C (rows a program, block, warps, stages, row stages, register cap).
 --kernels adds where a call's time goes (torch.profiler over 10 calls: the costliest GPU
 kernels a call, or CPU ops off CUDA) for ours, eager and compile, as `kernels` in the record.
 --profiler-range times nothing: it calls ours once per case inside a CUDA profiler range, for
@@ -33,8 +33,6 @@ Nsight Compute (`ncu --profile-from-start off ... mpl-fast bench ops --profiler-
 """
 import argparse
 import datetime
-import itertools
-import re
 import statistics
 import time
 from pathlib import Path
@@ -131,31 +129,14 @@ def kernel_times(fn, device, grad_to_none=(), calls=10, top=8):
 
 
 def parse_tile(spec):
-    """'ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES]' ->
-    (elements, max_block, max_warps, lanes, elements_per_warp, stages, row_stages): powers of
-    two; PER_WARP (elements a warp holds; the shipped one when left out); lanes: whether a
-    streamed row keeps its statistics per lane; STAGES (1 to 4): a streamed row's chunks in
-    flight; ROW_STAGES (1 to 4): a persistent program's tiles of one-tile rows in flight (the
-    shipped counts when left out). The options follow the numbers, each at most once."""
+    """A --tiles entry (softmax_common.TILE_SPEC) -> its settings (softmax_common.current_tile's
+    order)."""
     from mpl_fast.kernels import softmax_common
 
-    parts = spec.split(":")
-    numbers = list(itertools.takewhile(str.isdigit, parts))
-    options = parts[len(numbers):]
-    kinds = [o[:1] for o in options]  # "l" for lanes
-    if (len(numbers) not in (3, 4) or len(set(kinds)) != len(kinds)
-            or not all(o == "lanes" or re.fullmatch(r"[sr][1-4]", o) for o in options)
-            or not all(int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in numbers)):
-        raise argparse.ArgumentTypeError(
-            f"tile {spec!r}: expected "
-            "ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES], powers "
-            "of two, stages 1 to 4")
-    numbers = [int(p) for p in numbers]
-    per_warp = numbers[3] if len(numbers) == 4 else softmax_common.ELEMENTS_PER_WARP
-    stages = {o[0]: int(o[1:]) for o in options if o != "lanes"}
-    return (*numbers[:3], "lanes" in options, per_warp,
-            stages.get("s", softmax_common.STREAM_STAGES),
-            stages.get("r", softmax_common.ROW_STAGES))
+    try:
+        return softmax_common.parse_tile_spec(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_shape(spec):
@@ -174,15 +155,6 @@ def parse_dtype(name):
         raise argparse.ArgumentTypeError(
             f"dtype {name!r}: expected float32, bfloat16 or float16")
     return getattr(torch, name)
-
-
-def tile_name(tile):
-    """(elements, max_block, max_warps, lanes, elements_per_warp, stages, row_stages) ->
-    'E:B:W:P[:lanes][:sSTAGES][:rROW_STAGES]' (stages named when more than 1: earlier records
-    had none)."""
-    return (":".join(map(str, (*tile[:3], tile[4]))) + (":lanes" if tile[3] else "")
-            + (f":s{tile[5]}" if tile[5] != 1 else "")
-            + (f":r{tile[6]}" if tile[6] != 1 else ""))
 
 
 def copy_bandwidth(device):
@@ -263,9 +235,9 @@ def record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth):
     with softmax_common.tile_settings(*tile):
         launch = softmax_common.tile_for(c)
     return dict(meta, op=name, n=n, c=c, dtype=str(dtype).split(".")[1],
-                tile=tile_name(tile), rows_per_program=launch.rows, block=launch.block,
-                num_warps=launch.num_warps, stages=launch.stages,
-                row_stages=launch.row_stages,
+                tile=softmax_common.tile_spec(tile), rows_per_program=launch.rows,
+                block=launch.block, num_warps=launch.num_warps, stages=launch.stages,
+                row_stages=launch.row_stages, max_registers=launch.max_registers,
                 ms=r4(mine[0]), eager_ms=r4(base["eager"][0]), compile_ms=r4(comp[0]),
                 graph_ms=r4(mine[1]), eager_graph_ms=r4(base["eager"][1]),
                 compile_graph_ms=r4(comp[1]),
@@ -317,14 +289,14 @@ def profile_ranges(shapes, dtypes, tiles, device):
                         cudart.cudaProfilerStop()
                     count += 1
                     print(f"profiled {name} {n}x{c} {str(dtype).split('.')[1]} "
-                          f"tile {tile_name(tile)}", flush=True)
+                          f"tile {softmax_common.tile_spec(tile)}", flush=True)
     return count
 
 
 def main(argv=None):
     from mpl_fast.kernels import softmax_common
 
-    shipped = tile_name(softmax_common.current_tile())
+    shipped = softmax_common.tile_spec(softmax_common.current_tile())
     parser = argparse.ArgumentParser(prog="mpl-fast bench ops",
                                      description="benchmark the fused loss ops")
     parser.add_argument("--shapes", default=",".join(f"{n}x{c}" for n, c in SHAPES),
@@ -334,13 +306,14 @@ def main(argv=None):
                         help="comma-separated logits dtypes: float32, bfloat16, float16 "
                         "(default: %(default)s)")
     parser.add_argument("--tiles", default=shipped,
-                        help="comma-separated ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes]"
-                        "[:sSTAGES][:rROW_STAGES] tiles of our kernels to time (a program holds "
-                        "ELEMENTS, at least a row, in chunks of at most MAX_BLOCK columns, with "
-                        "a warp per PER_WARP elements up to MAX_WARPS; :lanes: a streamed row's "
-                        "statistics per lane; :sSTAGES: a streamed row's chunks in flight, 1 to "
-                        "4; :rROW_STAGES: one-tile rows by persistent programs with that many "
-                        "tiles in flight, 1 to 4; default: the shipped one, %(default)s)")
+                        help="comma-separated " + softmax_common.TILE_SPEC + " tiles of our "
+                        "kernels to time (a program holds ELEMENTS, at least a row, in chunks of "
+                        "at most MAX_BLOCK columns, with a warp per PER_WARP elements up to "
+                        "MAX_WARPS; :lanes: a streamed row's statistics per lane; :sSTAGES: a "
+                        "streamed row's chunks in flight, 1 to 4; :rROW_STAGES: one-tile rows by "
+                        "persistent programs with that many tiles in flight, 1 to 4; "
+                        ":mREGISTERS: at most that many registers a thread, 16 to 255, 0 for no "
+                        "cap; default: the shipped one, %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s; off CUDA only host times)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
@@ -401,7 +374,7 @@ def main(argv=None):
                             mine_kernels = (kernel_times(ours, device, leaves)
                                             if args.kernels else None)
                     except Exception as err:  # a swept tile the compiler refuses: say, go on
-                        if tile_name(tile) == shipped:
+                        if softmax_common.tile_spec(tile) == shipped:
                             raise
                         print(f"{name:20s} {n}x{c} {dtype}: tile {tile} failed: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")

@@ -70,7 +70,8 @@ stage_ops() {
 # Nsight Compute on our kernels at the shapes #3's bandwidth target is set at (the cross-entropy
 # and UDA at 34-67%): achieved occupancy, warp stall reasons, memory throughput, per kernel, the
 # small ones around ours included; the shipped tile and the pipelined ones (persistent programs
-# at 1000 classes, chunks in flight at 32000).
+# at 1000 classes, chunks in flight at 32000), and at 1000 classes the register cap of 40 (25
+# programs an SM instead of 18 for the cross-entropy).
 # Needs ncu on the machine (not in ../shared/device/README.md's list: the stage says so if absent)
 stage_ops_ncu() {
   local ncu
@@ -83,14 +84,15 @@ stage_ops_ncu() {
   "$ncu" --profile-from-start off --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
     mpl-fast bench ops --profiler-range --shapes 15360x1000 --dtypes bfloat16 \
-      --tiles 256:4096:8:512,256:4096:8:512:r2 &&
+      --tiles 256:4096:8:512,256:4096:8:512:r2,256:4096:8:512:m40 &&
     "$ncu" --profile-from-start off --section SpeedOfLight --section Occupancy \
       --section WarpStateStats \
       mpl-fast bench ops --profiler-range --shapes 4096x32000 --dtypes bfloat16 \
       --tiles 256:4096:8:512,256:4096:8:512:s3
 }
 
-# our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes][:sN][:rN], softmax_common.py),
+# our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes][:sN][:rN][:mN],
+# softmax_common.py),
 # swept at the shapes the bandwidth target is set at (#3). The third sitting (H200, 2026-11-26)
 # chose the shipped 256:4096:8:512 (16 elements a thread; 10 classes: 16 rows, one warp; 1000:
 # one row, two warps; 32000: 4096-column chunks, 8 warps) over 1024:4096:8 with 8 a thread (15-17%
@@ -102,11 +104,14 @@ stage_ops_ncu() {
 # software-pipelined, 2 and 3 in flight (:s2, :s3; the third sitting's 32000-class kernels took
 # 45-72% of bandwidth with one chunk in flight a program); at 10 and 1000 classes, one-tile rows
 # by persistent programs with 2 and 3 tiles in flight (:r2, :r3; the 1000-class kernels took
-# about the same time whatever bytes they moved: latency, not bandwidth). The launch each tile
-# made at each C is in its record.
+# about the same time whatever bytes they moved: latency, not bandwidth), and with at most 40
+# or 32 registers a thread (:m40, :m32, and :r2:m40; uncapped, the 1000-class bf16 cross-entropy
+# with its gradient takes 55 registers, so an SM holds 18 of its programs, 36 of 64 warps, where
+# pseudo_labels at 32 fills all 32 program slots; capped, it spills 8 bytes a thread, UDA 40 at
+# :m40 and 144 at :m32). The launch each tile made at each C is in its record.
 stage_ops_tiles() {
   mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
-    --tiles 256:4096:8:512,256:4096:8:512:r2,256:4096:8:512:r3,128:4096:8:512,512:4096:8:512,256:4096:8:128,1024:4096:8:1024,2048:4096:8:1024,1024:4096:8:256 \
+    --tiles 256:4096:8:512,256:4096:8:512:r2,256:4096:8:512:r3,256:4096:8:512:m40,256:4096:8:512:m32,256:4096:8:512:r2:m40,128:4096:8:512,512:4096:8:512,256:4096:8:128,1024:4096:8:1024,2048:4096:8:1024,1024:4096:8:256 \
     --out "$DIR/results" &&
     mpl-fast bench ops --shapes 4096x32000 --no-compile \
       --tiles 256:4096:8:512,256:4096:8:512:s2,256:4096:8:512:s3,256:2048:4:512:s3,256:4096:4:512,32768:32768:32:1024 \

@@ -5,9 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (aligned, grid, lane_softmax_combine,
-                                             lane_softmax_update, online_softmax_update,
-                                             row_alignment, safe_max, tile_for, tile_rows)
+from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine, lane_softmax_update,
+                                             launch, online_softmax_update, row_alignment,
+                                             safe_max, tile_for, tile_rows)
 
 
 @triton.jit
@@ -102,11 +102,11 @@ def pseudo_labels_forward(logits, temperature, threshold):
     if n == 0:
         return probs, max_prob, mask, labels
     tile = tile_for(c)
-    _pseudo_labels_kernel[grid(tile, n, dev)](
+    launch(
+        _pseudo_labels_kernel, tile, n, dev,
         logits, logits.stride(0), probs, probs.stride(0), max_prob, mask, labels, n, c,
         1.0 / float(temperature), float(threshold),
         ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
         LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
-        ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)),
-        num_warps=tile.num_warps)
+        ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)))
     return probs, max_prob, mask, labels

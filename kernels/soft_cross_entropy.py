@@ -18,10 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (aligned, grid, lane_softmax_combine,
-                                             lane_softmax_update, max_sum_sum,
-                                             online_softmax_update, row_alignment, safe_max,
-                                             tile_for, tile_rows)
+from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine, lane_softmax_update,
+                                             launch, max_sum_sum, online_softmax_update,
+                                             row_alignment, safe_max, tile_for, tile_rows)
 
 
 @triton.jit
@@ -216,7 +215,8 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
     probs_stride = 0 if hard else target_probs.stride(0)
     grad_stride = grad.stride(0) if compute_grad else 0
     dummy = loss
-    _soft_cross_entropy_kernel[grid(tile, n, logits.device)](
+    launch(
+        _soft_cross_entropy_kernel, tile, n, logits.device,
         logits, logits.stride(0),
         target_index if hard else dummy,
         dummy if hard else target_probs, probs_stride,
@@ -226,6 +226,5 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
         LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
-        ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride),
-        num_warps=tile.num_warps)
+        ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride))
     return loss, grad

@@ -17,6 +17,16 @@ One-tile rows are one tile a program unless ROW_STAGES > 1: then a persistent gr
 (PERSISTENT_PROGRAMS_PER_SM programs a SM) loops over the tiles, software-pipelined (tl.range's
 num_stages): the next tiles' rows are loaded while the current one is reduced, instead of each
 program paying a load's latency before its reductions (`--tiles 256:4096:8:512:r2` times it).
+Its grid holds as many programs an SM as fit there at once (registers, shared memory, warps:
+resident_programs, read from the compiled kernel after its first launch), at most
+PERSISTENT_PROGRAMS_PER_SM: a program that found no room would start only once another had
+looped over all its tiles, doubling the time.
+
+MAX_REGISTERS caps a kernel's registers a thread (ptxas' maxnreg; 0: the compiler's choice).
+Rows of 1000 classes are latency-bound, so the programs an SM holds at once matter: the bf16
+cross-entropy with its gradient takes 55 registers, so an SM holds 18 programs of two warps
+(36 of its 64 warps), where pseudo_labels at 32 registers fills all 32 slots; capped at 32 the
+cross-entropy spills 8 bytes a thread (`--tiles 256:4096:8:512:m32` times it).
 
 A temperature is applied after the max is subtracted, exp((x - m) * inv_t), never as
 exp(x * inv_t - m'): the compiler contracts a product and a difference into one FMA, which
@@ -27,8 +37,10 @@ scaled afterwards leaves nothing to contract: the max element's weight is exp(0)
 """
 import contextlib
 import functools
+import itertools
 import math
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -53,6 +65,7 @@ LANE_STATS = False  # streamed rows: statistics per lane (True) or per row
 STREAM_STAGES = 1  # streamed rows: chunks in flight a program (1: no pipelining; not measured)
 ROW_STAGES = 1  # one-tile rows: tiles in flight a persistent program (1: a program a tile; not
 #                 measured)
+MAX_REGISTERS = 0  # registers a thread at most (0: no cap; not measured)
 PERSISTENT_PROGRAMS_PER_SM = 16  # 16 programs of 1-2 warps: a quarter to half of an SM's warps
 PERSISTENT_PROGRAMS_OFF_CUDA = 64  # a persistent grid in the interpreter
 
@@ -168,17 +181,55 @@ def row_alignment(num_classes: int, *row_strides: int) -> int:
 def current_tile() -> tuple:
     """The module's tile settings, in tile_settings' argument order."""
     return (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES,
-            ROW_STAGES)
+            ROW_STAGES, MAX_REGISTERS)
+
+
+TILE_SPEC = "ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES][:mREGISTERS]"
+
+
+def parse_tile_spec(spec: str) -> tuple:
+    """A tile written as TILE_SPEC -> its settings in current_tile's order. ELEMENTS, MAX_BLOCK,
+    MAX_WARPS and PER_WARP (elements a warp holds) are powers of two; lanes: a streamed row's
+    statistics per lane; STAGES and ROW_STAGES (1 to 4): a streamed row's chunks, a persistent
+    program's one-tile rows in flight; REGISTERS (16 to 255, or 0 for none): a thread's register
+    cap. What is left out is the shipped setting; options follow the numbers, each at most once.
+    Raises ValueError naming the spec."""
+    parts = spec.split(":")
+    numbers = list(itertools.takewhile(str.isdigit, parts))
+    options = parts[len(numbers):]
+    kinds = [o[:1] for o in options]  # "l" for lanes
+    values = {o[0]: int(o[1:]) for o in options if re.fullmatch(r"[sr][1-4]|m\d{1,3}", o)}
+    if (len(numbers) not in (3, 4) or len(set(kinds)) != len(kinds)
+            or len(values) + ("lanes" in options) != len(options)
+            or not all(int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in numbers)
+            or values.get("m", 0) not in (0, *range(16, 256))):
+        raise ValueError(f"tile {spec!r}: expected {TILE_SPEC}, powers of two, stages 1 to 4, "
+                         "registers 16 to 255")
+    numbers = [int(p) for p in numbers]
+    return (*numbers[:3], "lanes" in options,
+            numbers[3] if len(numbers) == 4 else ELEMENTS_PER_WARP,
+            values.get("s", STREAM_STAGES), values.get("r", ROW_STAGES),
+            values.get("m", MAX_REGISTERS))
+
+
+def tile_spec(tile: tuple) -> str:
+    """Settings in current_tile's order -> 'E:B:W:P[:lanes][:sS][:rR][:mM]' (options named only
+    when they do something, as earlier records were written)."""
+    elements, max_block, max_warps, lanes, per_warp, stages, row_stages, registers = tile
+    return (f"{elements}:{max_block}:{max_warps}:{per_warp}" + (":lanes" if lanes else "")
+            + (f":s{stages}" if stages != 1 else "")
+            + (f":r{row_stages}" if row_stages != 1 else "")
+            + (f":m{registers}" if registers else ""))
 
 
 @contextlib.contextmanager
 def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False,
-                  elements_per_warp=None, stages=None, row_stages=None):
+                  elements_per_warp=None, stages=None, row_stages=None, max_registers=None):
     """Launch with another tile inside the block (a benchmark sweep, a register report); the
-    shipped settings come back after it. elements_per_warp, stages or row_stages None keeps
-    the shipped one."""
+    shipped settings come back after it. elements_per_warp, stages, row_stages or
+    max_registers None keeps the shipped one (max_registers 0: no cap)."""
     global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES
-    global ROW_STAGES
+    global ROW_STAGES, MAX_REGISTERS
     shipped = current_tile()
     TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = elements, max_block, max_warps, lanes
     if elements_per_warp is not None:
@@ -187,11 +238,13 @@ def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = F
         STREAM_STAGES = stages
     if row_stages is not None:
         ROW_STAGES = row_stages
+    if max_registers is not None:
+        MAX_REGISTERS = max_registers
     try:
         yield
     finally:
         (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP,
-         STREAM_STAGES, ROW_STAGES) = shipped
+         STREAM_STAGES, ROW_STAGES, MAX_REGISTERS) = shipped
 
 
 class Tile(NamedTuple):
@@ -202,6 +255,7 @@ class Tile(NamedTuple):
     lanes: bool     # a streamed row's statistics per lane (see the module docstring)
     stages: int     # a streamed row's chunks in flight (1 for a one-tile row)
     row_stages: int  # a persistent program's tiles in flight (1: a program a tile, streamed rows)
+    max_registers: int  # registers a thread at most (0: the compiler's choice)
 
 
 def tile_for(num_classes: int) -> Tile:
@@ -213,7 +267,42 @@ def tile_for(num_classes: int) -> Tile:
     single = num_classes <= block
     return Tile(rows, block, min(MAX_WARPS, max(1, elements // ELEMENTS_PER_WARP)),
                 single, LANE_STATS and not single, 1 if single else STREAM_STAGES,
-                ROW_STAGES if single else 1)
+                ROW_STAGES if single else 1, MAX_REGISTERS)
+
+
+class SmLimits(NamedTuple):
+    """What one SM holds at once, for the programs of one kernel."""
+    registers: int  # 32-bit registers
+    threads: int
+    shared_bytes: int
+    programs: int   # thread blocks
+
+
+# Hopper's (sm_90) and the data-centre Amperes' (sm_80): the compile report's and the default
+SM90_LIMITS = SmLimits(registers=65536, threads=2048, shared_bytes=233472, programs=32)
+# thread blocks an SM holds where fewer than 32 (CUDA's occupancy table: Turing, GA10x, Ada)
+_PROGRAMS_PER_SM = {(7, 5): 16, (8, 6): 16, (8, 7): 16, (8, 9): 24}
+
+
+@functools.lru_cache(maxsize=None)
+def sm_limits(device_index: int) -> SmLimits:
+    p = torch.cuda.get_device_properties(device_index)
+    return SmLimits(getattr(p, "regs_per_multiprocessor", SM90_LIMITS.registers),
+                    p.max_threads_per_multi_processor,
+                    getattr(p, "shared_memory_per_multiprocessor", SM90_LIMITS.shared_bytes),
+                    _PROGRAMS_PER_SM.get((p.major, p.minor), SM90_LIMITS.programs))
+
+
+def resident_programs(registers: int, num_warps: int, shared_bytes: int,
+                      limits: SmLimits = SM90_LIMITS) -> int:
+    """Programs of a kernel (registers a thread, num_warps, dynamic shared memory a program)
+    that an SM holds at once: registers are given to a warp in blocks of 256, and each program
+    also takes 1 KiB of shared memory that the system reserves (sm_80 and later)."""
+    warp_registers = -(-max(registers, 1) * 32 // 256) * 256
+    return max(1, min(limits.registers // (warp_registers * num_warps),
+                      limits.threads // (32 * num_warps),
+                      limits.shared_bytes // (shared_bytes + 1024),
+                      limits.programs))
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,11 +318,43 @@ def persistent_programs(device, per_sm: int) -> int:
     return PERSISTENT_PROGRAMS_OFF_CUDA
 
 
-def grid(tile: Tile, n: int, device) -> tuple:
+def grid(tile: Tile, n: int, device, per_sm: int = None) -> tuple:
     """The launch grid of a row-wise kernel over n rows: a program a tile of rows, or with
-    row_stages > 1 a persistent grid of at most PERSISTENT_PROGRAMS_PER_SM programs a SM
-    looping over the tiles."""
+    row_stages > 1 a persistent grid of at most per_sm (PERSISTENT_PROGRAMS_PER_SM) programs a
+    SM looping over the tiles."""
     tiles = triton.cdiv(n, tile.rows)
     if tile.row_stages == 1:
         return (tiles,)
-    return (min(tiles, persistent_programs(device, PERSISTENT_PROGRAMS_PER_SM)),)
+    per_sm = min(per_sm or PERSISTENT_PROGRAMS_PER_SM, PERSISTENT_PROGRAMS_PER_SM)
+    return (min(tiles, persistent_programs(device, per_sm)),)
+
+
+def launch_options(tile: Tile) -> dict:
+    """The compile options of a launch with this tile (a register cap only when one is set, so
+    that the uncapped kernels compile exactly as they did before there was one)."""
+    options = {"num_warps": tile.num_warps}
+    if tile.max_registers:
+        options["maxnreg"] = tile.max_registers
+    return options
+
+
+# (kernel, device, its compile-time arguments) -> programs of the compiled variant an SM holds
+_resident = {}
+
+
+def launch(kernel, tile: Tile, n: int, device, *args, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs) over n rows with the tile's grid and options. A
+    persistent grid (row_stages > 1) is sized, from a variant's second launch on, by how many
+    of its programs an SM holds (resident_programs of the compiled kernel): a CUDA graph
+    captured after warm-up steps gets the sized grid."""
+    options = launch_options(tile)
+    if tile.row_stages == 1 or device.type != "cuda":
+        kernel[grid(tile, n, device)](*args, **constexprs, **options)
+        return
+    key = (kernel, device.index, tuple(constexprs.values()), tuple(options.values()),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    compiled = kernel[grid(tile, n, device, _resident.get(key))](*args, **constexprs, **options)
+    if key not in _resident and getattr(compiled, "n_regs", None):
+        _resident[key] = resident_programs(compiled.n_regs, tile.num_warps,
+                                           compiled.metadata.shared,
+                                           sm_limits(device.index or 0))

@@ -10,10 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (aligned, grid, lane_softmax_combine,
-                                             lane_softmax_update, lane_weight, max_max,
-                                             row_alignment, running_max, safe_max, sum_sum_sum,
-                                             tile_for, tile_rows)
+from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine, lane_softmax_update,
+                                             lane_weight, launch, max_max, row_alignment,
+                                             running_max, safe_max, sum_sum_sum, tile_for,
+                                             tile_rows)
 
 
 @triton.jit
@@ -166,12 +166,12 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
         return loss, mask, grad
     tile = tile_for(c)
     grad_stride = grad.stride(0) if compute_grad else 0  # 0: no rows (divides nothing away)
-    _uda_loss_kernel[grid(tile, n, dev)](
+    launch(
+        _uda_loss_kernel, tile, n, dev,
         weak, weak.stride(0), strong, strong.stride(0), loss, mask,
         grad if compute_grad else loss, grad_stride,
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
         LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
-        ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride),
-        num_warps=tile.num_warps)
+        ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride))
     return loss, mask, grad

@@ -25,6 +25,9 @@ import torch
 # program's tiles, in flight)
 PIPELINED_STAGES = 2
 PERSISTENT_CLASSES = (10, 1000)
+# the register cap a capped variant is compiled with (softmax_common.MAX_REGISTERS), at the
+# class counts of PERSISTENT_CLASSES: 25 programs of two warps an SM instead of 18-21 at 1000
+CAPPED_REGISTERS = 40
 POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                  torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 
@@ -44,7 +47,7 @@ class LaunchRecorder:
 
 def signature_of(kernel, args, kwargs):
     """Triton's (signature, constexprs, options) for one recorded launch."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values = dict(zip(kernel.arg_names, args))
     values.update(kwargs)
     signature, constexprs = {}, {}
@@ -148,6 +151,11 @@ def record_launches(num_classes, dtypes):
                               row_stages=PIPELINED_STAGES):
             _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c,
                         torch.bfloat16)
+        # and with a register cap, so that an SM holds more programs (MAX_REGISTERS)
+        with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS,
+                              max_registers=CAPPED_REGISTERS):
+            _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c,
+                        torch.bfloat16)
     return [(rec.kernel, args, kwargs) for rec in recorders.values()
             for args, kwargs in rec.calls]
 
@@ -175,9 +183,9 @@ def main(argv=None):
     parser.add_argument("--classes", default="10,100,1000,4000,32000",
                         help="class counts to launch with (each picks a tile)")
     parser.add_argument("--tile", default=None,
-                        help="ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP] instead of the shipped "
-                        "tile (to see "
-                        "what a tile `mpl-fast bench ops --tiles` would sweep costs in registers)")
+                        help="a tile as `mpl-fast bench ops --tiles` takes it (ELEMENTS:MAX_BLOCK:"
+                        "MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES][:mREGISTERS]) "
+                        "instead of the shipped one: what a swept tile costs in registers")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: compile only every n-th variant from the i-th (parallel runs)")
     args = parser.parse_args(argv)
@@ -187,10 +195,10 @@ def main(argv=None):
     from mpl_fast.kernels import softmax_common
 
     if args.tile:
-        numbers = [int(v) for v in args.tile.split(":")]
-        if len(numbers) not in (3, 4):
-            parser.error(f"--tile {args.tile!r}: expected ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP]")
-        tile = softmax_common.tile_settings(*numbers[:3], False, *numbers[3:])
+        try:
+            tile = softmax_common.tile_settings(*softmax_common.parse_tile_spec(args.tile))
+        except ValueError as err:
+            parser.error(f"--tile: {err}")
     else:
         tile = contextlib.nullcontext()
     with tile:
@@ -201,6 +209,8 @@ def compile_all(args, shard, shards):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from mpl_fast.kernels.softmax_common import resident_programs
 
     target = GPUTarget("cuda", args.arch, 32)
     seen = set()
@@ -218,11 +228,14 @@ def compile_all(args, shard, shards):
             continue
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                   target=target, options=options)
+        usage = resource_usage(compiled.asm["cubin"])
         record = {"kernel": kernel.__name__, "arch": f"sm_{args.arch}",
                   "signature": {k: v for k, v in signature.items() if v != "constexpr"},
-                  "constexprs": constexprs, **options,
-                  **resource_usage(compiled.asm["cubin"]),
+                  "constexprs": constexprs, **options, **usage,
                   "dynamic_shared": compiled.metadata.shared,
+                  # what an H100/H200 SM holds at once of this variant (occupancy)
+                  "programs_per_sm": resident_programs(usage["REG"], options["num_warps"],
+                                                       compiled.metadata.shared),
                   **global_access_widths(compiled.asm["cubin"])}
         print(json.dumps(record), flush=True)
 

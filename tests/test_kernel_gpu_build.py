@@ -3,9 +3,9 @@
 CI otherwise runs them only through the interpreter, which accepts programs the real compiler
 rejects; this compiles every variant the launchers can produce (3 dtypes x tiles x the constexpr
 switches) to a cubin, and checks that none spills registers beyond a word or two, that long rows
-are read and written 16 bytes an instruction, and that the pipelined loops (a streamed row's
+are read and written 16 bytes an instruction, that the pipelined loops (a streamed row's
 chunks, softmax_common.STREAM_STAGES; a persistent program's tiles, ROW_STAGES) load through
-asynchronous copies.
+asynchronous copies, and that a register cap (MAX_REGISTERS) holds.
 """
 import importlib
 import json
@@ -71,8 +71,9 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         assert first_ptr == {"*fp32", "*bf16", "*fp16"}, name
     # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked),
     # the chunked tile also with per-lane statistics and with its chunks pipelined; and the
-    # persistent programs over one-tile rows, in bf16 at 10 and 1000 classes
-    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 7 + 16 * 2
+    # persistent programs over one-tile rows and the register-capped kernels, in bf16 at 10 and
+    # 1000 classes
+    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 7 + 16 * 2 + 16 * 2
     pipelined = SCRIPT_MODULE.PIPELINED_STAGES
     for name in ("_pseudo_labels_kernel", "_soft_cross_entropy_kernel", "_uda_loss_kernel"):
         streams = {tuple(r["constexprs"][k] for k in ("SINGLE", "LANES", "STAGES", "ROW_STAGES"))
@@ -92,12 +93,27 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
                 assert r["dynamic_shared"] <= 227 * 1024, r
             else:
                 assert copies == {}, r
+    cap = SCRIPT_MODULE.CAPPED_REGISTERS
+    capped = [r for r in records if "maxnreg" in r]
+    assert {r["kernel"] for r in capped} == {"_pseudo_labels_kernel",
+                                             "_soft_cross_entropy_kernel", "_uda_loss_kernel"}
+    assert {r["constexprs"]["BLOCK"] for r in capped} == {16, 1024}
     for r in records:
         assert r["arch"] == "sm_90"
-        # ptxas 13 under triton's --regAllocOptLevel=2 may park a word or two on the stack;
-        # a register-starved tile would spill hundreds of bytes
-        assert r["LOCAL"] == 0 and r["STACK"] <= 16, f"register spill: {r}"
+        if "maxnreg" in r:
+            # the cap holds, and what it is for: more programs an SM (25 of two warps at 40
+            # registers, against 18-21 for most kernels uncapped at 1000 classes); what does not
+            # fit is spilled, a few words a thread at most
+            assert r["maxnreg"] == cap and r["REG"] <= cap, r
+            assert r["programs_per_sm"] >= min(32, 65536 // (cap * 32 * r["num_warps"])), r
+            assert r["LOCAL"] == 0 and r["STACK"] <= 128, f"register spill: {r}"
+        else:
+            # ptxas 13 under triton's --regAllocOptLevel=2 may park a word or two on the stack;
+            # a register-starved tile would spill hundreds of bytes
+            assert r["LOCAL"] == 0 and r["STACK"] <= 16, f"register spill: {r}"
         assert 0 < r["REG"] <= 255, r
+        # what an SM holds of it at once (occupancy, softmax_common.resident_programs)
+        assert 1 <= r["programs_per_sm"] <= 32, r
         # rows of 1000 classes and more (C and the row strides multiples of 8: the launchers
         # tell the compiler, see softmax_common.aligned) move 16 bytes a load, not one bf16
         # element (what triton did at C = 1000 before: 8 two-byte loads a thread and input); the

@@ -19,11 +19,11 @@ SLACK = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 def _backends(pipelined=False):
     """torch; the Triton kernels as shipped; "triton-lanes", the same kernels with a streamed
     row's statistics kept per lane (softmax_common.LANE_STATS); and, for the tests of every row
-    length (pipelined=True) on a GPU, the pipelined kernels: "triton-staged", a streamed row's
-    chunks software-pipelined (STREAM_STAGES 2), and "triton-persistent", one-tile rows by
-    persistent programs with 2 tiles in flight (ROW_STAGES 2); the interpreter runs pipelined
-    loops as plain ones (the persistent programs' loop itself is tested on the CPU below); for
-    benchmarks to choose from."""
+    length (pipelined=True) on a GPU, the launch settings a sweep may ship: "triton-staged", a
+    streamed row's chunks software-pipelined (STREAM_STAGES 2), and "triton-persistent",
+    one-tile rows by persistent programs with 2 tiles in flight (ROW_STAGES 2); the interpreter
+    runs pipelined loops as plain ones (the persistent programs' loop itself is tested on the CPU
+    below). The register cap has a test of its own (test_register_capped_kernels_...)."""
     out = [("torch", "cpu"), ("triton", "cpu"), ("triton-lanes", "cpu")]
     out.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu))
     out.append(pytest.param("triton-lanes", "cuda", marks=pytest.mark.gpu))
@@ -310,6 +310,126 @@ def test_persistent_programs_give_the_shipped_results_bit_for_bit(use, monkeypat
     assert 0.2 < float(shipped[2].mean()) < 0.8  # the UDA mask keeps some rows, not all
     for a, b in zip(shipped, persistent):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [10, 1000, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_register_capped_kernels_give_the_shipped_results(monkeypatch, c, dtype):
+    """A register cap (MAX_REGISTERS 40: spills where the kernel wants more) changes where
+    values live, not the arithmetic: the three ops, gradients and masks as the uncapped kernels
+    give them (to float32 rounding), on odd row counts."""
+    from mpl_fast.kernels import softmax_common
+
+    monkeypatch.setenv("MPL_FAST_BACKEND", "triton")
+    n = 517 if c < 32000 else 37
+    x = _logits(n, c, dtype, "cuda", 91)
+    weak = _logits(n, c, dtype, "cuda", 92, scale=6.0)
+    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(93)).cuda()
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(94)) > 0.3).float().cuda()
+
+    def run():
+        xg = x.clone().requires_grad_()
+        ce = ops.soft_cross_entropy(xg, y, label_smoothing=0.1, mask=mask, reduction="none")
+        uda, uda_mask = ops.uda_loss(weak, xg, temperature=0.7, threshold=0.6,
+                                     reduction="none")
+        (ce.sum() + 0.5 * uda.sum()).backward()
+        return [ce, uda, uda_mask, xg.grad, *ops.pseudo_labels(weak, temperature=0.7,
+                                                                 threshold=0.6)]
+
+    shipped = run()
+    monkeypatch.setattr(softmax_common, "MAX_REGISTERS", 40)
+    capped = run()
+    for a, b in zip(shipped, capped):
+        if a.is_floating_point():  # a bf16/fp16 gradient to one ulp
+            rtol = max(torch.finfo(a.dtype).eps, 1e-5)
+            torch.testing.assert_close(b.float(), a.float(), rtol=rtol, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+
+def test_resident_programs_counts_what_an_sm_holds():
+    """Occupancy as CUDA computes it: registers in blocks of 256 a warp, 1 KiB of shared memory
+    reserved a program, and the SM's caps on threads and programs."""
+    from mpl_fast.kernels.softmax_common import SM90_LIMITS, SmLimits, resident_programs
+
+    # two warps a program at 1000 classes: the cross-entropy with its gradient (55 registers,
+    # given as 56) against pseudo_labels (32); a persistent variant with 69 and 4 KiB of buffers
+    assert resident_programs(55, 2, 24) == 65536 // (56 * 32 * 2) == 18
+    assert resident_programs(32, 2, 24) == 32  # every program slot
+    assert resident_programs(40, 2, 24) == 25
+    assert resident_programs(69, 2, 4132) == 65536 // (72 * 32 * 2) == 14
+    assert resident_programs(64, 8, 0) == 4
+    assert resident_programs(16, 1, 0) == 32  # the program cap, not the 64 warps
+    assert resident_programs(32, 16, 0) == 4  # 2048 threads
+    assert resident_programs(32, 2, 100 * 1024) == 2  # shared memory
+    assert resident_programs(255, 32, 200 * 1024) == 1  # never 0
+    assert resident_programs(16, 1, 0, SmLimits(65536, 1536, 102400, 16)) == 16
+    assert SM90_LIMITS.programs == 32
+
+
+class _FakeKernel:
+    """Stands in for a @triton.jit kernel: records each launch's grid and options and returns a
+    compiled kernel of the given registers and shared memory, as triton's launch does."""
+
+    def __init__(self, n_regs, shared):
+        from types import SimpleNamespace
+
+        self.compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared))
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.compiled
+        return run
+
+
+def test_a_register_cap_reaches_the_launch_only_when_set():
+    """MAX_REGISTERS 0 launches exactly as before there was a cap (no maxnreg option: the same
+    compiled variants); a cap is passed as ptxas' maxnreg."""
+    from mpl_fast.kernels import softmax_common as sc
+
+    kernel = _FakeKernel(40, 24)
+    x = torch.zeros(3, 1000)
+    assert sc.tile_for(1000).max_registers == sc.MAX_REGISTERS == 0
+    sc.launch(kernel, sc.tile_for(1000), 3, x.device, x, 7, ROWS=1)
+    with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, max_registers=40):
+        sc.launch(kernel, sc.tile_for(1000), 3, x.device, x, 7, ROWS=1)
+        sc.launch(kernel, sc.tile_for(32000), 3, x.device, x, 7, ROWS=1)
+    assert sc.MAX_REGISTERS == 0  # the sweep's setting undone
+    assert kernel.launches == [((3,), {"ROWS": 1, "num_warps": 2}),
+                               ((3,), {"ROWS": 1, "num_warps": 2, "maxnreg": 40}),
+                               ((3,), {"ROWS": 1, "num_warps": 8, "maxnreg": 40})]
+
+
+def test_a_persistent_grid_holds_only_the_programs_an_sm_has_room_for(monkeypatch):
+    """A persistent program that finds no room on an SM starts only when another has looped
+    over all its tiles: from a variant's second launch on, the grid is the programs an SM holds
+    of the compiled kernel (its registers and shared memory), at most
+    PERSISTENT_PROGRAMS_PER_SM, times the SMs. Kept per variant (dtypes, constexprs, options)."""
+    from types import SimpleNamespace
+
+    from mpl_fast.kernels import softmax_common as sc
+
+    monkeypatch.setattr(sc, "_resident", {})
+    monkeypatch.setattr(sc, "sm_count", lambda index: 132)
+    monkeypatch.setattr(sc, "sm_limits", lambda index: sc.SM90_LIMITS)
+    monkeypatch.setattr(sc, "ROW_STAGES", 2)
+    cuda = SimpleNamespace(type="cuda", index=0)  # the launch path of a GPU, run by fakes
+    tile = sc.tile_for(1000)
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    starved, roomy = _FakeKernel(69, 4132), _FakeKernel(32, 4120)
+    for _ in range(2):
+        for kernel in (starved, roomy):
+            sc.launch(kernel, tile, 15360, cuda, x, 15360, ROWS=1, ROW_STAGES=2)
+    assert [g for g, _ in starved.launches] == [(16 * 132,), (14 * 132,)]
+    assert [g for g, _ in roomy.launches] == [(16 * 132,), (16 * 132,)]  # at most 16 an SM
+    sc.launch(starved, tile, 100, cuda, x, 100, ROWS=1, ROW_STAGES=2)  # fewer tiles than room
+    assert starved.launches[-1][0] == (100,)
+    # another dtype is another compiled variant: sized afresh
+    sc.launch(starved, tile, 15360, cuda, x.float(), 15360, ROWS=1, ROW_STAGES=2)
+    assert starved.launches[-1][0] == (16 * 132,)
+    assert sorted(sc._resident.values()) == [14, 14, 32]
 
 
 @pytest.mark.parametrize("backend,device", _backends())
