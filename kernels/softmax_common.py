@@ -286,9 +286,10 @@ _PROGRAMS_PER_SM = {(7, 5): 16, (8, 6): 16, (8, 7): 16, (8, 9): 24}
 
 @functools.lru_cache(maxsize=None)
 def sm_limits(device_index: int) -> SmLimits:
+    """An SM's limits on this device (Hopper's where torch's properties do not say)."""
     p = torch.cuda.get_device_properties(device_index)
     return SmLimits(getattr(p, "regs_per_multiprocessor", SM90_LIMITS.registers),
-                    p.max_threads_per_multi_processor,
+                    getattr(p, "max_threads_per_multi_processor", SM90_LIMITS.threads),
                     getattr(p, "shared_memory_per_multiprocessor", SM90_LIMITS.shared_bytes),
                     _PROGRAMS_PER_SM.get((p.major, p.minor), SM90_LIMITS.programs))
 

@@ -347,6 +347,37 @@ def test_register_capped_kernels_give_the_shipped_results(monkeypatch, c, dtype)
         else:
             assert torch.equal(a, b)
 
+@pytest.mark.gpu
+def test_a_persistent_grid_is_sized_from_the_compiled_kernel(monkeypatch):
+    """On the device's triton, a launch hands back the compiled kernel with its registers and
+    shared memory: the second launch's persistent grid holds only the programs an SM has room
+    for (and the results do not depend on the grid)."""
+    from mpl_fast.kernels import soft_cross_entropy as ce_kernels
+    from mpl_fast.kernels import softmax_common as sc
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel, self.grids = kernel, []
+
+        def __getitem__(self, grid):
+            self.grids.append(grid)
+            return self.kernel[grid]
+
+    kernel = Recording(ce_kernels._soft_cross_entropy_kernel)
+    monkeypatch.setattr(ce_kernels, "_soft_cross_entropy_kernel", kernel)
+    monkeypatch.setattr(sc, "_resident", {})
+    monkeypatch.setattr(sc, "ROW_STAGES", 2)
+    monkeypatch.setenv("MPL_FAST_BACKEND", "triton")
+    x = _logits(15360, 1000, torch.bfloat16, "cuda", 95)
+    y = torch.randint(0, 1000, (15360,), generator=torch.Generator().manual_seed(96)).cuda()
+    losses = [ops.soft_cross_entropy(x, y, label_smoothing=0.1) for _ in range(2)]
+    (programs,) = sc._resident.values()
+    sms = sc.sm_count(torch.cuda.current_device())
+    assert 1 <= programs <= sc.SM90_LIMITS.programs
+    assert kernel.grids == [(sc.PERSISTENT_PROGRAMS_PER_SM * sms,),
+                            (min(programs, sc.PERSISTENT_PROGRAMS_PER_SM) * sms,)]
+    assert torch.equal(losses[0], losses[1])
+
 def test_resident_programs_counts_what_an_sm_holds():
     """Occupancy as CUDA computes it: registers in blocks of 256 a warp, 1 KiB of shared memory
     reserved a program, and the SM's caps on threads and programs."""
