@@ -376,7 +376,8 @@ def main(argv=None):
                     except Exception as err:  # a swept tile the compiler refuses: say, go on
                         if softmax_common.tile_spec(tile) == shipped:
                             raise
-                        print(f"{name:20s} {n}x{c} {dtype}: tile {tile} failed: "
+                        print(f"{name:20s} {n}x{c} {dtype}: tile "
+                              f"{softmax_common.tile_spec(tile)} failed: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
                         continue
                     row = record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth)
