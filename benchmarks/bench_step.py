@@ -380,12 +380,20 @@ def _measure_variant(fn, compiled, graph, args, device, batch):
     return row, round(sum(phase_breakdown(call, device).values()), 3)
 
 
+def _progress(name, row):
+    """One variant's time as soon as it is measured: a run cut off before its record is written
+    (a compiled variant's minutes of compilation, a GPU sitting's time limit) still leaves what
+    it measured in its log."""
+    print(f"measured {name}: {row[0]:.2f} ms/step", flush=True)
+
+
 def _measure(args, device, gpu):
     batch = make_batch(args, device, torch.Generator().manual_seed(0))
     use_graph = gpu and not args.no_graph
     ours, phases, activation_mem = _measure_ours(args, device, batch, use_graph)
     rows = {"ours": ours}
     kernel_ms = {"ours": round(sum(phases.values()), 3)}
+    _progress("ours", ours)
     # (a) eager reference, (b) compiled + graphed reference, (c) supervised floor (graphed when
     # ours is), (d) the reference graphed without compile
     variants = [("floor", supervised_floor, False, use_graph)]
@@ -397,6 +405,7 @@ def _measure(args, device, gpu):
         variants.append(("compiled_reference", reference_step, True, True))
     for name, fn, compiled, graph in variants:
         rows[name], kernel_ms[name] = _measure_variant(fn, compiled, graph, args, device, batch)
+        _progress(name, rows[name])
     max_batch = None
     if args.max_batch:
         gc.collect()

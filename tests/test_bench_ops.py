@@ -122,6 +122,11 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
                 "peak_mem_gib"):
         assert key in record, key
     assert record["ms_per_step"] > 0 and record["floor_ms_per_step"] > 0
+    # each variant's time as it is measured, before the record (a cut-off run keeps them)
+    out = capsys.readouterr().out.splitlines()
+    measured = [line.split(":")[0] for line in out if line.startswith("measured ")]
+    assert measured == ["measured ours", "measured floor", "measured reference"]
+    assert out.index(f"measured ours: {record['ms_per_step']:.2f} ms/step") < len(out) - 3
     assert record["compile"] == "none" and record["graph"] is False
     assert record["ce_old_forward"] == "separate"  # the paper preset's
     assert record["floor_graph"] is False and record["graphed_reference_ms_per_step"] is None
@@ -134,7 +139,7 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     assert set(record["phases_ms"]) == {"teacher_forward", "student_forward_backward_step",
                                         "student_new_forward", "feedback",
                                         "teacher_backward_step", "other"}
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("summary:")
+    assert out[-1].startswith("summary:")
 
 
 def _sitting_script(tmp_path):
