@@ -24,7 +24,10 @@ flight, `:mN` for at most N registers a thread, see kernels/softmax_common.py; t
 the shipped one), to choose it from measurements. Each row records the launch the tile made at
 its C (rows a program, block, warps, stages, row stages, register cap).
 --kernels adds where a call's time goes (torch.profiler over 10 calls: the costliest GPU
-kernels a call, or CPU ops off CUDA) for ours, eager and compile, as `kernels` in the record.
+kernels a call, or CPU ops off CUDA) for ours, eager and compile, as `kernels` in the record,
+and on a GPU our Triton kernel's own time and bandwidth (`own_kernel_us`,
+`own_kernel_bandwidth_fraction`) apart from the small kernels around it (`other_kernels_us`:
+autograd's grad_output fill, the mean, the backward's scale).
 --profiler-range times nothing: it calls ours once per case inside a CUDA profiler range, for
 Nsight Compute (`ncu --profile-from-start off ... mpl-fast bench ops --profiler-range`).
 
@@ -126,6 +129,20 @@ def kernel_times(fn, device, grad_to_none=(), calls=10, top=8):
             totals[e.key] = totals.get(e.key, 0.0) + us / calls
     ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
     return [[name, round(us, 2)] for name, us in ranked]
+
+
+def own_kernel_share(op, ours_kernels, nbytes, bandwidth):
+    """From ours' profiled kernels (kernel_times on a GPU): the op's own Triton kernel's time and
+    its bandwidth alone, and the time of the rest (autograd's fill of grad_output, the mean, the
+    backward's scale: launches that the op's forward + backward also pays, whatever its kernel
+    does). Nones where the profile has no such kernel (off CUDA: CPU ops)."""
+    own = next((us for name, us in ours_kernels if f"_{op}_kernel" in name), None)
+    if own is None:
+        return {"own_kernel_us": None, "own_kernel_bandwidth_fraction": None,
+                "other_kernels_us": None}
+    return {"own_kernel_us": own,
+            "own_kernel_bandwidth_fraction": round(nbytes / (own * 1e-6) / bandwidth, 3),
+            "other_kernels_us": round(sum(us for _, us in ours_kernels) - own, 2)}
 
 
 def parse_tile(spec):
@@ -383,12 +400,16 @@ def main(argv=None):
                     row = record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth)
                     if args.kernels:
                         row["kernels"] = dict(ours=mine_kernels, **theirs_kernels)
+                        row.update(own_kernel_share(name, mine_kernels, nbytes, bandwidth))
                     rows.append(row)
                     append_jsonl(out / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows
                     print_row(row)
                     if args.kernels:
+                        own = row["own_kernel_bandwidth_fraction"]
                         print("    ours: " + ", ".join(f"{k[:48]} {us:.1f} us"
-                                                       for k, us in mine_kernels[:4]))
+                                                       for k, us in mine_kernels[:4])
+                              + (f"; its kernel alone {own:.0%} of bandwidth"
+                                 if own is not None else ""))
     if not rows:
         print("summary: no rows (every tile failed)")
         return 1

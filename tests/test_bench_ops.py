@@ -96,6 +96,25 @@ def test_bench_ops_kernels_says_where_each_call_goes(tmp_path, capsys):
     eager = [name for name, _ in rows["soft_cross_entropy"]["kernels"]["eager"]]
     assert any("log_softmax" in name for name in eager), eager
     assert capsys.readouterr().out.count("    ours: ") == 3
+    # no device kernels off CUDA: our kernel's own share is not made up from CPU ops
+    for r in rows.values():
+        assert r["own_kernel_us"] is None and r["own_kernel_bandwidth_fraction"] is None
+
+
+def test_bench_ops_separates_our_kernel_from_the_launches_around_it():
+    """own_kernel_share: our Triton kernel's time and bandwidth alone, the rest apart (here 52 MB
+    in 20 us of 35 at 4.1 TB/s: 63% for the kernel where the whole call made 36%)."""
+    import runpy
+
+    share = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks"
+                               / "bench_ops.py"))["own_kernel_share"]
+    kernels = [["_soft_cross_entropy_kernel", 20.0], ["void at::native::reduce_kernel", 6.0],
+               ["_scale_rows_kernel", 5.5], ["void at::native::vectorized_elementwise", 3.5]]
+    got = share("soft_cross_entropy", kernels, 52e6, 4.1e12)
+    assert got == {"own_kernel_us": 20.0, "own_kernel_bandwidth_fraction": 0.634,
+                   "other_kernels_us": 15.0}
+    # the scale kernel is not mistaken for the op's own
+    assert share("uda_loss", kernels, 52e6, 4.1e12)["own_kernel_us"] is None
 
 
 @pytest.mark.parametrize("option,bad", [("--shapes", "10x0"), ("--shapes", "0x10"),
@@ -320,6 +339,9 @@ def test_bench_ops_times_graph_replays_on_a_gpu(tmp_path):
         # --kernels: on a GPU the device kernels, ours' Triton kernel among them
         assert any(kernel[r["op"]] in name for name, _ in r["kernels"]["ours"]), r["kernels"]
         assert set(r["kernels"]) == {"ours", "eager", "compile"}
+        # and our kernel's own time apart from the small ones around it
+        assert 0 < r["own_kernel_us"] <= r["graph_ms"] * 1e3, r
+        assert 0 < r["own_kernel_bandwidth_fraction"] and r["other_kernels_us"] >= 0, r
         for key in ("graph_ms", "eager_graph_ms", "compile_graph_ms"):
             assert r[key] is not None and r[key] > 0, (r["op"], key)
         assert r["graph_timed"]  # the ratios come from the GPU times (rounded in the record)
