@@ -92,8 +92,7 @@ stage_ops_ncu() {
 }
 
 # our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes][:sN][:rN][:mN],
-# softmax_common.py),
-# swept at the shapes the bandwidth target is set at (#3). The third sitting (H200, 2026-11-26)
+# kernels/softmax_common.py), swept at the shapes the bandwidth target is set at (#3). The third sitting (H200, 2026-11-26)
 # chose the shipped 256:4096:8:512 (16 elements a thread; 10 classes: 16 rows, one warp; 1000:
 # one row, two warps; 32000: 4096-column chunks, 8 warps) over 1024:4096:8 with 8 a thread (15-17%
 # less time at 1000 classes in bf16), and per-row over per-lane statistics at 32000. What is

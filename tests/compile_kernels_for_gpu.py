@@ -178,22 +178,22 @@ def _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c, d
 
 
 def main(argv=None):
+    from mpl_fast.kernels import softmax_common
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--classes", default="10,100,1000,4000,32000",
                         help="class counts to launch with (each picks a tile)")
     parser.add_argument("--tile", default=None,
-                        help="a tile as `mpl-fast bench ops --tiles` takes it (ELEMENTS:MAX_BLOCK:"
-                        "MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES][:mREGISTERS]) "
-                        "instead of the shipped one: what a swept tile costs in registers")
+                        help="a tile as `mpl-fast bench ops --tiles` takes it ("
+                        + softmax_common.TILE_SPEC + ") instead of the shipped one: what a swept "
+                        "tile costs in registers")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: compile only every n-th variant from the i-th (parallel runs)")
     args = parser.parse_args(argv)
     shard, shards = (int(v) for v in args.shard.split("/"))
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_kernels_for_gpu: unset TRITON_INTERPRET (it makes kernels uncompilable)")
-    from mpl_fast.kernels import softmax_common
-
     if args.tile:
         try:
             tile = softmax_common.tile_settings(*softmax_common.parse_tile_spec(args.tile))
