@@ -20,6 +20,9 @@ triton = pytest.importorskip("triton")
 
 SCRIPT = pathlib.Path(__file__).with_name("compile_kernels_for_gpu.py")
 SCRIPT_MODULE = importlib.import_module("tests.compile_kernels_for_gpu")
+# the load and store widths come from the PTX; every SASS_EVERY-th variant is also disassembled
+# (about a second each) to check that reading against the machine code
+SASS_EVERY = 9
 
 
 def _ptxas_present():
@@ -41,7 +44,7 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         out, err = (open(tmp_path / f"shard{i}.{ext}", "w+") for ext in ("jsonl", "log"))
         procs.append((subprocess.Popen(
             [sys.executable, str(SCRIPT), "--arch", "90", "--classes", "10,100,1000,4000,32000",
-             "--shard", f"{i}/2"], stdout=out, stderr=err, text=True, env=env), out, err))
+             "--shard", f"{i}/2", "--sass-every", str(SASS_EVERY)], stdout=out, stderr=err, text=True, env=env), out, err))
     lines = []
     for proc, out, err in procs:
         proc.wait(timeout=900)
@@ -93,6 +96,18 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
                 assert r["dynamic_shared"] <= 227 * 1024, r
             else:
                 assert copies == {}, r
+    # the PTX's widths are the machine code's: the same widths of load, store and asynchronous
+    # copy in each sampled variant (the counts may differ: ptxas unrolls loops, merges loads),
+    # the same count of two-byte loads, and the sample holds long bf16 rows and pipelined loops
+    sampled = [r for r in records if "sass" in r]
+    assert len(sampled) >= len(records) // SASS_EVERY, len(sampled)
+    for r in sampled:
+        for kind in ("load", "store", "async"):
+            assert set(r[kind]) == set(r["sass"][kind]), (kind, r)
+        assert r["load"].get("16", 0) == r["sass"]["load"].get("16", 0), r
+    assert any(r["constexprs"]["BLOCK"] >= 1024 and "*bf16" in r["signature"].values()
+               for r in sampled)
+    assert any(r["sass"]["async"] for r in sampled)
     cap = SCRIPT_MODULE.CAPPED_REGISTERS
     capped = [r for r in records if "maxnreg" in r]
     assert {r["kernel"] for r in capped} == {"_pseudo_labels_kernel",
@@ -123,3 +138,22 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
             wide = r["load"].get("128", 0) + r["async"].get("128", 0)
             assert wide >= 1 and r["load"].get("16", 0) <= 1, r
             assert r["store"].get("16", 0) == 0, r
+
+
+def test_ptx_access_widths_reads_vector_scalar_and_async_accesses():
+    # lines as triton emits them for sm_90 (predicated inline asm, cp.async with its byte count)
+    ptx = """
+    @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    @%p1 ld.global.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd2 + 0 ];
+    @%p2 ld.global.b16 { %rs1 }, [ %rd3 + 0 ];
+    @%p1 ld.global.L1::evict_last.b64 { %rd4 }, [ %rd5 + 0 ];
+    @%p3 st.global.v2.b32 [ %rd6 + 0 ], { %r9, %r10 };
+    @%p4 st.global.b32 [ %rd7 + 0 ], { %r11 };
+    @%p27 cp.async.ca.shared.global [ %r31 + 0 ], [ %rd22 + 0 ], 0x8, %r32;
+    @%p5 cp.async.cg.shared.global [ %r6 + 0 ], [ %rd19 + 0 ], 0x10, %r362;
+    cp.async.commit_group;
+    cp.async.wait_group 0;
+    ld.shared.v4.b32 { %r12, %r13, %r14, %r15 }, [ %r16 + 0 ];
+    """
+    assert SCRIPT_MODULE.ptx_access_widths(ptx) == {
+        "load": {128: 2, 16: 1, 64: 1}, "store": {64: 1, 32: 1}, "async": {64: 1, 128: 1}}
