@@ -111,6 +111,12 @@ def _metrics(path):
             for line in path.read_text().splitlines()]
 
 
+def _subprocess_env(**extra):
+    # the plain-torch loss kernels: these runs test resuming, and the interpreted Triton ones
+    # would add a third to each run's time
+    return dict(os.environ, MPL_FAST_BACKEND="torch", **extra)
+
+
 def _train_cmd(out, steps, *extra):
     return [sys.executable, "-m", "mpl_fast.cli", "train", "--out", str(out), "--steps",
             str(steps), "--device", "cpu", *sum((["--set", s] for s in TINY), []), *extra]
@@ -133,28 +139,31 @@ def _wait_for_step(path, step, proc, timeout=300):
 def test_exact_resume_after_sigkill_and_kill_during_save(tmp_path):
     steps = 30
     ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(ref, steps), check=True, capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(ref, steps), check=True, capture_output=True, timeout=600,
+                   env=_subprocess_env())
     want = _metrics(ref / "metrics.jsonl")
 
     # SIGKILL mid-run, after the step-10 and step-20 checkpoints
     run = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(run, steps), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=_subprocess_env())
     _wait_for_step(run / "metrics.jsonl", 24, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _metrics(run / "metrics.jsonl")[-1]["step"] < steps
-    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600,
+                   env=_subprocess_env())
     assert _metrics(run / "metrics.jsonl") == want
 
     # killed while writing the step-20 last.pt: the step-10 checkpoint stays usable
     run = tmp_path / "killed_in_save"
-    env = dict(os.environ, MPL_FAST_FAULT="kill-during-save:last.pt:2")
+    env = _subprocess_env(MPL_FAST_FAULT="kill-during-save:last.pt:2")
     proc = subprocess.run(_train_cmd(run, steps), env=env, capture_output=True, timeout=600)
     assert proc.returncode == 137
     assert (run / "last.pt.tmp").exists()
     assert checkpoint.load(run / "last.pt")["step"] == 10
-    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600,
+                   env=_subprocess_env())
     assert _metrics(run / "metrics.jsonl") == want
 
 
@@ -347,7 +356,7 @@ def _weights(path):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _subprocess_env(OMP_NUM_THREADS="1")
     run = lambda cmd: subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)  # noqa: E731
     run(_ddp_cmd(tmp_path / "one", 20, 1))
     run(_ddp_cmd(tmp_path / "two", 20, 2))
