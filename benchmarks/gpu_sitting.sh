@@ -25,8 +25,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# what the trainer and figures need beyond the machine's torch/numpy/pillow/scikit-learn
-WHEELS=(pyyaml matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six)
+# what the trainer and figures need beyond the machine's torch/numpy/pillow/scikit-learn, and
+# pytest-xdist for the gpu tests (most of their time is compiling kernels, on one core without it)
+WHEELS=(pyyaml matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
+        pytest-xdist execnet)
 
 prepare() {
   set -e
@@ -49,15 +51,24 @@ stage_build() {
 
 # TRITON_INTERPRET=0: conftest turns the interpreter on unless told otherwise, and the gpu tests
 # are there to run the compiled kernels; -v logs each test as it ends, so a cut-off run still says
-# which passed
+# which passed. With pytest-xdist (carried in .whl) TEST_WORKERS processes (default 8 of the
+# machine's 16 cores) share the tests: each test's kernels compile on the CPU, one at a time
+# within a process, and the GPU waits on that more than on the tests' own work; timeout stops the
+# workers with the stage (they stay in its process group)
+test_workers() {
+  python3 -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-8}" -gt 1 ] &&
+    echo "-n ${TEST_WORKERS:-8}"
+}
+
 stage_tests() {
-  TRITON_INTERPRET=0 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider tests/
+  TRITON_INTERPRET=0 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider $(test_workers) tests/
 }
 
 # the gpu tests of the fused loss ops alone (compiled kernels against float64, every dtype), for a
 # sitting that changed the kernels but has no time for the whole gpu suite
 stage_tests_ops() {
-  TRITON_INTERPRET=0 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider tests/test_loss_ops.py
+  TRITON_INTERPRET=0 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider $(test_workers) \
+    tests/test_loss_ops.py
 }
 
 # --kernels: where each call's GPU time goes (our kernel against the small ones around it: the
@@ -281,7 +292,7 @@ run() {
   DIR=${SITTING_DIR:-/tmp/sitting}
   rm -rf "$DIR" && mkdir -p "$DIR/results" "$OUT"
   # wheels carried in this call go to /tmp (kept while the machine stays warm) for later calls
-  if [ -d .whl ] && ! python3 -c "import yaml, matplotlib" 2>/dev/null; then
+  if [ -d .whl ] && ! python3 -c "import yaml, matplotlib, xdist" 2>/dev/null; then
     python3 -m pip install -q --no-deps --no-index --find-links .whl \
       --target /tmp/sitting-site "${WHEELS[@]}"
   fi

@@ -215,6 +215,38 @@ def test_gpu_sitting_unpacks_carried_cifar10_once_for_later_calls(tmp_path):
     assert done.returncode == 0 and "CIFAR-10 here" in done.stdout, done.stderr
 
 
+def test_gpu_sitting_spreads_the_gpu_tests_over_workers_when_xdist_is_carried(tmp_path):
+    """The tests stage hands pytest `-n TEST_WORKERS` (8 unless set) where pytest-xdist imports,
+    and runs in one process where it does not or one worker is asked for."""
+    import subprocess
+
+    script = _sitting_script(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "pytest_args"
+    # a python3 that has xdist or not (FAKE_XDIST) and logs how pytest was called
+    (bin_dir / "python3").write_text(
+        '#!/bin/bash\n'
+        'if [ "$1" = -c ]; then [[ "$2" == *xdist* ]] && exit $((1 - FAKE_XDIST)); exit 0; fi\n'
+        'echo "$*" > "$ARGS_LOG"\necho "= 1 passed in 0.01s ="\n')
+    (bin_dir / "python3").chmod(0o755)
+    for xdist, workers, want in ((1, None, ["-n", "8"]), (1, "4", ["-n", "4"]), (1, "1", None),
+                                 (0, None, None)):
+        env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
+               "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_XDIST": str(xdist),
+               "ARGS_LOG": str(log)}
+        if workers:
+            env["TEST_WORKERS"] = workers
+        done = subprocess.run(["bash", str(script), "run", "tests"], capture_output=True,
+                              text=True, env=env)
+        assert done.returncode == 0 and "stage tests: rc=0" in done.stdout, done.stdout
+        args = log.read_text().split()
+        assert args[:2] == ["-m", "pytest"] and "gpu" in args and args[-1] == "tests/", args
+        got = args[args.index("-n"):args.index("-n") + 2] if "-n" in args else None
+        assert got == want, (xdist, workers, args)
+
+
 def _bench_step_module():
     import runpy
 
