@@ -44,7 +44,8 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         out, err = (open(tmp_path / f"shard{i}.{ext}", "w+") for ext in ("jsonl", "log"))
         procs.append((subprocess.Popen(
             [sys.executable, str(SCRIPT), "--arch", "90", "--classes", "10,100,1000,4000,32000",
-             "--shard", f"{i}/2", "--sass-every", str(SASS_EVERY)], stdout=out, stderr=err, text=True, env=env), out, err))
+             "--shard", f"{i}/2", "--sass-every", str(SASS_EVERY)],
+            stdout=out, stderr=err, text=True, env=env), out, err))
     lines = []
     for proc, out, err in procs:
         proc.wait(timeout=900)
