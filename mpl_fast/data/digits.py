@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 from mpl_fast.data.splits import balanced_indices
 
@@ -26,6 +25,10 @@ class InMemorySplit:
 
 def digits(labeled_per_class: int = 10, test_fraction: float = 0.3, seed: int = 0
            ) -> InMemorySplit:
+    # imported here: scikit-learn (with scipy) takes seconds to import, and only this data set
+    # needs it, not every run that imports the data sources
+    from sklearn.datasets import load_digits
+
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
