@@ -103,22 +103,22 @@ stage_ops_ncu() {
 }
 
 # our kernels' tile (ELEMENTS:MAX_BLOCK:MAX_WARPS:PER_WARP[:lanes][:sN][:rN][:mN],
-# kernels/softmax_common.py), swept at the shapes the bandwidth target is set at (#3). The third sitting (H200, 2026-11-26)
-# chose the shipped 256:4096:8:512 (16 elements a thread; 10 classes: 16 rows, one warp; 1000:
-# one row, two warps; 32000: 4096-column chunks, 8 warps) over 1024:4096:8 with 8 a thread (15-17%
-# less time at 1000 classes in bf16), and per-row over per-lane statistics at 32000. What is
-# left to try around it: at 10 classes 8 and 32 rows a warp, and 16 rows over 2 warps; at 1000 one
-# row a warp, two rows over two warps, and the earlier four warps a row; at 32000 chunks of 4096
-# over 4 warps and a whole 32768 row over 32 (it spills: tests/compile_kernels_for_gpu.py --tile
-# shows how much; a streamed row is read twice, a whole one once), and a streamed row's chunks
-# software-pipelined, 2 and 3 in flight (:s2, :s3; the third sitting's 32000-class kernels took
-# 45-72% of bandwidth with one chunk in flight a program); at 10 and 1000 classes, one-tile rows
-# by persistent programs with 2 and 3 tiles in flight (:r2, :r3; the 1000-class kernels took
-# about the same time whatever bytes they moved: latency, not bandwidth), and with at most 40
-# or 32 registers a thread (:m40, :m32, and :r2:m40; uncapped, the 1000-class bf16 cross-entropy
-# with its gradient takes 55 registers, so an SM holds 18 of its programs, 36 of 64 warps, where
-# pseudo_labels at 32 fills all 32 program slots; capped, it spills 8 bytes a thread, UDA 40 at
-# :m40 and 144 at :m32). The launch each tile made at each C is in its record.
+# kernels/softmax_common.py), swept at the shapes the bandwidth target is set at (#3). The third
+# sitting (H200, 2026-11-26) chose the shipped 256:4096:8:512 (16 elements a thread; 10 classes: 16
+# rows, one warp; 1000: one row, two warps; 32000: 4096-column chunks, 8 warps) over 1024:4096:8
+# with 8 a thread (15-17% less time at 1000 classes in bf16), and per-row over per-lane statistics
+# at 32000. What is left to try around it: at 10 classes 8 and 32 rows a warp, and 16 rows over 2
+# warps; at 1000 one row a warp, two rows over two warps, and the earlier four warps a row; at 32000
+# chunks of 4096 over 4 warps and a whole 32768 row over 32 (it spills:
+# tests/compile_kernels_for_gpu.py --tile shows how much; a streamed row is read twice, a whole one
+# once), and a streamed row's chunks software-pipelined, 2 and 3 in flight (:s2, :s3; the third
+# sitting's 32000-class kernels took 45-72% of bandwidth with one chunk in flight a program); at 10
+# and 1000 classes, one-tile rows by persistent programs with 2 and 3 tiles in flight (:r2, :r3; the
+# 1000-class kernels took about the same time whatever bytes they moved: latency, not bandwidth),
+# and with at most 40 or 32 registers a thread (:m40, :m32, and :r2:m40; uncapped, the 1000-class
+# bf16 cross-entropy with its gradient takes 55 registers, so an SM holds 18 of its programs, 36 of
+# 64 warps, where pseudo_labels at 32 fills all 32 program slots; capped, it spills 8 bytes a
+# thread, UDA 40 at :m40 and 144 at :m32). The launch each tile made at each C is in its record.
 stage_ops_tiles() {
   mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
     --tiles 256:4096:8:512,256:4096:8:512:r2,256:4096:8:512:r3,256:4096:8:512:m40,256:4096:8:512:m32,256:4096:8:512:r2:m40,128:4096:8:512,512:4096:8:512,256:4096:8:128,1024:4096:8:1024,2048:4096:8:1024,1024:4096:8:256 \

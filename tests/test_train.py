@@ -138,32 +138,32 @@ def _wait_for_step(path, step, proc, timeout=300):
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_and_kill_during_save(tmp_path):
     steps = 30
+    env = _subprocess_env()
+    run_to_end = lambda cmd, env=env: subprocess.run(  # noqa: E731
+        cmd, check=True, capture_output=True, timeout=600, env=env)
     ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(ref, steps), check=True, capture_output=True, timeout=600,
-                   env=_subprocess_env())
+    run_to_end(_train_cmd(ref, steps))
     want = _metrics(ref / "metrics.jsonl")
 
     # SIGKILL mid-run, after the step-10 and step-20 checkpoints
     run = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(run, steps), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=_subprocess_env())
+                            stderr=subprocess.DEVNULL, env=env)
     _wait_for_step(run / "metrics.jsonl", 24, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _metrics(run / "metrics.jsonl")[-1]["step"] < steps
-    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600,
-                   env=_subprocess_env())
+    run_to_end(_train_cmd(run, steps, "--resume"))
     assert _metrics(run / "metrics.jsonl") == want
 
     # killed while writing the step-20 last.pt: the step-10 checkpoint stays usable
     run = tmp_path / "killed_in_save"
-    env = _subprocess_env(MPL_FAST_FAULT="kill-during-save:last.pt:2")
-    proc = subprocess.run(_train_cmd(run, steps), env=env, capture_output=True, timeout=600)
+    proc = subprocess.run(_train_cmd(run, steps), capture_output=True, timeout=600,
+                          env=_subprocess_env(MPL_FAST_FAULT="kill-during-save:last.pt:2"))
     assert proc.returncode == 137
     assert (run / "last.pt.tmp").exists()
     assert checkpoint.load(run / "last.pt")["step"] == 10
-    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True, timeout=600,
-                   env=_subprocess_env())
+    run_to_end(_train_cmd(run, steps, "--resume"))
     assert _metrics(run / "metrics.jsonl") == want
 
 
