@@ -4,8 +4,24 @@ import os
 # before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests import seeds  # noqa: E402
+
+
+def pytest_configure(config):
+    # one base seed a run, chosen here in the main process: xdist workers inherit it
+    value = os.environ.setdefault(seeds.ENV, str(random.SystemRandom().randrange(2**31)))
+    if not value.isdigit():
+        raise pytest.UsageError(f"{seeds.ENV} must be a non-negative integer, got {value!r}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"random test inputs drawn with {seeds.ENV}="
+                                f"{seeds.base_seed()} (set it to draw the same ones again)")
 
 
 def pytest_collection_modifyitems(config, items):

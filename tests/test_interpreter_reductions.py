@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from tests import seeds
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="only the interpreter is patched")
 
@@ -42,7 +44,7 @@ def test_numpy_joint_reductions_equal_the_interpreters_own(monkeypatch):
 
     own = interpreter_reductions.interpreters_own()  # installed when softmax_common loaded
     assert own is not None and interpreter.ReduceOps.apply_impl is not own
-    g = torch.Generator().manual_seed(0)
+    g = seeds.generator(0)
     x = torch.randn(4, 16, generator=g)
     y = torch.randn(4, 16, generator=g)
     x[1] = -float("inf")  # a row of nothing but -inf, as the kernels' padding makes

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mpl_fast import ops
-from tests import loss_truth
+from tests import loss_truth, seeds
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, C): C from the op contract; large C only with few rows to keep the interpreter quick.
@@ -48,17 +48,25 @@ def use(monkeypatch):
 
 
 def _logits(n, c, dtype, device, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
+    g = seeds.generator(seed)
     return (torch.randn(n, c, generator=g) * scale).to(dtype).to(device)
 
 
-def _no_worse_than_torch(ours, torch_own, truth, dtype):
+def _truncation(backend, device, dtype):
+    """Triton's interpreter converts float32 to bf16 by truncation, not to nearest as the GPU
+    does (0.99988 becomes 0.99609, not 1; fp16 it rounds to nearest): a bf16 gradient may be one
+    unit in the last place further from the truth there than torch's."""
+    interpreted = backend.startswith("triton") and device == "cpu"
+    return torch.finfo(dtype).eps if interpreted and dtype == torch.bfloat16 else 0.0
+
+
+def _no_worse_than_torch(ours, torch_own, truth, dtype, extra=0.0):
     err = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
     ref = (torch_own.double() - truth).abs().max().item() if truth.numel() else 0.0
     scale = max(truth.abs().max().item() if truth.numel() else 0.0, 1.0)
     if not ref < float("inf"):  # torch itself overflowed (fp16 sums over 50k classes)
         ref = 0.0
-    assert err <= ref + SLACK[dtype] * scale, (err, ref)
+    assert err <= ref + (SLACK[dtype] + extra) * scale, (err, ref)
 
 
 @pytest.mark.parametrize("backend,device", _backends(pipelined=True))
@@ -70,7 +78,7 @@ def test_soft_cross_entropy_values_and_grads(use, backend, device, dtype, n, c, 
     seed = n * 1000 + c + hard
     ls = 0.15 if (c % 2) else 0.0
     x = _logits(n, c, dtype, device, seed)
-    g = torch.Generator().manual_seed(seed + 1)
+    g = seeds.generator(seed + 1)
     if hard:
         target = torch.randint(0, c, (n,), generator=g).to(device)
     else:
@@ -91,7 +99,8 @@ def test_soft_cross_entropy_values_and_grads(use, backend, device, dtype, n, c, 
     own = rows.sum() / n
     own.backward()
     _no_worse_than_torch(loss.detach().cpu(), own.detach().cpu(), truth.detach(), dtype)
-    _no_worse_than_torch(x_ours.grad.cpu(), x_torch.grad.cpu(), x64.grad, dtype)
+    _no_worse_than_torch(x_ours.grad.cpu(), x_torch.grad.cpu(), x64.grad, dtype,
+                         _truncation(backend, device, dtype))
 
 
 @pytest.mark.parametrize("backend,device", _backends())
@@ -115,7 +124,7 @@ def test_backward_scales_by_grad_output(use, backend, device, dtype):
     n, c = 70, 11  # five programs of 16 rows for the Triton kernels, the last one partial
     x = _logits(n, c, dtype, device, 21)
     weak = _logits(n, c, dtype, device, 22)
-    g = torch.Generator().manual_seed(23)
+    g = seeds.generator(23)
     y = torch.randint(0, c, (n,), generator=g).to(device)
     t = torch.softmax(torch.randn(n, c, generator=g), 1).to(device)
     w = torch.where(torch.rand(n, generator=g) > 0.5, 1.0, torch.rand(n, generator=g) * 3)
@@ -287,7 +296,7 @@ def test_persistent_programs_give_the_shipped_results_bit_for_bit(use, monkeypat
     n = 8 * rows_per_tile * 2 + rows_per_tile // 2 + 3  # > 2 tiles a program, the last partial
     x = _logits(n, c, torch.bfloat16, "cpu", 81)
     weak = _logits(n, c, torch.bfloat16, "cpu", 82, scale=6.0)
-    g = torch.Generator().manual_seed(83)
+    g = seeds.generator(83)
     y = torch.randint(0, c, (n,), generator=g)
     mask = (torch.rand(n, generator=g) > 0.3).float()
     # UDA's and pseudo_labels' confidence masks keep about half the rows
@@ -325,8 +334,8 @@ def test_register_capped_kernels_give_the_shipped_results(monkeypatch, c, dtype)
     n = 517 if c < 32000 else 37
     x = _logits(n, c, dtype, "cuda", 91)
     weak = _logits(n, c, dtype, "cuda", 92, scale=6.0)
-    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(93)).cuda()
-    mask = (torch.rand(n, generator=torch.Generator().manual_seed(94)) > 0.3).float().cuda()
+    y = torch.randint(0, c, (n,), generator=seeds.generator(93)).cuda()
+    mask = (torch.rand(n, generator=seeds.generator(94)) > 0.3).float().cuda()
 
     def run():
         xg = x.clone().requires_grad_()
@@ -369,7 +378,7 @@ def test_a_persistent_grid_is_sized_from_the_compiled_kernel(monkeypatch):
     monkeypatch.setattr(sc, "ROW_STAGES", 2)
     monkeypatch.setenv("MPL_FAST_BACKEND", "triton")
     x = _logits(15360, 1000, torch.bfloat16, "cuda", 95)
-    y = torch.randint(0, 1000, (15360,), generator=torch.Generator().manual_seed(96)).cuda()
+    y = torch.randint(0, 1000, (15360,), generator=seeds.generator(96)).cuda()
     losses = [ops.soft_cross_entropy(x, y, label_smoothing=0.1) for _ in range(2)]
     (programs,) = sc._resident.values()
     sms = sc.sm_count(torch.cuda.current_device())
@@ -549,7 +558,8 @@ def test_pseudo_labels(use, backend, device, dtype, n, c):
     _no_worse_than_torch(out.probs.cpu(), own, probs64, torch.float32)
     assert out.probs.dtype == torch.float32 and out.labels.dtype == torch.int64
     assert torch.equal(out.labels.cpu(), probs64.argmax(1))
-    assert torch.allclose(out.max_prob.cpu().double(), probs64.max(1).values, atol=1e-6)
+    _no_worse_than_torch(out.max_prob.cpu(), own.max(1).values, probs64.max(1).values,
+                         torch.float32)
     assert torch.equal(out.mask.cpu(), (out.max_prob.cpu() >= 0.05).float())
 
 
@@ -567,8 +577,8 @@ def test_pseudo_labels_edges_and_sampling(use, backend, device):
     if backend.startswith("triton") and device == "cpu":
         return
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]], device=device)).repeat(20000, 1)
-    g1 = torch.Generator(device=device).manual_seed(7)
-    g2 = torch.Generator(device=device).manual_seed(7)
+    g1 = seeds.generator(7, device)
+    g2 = seeds.generator(7, device)
     a = ops.pseudo_labels(logits, mode="sample", generator=g1).labels
     b = ops.pseudo_labels(logits, mode="sample", generator=g2).labels
     assert torch.equal(a, b)
@@ -599,7 +609,8 @@ def test_uda_loss(use, backend, device, dtype, n, c):
     own = (F.cross_entropy(st, q, reduction="none") * mask64.to(dtype).to(device)).sum() / max(n, 1)
     own.backward()
     _no_worse_than_torch(loss.detach().cpu(), own.detach().cpu(), truth.detach(), dtype)
-    _no_worse_than_torch(sg.grad.cpu(), st.grad.cpu(), s64.grad, dtype)
+    _no_worse_than_torch(sg.grad.cpu(), st.grad.cpu(), s64.grad, dtype,
+                         _truncation(backend, device, dtype))
 
 
 @pytest.mark.parametrize("backend,device", _backends(pipelined=True))
@@ -631,7 +642,7 @@ def test_rows_with_some_masked(use, backend, device, dtype, c):
     assert torch.allclose(sg.grad.cpu().double(), s64.grad, atol=slack / n, rtol=0)
     assert float(sg.grad[mask == 0].abs().sum()) == 0.0
 
-    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(73)).to(device)
+    y = torch.randint(0, c, (n,), generator=seeds.generator(73)).to(device)
     row_mask = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0], device=device)
     for target in (y, torch.softmax(_logits(n, c, torch.float32, device, 74), 1)):
         xg = strong.clone()
@@ -863,7 +874,7 @@ def test_scale_rows_kernel_against_a_float64_reference(n, c, dtype, max_programs
     nothing written; 0.5; -3) or one a row (some exactly 1), rows chunked above 4096 classes."""
     from mpl_fast.kernels.scale_rows import scale_rows_forward
 
-    g = torch.Generator().manual_seed(n * c)
+    g = seeds.generator(n * c)
     base = (torch.randn(n, c, generator=g) * 4).to(dtype)
     per_row = torch.where(torch.rand(n, generator=g) > 0.5, 1.0, torch.randn(n, generator=g))
     for scale in (torch.tensor(1.0), torch.tensor(0.5), torch.tensor(-3.0), per_row,
@@ -889,7 +900,7 @@ def test_pseudo_labels_first_maximum_in_streamed_rows(use, backend, device):
     use(backend)
     c = 9000
     ties = [(4106, 10), (4106, 4105), (100, 8200), (8999, 8998), (0, 4096)]
-    x = torch.randn(len(ties) + 1, c, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(len(ties) + 1, c, generator=seeds.generator(5))
     for row, cols in enumerate(ties):
         x[row, list(cols)] = 10.0
     x[len(ties)] = -float("inf")  # no maximum to find: column 0, like torch.argmax
@@ -908,7 +919,7 @@ def test_a_dominant_logit_is_probability_one_under_a_temperature(use, backend, d
     x * (1/T) - max contracted into one FMA made it 1.0002 on the H200, and UDA's mask at
     threshold 1 then dropped rows whose target is certain)."""
     use(backend)
-    g = torch.Generator().manual_seed(c)
+    g = seeds.generator(c)
     n = 7
     x = torch.randn(n, c, generator=g) * 3 + 3000
     top = torch.randint(0, c, (n,), generator=g)
@@ -931,7 +942,7 @@ def _streamed_edge_rows(c, seed):
     """Rows of c > 4096 classes that stress a streamed softmax: -inf entries (a lane's first
     element, whole stretches, all but one), a max that rises in every chunk (rescales) or sits in
     the first column, and a range wide enough that most weights underflow to 0."""
-    g = torch.Generator().manual_seed(seed)
+    g = seeds.generator(seed)
     x = torch.randn(6, c, generator=g) * 3
     x[0, ::4096] = -float("inf")  # lane 0 of every chunk
     x[0, 1000:2500] = -float("inf")
@@ -970,7 +981,7 @@ def test_streamed_rows_with_infinities_and_wide_ranges(use, backend, device, dty
     assert pl.labels.tolist() == x.float().argmax(1).tolist()
 
     # UDA: the weak rows above as targets; the strong row -inf where its target weight is 0
-    strong = torch.randn(6, c, generator=torch.Generator().manual_seed(12)).to(dtype)
+    strong = torch.randn(6, c, generator=seeds.generator(12)).to(dtype)
     strong[0, 1000:2500] = -float("inf")  # weak is -inf there too: weight 0
     strong[1, :100] = -float("inf")
     sg = strong.clone().to(device).requires_grad_()
@@ -983,3 +994,4 @@ def test_streamed_rows_with_infinities_and_wide_ranges(use, backend, device, dty
     assert abs(float(loss_u) * 6 - float(rows.sum())) <= tol * max(1.0, float(rows.abs().sum()))
     assert torch.isfinite(sg.grad).all()
     assert torch.allclose(sg.grad.cpu().double(), s64.grad, atol=tol, rtol=0)
+

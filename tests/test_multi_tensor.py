@@ -4,6 +4,7 @@ import torch
 
 from mpl_fast import ops
 from mpl_fast.ops import multi_tensor
+from tests import seeds
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # bf16/fp16 inputs are exact in fp32, so the only error is accumulation: relative to the sum
@@ -48,7 +49,7 @@ def _devices():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["odd", "single", "many", "non_contiguous", "empty_tensors"])
 def test_dot_matches_float64(device, dtype, case):
-    gen = torch.Generator().manual_seed(hash((str(dtype), case)) % 2**31)
+    gen = seeds.generator((str(dtype), case))
     if case == "odd":
         shapes = _odd_shapes(gen, 17)
     elif case == "single":
@@ -76,7 +77,7 @@ def test_dot_empty_list_is_zero():
 @pytest.mark.parametrize("backend", ["cuda", "torch"])
 def test_dot_backends_agree(monkeypatch, backend):
     monkeypatch.setenv("MPL_FAST_BACKEND", backend)
-    gen = torch.Generator().manual_seed(3)
+    gen = seeds.generator(3)
     a, b = _pairs([(17, 3), (5,), (1000,)], torch.float32, "cpu", gen)
     exact, scale = _truth(a, b)
     assert abs(float(ops.multi_tensor_dot(a, b)) - exact) <= TOL * scale
@@ -114,7 +115,7 @@ def test_bad_backend_name(monkeypatch):
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_axpby_matches_float64(device, dtype):
-    gen = torch.Generator().manual_seed(11)
+    gen = seeds.generator(11)
     shapes = _odd_shapes(gen, 40) + [(70000,)]
     y, x = _pairs(shapes, dtype, device, gen)
     y.append(torch.randn(6, 4, generator=gen).to(dtype).to(device).t())  # strided target
@@ -130,7 +131,7 @@ def test_axpby_matches_float64(device, dtype):
 
 
 def test_axpby_perturb_and_restore_is_near_exact():
-    gen = torch.Generator().manual_seed(5)
+    gen = seeds.generator(5)
     theta = [torch.randn(33, 7, generator=gen), torch.randn(101, generator=gen)]
     v = [torch.randn_like(t) for t in theta]
     original = [t.clone() for t in theta]
@@ -149,14 +150,14 @@ def test_axpby_bad_input():
 
 
 def test_opcheck_dot():
-    gen = torch.Generator().manual_seed(0)
+    gen = seeds.generator(0)
     for dtype in DTYPES:
         a, b = _pairs([(3, 5), (7,), (0,)], dtype, "cpu", gen)
         torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.default, (a, b))
 
 
 def test_opcheck_axpby():
-    gen = torch.Generator().manual_seed(1)
+    gen = seeds.generator(1)
     y, x = _pairs([(3, 5), (7,)], torch.float32, "cpu", gen)
     torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_axpby.default, (y, x, 0.5, 2.0))
 
@@ -174,7 +175,7 @@ def test_dot_under_torch_compile():
 
 
 def test_reference_matches_compiled():
-    gen = torch.Generator().manual_seed(9)
+    gen = seeds.generator(9)
     a, b = _pairs(_odd_shapes(gen, 30), torch.bfloat16, "cpu", gen)
     assert torch.allclose(multi_tensor.multi_tensor_dot_reference(a, b),
                           torch.ops.mpl_fast.multi_tensor_dot(a, b), rtol=1e-5, atol=1e-4)
