@@ -20,7 +20,8 @@ import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine, lane_softmax_update,
                                              launch, max_sum_sum, online_softmax_update,
-                                             row_alignment, safe_max, tile_for, tile_rows)
+                                             reference_logit, row_alignment, safe_max,
+                                             tile_for, tile_rows)
 
 
 @triton.jit
@@ -102,6 +103,14 @@ def _soft_cross_entropy_tile(
     if HARD:
         y = tl.load(index_ptr + rows, mask=row_ok, other=0)
         in_range = (y >= 0) & (y < C)
+    # the reference the target sums are taken against; plain class indices need none (their
+    # loss is (m - x_y) + log(s), both terms small)
+    ref = tl.zeros([ROWS], tl.float32)
+    if SMOOTH or not HARD:
+        ref_rows = row_ok  # a one-tile row's first logit loads with its row, not after the mask
+        if not SINGLE:
+            ref_rows = todo  # a streamed row the mask drops is never read
+        ref = reference_logit(logits_ptr + rows * logits_stride, ref_rows)
 
     if SINGLE:  # the row is one tile: read once, the gradient comes from registers
         read = todo[:, None] & (cols < C)  # where the values count
@@ -112,10 +121,10 @@ def _soft_cross_entropy_tile(
         # the sum of exp
         if HARD:  # the target's logit (from the registers) and the row's sum (smoothing)
             part_a = tl.where(cols == y[:, None], x, 0.0)
-            part_b = tl.where(read, x, 0.0)
+            part_b = tl.where(read, x - ref[:, None], 0.0)
         else:  # the target mass and the target-weighted logits
             part_a = t
-            part_b = tl.where(t != 0.0, t * x, 0.0)
+            part_b = tl.where(t != 0.0, t * (x - ref[:, None]), 0.0)
         m, row_a, row_b = tl.reduce((x, part_a, part_b), 1, max_sum_sum)
         e = tl.exp(x - safe_max(m)[:, None])  # kept: the gradient's softmax is e / s
         s = tl.sum(e, 1)
@@ -140,11 +149,11 @@ def _soft_cross_entropy_tile(
                 m, s = online_softmax_update(m, s, x, tl.max(x, 1), 1.0)
             if HARD:
                 if SMOOTH:
-                    acc_x += tl.where(read, x, 0.0)
+                    acc_x += tl.where(read, x - ref[:, None], 0.0)
             else:
                 acc_t += t
                 # a zero target weight contributes nothing, even against a -inf logit
-                acc_tx += tl.where(t != 0.0, t * x, 0.0)
+                acc_tx += tl.where(t != 0.0, t * (x - ref[:, None]), 0.0)
         if LANES:
             m, s = lane_softmax_combine(m_lane, s_lane, 1.0)
         if HARD:
@@ -157,17 +166,19 @@ def _soft_cross_entropy_tile(
             row_a = tl.sum(acc_t, 1)
             row_b = tl.sum(acc_tx, 1)
 
-    lse = safe_max(m) + tl.log(s)
-    if HARD:  # row_a: the target's logit, row_b: the sum of the row's logits
+    # sum_tx: the targets' weighted sum of (logit - ref); loss = sum_t * (m - ref + log(s)) -
+    # sum_tx, so that no large logit meets a small term: m + log(s) rounds log(s) away at
+    # |m| ~ 4000
+    if HARD:  # row_a: the target's logit, row_b: the sum of the row's logits less ref
         sum_t = tl.full([ROWS], 1.0, tl.float32)
         if SMOOTH:
-            sum_tx = keep * row_a + off * row_b
+            sum_tx = keep * (row_a - ref) + off * row_b
         else:
-            sum_tx = row_a
-    else:  # row_a: the target mass, row_b: the target-weighted sum of the logits
+            sum_tx = row_a - ref
+    else:  # row_a: the target mass, row_b: the target-weighted sum of the logits less ref
         sum_t = row_a
         sum_tx = row_b
-    loss = lse * sum_t - sum_tx
+    loss = ((safe_max(m) - ref) * sum_t - sum_tx) + tl.log(s) * sum_t
     if HARD:
         loss = tl.where(in_range, loss, float("nan"))
     if HAS_MASK:  # a masked row was not read: its loss is 0 whatever was computed from nothing
@@ -181,13 +192,16 @@ def _soft_cross_entropy_tile(
                             grad_scale, HARD, SMOOTH, HAS_MASK)
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < C))
-        else:
+        else:  # exp((x - m) - log(s)), not exp(x - (m + log(s))): torch's log_softmax's rounding
+            m_safe = safe_max(m)
+            log_s = tl.log(s)
             for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
                 read = todo[:, None] & (c < C)
                 x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
-                g = _grad_chunk(tl.exp(x - lse[:, None]), t, c, y, sum_t, mk, read, keep, off,
-                                grad_scale, HARD, SMOOTH, HAS_MASK)
+                softmax = tl.exp((x - m_safe[:, None]) - log_s[:, None])
+                g = _grad_chunk(softmax, t, c, y, sum_t, mk, read, keep, off, grad_scale, HARD,
+                                SMOOTH, HAS_MASK)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & (c < C))
 

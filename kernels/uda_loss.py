@@ -11,9 +11,9 @@ import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine, lane_softmax_update,
-                                             lane_weight, launch, max_max, row_alignment,
-                                             running_max, safe_max, sum_sum_sum, tile_for,
-                                             tile_rows)
+                                             lane_weight, launch, max_max, reference_logit,
+                                             row_alignment, running_max, safe_max, sum_sum_sum,
+                                             tile_for, tile_rows)
 
 
 @triton.jit
@@ -82,7 +82,9 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         mw, ms = tl.reduce((w, x), 1, max_max)
         e = tl.exp((w - safe_max(mw)[:, None]) * inv_temperature)
         p = tl.exp(x - safe_max(ms)[:, None])  # kept: the gradient's softmax is p / ss
-        sw, qs, ss = tl.reduce((e, tl.where(e != 0.0, e * x, 0.0), p), 1, sum_sum_sum)
+        ref = safe_max(ms)  # qs sums the target weights times strong - ref: see below
+        sw, qs, ss = tl.reduce((e, tl.where(e != 0.0, e * (x - ref[:, None]), 0.0), p), 1,
+                               sum_sum_sum)
         mk = _confident(mw, sw, threshold, inv_temperature)
         read = ok & (mk != 0.0)[:, None]
     else:
@@ -90,7 +92,10 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         sw = tl.zeros([ROWS], tl.float32)
         ms = tl.full([ROWS], -float("inf"), tl.float32)
         ss = tl.zeros([ROWS], tl.float32)
-        qs = tl.zeros([ROWS], tl.float32)  # sum_c exp((w_c - mw) / T) * strong_c, rescaled with mw
+        # sum_c exp((w_c - mw) / T) * (strong_c - ref), rescaled with mw; ref: the strong row's
+        # first logit (0 if not finite), so that large logits lose no precision to the sum
+        qs = tl.zeros([ROWS], tl.float32)
+        ref = reference_logit(strong_ptr + rows * strong_stride, row_ok)
         # LANES: the same statistics per lane, combined after the loop
         mw_l = tl.full([ROWS, BLOCK], -float("inf"), tl.float32)
         sw_l = tl.zeros([ROWS, BLOCK], tl.float32)
@@ -103,7 +108,8 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
             w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
             x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
             if LANES:
-                mw_l, sw_l, qs_l = _lane_weak_update(mw_l, sw_l, qs_l, w, x, inv_temperature)
+                mw_l, sw_l, qs_l = _lane_weak_update(mw_l, sw_l, qs_l, w, x - ref[:, None],
+                                                     inv_temperature)
                 ms_l, ss_l = lane_softmax_update(ms_l, ss_l, x, 1.0)
             else:  # two joint reductions a chunk (the maxima, then the sums), not five
                 chunk_mw, chunk_ms = tl.reduce((w, x), 1, max_max)
@@ -111,8 +117,8 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
                 ms, ms_safe, s_scale = running_max(ms, chunk_ms, 1.0)
                 e = tl.exp((w - mw_safe[:, None]) * inv_temperature)
                 chunk_sw, chunk_qs, chunk_ss = tl.reduce(
-                    (e, tl.where(e != 0.0, e * x, 0.0), tl.exp(x - ms_safe[:, None])), 1,
-                    sum_sum_sum)
+                    (e, tl.where(e != 0.0, e * (x - ref[:, None]), 0.0),
+                     tl.exp(x - ms_safe[:, None])), 1, sum_sum_sum)
                 sw = sw * w_scale + chunk_sw
                 qs = qs * w_scale + chunk_qs
                 ss = ss * s_scale + chunk_ss
@@ -123,10 +129,11 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
             qs = tl.sum(tl.where(f != 0.0, qs_l * f, 0.0), 1)
             ms, ss = lane_softmax_combine(ms_l, ss_l, 1.0)
     mw_safe = safe_max(mw)
-    lse_s = safe_max(ms) + tl.log(ss)
     if not SINGLE:
         mk = _confident(mw, sw, threshold, inv_temperature)
-    loss = lse_s - qs / sw
+    # loss = max + log(ss) - sum(q * strong), written so that no large logit meets a small term
+    # (max + log(ss) rounds log(ss) away at |max| ~ 4000; torch's log_softmax does not)
+    loss = ((safe_max(ms) - ref) - qs / sw) + tl.log(ss)
     tl.store(loss_ptr + rows, tl.where(mk != 0.0, loss, 0.0), mask=row_ok)
     tl.store(mask_ptr + rows, mk, mask=row_ok)
     if COMPUTE_GRAD:
@@ -140,6 +147,8 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         else:
             # a masked row's gradient is 0: it is written without reading the row again
             keep = row_ok & (mk != 0.0)
+            ms_safe_all = safe_max(ms)
+            log_ss = tl.log(ss)
             for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
                 ok = row_ok[:, None] & (c < C)
@@ -147,7 +156,9 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
                 w = tl.load(w_rows + c, mask=read, other=-float("inf")).to(tl.float32)
                 x = tl.load(s_rows + c, mask=read, other=-float("inf")).to(tl.float32)
                 q = tl.exp((w - mw_safe[:, None]) * inv_temperature) * inv_sw[:, None]
-                g = (tl.exp(x - lse_s[:, None]) - q) * row_scale
+                # exp((x - max) - log(ss)), not exp(x - (max + log(ss))): torch's log_softmax's
+                # rounding
+                g = (tl.exp((x - ms_safe_all[:, None]) - log_ss[:, None]) - q) * row_scale
                 g = tl.where(read, g, 0.0)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 

@@ -133,11 +133,12 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         # rows of 1000 classes and more (C and the row strides multiples of 8: the launchers
         # tell the compiler, see softmax_common.aligned) move 16 bytes a load, not one bf16
         # element (what triton did at C = 1000 before: 8 two-byte loads a thread and input); the
-        # one two-byte load left is soft_cross_entropy's gather of the target's logit in a
+        # two-byte loads left take one element a row: the reference logit of the cross-entropy
+        # and of UDA's streamed rows, and the cross-entropy's gather of the target's logit in a
         # streamed row
         if r["constexprs"]["BLOCK"] >= 1024:
             wide = r["load"].get("128", 0) + r["async"].get("128", 0)
-            assert wide >= 1 and r["load"].get("16", 0) <= 1, r
+            assert wide >= 1 and r["load"].get("16", 0) <= 2, r
             assert r["store"].get("16", 0) == 0, r
 
 

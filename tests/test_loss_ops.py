@@ -995,3 +995,66 @@ def test_streamed_rows_with_infinities_and_wide_ranges(use, backend, device, dty
     assert torch.isfinite(sg.grad).all()
     assert torch.allclose(sg.grad.cpu().double(), s64.grad, atol=tol, rtol=0)
 
+
+def _large_logits(n, c, offset, g):
+    """Rows near `offset` (the sign alternating by row), each with a clear maximum and a
+    runner-up 8.5-9.5 below it: softmax gives the runner-up about 1e-4, which m + log(s) in
+    float32 rounds away once |m| is in the thousands (the kernels did until 2026-11-27: a
+    gradient of exactly 1 at the maximum, 1.4e-4 from the truth, where torch is within 1e-7)."""
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)[:, None]
+    x = torch.randn(n, c, generator=g) * 3 + sign * offset
+    top = torch.randint(0, c, (n,), generator=g)
+    rows = torch.arange(n)
+    x[rows, top] = x.max(1).values + 20
+    x[rows, (top + 1) % c] = x[rows, top] - 8.5 - torch.rand(n, generator=g)
+    return x, top
+
+
+@pytest.mark.parametrize("backend,device", _backends(pipelined=True))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [10, 1000, 9000])
+@pytest.mark.parametrize("offset", [30.0, 4000.0])
+def test_large_logits_lose_no_more_precision_than_torch(use, backend, device, dtype, c, offset):
+    """Logits far from 0 (a row's max in the hundreds or thousands): per-row losses and
+    gradients of the cross-entropy (hard targets, half of them the row's maximum, where the
+    loss is only log(sum exp(x - max)); smoothed; soft) and of UDA within torch's own error
+    against the float64 truth, in one tile and streamed."""
+    use(backend)
+    extra = _truncation(backend, device, dtype)
+    g = seeds.generator(("large", c, offset))
+    n = 6
+    x, top = _large_logits(n, c, offset, g)
+    y = torch.where(torch.arange(n) < n // 2, top, torch.randint(0, c, (n,), generator=g))
+    soft = torch.softmax(torch.randn(n, c, generator=g) * 2, 1)
+    x = x.to(dtype)
+    for target, ls in ((y, 0.0), (y, 0.15), (soft, 0.0)):
+        xg = x.clone().to(device).requires_grad_()
+        loss = ops.soft_cross_entropy(xg, target.to(device), label_smoothing=ls, reduction="none")
+        loss.sum().backward()
+        x64 = x.double().requires_grad_()
+        truth = loss_truth.soft_ce_rows(x64, target, ls)
+        truth.sum().backward()
+        xt = x.clone().requires_grad_()  # torch's own op, in the same dtype
+        own = F.cross_entropy(xt, target.to(dtype) if target.dim() == 2 else target,
+                              label_smoothing=ls, reduction="none")
+        own.sum().backward()
+        for row in range(n):  # each row on its own scale: a loss of 1e-4 beside one of 20
+            _no_worse_than_torch(loss.detach().cpu()[row], own.detach()[row],
+                                 truth.detach()[row], dtype)
+        _no_worse_than_torch(xg.grad.cpu(), xt.grad, x64.grad, dtype, extra)
+
+    weak = torch.randn(n, c, generator=g) * 4
+    sg = x.clone().to(device).requires_grad_()
+    loss, _ = ops.uda_loss(weak.to(device), sg, temperature=0.7, reduction="none")
+    loss.sum().backward()
+    s64 = x.double().requires_grad_()
+    truth, _ = loss_truth.uda_rows(weak, s64, 0.7, 0.0)
+    truth.sum().backward()
+    q = torch.softmax(weak / 0.7, 1).to(dtype)
+    st = x.clone().requires_grad_()
+    own = -(q * torch.log_softmax(st, 1)).sum(1)
+    own.sum().backward()
+    for row in range(n):
+        _no_worse_than_torch(loss.detach().cpu()[row], own.detach()[row], truth.detach()[row],
+                             dtype)
+    _no_worse_than_torch(sg.grad.cpu(), st.grad, s64.grad, dtype, extra)
