@@ -147,7 +147,7 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         else:
             # a masked row's gradient is 0: it is written without reading the row again
             keep = row_ok & (mk != 0.0)
-            ms_safe_all = safe_max(ms)
+            strong_max = safe_max(ms)
             log_ss = tl.log(ss)
             for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
@@ -158,7 +158,7 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
                 q = tl.exp((w - mw_safe[:, None]) * inv_temperature) * inv_sw[:, None]
                 # exp((x - max) - log(ss)), not exp(x - (max + log(ss))): torch's log_softmax's
                 # rounding
-                g = (tl.exp((x - ms_safe_all[:, None]) - log_ss[:, None]) - q) * row_scale
+                g = (tl.exp((x - strong_max[:, None]) - log_ss[:, None]) - q) * row_scale
                 g = tl.where(read, g, 0.0)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
