@@ -178,7 +178,9 @@ def _soft_cross_entropy_tile(
     else:  # row_a: the target mass, row_b: the target-weighted sum of the logits less ref
         sum_t = row_a
         sum_tx = row_b
-    loss = ((safe_max(m) - ref) * sum_t - sum_tx) + tl.log(s) * sum_t
+    m_safe = safe_max(m)
+    log_s = tl.log(s)
+    loss = ((m_safe - ref) * sum_t - sum_tx) + log_s * sum_t
     if HARD:
         loss = tl.where(in_range, loss, float("nan"))
     if HAS_MASK:  # a masked row was not read: its loss is 0 whatever was computed from nothing
@@ -193,8 +195,6 @@ def _soft_cross_entropy_tile(
             tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < C))
         else:  # exp((x - m) - log(s)), not exp(x - (m + log(s))): torch's log_softmax's rounding
-            m_safe = safe_max(m)
-            log_s = tl.log(s)
             for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
                 read = todo[:, None] & (c < C)

@@ -81,8 +81,8 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         # two joint reductions (both maxima, then the three sums) instead of five in a row
         mw, ms = tl.reduce((w, x), 1, max_max)
         e = tl.exp((w - safe_max(mw)[:, None]) * inv_temperature)
-        p = tl.exp(x - safe_max(ms)[:, None])  # kept: the gradient's softmax is p / ss
         ref = safe_max(ms)  # qs sums the target weights times strong - ref: see below
+        p = tl.exp(x - ref[:, None])  # kept: the gradient's softmax is p / ss
         sw, qs, ss = tl.reduce((e, tl.where(e != 0.0, e * (x - ref[:, None]), 0.0), p), 1,
                                sum_sum_sum)
         mk = _confident(mw, sw, threshold, inv_temperature)
@@ -133,7 +133,9 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         mk = _confident(mw, sw, threshold, inv_temperature)
     # loss = max + log(ss) - sum(q * strong), written so that no large logit meets a small term
     # (max + log(ss) rounds log(ss) away at |max| ~ 4000; torch's log_softmax does not)
-    loss = ((safe_max(ms) - ref) - qs / sw) + tl.log(ss)
+    strong_max = safe_max(ms)
+    log_ss = tl.log(ss)
+    loss = ((strong_max - ref) - qs / sw) + log_ss
     tl.store(loss_ptr + rows, tl.where(mk != 0.0, loss, 0.0), mask=row_ok)
     tl.store(mask_ptr + rows, mk, mask=row_ok)
     if COMPUTE_GRAD:
@@ -147,8 +149,6 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         else:
             # a masked row's gradient is 0: it is written without reading the row again
             keep = row_ok & (mk != 0.0)
-            strong_max = safe_max(ms)
-            log_ss = tl.log(ss)
             for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
                 ok = row_ok[:, None] & (c < C)

@@ -212,14 +212,13 @@ def test_the_share_of_loop_time_spent_waiting_for_data_is_logged(tmp_path, monke
     monkeypatch.setattr(InMemoryStream, "next", slow_next)
     slow = train(cfg.load("digits", overrides), tmp_path / "slow")
     assert 0.0 <= fast["data_wait_share"] < 0.5 and 0.9 < slow["data_wait_share"] <= 1.0
-    for run, summary in ((tmp_path / "fast", fast), (tmp_path / "slow", slow)):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for run in ("fast", "slow"):
+        rows = [json.loads(line)
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         shares = [r["time/data_wait"] for r in rows]
         assert [r["step"] for r in rows] == [4, 6, 8, 12] and len(shares) == 4
         assert all(0.0 <= v <= 1.0 for v in shares)
-    slow_rows = [json.loads(line) for line in
-                 (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
-    assert min(r["time/data_wait"] for r in slow_rows) > 0.9
+    assert min(shares) > 0.9  # the slow run's, each interval
 
 
 def test_supervised_runs_draw_labeled_batches_alone_and_resume_exactly(tmp_path, monkeypatch):
