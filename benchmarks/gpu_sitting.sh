@@ -20,8 +20,11 @@
 #       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz.00, .01, ...
 #       (15 MiB parts) after every stage: at most 8 files of 16 MiB come back from a device
 #       call. Unpack them here (`cat sitting.tar.gz.* | tar -xz`) and copy the records
-#       you report into benchmarks/results/, and its autotune/ files into .autotune/ (ignored;
-#       carry it next time: inductor's max-autotune timings for that card, see run()).
+#       you report into benchmarks/results/, its autotune/ files into .autotune/ (ignored;
+#       carry it next time: inductor's max-autotune timings for that card, see run()), and its
+#       compile-cache.tar.* beside the archive, when a call sent them, into .compile-cache/
+#       (ignored; carry it in the next sitting's first call: the kernels compiled so far, see
+#       pack_compile_cache).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -336,13 +339,15 @@ run() {
     done
     echo "autotune timings carried in: $(ls .autotune | wc -l) file(s)" | tee "$DIR/autotune.txt"
   fi
+  carry_compile_cache_in
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     | tee "$DIR/gpu.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$DIR/gpu.txt"
   export PYTHONUNBUFFERED=1  # logs up to the moment a stage is cut off
   for s in "${stages[@]}"; do
-    local t0=$SECONDS
+    local t0=$SECONDS kernels_before
+    kernels_before=$(triton_kernels)
     local limit=$((SITTING_SECONDS - (t0 - start)))
     [ "$limit" -gt "${LIMIT[$s]}" ] && limit=${LIMIT[$s]}
     if [ "$limit" -lt 20 ]; then
@@ -353,7 +358,8 @@ run() {
     # a shell of its own (so that timeout stops all of it), with every function defined
     timeout "$limit" bash -c "$(declare -f); DIR='$DIR' $fn" > "$DIR/$s.log" 2>&1
     local rc=$?
-    local line="stage $s: rc=$rc in $((SECONDS - t0)) s (limit $limit s); $(tail -n 1 "$DIR/$s.log")"
+    local line="stage $s: rc=$rc in $((SECONDS - t0)) s (limit $limit s, Triton cache"
+    line+=" +$(($(triton_kernels) - kernels_before))); $(tail -n 1 "$DIR/$s.log")"
     echo "$line" | tee -a "$DIR/summary.txt"
     pack
     [ "$s" = build ] && [ $rc -ne 0 ] && return 1
@@ -362,11 +368,78 @@ run() {
   return 0
 }
 
+# Compiled kernels kept from one sitting to the next: Triton's cache (our loss kernels and the
+# kernels inductor generates, each under a key of its source, the compiler and the target, sm_90
+# on the H100 and the H200 alike) and inductor's (its FX graph and AOTAutograd caches, keyed to
+# the card, torch and triton, so they hit on the same card only). A sitting spends minutes
+# compiling (the gpu tests' hundreds of kernel variants, the compiled networks); a later one
+# loads what did not change. Carried packed, one file each (the carry limit counts files):
+# .compile-cache/triton.tar.gz and inductor.tar.gz, unpacked without overwriting what a warm
+# machine already holds. A call whose stages compiled something sends them back beside its
+# archive, as $OUT/compile-cache.tar.00, .01, ... (here: `cat compile-cache.tar.* | tar -x -C
+# .compile-cache`), where they fit: at most COMPILE_CACHE_MIB (default 40, to travel beside
+# .whl's 18 MiB within the 64 MiB a call carries) and within what the archive leaves of the
+# 8 files and 64 MiB a call returns; inductor's are left out first.
+export TRITON_CACHE_DIR=${SITTING_TRITON_CACHE:-/tmp/sitting-triton}
+
+triton_kernels() {
+  find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
+}
+
+carry_compile_cache_in() {
+  PACKED_CACHE=$DIR.compile-cache  # this call's packed caches, when it compiles anything
+  rm -rf "$PACKED_CACHE"
+  mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
+  local kind dest
+  for kind in triton inductor; do
+    [ -f ".compile-cache/$kind.tar.gz" ] || continue
+    dest=$TRITON_CACHE_DIR; [ $kind = inductor ] && dest=$TORCHINDUCTOR_CACHE_DIR
+    tar -xzf ".compile-cache/$kind.tar.gz" -C "$dest" --skip-old-files ||
+      echo "compile cache: $kind.tar.gz could not be unpacked" | tee -a "$DIR/compile-cache.txt"
+  done
+  COMPILE_CACHE_KERNELS=$(triton_kernels)
+  echo "compile cache: $COMPILE_CACHE_KERNELS Triton entries here at the start" \
+    | tee -a "$DIR/compile-cache.txt"
+}
+
+# both caches packed anew when a stage added Triton entries (gzip -1: a few seconds for
+# hundreds of MB of cubins and IR); inductor's autotune timings travel apart (autotune/)
+pack_compile_cache() {
+  local now; now=$(triton_kernels)
+  [ "$now" -gt "${COMPILE_CACHE_KERNELS:-0}" ] || return 0
+  rm -rf "$PACKED_CACHE" && mkdir -p "$PACKED_CACHE"
+  tar -cf - -C "$TRITON_CACHE_DIR" . | gzip -1 > "$PACKED_CACHE/triton.tar.gz"
+  tar -cf - -C "$TORCHINDUCTOR_CACHE_DIR" --exclude=./cache . | gzip -1 \
+    > "$PACKED_CACHE/inductor.tar.gz"
+  COMPILE_CACHE_KERNELS=$now
+}
+
+# the packed caches into $OUT beside the archive's parts, both or Triton's alone, where they fit
+send_compile_cache() {
+  [ -d "$PACKED_CACHE" ] || return 0
+  local part=$((15 * 2**20)) mib=$((2**20)) used=$1 files size names
+  local room=$((63 * mib - used)) cap=$((${COMPILE_CACHE_MIB:-40} * mib))
+  [ "$room" -gt "$cap" ] && room=$cap
+  files=$((8 - $(ls "$OUT" | wc -l)))
+  for names in "triton.tar.gz inductor.tar.gz" "triton.tar.gz"; do
+    size=$(cd "$PACKED_CACHE" && cat $names | wc -c)
+    if [ "$size" -le "$room" ] && [ $(((size + part - 1) / part)) -le "$files" ]; then
+      (cd "$PACKED_CACHE" && tar -cf - $names) | split -b 15m -d - "$OUT/compile-cache.tar."
+      echo "compile cache: $COMPILE_CACHE_KERNELS Triton entries; $names, $((size / mib)) MiB," \
+        "sent back"
+      return 0
+    fi
+  done
+  echo "compile cache: $((size / mib)) MiB or more, over the $((room / mib)) MiB left beside" \
+    "the archive (COMPILE_CACHE_MIB ${COMPILE_CACHE_MIB:-40}): not sent back"
+}
+
 # everything gathered so far into the archive that comes back, the autotune timings and the
 # METHODS runs (without best.pt and finetuned.pt: last.pt is what a resume needs) included, in
 # parts of 15 MiB (a device call returns files of 16 MiB at most, 64 MiB together): here,
 # `cat sitting.tar.gz.* | tar -xz`
 pack() {
+  pack_compile_cache
   if compgen -G "$TORCHINDUCTOR_CACHE_DIR/cache/*" > /dev/null; then
     mkdir -p "$DIR/autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$DIR/autotune/"
   fi
@@ -382,8 +455,9 @@ pack() {
   fi
   tar -czhf "$staged/all.tar.gz" --exclude=best.pt --exclude=finetuned.pt -C "$DIR" . \
     ${runs[@]+"${runs[@]}"}
-  rm -f "$OUT"/sitting.tar.gz.*
+  rm -f "$OUT"/sitting.tar.gz.* "$OUT"/compile-cache.tar.*
   split -b 15m -d "$staged/all.tar.gz" "$OUT/sitting.tar.gz."
+  send_compile_cache "$(wc -c < "$staged/all.tar.gz")"
   rm -rf "$staged"
 }
 

@@ -206,6 +206,7 @@ def test_gpu_sitting_unpacks_carried_cifar10_once_for_later_calls(tmp_path):
     cifar = tmp_path / "cifar10"
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
            "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
+           "SITTING_TRITON_CACHE": str(tmp_path / "triton"),
            "SITTING_CIFAR": str(cifar)}
     done = subprocess.run(["bash", str(script), "run", "gather"], capture_output=True,
                           text=True, env=env)
@@ -238,6 +239,7 @@ def test_gpu_sitting_spreads_the_gpu_tests_over_workers_when_xdist_is_carried(tm
                                  (0, None, None)):
         env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
                "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
+               "SITTING_TRITON_CACHE": str(tmp_path / "triton"),
                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_XDIST": str(xdist),
                "ARGS_LOG": str(log)}
         if workers:
@@ -249,6 +251,97 @@ def test_gpu_sitting_spreads_the_gpu_tests_over_workers_when_xdist_is_carried(tm
         assert args[:2] == ["-m", "pytest"] and "gpu" in args and args[-1] == "tests/", args
         got = args[args.index("-n"):args.index("-n") + 2] if "-n" in args else None
         assert got == want, (xdist, workers, args)
+
+
+def test_gpu_sitting_carries_compiled_kernels_from_one_sitting_to_the_next(tmp_path):
+    """Packed caches carried in are unpacked without overwriting the warm machine's entries; a
+    call whose stages compiled something sends the caches back beside its archive (inductor's
+    autotune timings apart), one that compiled nothing does not, and caches that do not fit
+    (COMPILE_CACHE_MIB, or what the archive leaves of the 64 MiB a call returns) stay behind,
+    inductor's first."""
+    import io
+    import subprocess
+    import tarfile
+
+    script = _sitting_script(tmp_path)
+    repo = script.parent.parent
+
+    def packed(path, files):
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(f"./{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    (repo / ".compile-cache").mkdir()
+    packed(repo / ".compile-cache" / "triton.tar.gz",
+           {"k1/soft_ce.cubin": b"carried", "k2/uda.cubin": b"carried, stale"})
+    packed(repo / ".compile-cache" / "inductor.tar.gz", {"fxgraph/g/entry": b"graph"})
+    triton, inductor = tmp_path / "triton", tmp_path / "inductor"
+    (triton / "k2").mkdir(parents=True)
+    (triton / "k2" / "uda.cubin").write_bytes(b"this machine's")
+    (inductor / "cache").mkdir(parents=True)
+    (inductor / "cache" / "timings").write_text("autotune")
+    # the tests stage "compiles" one new kernel of NEW_BYTES (a python3 standing in for pytest)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(
+        '#!/bin/bash\nif [ "$1" = -c ]; then exit 1; fi\n'
+        'd="$TRITON_CACHE_DIR/new$RANDOM$RANDOM"; mkdir -p "$d"; head -c "$NEW_BYTES" '
+        '/dev/urandom > "$d/k.cubin"\necho "= 1 passed in 0.01s ="\n')
+    (bin_dir / "python3").chmod(0o755)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+
+    def sitting(stage, **extra):
+        env = {**os.environ, "OUT": str(out), "SITTING_DIR": str(tmp_path / "work"),
+               "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(inductor),
+               "SITTING_TRITON_CACHE": str(triton), "SITTING_RUNS": str(runs),
+               "NEW_BYTES": "100", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **extra}
+        done = subprocess.run(["bash", str(script), "run", stage], capture_output=True,
+                              text=True, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        files = sorted(out.iterdir())
+        assert len(files) <= 8 and sum(f.stat().st_size for f in files) <= 64 * 2**20
+        parts = [f.read_bytes() for f in files if f.name.startswith("compile-cache.tar.")]
+        if not parts:
+            return done.stdout, {}
+        with tarfile.open(fileobj=io.BytesIO(b"".join(parts))) as tar:
+            return done.stdout, {n: tar.extractfile(n).read() for n in tar.getnames()
+                                 if n.endswith(".tar.gz")}
+
+    def members(data):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return {n: tar.extractfile(n).read() for n in tar.getnames() if tar.getmember(n).isfile()}
+
+    stdout, back = sitting("tests")
+    assert (triton / "k1" / "soft_ce.cubin").read_bytes() == b"carried"
+    assert (triton / "k2" / "uda.cubin").read_bytes() == b"this machine's"
+    assert (inductor / "fxgraph" / "g" / "entry").read_bytes() == b"graph"
+    assert "2 Triton entries here at the start" in stdout and "Triton cache +1" in stdout
+    assert set(back) == {"triton.tar.gz", "inductor.tar.gz"}
+    kernels = members(back["triton.tar.gz"])
+    assert kernels["./k2/uda.cubin"] == b"this machine's" and "./k1/soft_ce.cubin" in kernels
+    assert len(kernels) == 3
+    assert set(members(back["inductor.tar.gz"])) == {"./fxgraph/g/entry"}  # no ./cache
+
+    # nothing compiled (the gather stage): nothing sent back
+    stdout, back = sitting("gather")
+    assert back == {} and "Triton cache +0" in stdout
+    # over COMPILE_CACHE_MIB together, Triton's alone fits; then neither does
+    (inductor / "fxgraph" / "big").write_bytes(os.urandom(3 * 2**20))
+    stdout, back = sitting("tests", COMPILE_CACHE_MIB="2")
+    assert set(back) == {"triton.tar.gz"}
+    stdout, back = sitting("tests", COMPILE_CACHE_MIB="2", NEW_BYTES=str(3 * 2**20))
+    assert back == {} and "not sent back" in stdout
+    # a run of #8 (its last.pt, 58 MiB) leaves 5 MiB of what a call returns: Triton's 3 fit,
+    # with inductor's 3 more they would not have
+    (runs / "mpl").mkdir(parents=True)
+    (runs / "mpl" / "last.pt").write_bytes(os.urandom(58 * 2**20))
+    stdout, back = sitting("tests", METHODS="mpl", NEW_BYTES="100")
+    assert set(back) == {"triton.tar.gz"}
+    (runs / "mpl" / "last.pt").write_bytes(os.urandom(61 * 2**20))
+    stdout, back = sitting("tests", METHODS="mpl", NEW_BYTES="100")
+    assert back == {} and "not sent back" in stdout
 
 
 def _bench_step_module():
@@ -333,6 +426,7 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
     (runs / "methods.png").write_bytes(b"curves")
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
            "SITTING_SECONDS": "15", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
+           "SITTING_TRITON_CACHE": str(tmp_path / "triton"),
            "SITTING_RUNS": str(runs), "METHODS": "mpl"}
     done = subprocess.run(["bash", str(script), "run", "tests", "ops"], capture_output=True,
                           text=True, env=env)
