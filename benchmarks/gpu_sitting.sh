@@ -432,8 +432,9 @@ send_compile_cache() {
       return 0
     fi
   done
-  echo "compile cache: $((size / mib)) MiB or more, over the $((room / mib)) MiB left beside" \
-    "the archive (COMPILE_CACHE_MIB ${COMPILE_CACHE_MIB:-40}): not sent back"
+  echo "compile cache: Triton's alone $((size / mib)) MiB, more than the $((room / mib)) MiB" \
+    "and $files files left beside the archive (COMPILE_CACHE_MIB ${COMPILE_CACHE_MIB:-40}):" \
+    "not sent back"
 }
 
 # everything gathered so far into the archive that comes back, the autotune timings and the
