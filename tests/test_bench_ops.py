@@ -176,13 +176,21 @@ def _sitting_script(tmp_path):
     return script
 
 
+def _sitting_env(tmp_path, **extra):
+    """The script's environment with its output, work folder and the caches it keeps between
+    calls all under tmp_path (never the machine's /tmp ones); SITTING_SECONDS 60 unless given."""
+    return {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
+            "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
+            "SITTING_TRITON_CACHE": str(tmp_path / "triton"), **extra}
+
+
 def test_gpu_sitting_script_refuses_unknown_stages_before_running_any(tmp_path):
     import subprocess
 
     script = _sitting_script(tmp_path)
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work")}
+    env = _sitting_env(tmp_path)
     bad = subprocess.run(["bash", str(script), "run", "tests", "bogus"], capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and "unknown stage bogus" in bad.stderr
@@ -204,10 +212,7 @@ def test_gpu_sitting_unpacks_carried_cifar10_once_for_later_calls(tmp_path):
     with tarfile.open(data / "cifar10.tgz", "w:gz") as tar:
         tar.add(tree / "train", arcname="train")
     cifar = tmp_path / "cifar10"
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
-           "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
-           "SITTING_TRITON_CACHE": str(tmp_path / "triton"),
-           "SITTING_CIFAR": str(cifar)}
+    env = _sitting_env(tmp_path, SITTING_CIFAR=str(cifar))
     done = subprocess.run(["bash", str(script), "run", "gather"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
@@ -237,11 +242,8 @@ def test_gpu_sitting_spreads_the_gpu_tests_over_workers_when_xdist_is_carried(tm
     (bin_dir / "python3").chmod(0o755)
     for xdist, workers, want in ((1, None, ["-n", "8"]), (1, "4", ["-n", "4"]), (1, "1", None),
                                  (0, None, None)):
-        env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
-               "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
-               "SITTING_TRITON_CACHE": str(tmp_path / "triton"),
-               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_XDIST": str(xdist),
-               "ARGS_LOG": str(log)}
+        env = _sitting_env(tmp_path, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                           FAKE_XDIST=str(xdist), ARGS_LOG=str(log))
         if workers:
             env["TEST_WORKERS"] = workers
         done = subprocess.run(["bash", str(script), "run", "tests"], capture_output=True,
@@ -293,10 +295,9 @@ def test_gpu_sitting_carries_compiled_kernels_from_one_sitting_to_the_next(tmp_p
     out, runs = tmp_path / "out", tmp_path / "runs"
 
     def sitting(stage, **extra):
-        env = {**os.environ, "OUT": str(out), "SITTING_DIR": str(tmp_path / "work"),
-               "SITTING_SECONDS": "60", "SITTING_INDUCTOR_CACHE": str(inductor),
-               "SITTING_TRITON_CACHE": str(triton), "SITTING_RUNS": str(runs),
-               "NEW_BYTES": "100", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **extra}
+        env = _sitting_env(tmp_path, **{"SITTING_RUNS": str(runs), "NEW_BYTES": "100",
+                                        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                                        **extra})
         done = subprocess.run(["bash", str(script), "run", stage], capture_output=True,
                               text=True, env=env)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -424,10 +425,7 @@ def test_gpu_sitting_stages_share_one_deadline_and_come_back_in_one_archive(tmp_
         (runs / method / "best.pt").write_bytes(b"best")
         (runs / method / "metrics.jsonl").write_text('{"step": 500}\n')
     (runs / "methods.png").write_bytes(b"curves")
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "SITTING_DIR": str(tmp_path / "work"),
-           "SITTING_SECONDS": "15", "SITTING_INDUCTOR_CACHE": str(tmp_path / "inductor"),
-           "SITTING_TRITON_CACHE": str(tmp_path / "triton"),
-           "SITTING_RUNS": str(runs), "METHODS": "mpl"}
+    env = _sitting_env(tmp_path, SITTING_SECONDS="15", SITTING_RUNS=str(runs), METHODS="mpl")
     done = subprocess.run(["bash", str(script), "run", "tests", "ops"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
