@@ -34,9 +34,16 @@ def test_config_presets_and_errors(tmp_path):
                      (["data.augment_device=cpu"], "data.augment_device"),
                      (["data.steps_per_run=0"], "data.steps_per_run"),
                      (["data.hw_decoder_load=2"], "data.hw_decoder_load"),
-                     (["data.hw_decoder_load=yes"], "data.hw_decoder_load")):
+                     (["data.hw_decoder_load=yes"], "data.hw_decoder_load"),
+                     # folder settings on the embedded data would be ignored silently
+                     (["data.root=/data/cifar10"], "data.root"),
+                     (["data.image_size=32"], "data.image_size"),
+                     (["data.labeled_percent=10"], "data.labeled_percent")):
         with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
             cfg.load("digits", bad)
+    folder = cfg.load("digits", ["data.name=image_folder", "data.root=/data/cifar10",
+                                 "data.image_size=32", "data.labeled_percent=10"])
+    assert folder["data"]["root"] == "/data/cifar10" and folder["data"]["image_size"] == 32
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  steps: 3\n")
     assert cfg.load(str(f))["train"]["steps"] == 3

@@ -221,6 +221,8 @@ def apply_overrides(config, overrides):
         _merge(config, update)
     validate(config)
 
+FOLDER_ONLY = ("root", "test_root", "image_size", "labeled_percent", "split_list")
+
 
 def validate(config):
     for key, allowed in CHOICES.items():
@@ -248,6 +250,11 @@ def validate(config):
         placement(True, d["decode_device"], d["augment_device"], hw)
     except ValueError as err:
         raise ConfigError(f"data.{err}") from err
+    if d["name"] == "digits":  # embedded: a folder setting would be ignored without a word
+        for key in FOLDER_ONLY:
+            if d[key] is not None:
+                raise ConfigError(f"data.{key} is read from files (data.name=image_folder or "
+                                  f"cifar_batches); data.name=digits is embedded and has none")
     if not 0.0 < config["data"]["test_fraction"] < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:
