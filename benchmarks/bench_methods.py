@@ -141,7 +141,7 @@ def plot(path, curves, title):
 def main(argv=None):
     from mpl_fast.data.sources import check_data_root
     from mpl_fast.train import config as cfg
-    from mpl_fast.train.loop import train
+    from mpl_fast.train.loop import check_out_dir, train
     from mpl_fast.train.run_log import append_jsonl
 
     p = argparse.ArgumentParser(prog="mpl-fast bench methods",
@@ -154,7 +154,10 @@ def main(argv=None):
                    help="comma-separated subset of supervised,uda,mpl,mpl_joint "
                         "(default: %(default)s)")
     p.add_argument("--out", default="runs/methods", help="run folders (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue each method's run")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue each method's run")
+    again.add_argument("--overwrite", action="store_true",
+                       help="train each method again over a run already in --out")
     p.add_argument("--results", default="benchmarks/results",
                    help="where methods.jsonl is appended (default: %(default)s)")
     args = p.parse_args(argv)
@@ -170,7 +173,9 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and configs[methods[0]]["train"]["device"] != "cpu"
     card = torch.cuda.get_device_name() if gpu else "cpu"
     records, curves = [], {}
-    if args.resume:  # refuse before training anything
+    for method in methods:  # refuse before training anything
+        check_out_dir(out / method, args.resume, args.overwrite)
+    if args.resume:
         for method in methods:
             run_dir = out / method
             changed = (run_dir / "config.yaml").exists() and _changed_settings(run_dir,
@@ -188,7 +193,7 @@ def main(argv=None):
             resume = args.resume and (run_dir / "last.pt").exists()
             print(f"{method}: {'resuming' if resume else 'training'} {steps} steps -> {run_dir}",
                   flush=True)
-            summary = train(config, run_dir, resume=resume)
+            summary = train(config, run_dir, resume=resume, overwrite=args.overwrite)
         curve, last, h_stats = _from_metrics(run_dir)
         curves[method] = curve
         records.append({

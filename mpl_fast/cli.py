@@ -125,7 +125,7 @@ def _train(args):
     try:
         config = cfg.load(args.config, overrides)
         out = Path(args.out or f"runs/{Path(args.config).stem}")
-        summary = train(config, out, resume=args.resume)
+        summary = train(config, out, resume=args.resume, overwrite=args.overwrite)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
     finally:
@@ -181,7 +181,10 @@ def build_parser():
     p.add_argument("--steps", type=int, help="train.steps")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    again.add_argument("--overwrite", action="store_true",
+                   help="train a new run in DIR even if it holds one (its files are replaced)")
     p.add_argument("--eval-every", type=int, help="train.eval_every")
     p.add_argument("--checkpoint-every", type=int, help="train.checkpoint_every")
     p.set_defaults(run=_train)

@@ -417,6 +417,15 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert "h" in records[2]["last_logged"] and "h" not in records[0]["last_logged"]
     png = (out / "methods.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # without --resume the runs in --out are not trained over (refused before any training)
+    # unless --overwrite says so
+    capsys.readouterr()
+    before = {m: (out / m / "last.pt").read_bytes() for m in ("supervised", "uda", "mpl")}
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'supervised'} already holds a run" in err and err.count("\n") == 1, err
+    assert {m: (out / m / "last.pt").read_bytes() for m in before} == before
+    assert len((results / "methods.jsonl").read_text().splitlines()) == 3
     # --resume: finished runs are not trained again; the records are appended once more.
     before = (out / "mpl" / "metrics.jsonl").read_text()
     assert cli.main([*args, "--resume", "--methods", "mpl"]) == 0
@@ -438,6 +447,10 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
         assert cli.main([*args, *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, err
+    assert cli.main([*args, "--overwrite", "--methods", "supervised",
+                     "--set", "train.steps=2"]) == 0
+    assert json.loads((out / "supervised" / "summary.json").read_text())["steps"] == 2
+    assert json.loads((results / "methods.jsonl").read_text().splitlines()[-1])["steps"] == 2
 
 
 @pytest.mark.parametrize("root", [None, "missing"])

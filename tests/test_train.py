@@ -323,6 +323,29 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
     assert "corrupt or truncated" in err and err.count("\n") == 1
 
 
+def test_a_new_run_does_not_replace_a_run_unless_told(tmp_path, capsys):
+    """Training again into a folder that holds a run stops before anything is written; with
+    --overwrite the new run replaces it whole (no checkpoint, curve or event file of the old
+    one left to mix with the new)."""
+    tiny = sum((["--set", s] for s in TINY), [])
+    train(cfg.load("digits", TINY + ["train.steps=10"]), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(tmp_path), "--steps", "6", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    with pytest.raises(SystemExit):  # one or the other
+        cli.main(["train", "--out", str(tmp_path), "--resume", "--overwrite", *tiny])
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(tmp_path), "--steps", "6", "--overwrite", *tiny]) == 0
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 6
+    assert checkpoint.load(tmp_path / "best.pt")["step"] == 6
+    assert _metrics(tmp_path / "metrics.jsonl")[-1]["step"] == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
 def test_eval_command(tmp_path, capsys):
     train(cfg.load("digits", TINY + ["train.steps=10"]), tmp_path)
     capsys.readouterr()

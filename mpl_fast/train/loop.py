@@ -240,9 +240,30 @@ class Run:
         return batch
 
 
-def train(config, out_dir, resume=False):
-    """Run (or continue) training; returns the summary dict also written to summary.json."""
+# What a run writes besides config.yaml, split.json and metrics.jsonl (rewritten or truncated at
+# the start): a new run clears those an older run left, so that nothing of the two mixes.
+RUN_OUTPUTS = ("last.pt", "best.pt", "finetuned.pt", "summary.json", "curves.png")
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool):
+    """A new run never replaces a run's checkpoint unless told to: nothing is lost by mistake."""
+    if not resume and not overwrite and (out / "last.pt").exists():
+        raise TrainError(f"{out} already holds a run (last.pt): --resume continues it, "
+                         f"--overwrite trains a new one in its place, or choose another --out")
+
+
+def _clear_old_run(out: Path):
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for events in (out / "tensorboard").glob("events.out.tfevents.*"):
+        events.unlink()
+
+
+def train(config, out_dir, resume=False, overwrite=False):
+    """Run (or continue) training; returns the summary dict also written to summary.json.
+    A new run into a folder holding a run's last.pt needs overwrite=True (resume continues it)."""
     out = Path(out_dir)
+    check_out_dir(out, resume, overwrite)
     run = Run(config, out)  # first: a run that cannot start (data, model) leaves no folder behind
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -255,6 +276,8 @@ def train(config, out_dir, resume=False):
             raise TrainError(f"--resume: no checkpoint at {last}")
         run.load_state_dict(checkpoint.load(last), last)
     main = run.dist.main
+    if main and not resume:
+        _clear_old_run(out)
     if main:
         (out / "config.yaml").write_text(cfg_mod.dump(config))
         (out / "split.json").write_text(json.dumps(run.data.describe()) + "\n")
