@@ -146,19 +146,33 @@ def _eval(args):
     from mpl_fast.train import checkpoint, config as cfg
     from mpl_fast.train.loop import Run, TrainError
 
+    from pathlib import Path
+
+    path = Path(args.checkpoint)
+    if path.is_dir():  # a run folder: its latest checkpoint
+        path = path / "last.pt"
     try:
-        state = checkpoint.load(args.checkpoint)
+        state = checkpoint.load(path)
         config = cfg.from_saved(state["config"])
         cfg.apply_overrides(config, args.set)
-        from pathlib import Path
-
-        run = Run(config, Path(args.checkpoint).parent)
-        run.load_state_dict(state, args.checkpoint)
-        result = run.evaluate()
+        run = Run(config, path.parent)
+        if "ema" in state:  # last.pt, best.pt: the whole run's state
+            run.load_state_dict(state, path)
+            result = run.evaluate()
+        else:  # finetuned.pt: the finetuned student alone
+            try:
+                run.student.load_state_dict(state["student"])
+            except (KeyError, RuntimeError) as err:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} does not fit this run ({str(err).splitlines()[0]})"
+                ) from err
+            result = run.evaluate({"finetuned_student": run.student})
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
+    step = f", step {state['step']}" if "step" in state else ""
+    print(f"{path}{step}")
     for key, value in result.items():
-        print(f"{key[5:]:20s} {value:.4f}")
+        print(f"{key[5:]:24s} {value:.4f}")
     return 0
 
 
@@ -190,8 +204,11 @@ def build_parser():
     p.set_defaults(run=_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Top-1/top-5 of the student, EMA student and teacher of a "
-                       "checkpoint on its run's test split.")
-    p.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by train")
+                       "checkpoint (of the finetuned student, for finetuned.pt) on its run's "
+                       "test split.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a last.pt, best.pt or finetuned.pt written by train, or a run folder "
+                        "(its last.pt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (e.g. train.device=cpu)")
     p.set_defaults(run=_eval)

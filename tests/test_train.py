@@ -346,12 +346,35 @@ def test_a_new_run_does_not_replace_a_run_unless_told(tmp_path, capsys):
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
+def _printed(out):
+    return {k: float(v) for k, v in (line.split() for line in out.splitlines()[1:])}
+
+
 def test_eval_command(tmp_path, capsys):
-    train(cfg.load("digits", TINY + ["train.steps=10"]), tmp_path)
+    summary = train(cfg.load("digits", TINY + ["train.steps=10", "train.finetune_steps=3"]),
+                    tmp_path)
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "last.pt")]) == 0
     out = capsys.readouterr().out
-    assert "ema_student_top1" in out and "teacher_top1" in out
+    assert out.splitlines()[0] == f"{tmp_path / 'last.pt'}, step 10"
+    got = _printed(out)
+    assert got["ema_student_top1"] == pytest.approx(summary["ema_student_top1"], abs=1e-4)
+    assert got["teacher_top1"] == pytest.approx(summary["teacher_top1"], abs=1e-4)
+    # a run folder stands for its last.pt
+    assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 0
+    assert _printed(capsys.readouterr().out) == got
+    # finetuned.pt holds the finetuned student alone: evaluated as such, as the run reported it
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "finetuned.pt")]) == 0
+    tuned = _printed(capsys.readouterr().out)
+    assert set(tuned) == {"finetuned_student_top1", "finetuned_student_top5"}
+    assert tuned["finetuned_student_top1"] == pytest.approx(summary["finetuned_student_top1"],
+                                                            abs=1e-4)
+    state = checkpoint.load(tmp_path / "finetuned.pt")
+    state["student"] = {k: v for k, v in state["student"].items() if "weight" not in k}
+    checkpoint.save(state, tmp_path / "cut.pt")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "cut.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run" in err and err.count("\n") == 1
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     # a checkpoint written before a config key existed still evaluates (the key's default)
     state = checkpoint.load(tmp_path / "last.pt")

@@ -217,11 +217,14 @@ class Run:
         self.dist.barrier()
 
     # -- evaluation --------------------------------------------------------------------------
-    def evaluate(self):
+    def evaluate(self, models=None):
+        """{"eval/<name>_top1", "eval/<name>_top5"} on the test split; by default of the
+        student, the EMA student and the teacher."""
         out = {}
-        models = {"student": self.student, "ema_student": self.ema.module}
-        if self.teacher is not None:
-            models["teacher"] = self.teacher
+        if models is None:
+            models = {"student": self.student, "ema_student": self.ema.module}
+            if self.teacher is not None:
+                models["teacher"] = self.teacher
         batches = self.data.eval_batches(self.config["train"]["eval_batch_size"], self.device)
         accs = accuracies(models, batches, channels_last=self.channels_last,
                           autocast_dtype=self.amp)
