@@ -10,6 +10,10 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the user can do next: printed as one line, exit status 130."""
+
+
 def _not_built(name):
     def run(args):
         raise CliError(f"`mpl-fast {name}` is not built yet")
@@ -122,12 +126,14 @@ def _train(args):
             overrides.append(f"{key}={getattr(args, flag)}")
     from mpl_fast.train import distributed
 
+    out = Path(args.out or f"runs/{Path(args.config).stem}")
     try:
         config = cfg.load(args.config, overrides)
-        out = Path(args.out or f"runs/{Path(args.config).stem}")
         summary = train(config, out, resume=args.resume, overwrite=args.overwrite)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
+    except KeyboardInterrupt:
+        raise _interrupted_run(out) from None
     finally:
         distributed.shutdown()
     if int(os.environ.get("RANK", "0")) != 0:
@@ -140,6 +146,18 @@ def _train(args):
         line += f"  finetuned {summary['finetuned_student_top1']:.4f}"
     print(line + f"  -> {out}")
     return 0
+
+
+def _interrupted_run(out):
+    """Where an interrupted run can be continued from (its last checkpoint), if anywhere."""
+    from mpl_fast.train import checkpoint
+
+    try:
+        step = checkpoint.load(out / "last.pt")["step"]
+    except (OSError, KeyError, checkpoint.CheckpointError):
+        return Interrupted("interrupted")
+    return Interrupted(f"interrupted; {out / 'last.pt'} holds step {step}: the same command "
+                       f"with --resume continues from there")
 
 
 def _eval(args):
@@ -252,8 +270,9 @@ def main(argv=None):
     except CliError as err:
         print(f"mpl-fast: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mpl-fast: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"mpl-fast: {err if isinstance(err, Interrupted) else 'interrupted'}",
+              file=sys.stderr)
         return 130
 
 

@@ -346,6 +346,35 @@ def test_a_new_run_does_not_replace_a_run_unless_told(tmp_path, capsys):
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
+def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path, capsys, monkeypatch):
+    from mpl_fast.train import loop
+
+    real_step = loop.MPLStep.forward
+    stop_at = {"step": 13}
+
+    def interrupted_at(self, batch, step=0):
+        if step + 1 == stop_at["step"]:
+            raise KeyboardInterrupt
+        return real_step(self, batch, step)
+
+    monkeypatch.setattr(loop.MPLStep, "forward", interrupted_at)
+    args = ["train", "--out", str(tmp_path), "--steps", "20",
+            *sum((["--set", s] for s in TINY), [])]
+    capsys.readouterr()
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"mpl-fast: interrupted; {tmp_path / 'last.pt'} holds step "
+                                    f"10: the same command with --resume continues from there")
+    stop_at["step"] = None
+    assert cli.main([*args, "--resume"]) == 0
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 20
+    # before the first checkpoint there is nothing to continue from
+    stop_at["step"] = 4
+    capsys.readouterr()
+    assert cli.main([*args[:2], str(tmp_path / "new"), *args[3:]]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "mpl-fast: interrupted"
+
+
 def _printed(out):
     return {k: float(v) for k, v in (line.split() for line in out.splitlines()[1:])}
 
