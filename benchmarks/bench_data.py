@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from mpl_fast.data.placement import placement
-from mpl_fast.train.run_log import append_jsonl
+from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
 VARIANT_KEYS = {"decode": str, "augment": str, "steps_per_run": int, "threads": int,
                 "hw_load": float, "pipelines": int}
@@ -99,6 +99,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.mu < 1 or args.steps < 1:
         parser.error("--batch-size, --mu and --steps must be >= 1")
+    check_results_folder(parser, "--out", args.out)
     if args.synthetic is not None and args.synthetic < 10:
         parser.error("--synthetic: at least 10 images (one per class)")
 

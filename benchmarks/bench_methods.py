@@ -142,7 +142,7 @@ def main(argv=None):
     from mpl_fast.data.sources import check_data_root
     from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import check_out_dir, train
-    from mpl_fast.train.run_log import append_jsonl
+    from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
     p = argparse.ArgumentParser(prog="mpl-fast bench methods",
                                 description=__doc__.splitlines()[0])
@@ -161,6 +161,7 @@ def main(argv=None):
     p.add_argument("--results", default="benchmarks/results",
                    help="where methods.jsonl is appended (default: %(default)s)")
     args = p.parse_args(argv)
+    check_results_folder(p, "--results", args.results)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from mpl_fast import ops
-from mpl_fast.train.run_log import append_jsonl
+from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
 SHAPES = [(15360, 10), (15360, 1000), (4096, 32000)]
 
@@ -345,6 +345,7 @@ def main(argv=None):
                         help="where ops.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
     parsed = {}
+    check_results_folder(parser, "--out", args.out)
     for option, parse in (("tiles", parse_tile), ("shapes", parse_shape), ("dtypes", parse_dtype)):
         try:
             parsed[option] = [parse(v) for v in getattr(args, option).split(",")]

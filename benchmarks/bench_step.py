@@ -43,7 +43,7 @@ from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.train.graphed import GraphedStep
 from mpl_fast.train.optim import sgd
-from mpl_fast.train.run_log import append_jsonl
+from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
 
 def timed(fn, steps, warmup, device):
@@ -310,6 +310,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.batch_size, args.mu, args.image_size, args.steps) < 1:
         p.error("--batch-size, --mu, --image-size and --steps must be >= 1")
+    check_results_folder(p, "--out", args.out)
     if args.checkpoint_blocks is not None and (args.checkpoint_blocks < 1
                                                or args.checkpoint == "none"):
         p.error("--checkpoint-blocks needs N >= 1 and --checkpoint teacher|student|both")

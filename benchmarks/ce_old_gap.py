@@ -55,6 +55,9 @@ def parse_args(argv):
         p.error("--trials must be >= 2")  # a spread needs two values
     if not args.lr > 0:
         p.error("--lr must be > 0")
+    from mpl_fast.train.run_log import check_results_folder
+
+    check_results_folder(p, "--out", args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     return args

@@ -70,6 +70,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch < 1 or args.runs < 1 or 0 in args.threads:
         parser.error("--batch, --runs and --threads must be >= 1")
+    from mpl_fast.train.run_log import check_results_folder
+
+    check_results_folder(parser, "--out", args.out)
     import nvidia.dali
     import torch
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.mpl.reduced import ReducedTeacher
-from mpl_fast.train.run_log import append_jsonl
+from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
 
 def convnet(width, classes=10):
@@ -92,6 +92,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    check_results_folder(parser, "--out", args.out)
     device = torch.device(args.device)
     rows = [measure(False, device), measure(True, device)]
     full, red = rows

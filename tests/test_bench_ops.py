@@ -129,6 +129,24 @@ def test_bench_ops_refuses_bad_shapes_and_dtypes_in_one_line(tmp_path, capsys, o
     assert not (tmp_path / "ops.jsonl").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("command", [["bench", "ops"], ["bench", "step"],
+                                     ["bench", "data", "--root", "."],
+                                     ["bench", "methods", "--set", "data.root=."]])
+def test_benchmarks_refuse_a_results_folder_they_cannot_write_before_measuring(tmp_path, capsys,
+                                                                              command):
+    """A bad --out (--results for methods) stops before minutes of GPU time, not after them."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    flag = "--results" if command[1] == "methods" else "--out"
+    with pytest.raises(SystemExit) as exit_:  # argparse's error: usage, then one line
+        cli.main([*command, flag, str(blocker / "results")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"{flag} {blocker / 'results'}: cannot write there" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert blocker.read_text() == "not a folder\n" and sorted(tmp_path.iterdir()) == [blocker]
+
+
 def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     """Eager on a CPU (no graphs, no compile): the record has every field the issue names."""
     assert cli.main(["bench", "step", "--model", "small_cnn", "--batch-size", "4", "--mu", "2",

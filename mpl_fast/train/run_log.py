@@ -79,6 +79,20 @@ class RunLogger:
             self.tb.close()
 
 
+def check_results_folder(parser, flag, folder):
+    """Create the folder a benchmark appends its records to, and prove it writable, before the
+    measurement: a bad --out stops in the first second with argparse's one-line error instead of
+    after minutes of GPU time."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        parser.error(f"{flag} {folder}: cannot write there ({err.strerror or err})")
+
+
 def append_jsonl(path, records):
     """Append one JSON object per line to path (benchmark results, run records)."""
     path = Path(path)
