@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,6 +378,32 @@ def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path, capsys, monkeypat
 
 def _printed(out):
     return {k: float(v) for k, v in (line.split() for line in out.splitlines()[1:])}
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
+                                                                             monkeypatch):
+    import errno
+
+    real_save = torch.save
+    saves = []
+
+    def save_until_the_disk_fills(obj, f):
+        saves.append(Path(f.name).name)
+        if saves.count("last.pt.tmp") == 2:  # last.pt at step 10 written, at step 20 not
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
+    args = ["train", "--out", str(tmp_path), "--steps", "20",
+            *sum((["--set", s] for s in TINY), [])]
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"mpl-fast: error: cannot write checkpoint {tmp_path / 'last.pt'} (No space "
+                   f"left on device); the previous one, if any, is unchanged")
+    assert not (tmp_path / "last.pt.tmp").exists()  # its space given back
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 10
 
 
 def test_eval_command(tmp_path, capsys):

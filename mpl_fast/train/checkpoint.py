@@ -28,10 +28,17 @@ def save(state: dict, path: Path):
     any moment leaves either the old checkpoint or the new one, never a torn file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:  # a full disk: torch's writer raises RuntimeError
+        tmp.unlink(missing_ok=True)  # the space back; the previous checkpoint stays as it was
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else \
+            str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); the previous one, "
+                              f"if any, is unchanged") from err
     _fault_hook(path)
 
     os.replace(tmp, path)
