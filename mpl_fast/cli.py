@@ -161,10 +161,10 @@ def _interrupted_run(out):
 
 
 def _eval(args):
+    from pathlib import Path
+
     from mpl_fast.train import checkpoint, config as cfg
     from mpl_fast.train.loop import Run, TrainError
-
-    from pathlib import Path
 
     path = Path(args.checkpoint)
     if path.is_dir():  # a run folder: its latest checkpoint
@@ -216,7 +216,7 @@ def build_parser():
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
     again.add_argument("--overwrite", action="store_true",
-                   help="train a new run in DIR even if it holds one (its files are replaced)")
+                       help="train a new run in DIR even if it holds one (its files are replaced)")
     p.add_argument("--eval-every", type=int, help="train.eval_every")
     p.add_argument("--checkpoint-every", type=int, help="train.checkpoint_every")
     p.set_defaults(run=_train)

@@ -23,6 +23,12 @@ def _fault_hook(path: Path):
             os._exit(137)
 
 
+def _reason(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror  # e.g. "No space left on device"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def save(state: dict, path: Path):
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at
     any moment leaves either the old checkpoint or the new one, never a torn file."""
@@ -35,10 +41,8 @@ def save(state: dict, path: Path):
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as err:  # a full disk: torch's writer raises RuntimeError
         tmp.unlink(missing_ok=True)  # the space back; the previous checkpoint stays as it was
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else \
-            str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); the previous one, "
-                              f"if any, is unchanged") from err
+        raise CheckpointError(f"cannot write checkpoint {path} ({_reason(err)}); the previous "
+                              f"one, if any, is unchanged") from err
     _fault_hook(path)
 
     os.replace(tmp, path)

@@ -221,6 +221,8 @@ def apply_overrides(config, overrides):
         _merge(config, update)
     validate(config)
 
+
+# data keys that only a source read from files uses (digits is embedded)
 FOLDER_ONLY = ("root", "test_root", "image_size", "labeled_percent", "split_list")
 
 
