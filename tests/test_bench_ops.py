@@ -147,6 +147,19 @@ def test_benchmarks_refuse_a_results_folder_they_cannot_write_before_measuring(t
     assert blocker.read_text() == "not a folder\n" and sorted(tmp_path.iterdir()) == [blocker]
 
 
+def test_results_folder_check_leaves_no_folder_behind(tmp_path):
+    import argparse
+
+    from mpl_fast.train.run_log import check_results_folder
+
+    parser = argparse.ArgumentParser()
+    check_results_folder(parser, "--out", tmp_path / "a" / "b")  # writable: proved, not kept
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    check_results_folder(parser, "--out", tmp_path / "kept")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"]
+
+
 def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     """Eager on a CPU (no graphs, no compile): the record has every field the issue names."""
     assert cli.main(["bench", "step", "--model", "small_cnn", "--batch-size", "4", "--mu", "2",

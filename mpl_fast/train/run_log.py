@@ -80,17 +80,30 @@ class RunLogger:
 
 
 def check_results_folder(parser, flag, folder):
-    """Create the folder a benchmark appends its records to, and prove it writable, before the
-    measurement: a bad --out stops in the first second with argparse's one-line error instead of
-    after minutes of GPU time."""
+    """Prove the folder a benchmark appends its records to writable before the measurement: a
+    bad --out stops in the first second with argparse's one-line error instead of after minutes
+    of GPU time. Folders made for the proof are removed again (append_jsonl makes them when
+    there is a record), so a run that stops early leaves nothing behind."""
     import tempfile
 
+    folder = Path(folder)
+    made = []  # the missing folders, deepest first
+    missing = folder
+    while not missing.exists() and missing != missing.parent:
+        made.append(missing)
+        missing = missing.parent
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
         parser.error(f"{flag} {folder}: cannot write there ({err.strerror or err})")
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def append_jsonl(path, records):
