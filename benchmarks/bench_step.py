@@ -388,9 +388,18 @@ def _progress(name, row):
     print(f"measured {name}: {row[0]:.2f} ms/step", flush=True)
 
 
+def _compiling(name, mode):
+    """Said before a compiled variant: its first steps compile (and may autotune) for minutes
+    with nothing else to show."""
+    print(f"compiling {name} (torch.compile mode {mode}; its first steps compile"
+          f"{', autotuning for minutes' if 'autotune' in mode else ''})...", flush=True)
+
+
 def _measure(args, device, gpu):
     batch = make_batch(args, device, torch.Generator().manual_seed(0))
     use_graph = gpu and not args.no_graph
+    if args.compile != "none":
+        _compiling("ours", args.compile)
     ours, phases, activation_mem = _measure_ours(args, device, batch, use_graph)
     rows = {"ours": ours}
     kernel_ms = {"ours": round(sum(phases.values()), 3)}
@@ -405,6 +414,8 @@ def _measure(args, device, gpu):
     if not args.no_compiled and gpu:
         variants.append(("compiled_reference", reference_step, True, True))
     for name, fn, compiled, graph in variants:
+        if compiled:
+            _compiling(name, args.reference_compile)
         rows[name], kernel_ms[name] = _measure_variant(fn, compiled, graph, args, device, batch)
         _progress(name, rows[name])
     max_batch = None
