@@ -204,7 +204,8 @@ def build_parser():
     p = sub.add_parser("train", help="train MPL (default: the embedded digits preset)",
                        description="Train MPL (or a baseline) from a preset in configs/ or a YAML "
                        "file. Writes DIR/config.yaml, metrics.jsonl, tensorboard/, last.pt, "
-                       "best.pt, summary.json and curves.png.")
+                       "best.pt, finetuned.pt (with train.finetune_steps), summary.json and "
+                       "curves.png. A DIR that holds a run needs --resume or --overwrite.")
     p.add_argument("--config", default="digits",
                    help="preset name (digits, digits_supervised, ...) or YAML file (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
