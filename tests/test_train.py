@@ -364,10 +364,15 @@ def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path, capsys, monkeypat
     capsys.readouterr()
     assert cli.main(args) == 130
     err = capsys.readouterr().err
+    # the run's first line says what it does; its last, where it can continue from
+    assert err.splitlines()[0] == ("mpl on digits (100 labeled of 1258, 539 test), teacher "
+                                   "small_cnn, student small_cnn, batch 8 + 2x unlabeled, 20 steps "
+                                   f"from scratch on cpu -> {tmp_path}")
     assert err.splitlines()[-1] == (f"mpl-fast: interrupted; {tmp_path / 'last.pt'} holds step "
                                     f"10: the same command with --resume continues from there")
     stop_at["step"] = None
     assert cli.main([*args, "--resume"]) == 0
+    assert "20 steps from step 10 on cpu" in capsys.readouterr().err.splitlines()[0]
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 20
     # before the first checkpoint there is nothing to continue from
     stop_at["step"] = 4

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -262,6 +263,20 @@ def _clear_old_run(out: Path):
         events.unlink()
 
 
+def start_line(config, described, run, resume) -> str:
+    """What the run is about to do, in one line (logs read later start with it)."""
+    d, m, t = config["data"], config["model"], config["train"]
+    nets = (f"student {m['student']}" if config["method"] == "supervised"
+            else f"teacher {m['teacher']}, student {m['student']}")
+    where = f"{run.device}" + (", bf16" if run.amp is not None else "") + \
+        (f", {run.dist.world} processes" if run.dist.world > 1 else "")
+    start = f"from step {run.step}" if resume else "from scratch"
+    return (f"{config['method']} on {d['name']} ({described['labeled']} labeled of "
+            f"{described['train']}, {described['test']} test), {nets}, batch {d['batch_size']}"
+            + (f" + {d['mu']}x unlabeled" if config["method"] == "mpl" else "")
+            + f", {t['steps']} steps {start} on {where} -> {run.out}")
+
+
 def train(config, out_dir, resume=False, overwrite=False):
     """Run (or continue) training; returns the summary dict also written to summary.json.
     A new run into a folder holding a run's last.pt needs overwrite=True (resume continues it)."""
@@ -283,7 +298,9 @@ def train(config, out_dir, resume=False, overwrite=False):
         _clear_old_run(out)
     if main:
         (out / "config.yaml").write_text(cfg_mod.dump(config))
-        (out / "split.json").write_text(json.dumps(run.data.describe()) + "\n")
+        described = run.data.describe()
+        (out / "split.json").write_text(json.dumps(described) + "\n")
+        print(start_line(config, described, run, resume), file=sys.stderr, flush=True)
     logger = RunLogger(out, t["steps"], run.step, run.images_per_step, enabled=main)
     started = time.time()
     last_eval = None
