@@ -172,6 +172,9 @@ def _eval(args):
     try:
         state = checkpoint.load(path)
         config = cfg.from_saved(state["config"])
+        # where and how the run trained is not how it is evaluated: a GPU run's checkpoint
+        # evaluates on whatever this machine has, without the training step's CUDA graph
+        config["train"].update(device="auto", cuda_graph=False)
         cfg.apply_overrides(config, args.set)
         run = Run(config, path.parent)
         if "ema" in state:  # last.pt, best.pt: the whole run's state

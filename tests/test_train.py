@@ -430,6 +430,12 @@ def test_eval_command(tmp_path, capsys):
     assert set(tuned) == {"finetuned_student_top1", "finetuned_student_top5"}
     assert tuned["finetuned_student_top1"] == pytest.approx(summary["finetuned_student_top1"],
                                                             abs=1e-4)
+    # a checkpoint of a run trained on a GPU with the graphed step evaluates on this machine
+    state = checkpoint.load(tmp_path / "last.pt")
+    state["config"]["train"].update(device="cuda", cuda_graph=True)
+    checkpoint.save(state, tmp_path / "from_gpu.pt")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "from_gpu.pt")]) == 0
+    assert _printed(capsys.readouterr().out) == got
     state = checkpoint.load(tmp_path / "finetuned.pt")
     state["student"] = {k: v for k, v in state["student"].items() if "weight" not in k}
     checkpoint.save(state, tmp_path / "cut.pt")
