@@ -411,6 +411,20 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 10
 
 
+def test_cuda_rng_states_of_more_gpus_than_this_machine_has_are_restored_where_they_fit(
+        monkeypatch):
+    from mpl_fast.train import loop
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: calls.append((s, i)))
+    state = {"torch": torch.get_rng_state(), "python": loop.random.getstate(),
+             "numpy": loop.np.random.get_state(), "cuda": ["gpu0", "gpu1", "gpu2", "gpu3"]}
+    loop._set_rng_state(state)  # saved on 4 GPUs, restored on 2
+    assert calls == [("gpu0", 0), ("gpu1", 1)]
+
+
 def test_eval_command(tmp_path, capsys):
     summary = train(cfg.load("digits", TINY + ["train.steps=10", "train.finetune_steps=3"]),
                     tmp_path)

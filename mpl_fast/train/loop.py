@@ -72,7 +72,10 @@ def _set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a machine with fewer GPUs than the one that saved: the devices it has (set_rng_state_all
+        # would ask for the missing ones by index and fail)
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 class Run:
