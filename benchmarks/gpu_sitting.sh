@@ -132,8 +132,9 @@ stage_ops_tiles() {
 }
 
 # the step (#7), with the gradient-free weak view, that with CE_old from the joint forward (the
-# earlier default: what the labeled-only CE_old saves on this card), and with cuDNN's algorithm
-# search (a global switch: the floor beside it gets it too)
+# earlier default: what the labeled-only CE_old saves on this card), with cuDNN's algorithm
+# search (a global switch: the floor beside it gets it too), and ours not graphed beside the
+# eager reference (the trainer's default, train.cuda_graph=false: never measured on a GPU)
 stage_step() {
   mpl-fast bench step --model wrn28_2 --no-compiled --out "$DIR/results" &&
     mpl-fast bench step --model wrn28_2 --weak-no-grad --no-reference --no-compiled \
@@ -141,7 +142,8 @@ stage_step() {
     mpl-fast bench step --model wrn28_2 --weak-no-grad --ce-old-forward joint --no-reference \
       --no-compiled --out "$DIR/results" &&
     mpl-fast bench step --model wrn28_2 --weak-no-grad --cudnn-benchmark --no-reference \
-      --no-compiled --out "$DIR/results"
+      --no-compiled --out "$DIR/results" &&
+    mpl-fast bench step --model wrn28_2 --no-graph --no-compiled --out "$DIR/results"
 }
 
 # the ImageNet-shaped step (#7; #6 compares the data pipeline's rate with what it consumes)
