@@ -175,15 +175,13 @@ def main(argv=None):
     card = torch.cuda.get_device_name() if gpu else "cpu"
     records, curves = [], {}
     for method in methods:  # refuse before training anything
-        check_out_dir(out / method, args.resume, args.overwrite)
-    if args.resume:
-        for method in methods:
-            run_dir = out / method
-            changed = (run_dir / "config.yaml").exists() and _changed_settings(run_dir,
-                                                                            configs[method])
-            if changed:
-                raise ValueError(f"--resume: {run_dir} was trained with other settings "
-                                 f"({', '.join(changed)}); remove it or train into another --out")
+        run_dir = out / method
+        check_out_dir(run_dir, args.resume, args.overwrite)
+        changed = args.resume and (run_dir / "config.yaml").exists() and _changed_settings(
+            run_dir, configs[method])
+        if changed:
+            raise ValueError(f"--resume: {run_dir} was trained with other settings "
+                             f"({', '.join(changed)}); remove it or train into another --out")
     for method in methods:
         config, run_dir = configs[method], out / method
         steps = config["train"]["steps"]

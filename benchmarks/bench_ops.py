@@ -344,8 +344,8 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results",
                         help="where ops.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
-    parsed = {}
     check_results_folder(parser, "--out", args.out)
+    parsed = {}
     for option, parse in (("tiles", parse_tile), ("shapes", parse_shape), ("dtypes", parse_dtype)):
         try:
             parsed[option] = [parse(v) for v in getattr(args, option).split(",")]

@@ -153,7 +153,7 @@ def _interrupted_run(out):
     from mpl_fast.train import checkpoint
 
     try:
-        step = checkpoint.load(out / "last.pt")["step"]
+        step = checkpoint.load(out / "last.pt", mmap=True)["step"]
     except (OSError, KeyError, checkpoint.CheckpointError):
         return Interrupted("interrupted")
     return Interrupted(f"interrupted; {out / 'last.pt'} holds step {step}: the same command "
@@ -184,9 +184,7 @@ def _eval(args):
             try:
                 run.student.load_state_dict(state["student"])
             except (KeyError, RuntimeError) as err:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {path} does not fit this run ({str(err).splitlines()[0]})"
-                ) from err
+                raise checkpoint.does_not_fit(path, err) from err
             result = run.evaluate({"finetuned_student": run.student})
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err

@@ -23,6 +23,12 @@ def _fault_hook(path: Path):
             os._exit(137)
 
 
+def does_not_fit(path, err: Exception) -> CheckpointError:
+    """A checkpoint whose tensors or keys do not match the models and state built for it."""
+    return CheckpointError(f"checkpoint {path} does not fit this run "
+                           f"({str(err).splitlines()[0]})")
+
+
 def _reason(err: Exception) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror  # e.g. "No space left on device"
@@ -53,12 +59,13 @@ def save(state: dict, path: Path):
         os.close(dir_fd)
 
 
-def load(path: Path) -> dict:
+def load(path: Path, mmap: bool = False) -> dict:
+    """mmap: tensors stay in the file until used (reading a field or two of a large one)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
                               f"({type(err).__name__})") from err

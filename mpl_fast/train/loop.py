@@ -204,8 +204,7 @@ class Run:
                 if opt is not None:  # the saved lr kind (float or tensor) may not be this run's
                     optim.set_lr_kind(opt, self.device if self.graph_mode else None)
         except (KeyError, RuntimeError) as err:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} does not fit this run ({str(err).splitlines()[0]})") from err
+            raise checkpoint.does_not_fit(path, err) from err
         _set_rng_state(state["rng"])
         self.step, self.best = state["step"], state["best"]
         self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
@@ -297,9 +296,9 @@ def train(config, out_dir, resume=False, overwrite=False):
             raise TrainError(f"--resume: no checkpoint at {last}")
         run.load_state_dict(checkpoint.load(last), last)
     main = run.dist.main
-    if main and not resume:
-        _clear_old_run(out)
     if main:
+        if not resume:
+            _clear_old_run(out)
         (out / "config.yaml").write_text(cfg_mod.dump(config))
         described = run.data.describe()
         (out / "split.json").write_text(json.dumps(described) + "\n")

@@ -82,28 +82,23 @@ class RunLogger:
 def check_results_folder(parser, flag, folder):
     """Prove the folder a benchmark appends its records to writable before the measurement: a
     bad --out stops in the first second with argparse's one-line error instead of after minutes
-    of GPU time. Folders made for the proof are removed again (append_jsonl makes them when
-    there is a record), so a run that stops early leaves nothing behind."""
+    of GPU time. The proof is a temporary file in the folder or, where it does not exist yet,
+    in its nearest existing parent (append_jsonl makes the folder when there is a record), so a
+    run that stops early leaves nothing behind."""
+    import errno
     import tempfile
 
     folder = Path(folder)
-    made = []  # the missing folders, deepest first
-    missing = folder
-    while not missing.exists() and missing != missing.parent:
-        made.append(missing)
-        missing = missing.parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         parser.error(f"{flag} {folder}: cannot write there ({err.strerror or err})")
-    finally:
-        for path in made:
-            try:
-                path.rmdir()
-            except OSError:
-                break
 
 
 def append_jsonl(path, records):
