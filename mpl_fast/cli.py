@@ -161,30 +161,14 @@ def _interrupted_run(out):
 
 
 def _eval(args):
-    from pathlib import Path
-
     from mpl_fast.train import checkpoint, config as cfg
-    from mpl_fast.train.loop import Run, TrainError
+    from mpl_fast.train.loop import TrainError, run_from_checkpoint
 
-    path = Path(args.checkpoint)
-    if path.is_dir():  # a run folder: its latest checkpoint
-        path = path / "last.pt"
     try:
-        state = checkpoint.load(path)
-        config = cfg.from_saved(state["config"])
-        # where and how the run trained is not how it is evaluated: a GPU run's checkpoint
-        # evaluates on whatever this machine has, without the training step's CUDA graph
-        config["train"].update(device="auto", cuda_graph=False)
-        cfg.apply_overrides(config, args.set)
-        run = Run(config, path.parent)
+        run, state, path = run_from_checkpoint(args.checkpoint, args.set)
         if "ema" in state:  # last.pt, best.pt: the whole run's state
-            run.load_state_dict(state, path)
             result = run.evaluate()
         else:  # finetuned.pt: the finetuned student alone
-            try:
-                run.student.load_state_dict(state["student"])
-            except (KeyError, RuntimeError) as err:
-                raise checkpoint.does_not_fit(path, err) from err
             result = run.evaluate({"finetuned_student": run.student})
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
@@ -192,6 +176,25 @@ def _eval(args):
     print(f"{path}{step}")
     for key, value in result.items():
         print(f"{key[5:]:24s} {value:.4f}")
+    return 0
+
+
+def _logits(args):
+    from mpl_fast.train import checkpoint, config as cfg, teacher_logits
+    from mpl_fast.train.loop import TrainError
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        network, report = teacher_logits.write(
+            args.checkpoint, args.out, args.network, args.set, args.batch_size, args.overwrite,
+            progress=teacher_logits.stderr_progress)
+    except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
+        raise CliError(str(err)) from err
+    print(f"{network} logits -> {args.out}: " + ", ".join(
+        f"{split} {r['rows']} rows (top-1 {r['top1']:.4f})" for split, r in report.items()))
+    print(f"Reduced MPL: mpl-fast train --set model.teacher=reduced "
+          f"--set model.teacher_logits={args.out} --set mpl.uda_weight=0 ...")
     return 0
 
 
@@ -232,6 +235,26 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (e.g. train.device=cpu)")
     p.set_defaults(run=_eval)
+    p = sub.add_parser("logits", help="store a trained network's logits for Reduced MPL",
+                       description="Run a trained network over its run's training and test "
+                       "splits once (unaugmented, in the data's order) and store its logits "
+                       "(fp16, memory-mapped) as OUT/train.logits and OUT/test.logits. Reduced "
+                       "MPL then trains with a small teacher over them: mpl-fast train --set "
+                       "model.teacher=reduced --set model.teacher_logits=OUT --set "
+                       "mpl.uda_weight=0 (with the same data settings).")
+    p.add_argument("--checkpoint", required=True,
+                   help="a last.pt, best.pt or finetuned.pt written by train, or a run folder "
+                        "(its last.pt)")
+    p.add_argument("--out", required=True, help="folder for the stores")
+    p.add_argument("--network", choices=["ema_student", "student", "teacher"],
+                   help="which network of the checkpoint (default: the EMA student; the "
+                        "finetuned student of a finetuned.pt)")
+    p.add_argument("--batch-size", type=int, help="images a forward (default: the run's "
+                   "train.eval_batch_size)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the run (e.g. data.root=... if the data moved)")
+    p.add_argument("--overwrite", action="store_true", help="replace the stores OUT holds")
+    p.set_defaults(run=_logits)
     p = sub.add_parser("bench", help="benchmarks: ops, step, data, methods",
                        description="`mpl-fast bench ops|step|data|methods [options]` runs "
                        "benchmarks/bench_<what>.py (see e.g. `mpl-fast bench step --help`); "

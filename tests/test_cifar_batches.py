@@ -62,6 +62,11 @@ def test_stream_from_arrays(cifar10):
         # the centre pixel of the weak view carries its image's red value
         red = (b.x_uw[:, 0, 16, 16] * std + 0.485 * 255).round().long()
         assert red.tolist() == [i % 250 for i in b.unlabeled_index.tolist()]
+        # the labeled rows name their images too, and the labels are those images' classes
+        red = (b.x_l[:, 0, 16, 16] * std + 0.485 * 255).round().long()
+        assert red.tolist() == b.labeled_index.tolist()
+        assert set(red.tolist()) <= set(labeled)
+        assert b.y_l.tolist() == [train.labels[i] for i in b.labeled_index.tolist()]
     labels = []
     for x, y in eval_batches(test, 32, True, "cpu", batch_size=6, num_threads=1):
         labels += y.tolist()
@@ -119,6 +124,7 @@ def test_array_stream_draws_each_image_once_an_epoch_whatever_the_steps_a_run(ci
         b = stream.next()
         unlabeled += b.unlabeled_index.tolist()
         assert index_of(b.x_uw) == b.unlabeled_index.tolist()
+        assert index_of(b.x_l) == b.labeled_index.tolist()
         labeled_seen.append(index_of(b.x_l))
     assert len(set(unlabeled)) == 96
     first_epoch = sum(labeled_seen[:5], [])

@@ -115,8 +115,25 @@ def test_labeled_rows_match_their_class_colour(tree, steps_per_run):
         blue = (b.x_l[:, 2].mean(dim=(1, 2)) * std[2] + mean[2]).tolist()
         for y, value in zip(b.y_l.tolist(), blue):
             assert abs(value - (200 - 50 * y)) < 8  # the blue channel encodes the class
+        _check_labeled_rows(index, stream, b)
     b = stream.next_labeled()
     assert b.x_l.shape == (4, 3, 16, 16) and b.x_uw.shape[0] == 0
+    _check_labeled_rows(index, stream, b)
+
+
+def _check_labeled_rows(index, stream, b):
+    """Each labeled row names its file (batch.labeled_index, e.g. a Reduced-MPL store's row):
+    one of the labeled split, of the row's class, and of all files the nearest in colour to the
+    row (its median colour: a crop may bring in some padding)."""
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    colours = torch.tensor([_color(y, int(f.split("_")[-1].split(".")[0]))
+                            for f, y in zip(index.files, index.labels)], dtype=torch.float32)
+    assert b.labeled_index.dtype == torch.int64 and b.labeled_index.device.type == "cpu"
+    for img, y, i in zip(b.x_l, b.y_l.tolist(), b.labeled_index.tolist()):
+        assert i in stream._labeled_rows.tolist() and index.labels[i] == y
+        colour = img.flatten(1).median(dim=1).values * std + mean
+        assert int((colours - colour).norm(dim=1).argmin()) == i
 
 
 def test_several_steps_a_run_hand_out_the_readers_order(tree):
@@ -323,6 +340,48 @@ def test_train_on_an_image_folder(tree, tmp_path, monkeypatch):
     with pytest.raises(TrainError, match="does not exist"):
         train(config, tmp_path / "x")
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no folder behind
+
+
+def test_reduced_mpl_on_an_image_folder(tree, tmp_path):
+    """`mpl-fast logits` over an image folder sees every file once, in the index's order (each
+    image is its file's colour), and a Reduced-MPL run's batches carry the stored rows of the
+    files they hold."""
+    pytest.importorskip("nvidia.dali")
+    from mpl_fast.data.logit_store import LogitStore
+    from mpl_fast.train import config as cfg, teacher_logits
+    from mpl_fast.train.loop import Run, train
+
+    root = tree.parent
+    if not (root / "test").exists():
+        (root / "test").symlink_to(tree)
+    data = ["data.name=image_folder", f"data.root={root}", "data.image_size=16",
+            "data.labeled_per_class=2", "data.batch_size=4", "data.mu=2", "data.num_threads=1",
+            "train.log_every=1", "train.finetune_steps=0", "train.device=cpu"]
+    train(cfg.load("digits", data + ["train.steps=2"]), tmp_path / "big")
+    run = Run(cfg.load("digits", data), tmp_path / "unused")
+    index = run.data.index
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    seen = []
+    for x, y in run.data.ordered_batches("train", 5, "cpu"):
+        seen += [((img.mean(dim=(1, 2)) * std + mean), label) for img, label in zip(x, y.tolist())]
+    assert len(seen) == len(index) == 24
+    for i, (colour, label) in enumerate(seen):
+        k = int(index.files[i].split("_")[-1].split(".")[0])
+        assert label == index.labels[i]
+        assert torch.allclose(colour, torch.tensor(_color(label, k), dtype=torch.float32), atol=8)
+    network, report = teacher_logits.write(tmp_path / "big", tmp_path / "logits",
+                                           network="teacher", batch_size=5)
+    assert network == "teacher" and report["train"]["rows"] == 24
+    reduced = Run(cfg.load("digits", data + ["model.teacher=reduced", "mpl.uda_weight=0",
+                                             f"model.teacher_logits={tmp_path / 'logits'}"]),
+                  tmp_path / "unused")
+    store = LogitStore(tmp_path / "logits" / "train.logits")
+    for _ in range(2):
+        b = reduced.data.next()
+        assert torch.equal(b.teacher_l, store[b.labeled_index])
+        assert torch.equal(b.teacher_us, store[b.unlabeled_index])
+        _check_labeled_rows(index, reduced.data.stream, b)
 
 
 def test_bench_data_command(tree, tmp_path, capsys):

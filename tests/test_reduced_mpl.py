@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -54,3 +56,156 @@ def test_reduced_teacher_starts_as_the_large_teacher_and_learns_from_feedback(tm
 def test_reduced_teacher_rejects_bad_sizes():
     with pytest.raises(ValueError):
         ReducedTeacher(1)
+
+
+# -- Reduced MPL in the trainer: `mpl-fast logits`, then model.teacher=reduced ------------------
+
+TINY = ["data.batch_size=8", "data.mu=2", "train.log_every=1", "train.eval_every=6",
+        "train.checkpoint_every=6", "train.finetune_steps=0", "optim.student_wait_steps=2",
+        "train.eval_batch_size=128", "train.device=cpu"]
+REDUCED = ["model.teacher=reduced", "mpl.uda_weight=0"]
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory):
+    """A short supervised digits run (the "large teacher") and the logits of its EMA student."""
+    from mpl_fast.train import config as cfg, teacher_logits
+    from mpl_fast.train.loop import train
+
+    root = tmp_path_factory.mktemp("reduced")
+    train(cfg.load("digits_supervised", TINY + ["train.steps=30"]), root / "big")
+    network, report = teacher_logits.write(root / "big", root / "logits")
+    assert network == "ema_student"
+    return root, report
+
+
+def _reduced(root, extra=()):
+    from mpl_fast.train import config as cfg
+
+    return cfg.load("digits", TINY + REDUCED + [f"model.teacher_logits={root / 'logits'}",
+                                                *extra])
+
+
+def test_logits_are_the_networks_on_each_image_in_order(big_run):
+    from mpl_fast.data.logit_store import LogitStore
+    from mpl_fast.train.loop import run_from_checkpoint
+
+    root, report = big_run
+    run, _, _ = run_from_checkpoint(root / "big")
+    net = run.ema.module.eval()
+    for split, x, y in (("train", run.data.split.train_x, run.data.split.train_y),
+                        ("test", run.data.split.test_x, run.data.split.test_y)):
+        store = LogitStore(root / "logits" / f"{split}.logits")
+        with torch.no_grad():
+            want = net(x)
+        assert store.rows == len(x) and store.meta["network"] == "ema_student"
+        assert torch.allclose(store[torch.arange(len(x))].float(), want, rtol=2e-3, atol=2e-3)
+        assert report[split]["top1"] == pytest.approx((want.argmax(1) == y).float().mean().item())
+    assert not (root / "logits" / ".partial").exists()
+
+
+def test_reduced_teacher_sees_the_stored_rows_of_its_batch_and_starts_as_the_large_teacher(
+        big_run):
+    from mpl_fast.data.logit_store import LogitStore
+    from mpl_fast.train.loop import Run
+
+    root, report = big_run
+    run = Run(_reduced(root, ["data.pad=0"]), root / "unused")  # views without shifts
+    store = LogitStore(root / "logits" / "train.logits")
+    for _ in range(3):
+        b = run.data.next()
+        split = run.data.split
+        assert torch.equal(b.y_l, split.train_y[b.labeled_index])
+        assert set(b.labeled_index.tolist()) <= set(split.labeled.tolist())
+        assert torch.equal(b.teacher_l, store[b.labeled_index])
+        assert torch.equal(b.teacher_us, store[b.unlabeled_index])
+        assert b.teacher_uw is b.teacher_us
+        # the images of the batch are the named ones (no shift: data.pad=0)
+        assert torch.equal(b.x_l, split.train_x[b.labeled_index])
+        assert torch.equal(b.x_uw, split.train_x[b.unlabeled_index])
+    # the reduced teacher starts out predicting what the large teacher predicted: its test top-1
+    # (from the stored test logits) is the large network's
+    acc = run.evaluate()
+    assert acc["eval/teacher_top1"] == pytest.approx(report["test"]["top1"])
+
+
+def test_reduced_run_trains_the_teacher_and_resumes_exactly(big_run):
+    from mpl_fast.train.loop import Run, train
+
+    root, _ = big_run
+    whole = train(_reduced(root, ["train.steps=12"]), root / "whole")
+    train(_reduced(root, ["train.steps=6"]), root / "cut")
+    cut = train(_reduced(root, ["train.steps=12"]), root / "cut", resume=True)
+    assert cut["teacher_top1"] == whole["teacher_top1"] is not None
+    a = torch.load(root / "whole" / "last.pt", weights_only=False)
+    b = torch.load(root / "cut" / "last.pt", weights_only=False)
+    for part in ("teacher", "student"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    start = Run(_reduced(root, ["train.steps=12"]), root / "unused").teacher.state_dict()
+    assert any(not torch.equal(a["teacher"][k], v) for k, v in start.items())  # it learned
+    steps = [json.loads(line) for line in (root / "whole" / "metrics.jsonl").open()]
+    assert any(r.get("h", 0) != 0 for r in steps)  # the student's feedback reached it
+
+
+def test_reduced_settings_and_stores_are_checked(big_run, capsys):
+    from mpl_fast import cli
+    from mpl_fast.train import config as cfg
+    from mpl_fast.train.loop import Run, TrainError
+
+    root, _ = big_run
+    logits = f"model.teacher_logits={root / 'logits'}"
+    bad = [(["model.teacher=reduced", "mpl.uda_weight=0"], "needs model.teacher_logits"),
+           (["model.teacher=reduced", logits], "UDA cannot run"),
+           ([logits], "needs model.teacher=reduced"),
+           (REDUCED + [logits, "model.checkpoint=teacher"], "without blocks"),
+           (REDUCED + [logits, "model.reduced_temperature=0"], "must be > 0"),
+           (REDUCED + [logits, "model.reduced_hidden=0"], "must be >= 1")]
+    for overrides, message in bad:
+        with pytest.raises(cfg.ConfigError, match=message):
+            cfg.load("digits", overrides)
+    with pytest.raises(cfg.ConfigError, match="needs method=mpl"):
+        cfg.load("digits_supervised", REDUCED + [logits])
+    # a store written for other data (another test split: other row counts), or none at all
+    with pytest.raises(TrainError, match="1438 images of 10 classes: written for other data"):
+        Run(_reduced(root, ["data.test_fraction=0.2"]), root / "unused")
+    with pytest.raises(TrainError, match="no logit store"):
+        Run(cfg.load("digits", TINY + REDUCED + [f"model.teacher_logits={root}"]), root / "x")
+    # the command: stores are not replaced unless told; networks a checkpoint lacks are refused
+    before = (root / "logits" / "train.logits").read_bytes()
+    args = ["logits", "--checkpoint", str(root / "big"), "--out", str(root / "logits")]
+    assert cli.main(args) == 2
+    assert "already holds teacher logits" in capsys.readouterr().err
+    assert (root / "logits" / "train.logits").read_bytes() == before
+    assert cli.main(args[:-1] + [str(root / "other"), "--network", "teacher"]) == 2
+    assert "no image teacher" in capsys.readouterr().err.splitlines()[-1]
+    assert not (root / "other").exists()
+
+
+def test_a_failed_store_write_leaves_nothing(tmp_path):
+    from mpl_fast.data.logit_store import write_folder
+
+    def failing():
+        yield torch.zeros(4, 3)
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError):
+        write_folder(tmp_path, {"test": (2, iter([torch.zeros(2, 3)])), "train": (8, failing())})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="4 rows given, 8 announced"):
+        write_folder(tmp_path, {"train": (8, iter([torch.zeros(4, 3)]))})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_command_evaluates_a_reduced_teacher_from_its_stored_logits(big_run, capsys):
+    from mpl_fast import cli
+
+    from mpl_fast.train.loop import train
+
+    root, _ = big_run
+    summary = train(_reduced(root, ["train.steps=6"]), root / "evaluated")
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(root / "evaluated")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("teacher_top1"))
+    assert float(line.split()[1]) == pytest.approx(summary["teacher_top1"], abs=1e-4)

@@ -98,11 +98,16 @@ class DaliStream:
         b = spec.batch_size // world
         seed = spec.seed + 7919 * start_step
         common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
-        lab_labels = [index.labels[i] for i in labeled]
+        # The labeled pipeline's "labels" are positions in `labeled`: the host maps them to the
+        # class labels and to the rows of the training set (a batch's labeled_index)
+        positions = list(range(len(labeled)))
+        self._labeled_rows = torch.as_tensor(labeled, dtype=torch.int64)
+        self._labeled_classes = torch.as_tensor([index.labels[i] for i in labeled],
+                                                dtype=torch.int64)
         ub = b * spec.mu // parts  # unlabeled rows a step from each unlabeled pipeline
         if hasattr(index, "images"):  # in-memory arrays (CIFAR python batches, decoded once)
             # the sources index samples by the pipelines' batch: k steps' worth
-            lab_src = P.ArraySource(index.images[labeled], lab_labels, b * self.k, rank, world,
+            lab_src = P.ArraySource(index.images[labeled], positions, b * self.k, rank, world,
                                     seed)
             unl_src = [P.ArraySource(index.images, list(range(len(index))), ub * self.k,
                                      rank * parts + j, world * parts, seed + 2)
@@ -110,7 +115,7 @@ class DaliStream:
         else:
             lab_src, unl_src = [index.files[i] for i in labeled], [index.files] * parts
         self.lab = P.labeled_pipeline(
-            lab_src, lab_labels, spec.image_size, spec.small, where, rank, world, seed,
+            lab_src, positions, spec.image_size, spec.small, where, rank, world, seed,
             spec.sized, batch_size=b * self.k, seed=seed + 1, **common)
         # shard j of a rank's unlabeled pipelines reads shard rank * parts + j of the data (one
         # reader seed for all: disjoint shards), with augmentation seeds of its own
@@ -131,13 +136,16 @@ class DaliStream:
                             f"check ({str(err).splitlines()[0]})") from err
 
     def _labeled_run(self):
-        x_l, y_l = self._run(self.lab)
-        return (_to_torch(x_l, self.device).chunk(self.k),
-                _to_torch(y_l, self.device).flatten().long().chunk(self.k))
+        """k steps' (images, class labels on the device, training-set rows on the host)."""
+        x_l, pos = self._run(self.lab)
+        pos = _to_torch(pos, "cpu").flatten().long()
+        y_l = self._labeled_classes[pos].to(self.device, non_blocking=True)
+        return (_to_torch(x_l, self.device).chunk(self.k), y_l.chunk(self.k),
+                self._labeled_rows[pos].chunk(self.k))
 
     def next(self) -> MPLBatch:
         if not self._batches:
-            xs, ys = self._labeled_run()
+            xs, ys, rows = self._labeled_run()
             outs = [self._run(pipe) for pipe in self.unl]  # they ran ahead side by side
             views = [[_to_torch(o[v], self.device).chunk(self.k) for o in outs] for v in (0, 1)]
             idx = [_to_torch(o[2], "cpu").flatten().long().chunk(self.k) for o in outs]
@@ -145,9 +153,10 @@ class DaliStream:
             def step_rows(chunks, s):  # step s: its rows from every unlabeled pipeline
                 return chunks[0][s] if len(chunks) == 1 else torch.cat([c[s] for c in chunks])
             parts = [[step_rows(chunks, s) for s in range(self.k)] for chunks in (*views, idx)]
-            for x_l, y_l, x_uw, x_us, i in zip(xs, ys, *parts):
+            for x_l, y_l, li, x_uw, x_us, ui in zip(xs, ys, rows, *parts):
                 batch = MPLBatch(x_l, y_l, x_uw, x_us)
-                batch.unlabeled_index = i  # file indices (e.g. rows of a Reduced-MPL logit store)
+                # rows of the training set (e.g. rows of a Reduced-MPL logit store)
+                batch.labeled_index, batch.unlabeled_index = li, ui
                 self._batches.append(batch)
             self._batches.reverse()  # popped from the end, in order
         return self._batches.pop()
@@ -156,8 +165,10 @@ class DaliStream:
         """A labeled batch alone (finetuning): the unlabeled pipeline does not run."""
         if not self._labeled:
             self._labeled = list(zip(*self._labeled_run()))[::-1]
-        x_l, y_l = self._labeled.pop()
-        return MPLBatch(x_l, y_l, x_l[:0], x_l[:0])
+        x_l, y_l, rows = self._labeled.pop()
+        batch = MPLBatch(x_l, y_l, x_l[:0], x_l[:0])
+        batch.labeled_index = rows
+        return batch
 
 
 class EvalStream:

@@ -1,7 +1,10 @@
 """The data a run trains on, behind one small interface the trainer uses:
 
     next() -> MPLBatch, state_dict(), load_state_dict(), eval_batches() -> (x, y) batches,
-    num_classes, in_channels, image_size, describe() -> what to save with the run.
+    num_classes, in_channels, image_size, describe() -> what to save with the run,
+    ordered_batches(split) -> the (x, y) batches of a split in index order, unaugmented,
+    labels(split) -> its class labels in that order.
+An MPL batch names its rows of the training set (batch.labeled_index, batch.unlabeled_index).
 """
 
 from mpl_fast.data.digits import digits
@@ -24,9 +27,16 @@ class DigitsData:
         self.load_state_dict = self.stream.load_state_dict
 
     def eval_batches(self, batch_size, device):
-        x, y = self.split.test_x, self.split.test_y
+        return self.ordered_batches("test", batch_size, device)
+
+    def ordered_batches(self, split, batch_size, device):
+        x = self.split.train_x if split == "train" else self.split.test_x
+        y = self.labels(split)
         for start in range(0, len(x), batch_size):
             yield x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+
+    def labels(self, split):
+        return self.split.train_y if split == "train" else self.split.test_y
 
     def describe(self):
         return self.split.describe()
@@ -152,6 +162,23 @@ class FolderData:
                 self.d["num_threads"], self.test_sized, self.d["decode_device"],
                 self.d["augment_device"], self.d["hw_decoder_load"])
         return self._eval[key].batches()
+
+    def ordered_batches(self, split, batch_size, device):
+        """Every image of `split` once, in index order, as evaluation sees it (a pipeline of its
+        own: one pass)."""
+        from mpl_fast.data.dali_stream import eval_batches
+
+        index = self._stream_index(split)
+        return eval_batches(index, self.image_size, self.small, device, batch_size,
+                            self.d["num_threads"], self.sized if split == "train" else
+                            self.test_sized, self.d["decode_device"], self.d["augment_device"],
+                            self.d["hw_decoder_load"])
+
+    def labels(self, split):
+        import torch
+
+        return torch.as_tensor((self.index if split == "train" else self.test_index).labels,
+                               dtype=torch.int64)
 
     def describe(self):
         return {"root": self.index.root, "classes": self.index.classes,

@@ -52,8 +52,11 @@ class InMemoryStream:
         x_uw = augment.weak(x_u, self.gen, **self.aug)
         x_us = augment.strong(x_u, self.gen, **self.aug, **self.strong_aug)
         self.batches += 1
-        return MPLBatch(self._mine(x_l), self._mine(s.train_y[li]), self._mine(x_uw),
-                        self._mine(x_us))
+        batch = MPLBatch(self._mine(x_l), self._mine(s.train_y[li]), self._mine(x_uw),
+                         self._mine(x_us))
+        # rows of train_x (e.g. rows of a Reduced-MPL logit store)
+        batch.labeled_index, batch.unlabeled_index = self._mine(li), self._mine(ui)
+        return batch
 
     def next_labeled(self) -> MPLBatch:
         """A labeled batch alone (finetuning), without drawing unlabeled views."""
@@ -62,7 +65,9 @@ class InMemoryStream:
         x_l = augment.weak(s.train_x[li], self.gen, **self.aug)
         self.batches += 1
         empty = x_l[:0]
-        return MPLBatch(self._mine(x_l), self._mine(s.train_y[li]), empty, empty)
+        batch = MPLBatch(self._mine(x_l), self._mine(s.train_y[li]), empty, empty)
+        batch.labeled_index = self._mine(li)
+        return batch
 
     def state_dict(self):
         return {"gen": self.gen.get_state(), "batches": self.batches,

@@ -55,6 +55,9 @@ DEFAULTS = {
         "unlabeled_pipelines": 1,
     },
     "model": {"teacher": "small_cnn", "student": "small_cnn", "bn_momentum": None,
+              # Reduced MPL: teacher "reduced", an MLP over a large teacher's stored logits (the
+              # folder `mpl-fast logits` writes), so that one large network is in memory
+              "teacher_logits": None, "reduced_hidden": 128, "reduced_temperature": 1.0,
               "checkpoint": "none",  # activation checkpointing: none|teacher|student|both
               "checkpoint_blocks": None,  # only the first N blocks of each (null: all)
               "compile": "none"},  # torch.compile of both networks: none|default|max-autotune...
@@ -103,7 +106,7 @@ CHOICES = {
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
             "train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.eval_batch_size", "train.max_nonfinite_skips", "data.steps_per_run",
-            "data.unlabeled_pipelines")
+            "data.unlabeled_pipelines", "model.reduced_hidden")
 NON_NEGATIVE = ("optim.teacher_lr", "optim.student_lr", "optim.momentum", "optim.weight_decay",
                 "optim.warmup_steps", "optim.student_wait_steps", "train.finetune_steps",
                 "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength")
@@ -261,7 +264,32 @@ def validate(config):
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config['train']['ema_decay']}")
-    mpl_config(config)  # MPL settings are validated by MPLConfig itself
+    _validate_reduced(config, mpl_config(config))  # MPL settings: validated by MPLConfig itself
+
+
+REDUCED = "reduced"  # model.teacher: Reduced MPL's teacher
+
+
+def _validate_reduced(config, mpl: MPLConfig):
+    m = config["model"]
+    if m["teacher"] != REDUCED:
+        if m["teacher_logits"] is not None:
+            raise ConfigError(f"model.teacher_logits is Reduced MPL's input: it needs "
+                              f"model.teacher={REDUCED}")
+        return
+    if m["teacher_logits"] is None:
+        raise ConfigError(f"model.teacher={REDUCED} needs model.teacher_logits: the folder "
+                          "`mpl-fast logits` wrote")
+    if config["method"] != "mpl":
+        raise ConfigError(f"model.teacher={REDUCED} is a teacher: it needs method=mpl")
+    if m["checkpoint"] in ("teacher", "both"):
+        raise ConfigError(f"model.teacher={REDUCED} is a small MLP without blocks to checkpoint: "
+                          "model.checkpoint can be none or student")
+    if not m["reduced_temperature"] > 0:
+        raise ConfigError(f"model.reduced_temperature must be > 0, got {m['reduced_temperature']}")
+    if mpl.uda_weight:
+        raise ConfigError(f"model.teacher={REDUCED} has one stored row an image, no weak and "
+                          "strong views: UDA cannot run (set mpl.uda_weight=0)")
 
 
 def mpl_config(config) -> MPLConfig:

@@ -143,10 +143,13 @@ class Run:
                 o["student_wait_steps"] if config["method"] == "mpl" else 0, o["warmup_steps"], steps))
         self.ema = ModelEMA(self.student, t["ema_decay"])
         compile_net(self.student, m["compile"])  # after the EMA's copy, which stays eager
-        self.teacher = self.teacher_opt = self.teacher_sched = None
+        self.teacher = self.teacher_opt = self.teacher_sched = self.teacher_test_logits = None
         if config["method"] == "mpl":
-            self.teacher = make(m["teacher"], "teacher")
-            compile_net(self.teacher, m["compile"])
+            if m["teacher"] == cfg_mod.REDUCED:
+                self.teacher = self._reduced_teacher(m)
+            else:
+                self.teacher = make(m["teacher"], "teacher")
+                compile_net(self.teacher, m["compile"])
             self.teacher_opt = optim.sgd(self.teacher, o["teacher_lr"] * scale, o["momentum"],
                                          o["nesterov"], o["weight_decay"],
                                          lr_on_device=bool(self.graph_mode))
@@ -169,6 +172,31 @@ class Run:
             self.step_fn.finite_check = _check_finite
             self.train_step = self.step_fn
         self.step, self.best, self.skipped, self.consecutive_skips = 0, -1.0, 0, 0
+
+    def _reduced_teacher(self, m):
+        """Reduced MPL: an MLP over the stored logits of a large teacher, which the data source
+        now hands out with each batch; the test split's stored logits evaluate it."""
+        from mpl_fast.data.logit_store import LogitStore, WithStoredLogits, store_path
+        from mpl_fast.mpl.reduced import ReducedTeacher
+
+        stores = {}
+        for split in ("train", "test"):
+            path = store_path(m["teacher_logits"], split)
+            try:
+                stores[split] = LogitStore(path)
+            except (OSError, ValueError, KeyError) as err:
+                raise TrainError(f"model.teacher_logits: {err} (`mpl-fast logits` writes the "
+                                 "folder)") from err
+            rows = len(self.data.labels(split))
+            if (stores[split].rows, stores[split].classes) != (rows, self.data.num_classes):
+                raise TrainError(f"model.teacher_logits: {path} holds {stores[split].rows} x "
+                                 f"{stores[split].classes} logits, this run's {split} split "
+                                 f"{rows} images of {self.data.num_classes} classes: written for "
+                                 "other data")
+        self.data = WithStoredLogits(self.data, stores["train"])
+        self.teacher_test_logits = stores["test"]
+        return ReducedTeacher(self.data.num_classes, m["reduced_hidden"],
+                              m["reduced_temperature"]).to(self.device)
 
     # -- checkpoint ------------------------------------------------------------------------
     def state_dict(self):
@@ -224,13 +252,21 @@ class Run:
         """{"eval/<name>_top1", "eval/<name>_top5"} on the test split; by default of the
         student, the EMA student and the teacher."""
         out = {}
+        batch_size = self.config["train"]["eval_batch_size"]
+        reduced_teacher = models is None and self.teacher_test_logits is not None
         if models is None:
             models = {"student": self.student, "ema_student": self.ema.module}
-            if self.teacher is not None:
+            if self.teacher is not None and not reduced_teacher:
                 models["teacher"] = self.teacher
-        batches = self.data.eval_batches(self.config["train"]["eval_batch_size"], self.device)
+        batches = self.data.eval_batches(batch_size, self.device)
         accs = accuracies(models, batches, channels_last=self.channels_last,
                           autocast_dtype=self.amp)
+        if reduced_teacher:  # its inputs: the large teacher's stored logits on the test split
+            logits, labels = self.teacher_test_logits, self.data.labels("test")
+            stored = ((logits[start:start + batch_size].to(self.device),
+                       labels[start:start + batch_size].to(self.device))
+                      for start in range(0, len(labels), batch_size))
+            accs.update(accuracies({"teacher": self.teacher}, stored, autocast_dtype=self.amp))
         for name, acc in accs.items():
             out[f"eval/{name}_top1"], out[f"eval/{name}_top5"] = acc["top1"], acc["top5"]
         return out
@@ -241,9 +277,38 @@ class Run:
             if self.channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             return t
-        for field in ("x_l", "y_l", "x_uw", "x_us"):
-            setattr(batch, field, mv(getattr(batch, field)))
+        moved = {}  # by identity: one tensor in two fields (Reduced MPL's views) moves once
+        for field in ("x_l", "y_l", "x_uw", "x_us", "teacher_l", "teacher_uw", "teacher_us"):
+            t = getattr(batch, field)
+            if t is not None:
+                if id(t) not in moved:
+                    moved[id(t)] = mv(t)
+                setattr(batch, field, moved[id(t)])
         return batch
+
+
+def run_from_checkpoint(path, overrides=()):
+    """(run, state, path) of a checkpoint train wrote, for evaluation: last.pt and best.pt load the
+    whole run; finetuned.pt, the finetuned student alone (into run.student). `path` may be a run
+    folder (its last.pt). Where and how the run trained is not how it is evaluated: a GPU run's
+    checkpoint runs on whatever this machine has, without the training step's CUDA graph
+    (`overrides`, KEY=VALUE items, apply after that)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    state = checkpoint.load(path)
+    config = cfg_mod.from_saved(state["config"])
+    config["train"].update(device="auto", cuda_graph=False)
+    cfg_mod.apply_overrides(config, overrides)
+    run = Run(config, path.parent)
+    if "ema" in state:
+        run.load_state_dict(state, path)
+    else:
+        try:
+            run.student.load_state_dict(state["student"])
+        except (KeyError, RuntimeError) as err:
+            raise checkpoint.does_not_fit(path, err) from err
+    return run, state, path
 
 
 # What a run writes besides config.yaml, split.json and metrics.jsonl (rewritten or truncated at
@@ -268,8 +333,10 @@ def _clear_old_run(out: Path):
 def start_line(config, described, run, resume) -> str:
     """What the run is about to do, in one line (logs read later start with it)."""
     d, m, t = config["data"], config["model"], config["train"]
+    teacher = (f"reduced teacher (MLP over {m['teacher_logits']})"
+               if m["teacher"] == cfg_mod.REDUCED else f"teacher {m['teacher']}")
     nets = (f"student {m['student']}" if config["method"] == "supervised"
-            else f"teacher {m['teacher']}, student {m['student']}")
+            else f"{teacher}, student {m['student']}")
     where = f"{run.device}" + (", bf16" if run.amp is not None else "") + \
         (f", {run.dist.world} processes" if run.dist.world > 1 else "")
     start = f"from step {run.step}" if resume else "from scratch"
