@@ -209,3 +209,34 @@ def test_eval_command_evaluates_a_reduced_teacher_from_its_stored_logits(big_run
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("teacher_top1"))
     assert float(line.split()[1]) == pytest.approx(summary["teacher_top1"], abs=1e-4)
+
+
+@pytest.mark.parametrize("device,graphed", [
+    ("cpu", "emulate"), pytest.param("cuda", True, marks=pytest.mark.gpu)])
+def test_reduced_run_in_the_graphed_step_path_trains_like_the_plain_one(big_run, monkeypatch,
+                                                                        device, graphed):
+    """train.cuda_graph (emulate: its static-buffer path without the capture, on a CPU): the
+    stored teacher inputs are copied into the static batch like the images, so every logged loss
+    and h equals the plain run's (fp32, TF32 off)."""
+    from mpl_fast.train.loop import train
+
+    if device == "cpu":
+        monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    root, _ = big_run
+    rows = {}
+    for mode in (False, graphed):
+        out = root / f"graphed_{device}_{mode}"
+        train(_reduced(root, ["train.steps=10", f"train.cuda_graph={mode}", "train.amp=off",
+                              f"train.device={device}"]), out)
+        rows[mode] = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows[False]] == [r["step"] for r in rows[graphed]]
+    for a, b in zip(rows[False], rows[graphed]):
+        for key in ("teacher/loss", "student/loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+        # h is a difference of two losses near 1: their float32 rounding (the graphed path's
+        # learning rates are float32 device tensors) is what it may differ by
+        assert b["h"] == pytest.approx(a["h"], abs=1e-5), a["step"]
+    assert any(r["h"] != 0 for r in rows[graphed])
