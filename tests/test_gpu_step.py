@@ -182,3 +182,13 @@ def test_dali_gpu_stream_gives_the_cpu_streams_batches(tmp_path, hw, small, size
             want = (torch.tensor(_colour(cls, k), dtype=torch.float32) - mean) / std
             got = g.x_uw[row, :, 6:10, 6:10].float().mean(dim=(1, 2)).cpu()
             assert torch.allclose(got, want, atol=0.1), (row, got, want)
+        # the labeled rows name their files too (Reduced MPL's store rows), on the host, and
+        # their labels are those files' classes
+        assert g.labeled_index.device.type == "cpu"
+        assert set(g.labeled_index.tolist()) <= set(split)
+        assert g.y_l.tolist() == [index.labels[i] for i in g.labeled_index.tolist()]
+        for row, i in enumerate(g.labeled_index.tolist()):
+            cls, k = index.labels[i], int(index.files[i].split("/")[-1].split(".")[0])
+            want = (torch.tensor(_colour(cls, k), dtype=torch.float32) - mean) / std
+            got = g.x_l[row, :, 6:10, 6:10].float().mean(dim=(1, 2)).cpu()
+            assert torch.allclose(got, want, atol=0.1), (row, got, want)
