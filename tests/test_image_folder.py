@@ -349,7 +349,7 @@ def test_reduced_mpl_on_an_image_folder(tree, tmp_path):
     pytest.importorskip("nvidia.dali")
     from mpl_fast.data.logit_store import LogitStore
     from mpl_fast.train import config as cfg, teacher_logits
-    from mpl_fast.train.loop import Run, train
+    from mpl_fast.train.loop import Run, TrainError, train
 
     root = tree.parent
     if not (root / "test").exists():
@@ -382,6 +382,17 @@ def test_reduced_mpl_on_an_image_folder(tree, tmp_path):
         assert torch.equal(b.teacher_l, store[b.labeled_index])
         assert torch.equal(b.teacher_us, store[b.unlabeled_index])
         _check_labeled_rows(index, reduced.data.stream, b)
+    # the store names the files below the data's root: the data may move, not change
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(root, moved, symlinks=False)
+    reduced_there = data[:1] + [f"data.root={moved}"] + data[2:] + [
+        "model.teacher=reduced", "mpl.uda_weight=0", f"model.teacher_logits={tmp_path / 'logits'}"]
+    Run(cfg.load("digits", reduced_there), tmp_path / "unused")
+    (moved / "train" / "ant" / "ant_0.JPEG").rename(moved / "train" / "ant" / "ant_00.JPEG")
+    with pytest.raises(TrainError, match="written for other data"):
+        Run(cfg.load("digits", reduced_there), tmp_path / "unused")
 
 
 def test_bench_data_command(tree, tmp_path, capsys):

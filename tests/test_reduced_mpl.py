@@ -169,6 +169,9 @@ def test_reduced_settings_and_stores_are_checked(big_run, capsys):
     # a store written for other data (another test split: other row counts), or none at all
     with pytest.raises(TrainError, match="1438 images of 10 classes: written for other data"):
         Run(_reduced(root, ["data.test_fraction=0.2"]), root / "unused")
+    # the same counts, other images (digits' split_seed picks the test split): refused too
+    with pytest.raises(TrainError, match="images of this run's train split or their order"):
+        Run(_reduced(root, ["data.split_seed=1"]), root / "unused")
     with pytest.raises(TrainError, match="no logit store"):
         Run(cfg.load("digits", TINY + REDUCED + [f"model.teacher_logits={root}"]), root / "x")
     # the command: stores are not replaced unless told; networks a checkpoint lacks are refused

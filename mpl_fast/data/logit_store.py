@@ -96,14 +96,16 @@ def store_path(folder, split) -> Path:
 
 
 def write_folder(folder, splits, meta=None):
-    """Write the stores of `splits` ({split: (rows, logit batches)}) into `folder`: all of them
-    or, if one fails or is interrupted, none (they are written aside first)."""
+    """Write the stores of `splits` ({split: (rows, logit batches)}) with their `meta`
+    ({split: dict}) into `folder`: all of them or, if one fails or is interrupted, none (they are
+    written aside first)."""
     folder = Path(folder)
     aside = folder / ".partial"
     shutil.rmtree(aside, ignore_errors=True)
     try:
         for split, (rows, batches) in splits.items():
-            write_logits(store_path(aside, split), rows, batches, {**(meta or {}), "split": split})
+            write_logits(store_path(aside, split), rows, batches,
+                         {**(meta or {}).get(split, {}), "split": split})
         for split in splits:
             for name in (store_path(aside, split).name, store_path(aside, split).name + ".json"):
                 os.replace(aside / name, folder / name)

@@ -3,9 +3,12 @@
     next() -> MPLBatch, state_dict(), load_state_dict(), eval_batches() -> (x, y) batches,
     num_classes, in_channels, image_size, describe() -> what to save with the run,
     ordered_batches(split) -> the (x, y) batches of a split in index order, unaugmented,
-    labels(split) -> its class labels in that order.
+    labels(split) -> its class labels in that order, fingerprint(split) -> a hash of the
+    split's images (names, or pixels where there are no files) and labels in that order.
 An MPL batch names its rows of the training set (batch.labeled_index, batch.unlabeled_index).
 """
+import hashlib
+import os
 
 from mpl_fast.data.digits import digits
 from mpl_fast.data.image_folder import (DataError, all_of_size, balanced_split, index_folder,
@@ -37,6 +40,10 @@ class DigitsData:
 
     def labels(self, split):
         return self.split.train_y if split == "train" else self.split.test_y
+
+    def fingerprint(self, split):
+        x = self.split.train_x if split == "train" else self.split.test_x
+        return _fingerprint(self.labels(split).tolist(), x.numpy().tobytes())
 
     def describe(self):
         return self.split.describe()
@@ -180,6 +187,13 @@ class FolderData:
         return torch.as_tensor((self.index if split == "train" else self.test_index).labels,
                                dtype=torch.int64)
 
+    def fingerprint(self, split):
+        index = self.index if split == "train" else self.test_index
+        if hasattr(index, "files"):  # names below the root: the data may move
+            return _fingerprint(index.labels, "\n".join(
+                os.path.relpath(f, index.root) for f in index.files).encode())
+        return _fingerprint(index.labels, index.images.tobytes())
+
     def describe(self):
         return {"root": self.index.root, "classes": self.index.classes,
                 "train": len(self.index), "labeled": len(self.labeled),
@@ -188,6 +202,12 @@ class FolderData:
                 **({"labeled_files": [self.index.files[i] for i in self.labeled]}
                    if hasattr(self.index, "files") else {}),
                 "skipped": self.index.skipped + self.test_index.skipped}
+
+
+def _fingerprint(labels, content: bytes) -> str:
+    h = hashlib.sha256(content)
+    h.update(",".join(map(str, labels)).encode())
+    return h.hexdigest()[:16]
 
 
 def build_data(d, seed, device, rank=0, world=1):

@@ -193,6 +193,9 @@ class Run:
                                  f"{stores[split].classes} logits, this run's {split} split "
                                  f"{rows} images of {self.data.num_classes} classes: written for "
                                  "other data")
+            if stores[split].meta.get("fingerprint") != self.data.fingerprint(split):
+                raise TrainError(f"model.teacher_logits: {path} was written for other data: "
+                                 f"the images of this run's {split} split or their order differ")
         self.data = WithStoredLogits(self.data, stores["train"])
         self.teacher_test_logits = stores["test"]
         return ReducedTeacher(self.data.num_classes, m["reduced_hidden"],

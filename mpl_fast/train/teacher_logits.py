@@ -72,7 +72,9 @@ def write(checkpoint, out, network=None, overrides=(), batch_size=None, overwrit
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_folder(out, {split: (len(run.data.labels(split)), logits(split))
-                           for split in SPLITS}, meta)
+                           for split in SPLITS},
+                     {split: {**meta, "fingerprint": run.data.fingerprint(split)}
+                      for split in SPLITS})
     except OSError as err:
         raise TrainError(f"cannot write teacher logits to {out}: {err.strerror or err}") from err
     except ValueError as err:  # a split that yielded other than its images' count
