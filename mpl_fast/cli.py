@@ -185,10 +185,24 @@ def _logits(args):
 
     if args.batch_size is not None and args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.checkpoint is not None:
+        for flag in ("weights", "pretrained", "config"):
+            if getattr(args, flag):
+                raise CliError(f"--{flag} goes with --model (a --checkpoint holds its network, "
+                               "weights and data)")
+
+        def source():
+            return teacher_logits.from_checkpoint(args.checkpoint, args.network, args.set)
+    else:
+        if args.network is not None:
+            raise CliError("--network picks a network of a --checkpoint; --model names one")
+
+        def source():
+            return teacher_logits.from_model(args.model, args.config or "digits", args.set,
+                                             args.weights, args.pretrained)
     try:
-        network, report = teacher_logits.write(
-            args.checkpoint, args.out, args.network, args.set, args.batch_size, args.overwrite,
-            progress=teacher_logits.stderr_progress)
+        network, report = teacher_logits.write(args.out, source, args.batch_size,
+                                               args.overwrite, teacher_logits.stderr_progress)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
     print(f"{network} logits -> {args.out}: " + ", ".join(
@@ -236,19 +250,32 @@ def build_parser():
                    help="override a config key (e.g. train.device=cpu)")
     p.set_defaults(run=_eval)
     p = sub.add_parser("logits", help="store a trained network's logits for Reduced MPL",
-                       description="Run a trained network over its run's training and test "
-                       "splits once (unaugmented, in the data's order) and store its logits "
-                       "(fp16, memory-mapped) as OUT/train.logits and OUT/test.logits. Reduced "
-                       "MPL then trains with a small teacher over them: mpl-fast train --set "
-                       "model.teacher=reduced --set model.teacher_logits=OUT --set "
+                       description="Run a trained network over the training and test splits "
+                       "of its data once (unaugmented, in the data's order) and store its "
+                       "logits (fp16, memory-mapped) as OUT/train.logits and OUT/test.logits. "
+                       "The network: a checkpoint of mpl-fast train (its run's data), or a "
+                       "model named with its weights over the data of --config and --set. "
+                       "Reduced MPL then trains with a small teacher over them: mpl-fast train "
+                       "--set model.teacher=reduced --set model.teacher_logits=OUT --set "
                        "mpl.uda_weight=0 (with the same data settings).")
-    p.add_argument("--checkpoint", required=True,
-                   help="a last.pt, best.pt or finetuned.pt written by train, or a run folder "
-                        "(its last.pt)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint",
+                       help="a last.pt, best.pt or finetuned.pt written by train, or a run "
+                            "folder (its last.pt)")
+    which.add_argument("--model", help="a model name as in model.student (wrn28_2, resnet50, "
+                       "timm:<name>, ...), with --weights or --pretrained")
     p.add_argument("--out", required=True, help="folder for the stores")
     p.add_argument("--network", choices=["ema_student", "student", "teacher"],
                    help="which network of the checkpoint (default: the EMA student; the "
                         "finetuned student of a finetuned.pt)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", metavar="FILE", help="--model's weights: a state dict "
+                         "saved with torch.save (also inside a 'state_dict' or 'model' key)")
+    weights.add_argument("--pretrained", action="store_true",
+                         help="--model's weights: timm's pretrained ones (downloaded by timm; "
+                              "their classes and input normalisation must fit the data)")
+    p.add_argument("--config", help="--model's data: a preset or YAML file, as in train "
+                   "(default: digits)")
     p.add_argument("--batch-size", type=int, help="images a forward (default: the run's "
                    "train.eval_batch_size)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

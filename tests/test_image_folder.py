@@ -370,8 +370,9 @@ def test_reduced_mpl_on_an_image_folder(tree, tmp_path):
         k = int(index.files[i].split("_")[-1].split(".")[0])
         assert label == index.labels[i]
         assert torch.allclose(colour, torch.tensor(_color(label, k), dtype=torch.float32), atol=8)
-    network, report = teacher_logits.write(tmp_path / "big", tmp_path / "logits",
-                                           network="teacher", batch_size=5)
+    network, report = teacher_logits.write(
+        tmp_path / "logits", lambda: teacher_logits.from_checkpoint(tmp_path / "big", "teacher"),
+        batch_size=5)
     assert network == "teacher" and report["train"]["rows"] == 24
     reduced = Run(cfg.load("digits", data + ["model.teacher=reduced", "mpl.uda_weight=0",
                                              f"model.teacher_logits={tmp_path / 'logits'}"]),
@@ -393,6 +394,55 @@ def test_reduced_mpl_on_an_image_folder(tree, tmp_path):
     (moved / "train" / "ant" / "ant_0.JPEG").rename(moved / "train" / "ant" / "ant_00.JPEG")
     with pytest.raises(TrainError, match="written for other data"):
         Run(cfg.load("digits", reduced_there), tmp_path / "unused")
+
+
+def test_logits_of_a_pretrained_timm_network(tree, tmp_path, monkeypatch, capsys):
+    """--model NAME --pretrained: timm's pretrained network (a stand-in here: no download) over
+    an image folder; refused where its classes or its input normalisation do not fit the data."""
+    pytest.importorskip("nvidia.dali")
+    import sys
+    import types
+
+    from mpl_fast import cli
+    from mpl_fast.data.logit_store import LogitStore
+    from mpl_fast.models.small_cnn import small_cnn
+    from mpl_fast.train import config as cfg
+    from mpl_fast.train.loop import Run
+
+    fake = types.SimpleNamespace(classes=3, mean=(0.485, 0.456, 0.406))
+
+    def create_model(name, pretrained=False, num_classes=None, in_chans=3):
+        torch.manual_seed(0 if pretrained else 1)  # the "pretrained" weights differ from a new net
+        net = small_cnn(fake.classes if pretrained else num_classes, in_chans)
+        net.num_classes = fake.classes if pretrained else num_classes
+        net.pretrained_cfg = {"mean": fake.mean, "std": (0.229, 0.224, 0.225)}
+        return net
+
+    fake.create_model, fake.is_model = create_model, lambda name: name == "fakenet"
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    root = tree.parent
+    if not (root / "test").exists():
+        (root / "test").symlink_to(tree)
+    data = ["--set", "data.name=image_folder", "--set", f"data.root={root}", "--set",
+            "data.image_size=16", "--set", "data.num_threads=1", "--set", "train.device=cpu",
+            "--set", "data.labeled_per_class=2"]
+    args = ["logits", "--model", "fakenet", "--pretrained", *data, "--batch-size", "7"]
+    assert cli.main([*args, "--out", str(tmp_path / "logits")]) == 0
+    run = Run(cfg.load("digits", [a for a in data if a != "--set"]), tmp_path / "unused")
+    net = create_model("fakenet", pretrained=True).eval()
+    with torch.no_grad():
+        want = torch.cat([net(x) for x, _ in run.data.ordered_batches("train", 5, "cpu")])
+    store = LogitStore(tmp_path / "logits" / "train.logits")
+    assert store.meta["model"] == "timm:fakenet" and store.meta["weights"] == "pretrained"
+    assert torch.allclose(store[torch.arange(24)].float(), want, rtol=2e-3, atol=2e-3)
+    capsys.readouterr()
+    fake.mean = (0.5, 0.5, 0.5)
+    assert cli.main([*args, "--out", str(tmp_path / "other")]) == 2
+    assert "expects inputs normalised with mean (0.5, 0.5, 0.5)" in capsys.readouterr().err
+    fake.mean, fake.classes = (0.485, 0.456, 0.406), 1000
+    assert cli.main([*args, "--out", str(tmp_path / "other")]) == 2
+    assert "predicts 1000 classes, the data has 3" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_bench_data_command(tree, tmp_path, capsys):

@@ -74,7 +74,8 @@ def big_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("reduced")
     train(cfg.load("digits_supervised", TINY + ["train.steps=30"]), root / "big")
-    network, report = teacher_logits.write(root / "big", root / "logits")
+    network, report = teacher_logits.write(
+        root / "logits", lambda: teacher_logits.from_checkpoint(root / "big"))
     assert network == "ema_student"
     return root, report
 
@@ -243,3 +244,42 @@ def test_reduced_run_in_the_graphed_step_path_trains_like_the_plain_one(big_run,
         # learning rates are float32 device tensors) is what it may differ by
         assert b["h"] == pytest.approx(a["h"], abs=1e-5), a["step"]
     assert any(r["h"] != 0 for r in rows[graphed])
+
+
+def test_logits_of_a_named_model_with_its_weights(big_run, tmp_path, capsys):
+    """--model NAME --weights FILE: the same stores as the checkpoint's network, from a bare state
+    dict or one wrapped by a training script (DDP's module. prefixes too); bad weights and flag
+    mixes stop with one line and write nothing."""
+    from mpl_fast import cli
+
+    root, _ = big_run
+    state = torch.load(root / "big" / "last.pt", weights_only=False)
+    ema = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    torch.save(ema, tmp_path / "bare.pt")
+    torch.save({"state_dict": {"module." + k: v for k, v in ema.items()}, "epoch": 3},
+               tmp_path / "wrapped.pt")
+    want = (root / "logits" / "train.logits").read_bytes()
+    small = ["--set", "data.batch_size=8", "--set", "data.mu=2"]  # the big run's data settings
+    for name in ("bare", "wrapped"):
+        assert cli.main(["logits", "--model", "small_cnn", "--weights", str(tmp_path / f"{name}.pt"),
+                         "--out", str(tmp_path / name), *small]) == 0
+        assert (tmp_path / name / "train.logits").read_bytes() == want
+        meta = json.loads((tmp_path / name / "train.logits.json").read_text())
+        assert meta["model"] == "small_cnn" and meta["weights"].endswith(f"{name}.pt")
+    capsys.readouterr()
+    bad = [(["--model", "small_cnn"], "needs its weights"),
+           (["--model", "small_cnn", "--weights", str(tmp_path / "none.pt")], "no such file"),
+           (["--model", "wrn28_2", "--weights", str(tmp_path / "bare.pt")],
+            "do not fit model wrn28_2 with 10 classes: Missing key"),
+           (["--model", "small_cnn", "--weights", str(root / "big" / "last.pt")],
+            "a checkpoint of mpl-fast train: --checkpoint"),
+           (["--model", "small_cnn", "--pretrained"], "mpl-fast's own network"),
+           (["--model", "timm:resnet18", "--pretrained"], "embedded digits"),
+           (["--model", "small_cnn", "--weights", str(tmp_path / "bare.pt"), "--network",
+             "student"], "--network picks a network of a --checkpoint"),
+           (["--checkpoint", str(root / "big"), "--config", "digits"], "--config goes with")]
+    for args, message in bad:
+        assert cli.main(["logits", *args, "--out", str(tmp_path / "bad")]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+        assert not (tmp_path / "bad").exists()
