@@ -11,7 +11,7 @@
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
 #       STAGE: build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial
 #       step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods
-#       gather (default: build tests ops ops-tiles step memory step-imagenet, in that order),
+#       reduced-memory gather (default: build tests ops ops-tiles step memory step-imagenet, in that order),
 #       each under its own limit and all under SITTING_SECONDS.
 #       Wheels and DALI parts carried in a call are kept under /tmp
 #       for the later calls on the same warm machine; DALI is installed once all five parts
@@ -212,6 +212,16 @@ stage_memory() {
     stage_memory_teacher
 }
 
+# Reduced MPL (mpl-fast logits, then model.teacher=reduced): one step's GPU memory with the
+# large teacher in memory against its stored logits and a small MLP teacher, at #7's ResNet-50
+# shape (both networks ResNet-50) and with a WRN-28-8 teacher beside a WRN-28-2 student
+stage_reduced_memory() {
+  python3 benchmarks/reduced_mpl_memory.py --device cuda --teacher resnet50 --student resnet50 \
+      --image-size 224 --batch-size 32 --mu 4 --classes 1000 --out "$DIR/results" &&
+    python3 benchmarks/reduced_mpl_memory.py --device cuda --teacher wrn28_8 --student wrn28_2 \
+      --batch-size 64 --mu 7 --out "$DIR/results"
+}
+
 # the teacher alone (the last run of stage memory), to set beside the first sitting's runs
 # without and with both
 stage_memory_teacher() {
@@ -279,7 +289,7 @@ stage_gather() {
 declare -A LIMIT=([build]=90 [tests]=340 [tests-ops]=160 [ops]=180 [ops-ncu]=150 [step]=150 [step-compiled]=560 [memory]=300
   [step-imagenet]=150 [step-imagenet-compiled]=300 [ops-tiles]=240
   [data]=300 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
-  [methods]=570 [gather]=20)
+  [methods]=570 [gather]=20 [reduced-memory]=120)
 # All stages together stop by SITTING_SECONDS (default 570 s: inside one 600 s device call). A
 # stage gets its own limit or what is left, whichever is less, so time a quick stage leaves over
 # goes to the next; a stage left under 20 s is skipped.
@@ -469,6 +479,6 @@ pack() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods gather]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods reduced-memory gather]" >&2
      exit 2 ;;
 esac

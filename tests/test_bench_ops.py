@@ -147,6 +147,29 @@ def test_benchmarks_refuse_a_results_folder_they_cannot_write_before_measuring(t
     assert blocker.read_text() == "not a folder\n" and sorted(tmp_path.iterdir()) == [blocker]
 
 
+def test_reduced_mpl_memory_benchmark_records_the_saving(tmp_path, capsys):
+    """Reduced MPL's step holds less (no large teacher's weights, gradients, momentum or
+    activations) with any pair of networks named on the command line; bad names and sizes stop
+    with argparse's one line before anything is measured."""
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks"
+                              / "reduced_mpl_memory.py"))["main"]
+    main(["--out", str(tmp_path), "--teacher", "small_cnn", "--student", "convnet-8",
+          "--image-size", "8", "--batch-size", "4", "--mu", "2"])
+    record = json.loads((tmp_path / "reduced_mpl_memory.jsonl").read_text())
+    full, reduced = record["rows"]
+    assert record["teacher"] == "small_cnn" and record["mu"] == 2
+    assert reduced["state_bytes"] < full["state_bytes"]
+    assert reduced["peak_saved_activation_bytes"] < full["peak_saved_activation_bytes"]
+    assert 0 < record["saving"] < 1
+    for bad in (["--teacher", "nope"], ["--mu", "0"], ["--classes", "1"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "bad"), *bad])
+        assert "error: --" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_results_folder_check_leaves_no_folder_behind(tmp_path):
     import argparse
 
