@@ -186,7 +186,7 @@ class Run:
                 stores[split] = LogitStore(path)
             except (OSError, ValueError, KeyError) as err:
                 raise TrainError(f"model.teacher_logits: {err} (`mpl-fast logits` writes the "
-                                 "folder)") from err
+                                 "folder; --set model.teacher_logits=DIR where it is)") from err
             rows = len(self.data.labels(split))
             if (stores[split].rows, stores[split].classes) != (rows, self.data.num_classes):
                 raise TrainError(f"model.teacher_logits: {path} holds {stores[split].rows} x "
