@@ -512,6 +512,25 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
         assert torch.allclose(two[k].float(), resumed[k].float(), atol=1e-6), k
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", [
+    ["mpl.estimator=dot", "mpl.baseline_decay=null"],
+    ["mpl.estimator=second_order", "mpl.pseudo_labels=soft", "mpl.baseline_decay=null"]])
+def test_ddp_with_the_gradient_estimators_matches_one_process(tmp_path, estimator):
+    """dot and second_order take the gradient of CE_new with autograd.grad (no backward through
+    DDP): it is averaged across replicas by hand, so two processes reach one process's weights."""
+    env = _subprocess_env(OMP_NUM_THREADS="1")
+    sets = sum((["--set", s] for s in estimator), [])
+    for out, nproc in (("one", 1), ("two", 2)):
+        subprocess.run(_ddp_cmd(tmp_path / out, 12, nproc, *sets), check=True,
+                       capture_output=True, timeout=600, env=env)
+    one, two = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
+    rows = _metrics(tmp_path / "one" / "metrics.jsonl")
+    assert any(r.get("lr/student", 0) > 0 and r.get("h", 0) != 0 for r in rows)
+    for k in one:
+        assert torch.allclose(one[k].float(), two[k].float(), atol=1e-5), k
+
+
 def test_bf16_autocast_and_channels_last_run(tmp_path):
     """The GPU defaults (bf16 autocast, channels_last), forced on the CPU."""
     config = cfg.load("digits", TINY + ["train.steps=12", "train.amp=bf16",

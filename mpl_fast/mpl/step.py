@@ -42,6 +42,11 @@ class MPLBatch:
                 pick(self.teacher_us, self.x_us))
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def as_metric(value) -> torch.Tensor:
     """A metric from a float or from a tensor that changes later (a device lr, a scale)."""
     return value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
@@ -133,6 +138,13 @@ class MPLStep(nn.Module):
             s = self.student(torch.cat([batch.x_us, batch.x_l]))
         return s.split([n_u, batch.x_l.shape[0]])
 
+    def _replica_mean(self, grads):
+        """The average of a list of gradients over data-parallel replicas (one all-reduce)."""
+        if self.cross_replica_mean is None or not grads:
+            return grads
+        flat = self.cross_replica_mean(torch.cat([g.reshape(-1) for g in grads]))
+        return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
     # -- the step ---------------------------------------------------------------------------
     def forward(self, batch: MPLBatch, step: int = 0) -> Dict[str, torch.Tensor]:
         c = self.config
@@ -179,20 +191,24 @@ class MPLStep(nn.Module):
         # 4. student on labels with the new weights (BN statistics not updated again)
         with record_function("mpl/student_new_forward"):
             need_grad = c.estimator in ("dot", "second_order")
+            # a forward whose gradient autograd.grad takes (dot, second_order) bypasses a DDP
+            # wrapper: DDP would wait for a backward that never comes; its gradient is averaged
+            # across replicas below instead
+            student = unwrapped(self.student) if need_grad else self.student
             with frozen_bn_stats(self.student), torch.set_grad_enabled(need_grad), \
                     self.autocast(dev):
-                s_l_new = self.student(batch.x_l)
+                s_l_new = student(batch.x_l)
             ce_new = ops.soft_cross_entropy(s_l_new, y_l)
 
         # 5. feedback
         with record_function("mpl/feedback"):
             if c.estimator == "second_order":
-                v = feedback.grads_or_zeros(ce_new, params)
+                v = self._replica_mean(feedback.grads_or_zeros(ce_new, params))
                 ops.multi_tensor_axpby(theta, params, -1.0, 1.0)  # theta <- theta - theta' (delta)
 
                 def strong_logits():
                     with frozen_bn_stats(self.student), self.autocast(dev):
-                        return self.student(batch.x_us)
+                        return unwrapped(self.student)(batch.x_us)
 
                 q = torch.softmax(z_us.to(torch.promote_types(z_us.dtype, torch.float32))
                                   / c.pseudo_label_temperature, dim=1)
@@ -201,11 +217,13 @@ class MPLStep(nn.Module):
                                                  lr_s, c.fd_eps)
                 h = centered = mpl.detach()  # the surrogate's value: its teacher gradient is exact
             else:
+                # dot: grads_u were averaged across replicas by DDP's backward, grad CE_new here
+                grads_new = (self._replica_mean(feedback.grads_or_zeros(ce_new, params))
+                             if c.estimator == "dot" else None)
                 if self.cross_replica_mean is not None:
                     ce_old, ce_new = self.cross_replica_mean(ce_old), self.cross_replica_mean(ce_new)
                 if c.estimator == "dot":
-                    h = feedback.dot(lr_s, feedback.grads_or_zeros(ce_new, params), grads_u,
-                                     c.feedback_sign)
+                    h = feedback.dot(lr_s, grads_new, grads_u, c.feedback_sign)
                 else:
                     h = feedback.loss_diff(ce_old, ce_new.detach(), c.feedback_sign)
                 centered = self.baseline(h) if self.baseline is not None else h

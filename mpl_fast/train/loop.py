@@ -90,8 +90,6 @@ class Run:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         mpl_config = cfg_mod.mpl_config(config)
-        if self.dist.enabled and config["method"] == "mpl" and mpl_config.estimator != "loss_diff":
-            raise TrainError("under torchrun only mpl.estimator=loss_diff is supported so far")
         gpu = self.device.type == "cuda"
         self.amp = torch.bfloat16 if (t["amp"] == "bf16" or (t["amp"] == "auto" and gpu)) else None
         self.channels_last = t["channels_last"] is True or (t["channels_last"] == "auto" and gpu)
