@@ -163,13 +163,15 @@ def _interrupted_run(out):
 def _eval(args):
     from mpl_fast.train import checkpoint, config as cfg
     from mpl_fast.train.loop import TrainError, run_from_checkpoint
+    from mpl_fast.train.run_log import ProgressLines
 
     try:
         run, state, path = run_from_checkpoint(args.checkpoint, args.set)
+        progress = ProgressLines("eval:", "test images")
         if "ema" in state:  # last.pt, best.pt: the whole run's state
-            result = run.evaluate()
+            result = run.evaluate(progress=progress)
         else:  # finetuned.pt: the finetuned student alone
-            result = run.evaluate({"finetuned_student": run.student})
+            result = run.evaluate({"finetuned_student": run.student}, progress=progress)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
     step = f", step {state['step']}" if "step" in state else ""
@@ -202,7 +204,7 @@ def _logits(args):
                                              args.weights, args.pretrained)
     try:
         network, report = teacher_logits.write(args.out, source, args.batch_size,
-                                               args.overwrite, teacher_logits.stderr_progress)
+                                               args.overwrite, progress=True)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
     print(f"{network} logits -> {args.out}: " + ", ".join(

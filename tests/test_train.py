@@ -430,8 +430,10 @@ def test_eval_command(tmp_path, capsys):
                     tmp_path)
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "last.pt")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert out.splitlines()[0] == f"{tmp_path / 'last.pt'}, step 10"
+    test_images = json.loads((tmp_path / "split.json").read_text())["test"]
+    assert err.splitlines()[-1].startswith(f"eval: {test_images}/{test_images} test images, ")
     got = _printed(out)
     assert got["ema_student_top1"] == pytest.approx(summary["ema_student_top1"], abs=1e-4)
     assert got["teacher_top1"] == pytest.approx(summary["teacher_top1"], abs=1e-4)

@@ -3,10 +3,11 @@ import torch
 
 
 @torch.no_grad()
-def accuracies(models, batches, channels_last=False, autocast_dtype=None):
+def accuracies(models, batches, channels_last=False, autocast_dtype=None, progress=None):
     """{name: {"top1", "top5"}} for a dict of models, in one pass over `batches` (an iterable of
     (images, labels) on the models' device): each batch is decoded once for all the models, and
-    the counts stay on the device until the end (one host synchronisation, not two a batch)."""
+    the counts stay on the device until the end (one host synchronisation, not two a batch).
+    progress(images done) is called after each batch."""
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -25,6 +26,8 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None):
                                     (pred == yb[:, None]).any(dim=1).sum()])
                 counts[name] = hits if counts[name] is None else counts[name] + hits
             n += len(yb)
+            if progress is not None:
+                progress(n)
     finally:
         for name, m in models.items():
             m.train(was_training[name])

@@ -249,9 +249,10 @@ class Run:
         self.dist.barrier()
 
     # -- evaluation --------------------------------------------------------------------------
-    def evaluate(self, models=None):
+    def evaluate(self, models=None, progress=None):
         """{"eval/<name>_top1", "eval/<name>_top5"} on the test split; by default of the
-        student, the EMA student and the teacher."""
+        student, the EMA student and the teacher. progress(images done, images) after each
+        batch of images."""
         out = {}
         batch_size = self.config["train"]["eval_batch_size"]
         reduced_teacher = models is None and self.teacher_test_logits is not None
@@ -260,8 +261,10 @@ class Run:
             if self.teacher is not None and not reduced_teacher:
                 models["teacher"] = self.teacher
         batches = self.data.eval_batches(batch_size, self.device)
+        total = len(self.data.labels("test"))
         accs = accuracies(models, batches, channels_last=self.channels_last,
-                          autocast_dtype=self.amp)
+                          autocast_dtype=self.amp,
+                          progress=None if progress is None else lambda n: progress(n, total))
         if reduced_teacher:  # its inputs: the large teacher's stored logits on the test split
             logits, labels = self.teacher_test_logits, self.data.labels("test")
             stored = ((logits[start:start + batch_size].to(self.device),

@@ -6,8 +6,6 @@ its weights (a state-dict file, or timm's pretrained weights) and run over the d
 Each image is seen as evaluation sees it (no augmentation), in the data's index order, so a
 store's row i belongs to image i of the split: the rows the data sources name in each batch.
 """
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ import torch
 from mpl_fast.data.logit_store import SPLITS, store_path, write_folder
 from mpl_fast.train import config as cfg_mod
 from mpl_fast.train.loop import Run, TrainError, run_from_checkpoint
+from mpl_fast.train.run_log import ProgressLines
 
 NETWORKS = ("ema_student", "student", "teacher")
 
@@ -119,11 +118,11 @@ def from_model(name, config="digits", overrides=(), weights=None, pretrained=Fal
                                           "weights": "pretrained" if pretrained else str(weights)}
 
 
-def write(out, source, batch_size=None, overwrite=False, progress=None):
+def write(out, source, batch_size=None, overwrite=False, progress=False):
     """Write OUT/train.logits and OUT/test.logits (each with its .json), both or neither, from
     `source()`, a call of from_checkpoint or from_model made once OUT is known to be free.
     Returns (network name, {split: {"rows", "top1"}}): the network's top-1 on each split,
-    measured on the way."""
+    measured on the way. progress: lines on stderr (run_log.ProgressLines)."""
     out = Path(out)
     existing = [store_path(out, split) for split in SPLITS if store_path(out, split).exists()]
     if existing and not overwrite:
@@ -138,8 +137,8 @@ def write(out, source, batch_size=None, overwrite=False, progress=None):
     @torch.no_grad()
     def logits(split):
         total = len(run.data.labels(split))
-        hits, done, began = 0, 0, time.monotonic()
-        shown = began
+        hits, done = 0, 0
+        lines = ProgressLines(f"logits: {split}") if progress else None
         model.eval()
         for x, y in run.data.ordered_batches(split, batch_size, run.device):
             if run.channels_last:
@@ -148,12 +147,8 @@ def write(out, source, batch_size=None, overwrite=False, progress=None):
                 z = model(x).float()
             hits += int((z.argmax(1) == y).sum())
             done += len(y)
-            now = time.monotonic()
-            if progress is not None and (now - shown > 5 or done == total):
-                rate = done / max(now - began, 1e-9)
-                progress(f"logits: {split} {done}/{total} images, {rate:.0f}/s, "
-                         f"{(total - done) / max(rate, 1e-9):.0f} s left")
-                shown = now
+            if lines is not None:
+                lines(done, total)
             yield z
         report[split] = {"rows": done, "top1": hits / max(done, 1)}
 
@@ -173,7 +168,3 @@ def write(out, source, batch_size=None, overwrite=False, progress=None):
         if made and out.is_dir() and not any(out.iterdir()):  # failed: no empty folder left
             out.rmdir()
     return name, report
-
-
-def stderr_progress(message):
-    print(message, file=sys.stderr, flush=True)
