@@ -190,8 +190,10 @@ class FolderData:
     def fingerprint(self, split):
         index = self.index if split == "train" else self.test_index
         if hasattr(index, "files"):  # names below the root: the data may move
-            return _fingerprint(index.labels, "\n".join(
-                os.path.relpath(f, index.root) for f in index.files).encode())
+            root = os.path.join(str(index.root), "")
+            return _fingerprint(index.labels, "\n".join(  # a million names: no relpath each
+                f[len(root):] if f.startswith(root) else os.path.relpath(f, index.root)
+                for f in index.files).encode())
         return _fingerprint(index.labels, index.images.tobytes())
 
     def describe(self):

@@ -261,10 +261,12 @@ class Run:
             if self.teacher is not None and not reduced_teacher:
                 models["teacher"] = self.teacher
         batches = self.data.eval_batches(batch_size, self.device)
-        total = len(self.data.labels("test"))
+        if progress is not None:
+            total = len(self.data.labels("test"))
+            progress_of_batches = lambda n: progress(n, total)  # noqa: E731
         accs = accuracies(models, batches, channels_last=self.channels_last,
                           autocast_dtype=self.amp,
-                          progress=None if progress is None else lambda n: progress(n, total))
+                          progress=progress_of_batches if progress is not None else None)
         if reduced_teacher:  # its inputs: the large teacher's stored logits on the test split
             logits, labels = self.teacher_test_logits, self.data.labels("test")
             stored = ((logits[start:start + batch_size].to(self.device),
