@@ -32,9 +32,11 @@ class DigitsData:
     def eval_batches(self, batch_size, device):
         return self.ordered_batches("test", batch_size, device)
 
+    def _images(self, split):
+        return self.split.train_x if split == "train" else self.split.test_x
+
     def ordered_batches(self, split, batch_size, device):
-        x = self.split.train_x if split == "train" else self.split.test_x
-        y = self.labels(split)
+        x, y = self._images(split), self.labels(split)
         for start in range(0, len(x), batch_size):
             yield x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
 
@@ -42,8 +44,7 @@ class DigitsData:
         return self.split.train_y if split == "train" else self.split.test_y
 
     def fingerprint(self, split):
-        x = self.split.train_x if split == "train" else self.split.test_x
-        return _fingerprint(self.labels(split).tolist(), x.numpy().tobytes())
+        return _fingerprint(self.labels(split).tolist(), self._images(split).numpy().tobytes())
 
     def describe(self):
         return self.split.describe()
@@ -129,7 +130,7 @@ class FolderData:
     def _stream_index(self, which):
         """The index the pipelines read: with decode_device=once, the images decoded once for
         the whole run (kept across the stream's rebuilds on resume)."""
-        index = self.index if which == "train" else self.test_index
+        index = self._index(which)
         if self.d["decode_device"] != "once":
             return index
         if which not in self._decoded:
@@ -181,14 +182,16 @@ class FolderData:
                             self.test_sized, self.d["decode_device"], self.d["augment_device"],
                             self.d["hw_decoder_load"])
 
+    def _index(self, split):
+        return self.index if split == "train" else self.test_index
+
     def labels(self, split):
         import torch
 
-        return torch.as_tensor((self.index if split == "train" else self.test_index).labels,
-                               dtype=torch.int64)
+        return torch.as_tensor(self._index(split).labels, dtype=torch.int64)
 
     def fingerprint(self, split):
-        index = self.index if split == "train" else self.test_index
+        index = self._index(split)
         if hasattr(index, "files"):  # names below the root: the data may move
             root = os.path.join(str(index.root), "")
             return _fingerprint(index.labels, "\n".join(  # a million names: no relpath each

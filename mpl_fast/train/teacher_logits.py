@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mpl_fast.data.logit_store import SPLITS, store_path, write_folder
+from mpl_fast.models.registry import NAMES
 from mpl_fast.train import config as cfg_mod
 from mpl_fast.train.loop import Run, TrainError, run_from_checkpoint
 from mpl_fast.train.run_log import ProgressLines
@@ -92,7 +93,7 @@ def from_model(name, config="digits", overrides=(), weights=None, pretrained=Fal
     if (weights is None) == (not pretrained):
         raise TrainError("--model needs its weights: --weights FILE or --pretrained")
     bare = not name.startswith("timm:")
-    if pretrained and bare and name in ("mlp", "small_cnn", "wrn28_2", "wrn28_8", "resnet50"):
+    if pretrained and bare and name in NAMES:
         raise TrainError(f"--pretrained takes timm models; {name} is mpl-fast's own network "
                          "(timm's, e.g.: timm:resnet50)")
     # the named network as a supervised run's student: the run's device, bf16 and channels_last
@@ -134,10 +135,11 @@ def write(out, source, batch_size=None, overwrite=False, progress=False):
     batch_size = batch_size or run.config["train"]["eval_batch_size"]
     report = {}
 
+    rows = {split: len(run.data.labels(split)) for split in SPLITS}
+
     @torch.no_grad()
     def logits(split):
-        total = len(run.data.labels(split))
-        hits, done = 0, 0
+        total, hits, done = rows[split], 0, 0
         lines = ProgressLines(f"logits: {split}") if progress else None
         model.eval()
         for x, y in run.data.ordered_batches(split, batch_size, run.device):
@@ -156,8 +158,7 @@ def write(out, source, batch_size=None, overwrite=False, progress=False):
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_folder(out, {split: (len(run.data.labels(split)), logits(split))
-                           for split in SPLITS},
+        write_folder(out, {split: (rows[split], logits(split)) for split in SPLITS},
                      {split: {**meta, "fingerprint": run.data.fingerprint(split)}
                       for split in SPLITS})
     except OSError as err:
