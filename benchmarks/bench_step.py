@@ -16,7 +16,7 @@ supervised step of the same shapes (the floor), captured in a CUDA graph when ou
 the two compare like with like; and, when ours is graphed, (d) the plain step of (a) graphed
 without compile, which shows what the graph alone gives. Median ms/step, teacher images/s, peak memory,
 a per-phase breakdown of one eager step of ours (on a GPU the summed kernel time of each phase,
-backward kernels included, from the profiler; see phase_times), each variant's summed kernel time
+backward kernels included, from the profiler; see mpl_fast.train.profiling.phase_times), each variant's summed kernel time
 (kernel_ms: its work without launch gaps), ratios; one JSON object per
 configuration appended to benchmarks/results/step.jsonl.
 Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
@@ -42,6 +42,7 @@ from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.train.graphed import GraphedStep
+from mpl_fast.train.profiling import phase_times
 from mpl_fast.train.optim import sgd
 from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
@@ -215,11 +216,6 @@ def supervised_floor(teacher, student, t_opt, s_opt, batch, amp):
         opt.step()
 
 
-# MPLStep's profiler ranges; teacher_forward also holds the teacher's losses and the pseudo labels
-PHASES = ("mpl/teacher_forward", "mpl/student_forward_backward_step", "mpl/student_new_forward",
-          "mpl/feedback", "mpl/teacher_backward_step")
-
-
 def phase_breakdown(step_fn, device):
     """ms per phase of one eager step of ours: on a GPU the summed time of the kernels each phase
     launches, on a CPU the time of the ops it runs (see phase_times)."""
@@ -232,30 +228,6 @@ def phase_breakdown(step_fn, device):
         if gpu:
             torch.cuda.synchronize()
     return phase_times(prof.events(), device_time=gpu)
-
-
-def phase_times(events, device_time):
-    """ms per phase from profiler events. A phase is a range MPLStep records on the calling thread;
-    every op that starts inside that range's span counts towards it, whichever thread ran it: a
-    GPU backward's kernels are launched from autograd's own device thread, so the range's call
-    tree (and its GPU span) holds only the optimizer step that follows. Each op adds its own
-    (self) time, device or CPU, so nothing is counted twice. Ops outside every phase go to
-    "other"."""
-    cpu = torch.autograd.DeviceType.CPU
-    windows = [(e.time_range.start, e.time_range.end, e.name.split("/", 1)[1]) for e in events
-               if e.name in PHASES and e.device_type == cpu]
-    out = {name: 0.0 for _, _, name in windows}
-    out["other"] = 0.0
-    for e in events:
-        if e.device_type != cpu:  # device-side copies of the ranges: spans, not work
-            continue
-        us = e.self_device_time_total if device_time else e.self_cpu_time_total
-        if not us:
-            continue
-        phase = next((name for start, end, name in windows if start <= e.time_range.start < end),
-                     "other")
-        out[phase] += us
-    return {k: round(v / 1e3, 3) for k, v in out.items()}
 
 
 def main(argv=None):

@@ -121,7 +121,8 @@ def _train(args):
     overrides = list(args.set)
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device"),
                       ("eval_every", "train.eval_every"),
-                      ("checkpoint_every", "train.checkpoint_every")):
+                      ("checkpoint_every", "train.checkpoint_every"),
+                      ("profile", "train.profile_steps")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     from mpl_fast.train import distributed
@@ -224,8 +225,8 @@ def build_parser():
     p = sub.add_parser("train", help="train MPL (default: the embedded digits preset)",
                        description="Train MPL (or a baseline) from a preset in configs/ or a YAML "
                        "file. Writes DIR/config.yaml, metrics.jsonl, tensorboard/, last.pt, "
-                       "best.pt, finetuned.pt (with train.finetune_steps), summary.json and "
-                       "curves.png. A DIR that holds a run needs --resume or --overwrite.")
+                       "best.pt, finetuned.pt (with train.finetune_steps), summary.json, "
+                       "curves.png and profile/ (with --profile). A DIR that holds a run needs --resume or --overwrite.")
     p.add_argument("--config", default="digits",
                    help="preset name (digits, digits_supervised, ...) or YAML file (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -240,6 +241,10 @@ def build_parser():
                        help="train a new run in DIR even if it holds one (its files are replaced)")
     p.add_argument("--eval-every", type=int, help="train.eval_every")
     p.add_argument("--checkpoint-every", type=int, help="train.checkpoint_every")
+    p.add_argument("--profile", type=int, metavar="N",
+                   help="train.profile_steps: record N steps with torch.profiler, from the "
+                        "sitting's step train.profile_from (default 5), into DIR/profile/ "
+                        "(trace.json.gz, summary.json: ms a step by phase, ops.txt)")
     p.set_defaults(run=_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Top-1/top-5 of the student, EMA student and teacher of a "

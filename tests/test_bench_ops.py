@@ -605,35 +605,6 @@ def test_bench_ops_ratios_never_mix_gpu_and_host_times():
     assert r["GBps"] == 100.0  # 1e6 bytes in 0.01 ms
 
 
-def test_phase_times_count_work_launched_from_other_threads():
-    """A GPU backward's kernels are launched from autograd's device thread, outside the call tree
-    of the range that called backward(): they count towards the phase whose span they start in,
-    each op with its own time, and device-side copies of the ranges count for nothing."""
-    from types import SimpleNamespace as Ev
-
-    import torch
-
-    phase_times = _bench_step_module()["phase_times"]
-    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-
-    def ev(name, start, end, device_us=0.0, cpu_us=0.0, device=cpu):
-        return Ev(name=name, device_type=device, time_range=Ev(start=start, end=end),
-                  self_device_time_total=device_us, self_cpu_time_total=cpu_us)
-    events = [
-        ev("mpl/teacher_forward", 0, 100, cpu_us=5),
-        ev("aten::conv", 10, 20, device_us=3000, cpu_us=10),
-        ev("mpl/teacher_backward_step", 100, 300, cpu_us=7),
-        ev("autograd::engine::evaluate_function", 120, 250, device_us=6000, cpu_us=90),  # other thread
-        ev("aten::_fused_sgd_", 260, 280, device_us=500, cpu_us=20),
-        ev("mpl/teacher_backward_step", 100, 140, device_us=800, device=cuda),  # GPU span
-        ev("aten::copy_", 400, 410, device_us=100, cpu_us=4),
-    ]
-    assert phase_times(events, device_time=True) == {
-        "teacher_forward": 3.0, "teacher_backward_step": 6.5, "other": 0.1}
-    assert phase_times(events, device_time=False) == {
-        "teacher_forward": 0.015, "teacher_backward_step": 0.117, "other": 0.004}
-
-
 def test_phase_breakdown_of_a_real_step_covers_its_backwards(monkeypatch):
     """On a CPU: the phases of one real MPL step hold nearly all its op time, and the teacher's
     backward (a forward's worth of work or more) is not lost to the thread that ran it. (The

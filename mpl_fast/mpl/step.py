@@ -20,6 +20,11 @@ from mpl_fast.mpl import feedback
 from mpl_fast.mpl.bn import frozen_bn_stats
 from mpl_fast.mpl.config import MPLConfig
 
+# the profiler ranges an MPLStep records, in order (see mpl_fast.train.profiling);
+# teacher_forward also holds the teacher's losses and the pseudo labels
+PHASES = ("mpl/teacher_forward", "mpl/student_forward_backward_step", "mpl/student_new_forward",
+          "mpl/feedback", "mpl/teacher_backward_step")
+
 
 @dataclass
 class MPLBatch:

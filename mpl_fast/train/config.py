@@ -12,6 +12,7 @@ import yaml
 
 from mpl_fast.data.placement import DECODE_DEVICES, DEVICES, placement
 from mpl_fast.mpl.config import MPLConfig, preset as mpl_preset
+from mpl_fast.train.graphed import WARMUP_STEPS as GRAPH_WARMUP_STEPS
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,8 @@ DEFAULTS = {
         "eval_batch_size": 512,
         "sync_bn": False,  # under torchrun: SyncBatchNorm (GPU)
         "cuda_graph": False,  # true: the step replayed as a CUDA graph; emulate: no graph
+        "profile_steps": 0,  # > 0: torch.profiler over that many steps, into DIR/profile/
+        "profile_from": 5,  # the sitting's steps before the profiled ones
     },
 }
 
@@ -109,7 +112,8 @@ POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps
             "data.unlabeled_pipelines", "model.reduced_hidden")
 NON_NEGATIVE = ("optim.teacher_lr", "optim.student_lr", "optim.momentum", "optim.weight_decay",
                 "optim.warmup_steps", "optim.student_wait_steps", "train.finetune_steps",
-                "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength")
+                "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength",
+                "train.profile_steps", "train.profile_from")
 
 
 def preset_names():
@@ -264,6 +268,13 @@ def validate(config):
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config['train']['ema_decay']}")
+    t = config["train"]
+    # the profiler must not run (not even warm up) while the step's graph is captured
+    earliest = GRAPH_WARMUP_STEPS + 2
+    if t["cuda_graph"] is True and t["profile_steps"] and t["profile_from"] < earliest:
+        raise ConfigError(f"train.profile_from must be >= {earliest} under train.cuda_graph (the "
+                          f"graph is captured at step {GRAPH_WARMUP_STEPS + 1} of a sitting), "
+                          f"got {t['profile_from']}")
     _validate_reduced(config, mpl_config(config))  # MPL settings: validated by MPLConfig itself
 
 

@@ -19,12 +19,16 @@ from typing import Callable, Dict
 import torch
 
 
+WARMUP_STEPS = 3  # eager steps before the capture
+
+
 class BatchShapeChanged(ValueError):
     """A batch whose shape differs from the one the graph was captured with."""
 
 
 class GraphedStep:
-    def __init__(self, step_fn: Callable, warmup_steps: int = 3, emulate: bool = False):
+    def __init__(self, step_fn: Callable, warmup_steps: int = WARMUP_STEPS,
+                 emulate: bool = False):
         self.step_fn, self.warmup_steps, self.emulate = step_fn, warmup_steps, emulate
         self.calls = 0
         self.static_batch = None

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from mpl_fast.data.image_folder import DataError
 from mpl_fast.data.sources import build_data
@@ -22,6 +23,7 @@ from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import accuracies, accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
+from mpl_fast.train.profiling import RunProfiler, clear_profile
 from mpl_fast.train.supervised import SupervisedStep
 
 FORMAT = 1
@@ -334,6 +336,7 @@ def _clear_old_run(out: Path):
         (out / name).unlink(missing_ok=True)
     for events in (out / "tensorboard").glob("events.out.tfevents.*"):
         events.unlink()
+    clear_profile(out)
 
 
 def start_line(config, described, run, resume) -> str:
@@ -382,17 +385,22 @@ def train(config, out_dir, resume=False, overwrite=False):
     # the supervised method draws labeled batches alone: no unlabeled views decoded for nothing
     fetch = run.data.next_labeled if config["method"] == "supervised" else run.data.next
     data_wait = DataWait()
+    # the loop's ranges (train/...) name its parts in a profile (mpl_fast.train.profiling)
+    profiler = RunProfiler(out, t["profile_steps"], t["profile_from"], run.device, run.step,
+                           graphed=run.graph_mode is True, enabled=main)
     try:
         while run.step < t["steps"]:
             began = time.perf_counter()
             try:
-                batch = run.to_device(fetch())
+                with record_function("train/data"):
+                    batch = run.to_device(fetch())
             except DataError as err:
                 raise TrainError(str(err)) from err
             fetched = time.perf_counter() - began
             aside = 0.0  # evaluation and checkpoint saves: not the loop's own work
             try:
-                metrics = run.train_step(batch, run.step)
+                with record_function("train/step"):
+                    metrics = run.train_step(batch, run.step)
                 run.consecutive_skips = 0
             except BatchShapeChanged as err:
                 raise TrainError(str(err)) from err
@@ -404,35 +412,42 @@ def train(config, out_dir, resume=False, overwrite=False):
                     logger.log(run.step + 1, metrics)
                     raise TrainError(f"stopping: {run.consecutive_skips} consecutive steps with a "
                                      f"non-finite loss (at step {run.step + 1})")
-            for sched in (run.student_sched, run.teacher_sched):
-                if sched is not None:
-                    sched.step()
-            run.ema.update(run.student)
+            with record_function("train/ema_and_schedules"):
+                for sched in (run.student_sched, run.teacher_sched):
+                    if sched is not None:
+                        sched.step()
+                run.ema.update(run.student)
             run.step += 1
             if run.step % t["eval_every"] == 0 or run.step == t["steps"]:
                 eval_began = time.perf_counter()
-                last_eval = run.evaluate()
+                with record_function("train/eval"):
+                    last_eval = run.evaluate()
                 metrics = {**metrics, **last_eval}
                 if metrics["eval/ema_student_top1"] > run.best:
                     run.best = metrics["eval/ema_student_top1"]
-                    run.save("best.pt")
+                    with record_function("train/checkpoint"):
+                        run.save("best.pt")
                 aside += time.perf_counter() - eval_began
             logging = run.step % t["log_every"] == 0 or "eval/student_top1" in metrics \
                 or "nonfinite_skipped" in metrics
             saving = run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]
-            if run.graph_mode and (logging or saving):
-                _check_graphed_losses(metrics, run.step)
-            if logging:
-                metrics["nonfinite_skipped"] = run.skipped
-                share = data_wait.share()  # the iterations since the last log
-                if share is not None:  # a wall-clock share: differs from run to run
-                    metrics["time/data_wait"] = share
-                logger.log(run.step, metrics)
+            with record_function("train/log"):  # on a GPU: where the host waits for the step
+                if run.graph_mode and (logging or saving):
+                    _check_graphed_losses(metrics, run.step)
+                if logging:
+                    metrics["nonfinite_skipped"] = run.skipped
+                    share = data_wait.share()  # the iterations since the last log
+                    if share is not None:  # a wall-clock share: differs from run to run
+                        metrics["time/data_wait"] = share
+                    logger.log(run.step, metrics)
             if saving:
                 save_began = time.perf_counter()
-                run.save("last.pt")
+                with record_function("train/checkpoint"):
+                    run.save("last.pt")
                 aside += time.perf_counter() - save_began
             data_wait.add(fetched, time.perf_counter() - began - aside)
+            profiler.step()
+        profiler.close()  # the final evaluation and finetuning are not the loop's steps
         final = last_eval if last_eval is not None else run.evaluate()  # the last step's
         summary = {"steps": run.step, "method": config["method"],
                    "student_top1": final["eval/student_top1"],
@@ -447,6 +462,7 @@ def train(config, out_dir, resume=False, overwrite=False):
         if t["finetune_steps"] > 0 and main:
             summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"])
     finally:
+        profiler.close(completed=False)  # a failed run's window is not written
         logger.close()
     run.dist.barrier()
     if not main:

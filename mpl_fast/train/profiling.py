@@ -1,0 +1,170 @@
+"""Where a run's time goes: torch.profiler over a window of training steps (`train.profile_steps`
+steps from the sitting's `train.profile_from`-th), written to DIR/profile/, and the per-phase
+sums that this profile and `mpl-fast bench step` both report."""
+import bisect
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from mpl_fast.mpl.step import PHASES
+
+# The training loop's own ranges (mpl_fast.train.loop). A step's work outside the MPL phases
+# counts as "step": all of it when the step is one CUDA graph replay (the phases are host ranges
+# that a replay does not run), or a supervised step.
+LOOP_RANGES = ("train/data", "train/step", "train/ema_and_schedules", "train/eval", "train/log",
+               "train/checkpoint")
+TOP_OPS = 20
+OUTPUTS = ("trace.json.gz", "summary.json", "ops.txt")  # in DIR/profile/
+
+
+def clear_profile(out_dir):
+    """Remove a former run's profile (a new run in its folder)."""
+    for name in OUTPUTS:
+        (Path(out_dir) / "profile" / name).unlink(missing_ok=True)
+
+
+def _windows(events, names):
+    """(starts, [(start, end, short name)]) of the ranges named, sorted by start."""
+    cpu = torch.autograd.DeviceType.CPU
+    found = sorted((e.time_range.start, e.time_range.end, e.name.split("/", 1)[1])
+                   for e in events if e.name in names and e.device_type == cpu)
+    return [start for start, _, _ in found], found
+
+
+def _containing(starts, windows, t):
+    i = bisect.bisect_right(starts, t) - 1
+    return windows[i][2] if i >= 0 and t < windows[i][1] else None
+
+
+def phase_times(events, device_time, outer=()):
+    """ms per phase from profiler events. A phase is a range MPLStep records on the calling thread;
+    every op that starts inside that range's span counts towards it, whichever thread ran it: a
+    GPU backward's kernels are launched from autograd's own device thread, so the range's call
+    tree (and its GPU span) holds only the optimizer step that follows. Each op adds its own
+    (self) time, device or CPU, so nothing is counted twice. An op in no phase counts towards
+    the `outer` range it starts in (the loop's, which hold the phases), else "other"."""
+    inner_starts, inner = _windows(events, PHASES)
+    outer_starts, outer_windows = _windows(events, outer)
+    out = {name: 0.0 for _, _, name in inner + outer_windows}
+    out["other"] = 0.0
+    cpu = torch.autograd.DeviceType.CPU
+    for e in events:
+        if e.device_type != cpu:  # device-side copies of the ranges: spans, not work
+            continue
+        us = e.self_device_time_total if device_time else e.self_cpu_time_total
+        if not us:
+            continue
+        t = e.time_range.start
+        phase = (_containing(inner_starts, inner, t)
+                 or _containing(outer_starts, outer_windows, t) or "other")
+        out[phase] += us
+    return {k: round(v / 1e3, 3) for k, v in out.items()}
+
+
+def _write_atomically(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunProfiler:
+    """Records the loop iterations [first, first + count) of this sitting (0-based; the profiler
+    warms up during the one before) and writes DIR/profile/: trace.json.gz (the whole trace, for
+    Perfetto or chrome://tracing), summary.json (per-step time of each phase and of the costliest
+    ops) and ops.txt (torch's table of the ops). Call step() after every iteration and close()
+    when the loop ends; a window the run's end cuts short is written with the steps it holds,
+    one of a failed run is not written."""
+
+    def __init__(self, out_dir, count: int, first: int, device: torch.device, start_step: int,
+                 graphed: bool = False, enabled: bool = True):
+        self.dir = Path(out_dir) / "profile"
+        self.count, self.first, self.start_step, self.graphed = count, first, start_step, graphed
+        self.gpu = device.type == "cuda"
+        self.device_name = torch.cuda.get_device_name(device) if self.gpu else "cpu"
+        self.seen = self.recorded = 0
+        self.summary = None
+        self._began = self._ended = None
+        self._write_it = True
+        self.prof = None
+        if not enabled or count <= 0:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.gpu else [])
+        with warnings.catch_warnings():  # from step 0 there is no step to warm up in: known
+            warnings.filterwarnings("ignore", message=".*won't be using warmup")
+            self.prof = profile(activities=activities,
+                                schedule=schedule(wait=max(first - 1, 0), warmup=min(first, 1),
+                                                  active=count, repeat=1),
+                                on_trace_ready=self._write)
+        self.prof.start()
+        if first == 0:
+            self._began = self._now()
+
+    def _now(self):
+        if self.gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def step(self):
+        """After each iteration of the training loop."""
+        if self.prof is None:
+            return
+        self.seen += 1
+        if self.first < self.seen <= self.first + self.count:  # the iteration just run was recorded
+            self.recorded += 1
+            if self.seen == self.first + self.count:
+                self._ended = self._now()  # before the profiler's own work at the window's end
+        self.prof.step()  # writes the profile after the window's last step
+        if self.seen == self.first:
+            self._began = self._now()
+
+    def close(self, completed: bool = True):
+        """The loop ended (completed) or failed; idempotent."""
+        if self.prof is None:
+            return
+        prof, self.prof = self.prof, None
+        self._write_it = completed
+        if self.recorded and self._ended is None:
+            self._ended = self._now()
+        prof.stop()  # writes a window cut short by the run's end
+        if completed and not self.recorded:
+            print(f"profile: nothing recorded: this sitting ran {self.seen} steps, the window "
+                  f"starts after {self.first} (train.profile_from)", file=sys.stderr, flush=True)
+
+    def _write(self, prof):
+        if not self._write_it or not self.recorded:
+            return
+        n = self.recorded
+        times = phase_times(prof.events(), self.gpu, LOOP_RANGES)
+        key = "self_device_time_total" if self.gpu else "self_cpu_time_total"
+        averages = prof.key_averages()
+        ranges = set(PHASES + LOOP_RANGES)  # spans holding ops, not ops
+        ops = [a for a in averages if a.key not in ranges and not a.key.startswith("ProfilerStep")]
+        top = sorted(ops, key=lambda a: getattr(a, key), reverse=True)[:TOP_OPS]
+        first_step = self.start_step + self.first + 1  # steps as metrics.jsonl numbers them
+        self.summary = {
+            "steps": [first_step, first_step + n - 1], "profiled_steps": n,
+            "device": self.device_name, "graphed": self.graphed,
+            "time": "summed GPU kernel time" if self.gpu else "CPU time of the ops",
+            "wall_ms_per_step": round((self._ended - self._began) * 1e3 / n, 3),
+            "ms_per_step": {k: round(v / n, 3) for k, v in times.items()},
+            "top_ops": [{"name": a.key, "ms_per_step": round(getattr(a, key) / 1e3 / n, 4),
+                         "calls_per_step": round(a.count / n, 2)} for a in top],
+            "trace": "trace.json.gz"}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        partial = self.dir / "trace.json.gz.tmp.gz"  # torch compresses by the name's suffix
+        prof.export_chrome_trace(str(partial))
+        os.replace(partial, self.dir / "trace.json.gz")
+        _write_atomically(self.dir / "ops.txt", averages.table(
+            sort_by=key, row_limit=40) + "\n")
+        _write_atomically(self.dir / "summary.json", json.dumps(self.summary, indent=2) + "\n")
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in self.summary["ms_per_step"].items() if v)
+        print(f"profile: steps {first_step}-{first_step + n - 1}, ms a step ({self.summary['time']}): "
+              f"{shown}; wall {self.summary['wall_ms_per_step']:.1f} -> {self.dir} "
+              "(trace.json.gz: Perfetto or chrome://tracing)", file=sys.stderr, flush=True)

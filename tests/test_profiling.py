@@ -1,0 +1,220 @@
+"""Profiling a run (`train.profile_steps`): the window of steps recorded, what DIR/profile/ holds,
+how phases are counted, and runs whose window is cut short, never reached, or that fail."""
+import gzip
+import json
+from types import SimpleNamespace as Ev
+
+import pytest
+import torch
+
+from mpl_fast.mpl.step import PHASES
+from mpl_fast.train import config as cfg
+from mpl_fast.train.loop import Run, TrainError, train
+from mpl_fast.train.profiling import LOOP_RANGES, phase_times
+
+TINY = ["data.batch_size=8", "data.mu=2", "train.log_every=1", "train.eval_every=100",
+        "train.checkpoint_every=100", "train.finetune_steps=0", "train.eval_batch_size=128",
+        "model.teacher=mlp", "model.student=mlp"]
+MPL_PHASES = [p.split("/", 1)[1] for p in PHASES]
+CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+
+def _ev(name, start, end, device_us=0.0, cpu_us=0.0, device=CPU):
+    return Ev(name=name, device_type=device, time_range=Ev(start=start, end=end),
+              self_device_time_total=device_us, self_cpu_time_total=cpu_us)
+
+
+def test_phase_times_count_work_launched_from_other_threads():
+    """A GPU backward's kernels are launched from autograd's device thread, outside the call tree
+    of the range that called backward(): they count towards the phase whose span they start in,
+    each op with its own time, and device-side copies of the ranges count for nothing."""
+    events = [
+        _ev("mpl/teacher_forward", 0, 100, cpu_us=5),
+        _ev("aten::conv", 10, 20, device_us=3000, cpu_us=10),
+        _ev("mpl/teacher_backward_step", 100, 300, cpu_us=7),
+        _ev("autograd::engine::evaluate_function", 120, 250, device_us=6000, cpu_us=90),  # other thread
+        _ev("aten::_fused_sgd_", 260, 280, device_us=500, cpu_us=20),
+        _ev("mpl/teacher_backward_step", 100, 140, device_us=800, device=CUDA),  # GPU span
+        _ev("aten::copy_", 400, 410, device_us=100, cpu_us=4),
+    ]
+    assert phase_times(events, device_time=True) == {
+        "teacher_forward": 3.0, "teacher_backward_step": 6.5, "other": 0.1}
+    assert phase_times(events, device_time=False) == {
+        "teacher_forward": 0.015, "teacher_backward_step": 0.117, "other": 0.004}
+
+
+def test_phase_times_prefer_the_step_phases_to_the_loop_ranges_holding_them():
+    """The loop's ranges hold the step's phases: an op in a phase counts there, an op in the
+    step's range but in no phase (a graph replay, the supervised step) counts as "step", and the
+    same ranges repeated over several steps add up."""
+    events = []
+    for k in range(2):  # two steps, 1000 us apart
+        t = 1000 * k
+        events += [
+            _ev("train/data", t, t + 50, cpu_us=1),
+            _ev("aten::copy_", t + 10, t + 20, device_us=30),
+            _ev("train/step", t + 50, t + 900, cpu_us=2),
+            _ev("aten::fill_", t + 60, t + 70, device_us=5),  # in the step, before any phase
+            _ev("mpl/teacher_forward", t + 100, t + 400, cpu_us=3),
+            _ev("aten::conv", t + 150, t + 160, device_us=200),
+            _ev("mpl/feedback", t + 400, t + 500, cpu_us=3),
+            _ev("aten::dot", t + 450, t + 460, device_us=7),
+            _ev("train/ema_and_schedules", t + 900, t + 950, cpu_us=1),
+            _ev("aten::_foreach_lerp_", t + 910, t + 920, device_us=40),
+        ]
+    events.append(_ev("aten::item", 5000, 5001, device_us=1))
+    assert phase_times(events, device_time=True, outer=LOOP_RANGES) == {
+        "data": 0.06, "step": 0.01, "teacher_forward": 0.4, "feedback": 0.014,
+        "ema_and_schedules": 0.08, "other": 0.001}
+    # without the loop's ranges, what is outside the phases is "other"
+    assert phase_times(events, device_time=True)["other"] == 0.06 + 0.01 + 0.08 + 0.001
+
+
+def _trace_names(path):
+    with gzip.open(path, "rt") as f:
+        trace = json.load(f)
+    names = {}
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X":
+            names[e["name"]] = names.get(e["name"], 0) + 1
+    return names
+
+
+def _profiled(tmp_path, steps, profile_steps, profile_from, extra=(), resume=False,
+              out="run"):
+    config = cfg.load("digits", TINY + [f"train.steps={steps}",
+                                        f"train.profile_steps={profile_steps}",
+                                        f"train.profile_from={profile_from}", *extra])
+    train(config, tmp_path / out, resume=resume)
+    return tmp_path / out / "profile"
+
+
+def test_a_run_profiles_the_steps_of_its_window(tmp_path, monkeypatch, capsys):
+    """Steps 4-6 of 9 (profile_from 3, profile_steps 3): the trace holds those three steps' ranges
+    and no others, summary.json numbers them as metrics.jsonl does and gives each phase and the
+    loop's parts in ms a step, ops.txt is torch's table; a line on stderr says where it went."""
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    prof = _profiled(tmp_path, steps=9, profile_steps=3, profile_from=3,
+                     extra=["train.eval_every=5", "train.checkpoint_every=5"])
+    summary = json.loads((prof / "summary.json").read_text())
+    assert summary["steps"] == [4, 6] and summary["profiled_steps"] == 3
+    assert summary["device"] == "cpu" and summary["graphed"] is False
+    ms = summary["ms_per_step"]
+    assert set(MPL_PHASES) <= set(ms) and all(ms[p] > 0 for p in MPL_PHASES), ms
+    assert ms["data"] > 0 and ms["eval"] > 0 and ms["checkpoint"] > 0  # step 5 evaluates, saves
+    assert ms["log"] > 0  # every step logs here
+    assert sum(ms[p] for p in MPL_PHASES) > ms["data"] + ms["step"] + ms["ema_and_schedules"]
+    assert ms["other"] < 0.1 * sum(ms.values()), ms  # the loop's ranges hold nearly all of it
+    assert 0 < sum(ms.values()) <= 1.2 * summary["wall_ms_per_step"]  # op time within the wall's
+    names = _trace_names(prof / "trace.json.gz")
+    for rng in PHASES + ("train/data", "train/step", "train/ema_and_schedules", "train/log"):
+        assert names.get(rng) == 3, (rng, names.get(rng))
+    assert names.get("train/eval") == 1 and names.get("train/checkpoint") in (1, 2)  # best.pt
+    top = summary["top_ops"]
+    assert any(o["name"] == "aten::addmm" for o in top)  # the MLPs' work
+    assert not [o for o in top if o["name"] in PHASES + LOOP_RANGES
+                or o["name"].startswith("ProfilerStep")]  # ops, not the ranges holding them
+    assert [o["ms_per_step"] for o in top] == sorted((o["ms_per_step"] for o in top), reverse=True)
+    assert "Self CPU" in (prof / "ops.txt").read_text()
+    err = capsys.readouterr().err
+    assert "profile: steps 4-6" in err and str(prof) in err
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in logged]
+    assert [r["step"] for r in rows] == list(range(1, 10))  # the run itself is unchanged
+
+
+def test_a_supervised_run_counts_its_step_whole(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    prof = _profiled(tmp_path, steps=4, profile_steps=2, profile_from=1,
+                     extra=["method=supervised"])
+    ms = json.loads((prof / "summary.json").read_text())["ms_per_step"]
+    assert not set(MPL_PHASES) & set(ms) and ms["step"] > 0
+
+
+def test_a_window_cut_short_never_reached_or_of_a_failed_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    # the run ends inside the window: the steps recorded are written
+    prof = _profiled(tmp_path, steps=4, profile_steps=5, profile_from=2, out="short")
+    summary = json.loads((prof / "summary.json").read_text())
+    assert summary["steps"] == [3, 4] and summary["profiled_steps"] == 2
+    assert _trace_names(prof / "trace.json.gz")["train/step"] == 2
+    # the run ends before it: nothing written, and said
+    capsys.readouterr()
+    prof = _profiled(tmp_path, steps=3, profile_steps=2, profile_from=5, out="never")
+    assert not prof.exists()
+    assert "profile: nothing recorded" in capsys.readouterr().err
+    # a run that fails inside its window writes no profile
+    real = Run.evaluate
+
+    def failing(self, *args, **kwargs):
+        if self.step == 3:
+            raise TrainError("disk gone")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Run, "evaluate", failing)
+    with pytest.raises(TrainError, match="disk gone"):
+        _profiled(tmp_path, steps=6, profile_steps=3, profile_from=1,
+                  extra=["train.eval_every=3"], out="failed")
+    assert not (tmp_path / "failed" / "profile").exists()
+
+
+def test_a_resumed_run_profiles_from_its_sitting_and_overwrite_clears_a_profile(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    _profiled(tmp_path, steps=4, profile_steps=1, profile_from=0,
+              extra=["train.checkpoint_every=4"])
+    assert json.loads((tmp_path / "run/profile/summary.json").read_text())["steps"] == [1, 1]
+    prof = _profiled(tmp_path, steps=8, profile_steps=2, profile_from=1, resume=True)
+    assert json.loads((prof / "summary.json").read_text())["steps"] == [6, 7]
+    config = cfg.load("digits", TINY + ["train.steps=2"])
+    train(config, tmp_path / "run", overwrite=True)
+    assert not any((tmp_path / "run" / "profile").iterdir())
+
+
+def test_the_train_command_profiles_with_profile_n(tmp_path, monkeypatch, capsys):
+    from mpl_fast import cli
+
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    sets = [a for kv in TINY + ["train.profile_from=1"] for a in ("--set", kv)]
+    out = tmp_path / "cli"
+    assert cli.main(["train", "--steps", "3", "--profile", "2", "--out", str(out), *sets]) == 0
+    assert json.loads((out / "profile" / "summary.json").read_text())["steps"] == [2, 3]
+    assert cli.main(["train", "--profile", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "train.profile_steps must be >= 0" in capsys.readouterr().err
+
+
+def test_profile_settings_are_validated():
+    for bad, key in ((["train.profile_steps=-1"], "train.profile_steps"),
+                     (["train.profile_from=-2"], "train.profile_from"),
+                     (["train.profile_steps=x"], "train.profile_steps"),
+                     # the profiler may not even warm up while the step's graph is captured
+                     (["train.cuda_graph=true", "train.profile_steps=2", "train.profile_from=4"],
+                      "train.profile_from must be >= 5")):
+        with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
+            cfg.load("digits", bad)
+    cfg.load("digits", ["train.cuda_graph=true", "train.profile_steps=2", "train.profile_from=5"])
+    cfg.load("digits", ["train.cuda_graph=emulate", "train.profile_steps=2",
+                        "train.profile_from=0"])  # no capture
+
+
+@pytest.mark.gpu
+def test_a_graphed_run_on_a_gpu_profiles_its_replays(tmp_path, monkeypatch):
+    """After the capture the step is one replay: the MPL phases are not recorded (host ranges a
+    replay does not run) and the replay's kernels count towards "step"."""
+    prof = _profiled(tmp_path, steps=9, profile_steps=3, profile_from=5,
+                     extra=["train.device=cuda", "train.cuda_graph=true"])
+    summary = json.loads((prof / "summary.json").read_text())
+    assert summary["graphed"] is True and summary["time"] == "summed GPU kernel time"
+    ms = summary["ms_per_step"]
+    assert not set(MPL_PHASES) & set(ms)
+    assert ms["step"] > 0.5 * sum(ms.values()), ms
+
+
+@pytest.mark.gpu
+def test_an_eager_run_on_a_gpu_profiles_kernel_time_by_phase(tmp_path):
+    prof = _profiled(tmp_path, steps=6, profile_steps=2, profile_from=2,
+                     extra=["train.device=cuda"])
+    summary = json.loads((prof / "summary.json").read_text())
+    ms = summary["ms_per_step"]
+    assert all(ms[p] > 0 for p in MPL_PHASES), ms
+    assert sum(ms[p] for p in MPL_PHASES) > 0.5 * sum(ms.values()), ms
+    assert any(o["ms_per_step"] > 0 for o in summary["top_ops"])
