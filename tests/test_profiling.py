@@ -99,6 +99,10 @@ def test_a_run_profiles_the_steps_of_its_window(tmp_path, monkeypatch, capsys):
     summary = json.loads((prof / "summary.json").read_text())
     assert summary["steps"] == [4, 6] and summary["profiled_steps"] == 3
     assert summary["device"] == "cpu" and summary["graphed"] is False
+    assert summary["peak_mem_gib"] is None  # a GPU's only
+    images = 8 * (1 + 2 * 2)  # labeled batch and both unlabeled views
+    assert summary["images_per_second"] == pytest.approx(
+        images * 1e3 / summary["wall_ms_per_step"], rel=1e-3)
     ms = summary["ms_per_step"]
     assert set(MPL_PHASES) <= set(ms) and all(ms[p] > 0 for p in MPL_PHASES), ms
     assert ms["data"] > 0 and ms["eval"] > 0 and ms["checkpoint"] > 0  # step 5 evaluates, saves
@@ -214,6 +218,7 @@ def test_an_eager_run_on_a_gpu_profiles_kernel_time_by_phase(tmp_path):
     prof = _profiled(tmp_path, steps=6, profile_steps=2, profile_from=2,
                      extra=["train.device=cuda"])
     summary = json.loads((prof / "summary.json").read_text())
+    assert 0 < summary["peak_mem_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
     ms = summary["ms_per_step"]
     assert all(ms[p] > 0 for p in MPL_PHASES), ms
     assert sum(ms[p] for p in MPL_PHASES) > 0.5 * sum(ms.values()), ms

@@ -76,14 +76,16 @@ class RunProfiler:
     """Records the loop iterations [first, first + count) of this sitting (0-based; the profiler
     warms up during the one before) and writes DIR/profile/: trace.json.gz (the whole trace, for
     Perfetto or chrome://tracing), summary.json (per-step time of each phase and of the costliest
-    ops) and ops.txt (torch's table of the ops). Call step() after every iteration and close()
+    ops, wall time a step, images/s, the window's peak GPU memory) and ops.txt (torch's table of the ops). Call step() after every iteration and close()
     when the loop ends; a window the run's end cuts short is written with the steps it holds,
     one of a failed run is not written."""
 
     def __init__(self, out_dir, count: int, first: int, device: torch.device, start_step: int,
-                 graphed: bool = False, enabled: bool = True):
+                 images_per_step: int, graphed: bool = False, enabled: bool = True):
         self.dir = Path(out_dir) / "profile"
         self.count, self.first, self.start_step, self.graphed = count, first, start_step, graphed
+        self.images_per_step = images_per_step
+        self.device = device
         self.gpu = device.type == "cuda"
         self.device_name = torch.cuda.get_device_name(device) if self.gpu else "cpu"
         self.seen = self.recorded = 0
@@ -104,12 +106,18 @@ class RunProfiler:
                                 on_trace_ready=self._write)
         self.prof.start()
         if first == 0:
-            self._began = self._now()
+            self._began = self._begin()
 
     def _now(self):
         if self.gpu:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    def _begin(self):
+        """The window starts: its clock, and its own peak of GPU memory."""
+        if self.gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self._now()
 
     def step(self):
         """After each iteration of the training loop."""
@@ -122,7 +130,7 @@ class RunProfiler:
                 self._ended = self._now()  # before the profiler's own work at the window's end
         self.prof.step()  # writes the profile after the window's last step
         if self.seen == self.first:
-            self._began = self._now()
+            self._began = self._begin()
 
     def close(self, completed: bool = True):
         """The loop ended (completed) or failed; idempotent."""
@@ -148,11 +156,15 @@ class RunProfiler:
         ops = [a for a in averages if a.key not in ranges and not a.key.startswith("ProfilerStep")]
         top = sorted(ops, key=lambda a: getattr(a, key), reverse=True)[:TOP_OPS]
         first_step = self.start_step + self.first + 1  # steps as metrics.jsonl numbers them
+        wall_ms = (self._ended - self._began) * 1e3 / n
         self.summary = {
             "steps": [first_step, first_step + n - 1], "profiled_steps": n,
             "device": self.device_name, "graphed": self.graphed,
             "time": "summed GPU kernel time" if self.gpu else "CPU time of the ops",
-            "wall_ms_per_step": round((self._ended - self._began) * 1e3 / n, 3),
+            "wall_ms_per_step": round(wall_ms, 3),
+            "images_per_second": round(self.images_per_step * 1e3 / wall_ms, 1),
+            "peak_mem_gib": (round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+                             if self.gpu else None),
             "ms_per_step": {k: round(v / n, 3) for k, v in times.items()},
             "top_ops": [{"name": a.key, "ms_per_step": round(getattr(a, key) / 1e3 / n, 4),
                          "calls_per_step": round(a.count / n, 2)} for a in top],
@@ -166,5 +178,6 @@ class RunProfiler:
         _write_atomically(self.dir / "summary.json", json.dumps(self.summary, indent=2) + "\n")
         shown = ", ".join(f"{k} {v:.2f}" for k, v in self.summary["ms_per_step"].items() if v)
         print(f"profile: steps {first_step}-{first_step + n - 1}, ms a step ({self.summary['time']}): "
-              f"{shown}; wall {self.summary['wall_ms_per_step']:.1f} -> {self.dir} "
+              f"{shown}; wall {wall_ms:.1f} ({self.summary['images_per_second']:.0f} images/s)"
+              f" -> {self.dir} "
               "(trace.json.gz: Perfetto or chrome://tracing)", file=sys.stderr, flush=True)
