@@ -161,6 +161,25 @@ def test_a_window_cut_short_never_reached_or_of_a_failed_run(tmp_path, monkeypat
     assert not (tmp_path / "failed" / "profile").exists()
 
 
+def test_a_profile_that_cannot_be_written_leaves_the_run_going(tmp_path, monkeypatch, capsys):
+    """A full disk at the window's end: one line says the profile was not written, no partial file
+    stays, and the run trains to its end."""
+    from torch.profiler import profile
+
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+
+    def full_disk(self, path):
+        with open(path, "w") as f:
+            f.write("{")  # a partial file, as a full disk leaves
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(profile, "export_chrome_trace", full_disk)
+    prof = _profiled(tmp_path, steps=5, profile_steps=2, profile_from=1)
+    assert "profile: not written (No space left on device)" in capsys.readouterr().err
+    assert not list(prof.iterdir())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 5
+
+
 def test_a_resumed_run_profiles_from_its_sitting_and_overwrite_clears_a_profile(tmp_path,
                                                                                monkeypatch):
     monkeypatch.setenv("MPL_FAST_BACKEND", "torch")

@@ -76,9 +76,10 @@ class RunProfiler:
     """Records the loop iterations [first, first + count) of this sitting (0-based; the profiler
     warms up during the one before) and writes DIR/profile/: trace.json.gz (the whole trace, for
     Perfetto or chrome://tracing), summary.json (per-step time of each phase and of the costliest
-    ops, wall time a step, images/s, the window's peak GPU memory) and ops.txt (torch's table of the ops). Call step() after every iteration and close()
-    when the loop ends; a window the run's end cuts short is written with the steps it holds,
-    one of a failed run is not written."""
+    ops, wall time a step, images/s, the window's peak GPU memory) and ops.txt (torch's table of
+    the ops). Call step() after every iteration and close() when the loop ends; a window the
+    run's end cuts short is written with the steps it holds, one of a failed run is not written.
+    A profile that cannot be written (a full disk) is said in one line and the run goes on."""
 
     def __init__(self, out_dir, count: int, first: int, device: torch.device, start_step: int,
                  images_per_step: int, graphed: bool = False, enabled: bool = True):
@@ -148,6 +149,16 @@ class RunProfiler:
     def _write(self, prof):
         if not self._write_it or not self.recorded:
             return
+        try:
+            self._write_files(prof)
+        except OSError as err:  # the run matters more than its profile
+            for name in OUTPUTS:
+                for leftover in self.dir.glob(name + ".tmp*"):
+                    leftover.unlink(missing_ok=True)
+            print(f"profile: not written ({err.strerror or err}): {self.dir}", file=sys.stderr,
+                  flush=True)
+
+    def _write_files(self, prof):
         n = self.recorded
         times = phase_times(prof.events(), self.gpu, LOOP_RANGES)
         key = "self_device_time_total" if self.gpu else "self_cpu_time_total"
