@@ -4,6 +4,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -412,7 +413,12 @@ def train(config, out_dir, resume=False, overwrite=False):
                     logger.log(run.step + 1, metrics)
                     raise TrainError(f"stopping: {run.consecutive_skips} consecutive steps with a "
                                      f"non-finite loss (at step {run.step + 1})")
-            with record_function("train/ema_and_schedules"):
+            with record_function("train/ema_and_schedules"), warnings.catch_warnings():
+                if "nonfinite_skipped" in metrics:
+                    # the schedules follow the step count, skipped steps included: torch's warning
+                    # that a scheduler stepped before its optimizer ever did (a skipped first
+                    # step) does not apply
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
                 for sched in (run.student_sched, run.teacher_sched):
                     if sched is not None:
                         sched.step()
