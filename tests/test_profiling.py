@@ -10,7 +10,7 @@ import torch
 from mpl_fast.mpl.step import PHASES
 from mpl_fast.train import config as cfg
 from mpl_fast.train.loop import Run, TrainError, train
-from mpl_fast.train.profiling import LOOP_RANGES, phase_times
+from mpl_fast.train.profiling import LOOP_RANGES, host_times, phase_times
 
 TINY = ["data.batch_size=8", "data.mu=2", "train.log_every=1", "train.eval_every=100",
         "train.checkpoint_every=100", "train.finetune_steps=0", "train.eval_batch_size=128",
@@ -70,6 +70,16 @@ def test_phase_times_prefer_the_step_phases_to_the_loop_ranges_holding_them():
     assert phase_times(events, device_time=True)["other"] == 0.06 + 0.01 + 0.08 + 0.001
 
 
+def test_host_times_are_the_ranges_spans_on_the_calling_thread():
+    """The host's time in a range is its span (waits included), summed over its occurrences;
+    ops and the GPU-side copies of ranges do not count."""
+    events = [_ev("train/data", 0, 400, cpu_us=1), _ev("aten::copy_", 10, 20, cpu_us=10),
+              _ev("train/step", 400, 1000), _ev("mpl/feedback", 500, 600),
+              _ev("mpl/feedback", 500, 900, device=CUDA),
+              _ev("train/data", 1000, 1100)]
+    assert host_times(events) == {"data": 0.5, "step": 0.6, "feedback": 0.1}
+
+
 def _trace_names(path):
     with gzip.open(path, "rt") as f:
         trace = json.load(f)
@@ -109,6 +119,13 @@ def test_a_run_profiles_the_steps_of_its_window(tmp_path, monkeypatch, capsys):
     assert ms["log"] > 0  # every step logs here
     assert sum(ms[p] for p in MPL_PHASES) > ms["data"] + ms["step"] + ms["ema_and_schedules"]
     assert ms["other"] < 0.1 * sum(ms.values()), ms  # the loop's ranges hold nearly all of it
+    host = summary["host_ms_per_step"]
+    loop_parts = ("data", "step", "ema_and_schedules", "log", "eval", "checkpoint")
+    assert set(MPL_PHASES + list(loop_parts)) <= set(host), host
+    assert host["step"] >= sum(host[p] for p in MPL_PHASES)  # the step's range holds its phases
+    assert sum(host[p] for p in loop_parts) <= summary["wall_ms_per_step"] * 1.02
+    for p in MPL_PHASES:  # on a CPU a phase's ops run inside its span
+        assert host[p] >= 0.9 * ms[p], (p, host[p], ms[p])
     assert 0 < sum(ms.values()) <= 1.2 * summary["wall_ms_per_step"]  # op time within the wall's
     names = _trace_names(prof / "trace.json.gz")
     for rng in PHASES + ("train/data", "train/step", "train/ema_and_schedules", "train/log"):
@@ -227,9 +244,10 @@ def test_a_graphed_run_on_a_gpu_profiles_its_replays(tmp_path, monkeypatch):
                      extra=["train.device=cuda", "train.cuda_graph=true"])
     summary = json.loads((prof / "summary.json").read_text())
     assert summary["graphed"] is True and summary["time"] == "summed GPU kernel time"
-    ms = summary["ms_per_step"]
-    assert not set(MPL_PHASES) & set(ms)
+    ms, host = summary["ms_per_step"], summary["host_ms_per_step"]
+    assert not set(MPL_PHASES) & set(ms) and not set(MPL_PHASES) & set(host)
     assert ms["step"] > 0.5 * sum(ms.values()), ms
+    assert host["step"] > 0
 
 
 @pytest.mark.gpu
@@ -241,4 +259,5 @@ def test_an_eager_run_on_a_gpu_profiles_kernel_time_by_phase(tmp_path):
     ms = summary["ms_per_step"]
     assert all(ms[p] > 0 for p in MPL_PHASES), ms
     assert sum(ms[p] for p in MPL_PHASES) > 0.5 * sum(ms.values()), ms
+    assert all(summary["host_ms_per_step"][p] > 0 for p in MPL_PHASES)
     assert any(o["ms_per_step"] > 0 for o in summary["top_ops"])

@@ -66,6 +66,20 @@ def phase_times(events, device_time, outer=()):
     return {k: round(v / 1e3, 3) for k, v in out.items()}
 
 
+def host_times(events, names=PHASES + LOOP_RANGES):
+    """ms the calling thread spent inside each range named (its span on the host, waits
+    included), summed over its occurrences; the loop's `step` holds the step's phases. Set beside
+    phase_times' device time, it says whether a part is bound by the host (launches, Python,
+    waiting for data) or by the GPU's work."""
+    cpu = torch.autograd.DeviceType.CPU
+    out = {}
+    for e in events:
+        if e.name in names and e.device_type == cpu:
+            short = e.name.split("/", 1)[1]
+            out[short] = out.get(short, 0.0) + (e.time_range.end - e.time_range.start)
+    return {k: round(v / 1e3, 3) for k, v in out.items()}
+
+
 def _write_atomically(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -76,9 +90,10 @@ class RunProfiler:
     """Records the loop iterations [first, first + count) of this sitting (0-based; the profiler
     warms up during the one before) and writes DIR/profile/: trace.json.gz (the whole trace, for
     Perfetto or chrome://tracing), summary.json (per-step time of each phase and of the costliest
-    ops, wall time a step, images/s, the window's peak GPU memory) and ops.txt (torch's table of
-    the ops). Call step() after every iteration and close() when the loop ends; a window the
-    run's end cuts short is written with the steps it holds, one of a failed run is not written.
+    ops, the host's time in each range, wall time a step, images/s, the window's peak GPU memory)
+    and ops.txt (torch's table of the ops). Call step() after every iteration and close() when the
+    loop ends; a window the run's end cuts short is written with the steps it holds, one of a
+    failed run is not written.
     A profile that cannot be written (a full disk) is said in one line and the run goes on."""
 
     def __init__(self, out_dir, count: int, first: int, device: torch.device, start_step: int,
@@ -160,7 +175,9 @@ class RunProfiler:
 
     def _write_files(self, prof):
         n = self.recorded
-        times = phase_times(prof.events(), self.gpu, LOOP_RANGES)
+        events = prof.events()
+        times = phase_times(events, self.gpu, LOOP_RANGES)
+        host = host_times(events)
         key = "self_device_time_total" if self.gpu else "self_cpu_time_total"
         averages = prof.key_averages()
         ranges = set(PHASES + LOOP_RANGES)  # spans holding ops, not ops
@@ -177,6 +194,7 @@ class RunProfiler:
             "peak_mem_gib": (round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
                              if self.gpu else None),
             "ms_per_step": {k: round(v / n, 3) for k, v in times.items()},
+            "host_ms_per_step": {k: round(v / n, 3) for k, v in host.items()},
             "top_ops": [{"name": a.key, "ms_per_step": round(getattr(a, key) / 1e3 / n, 4),
                          "calls_per_step": round(a.count / n, 2)} for a in top],
             "trace": "trace.json.gz"}
