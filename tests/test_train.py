@@ -512,6 +512,17 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
     assert any(r.get("lr/student", 0) > 0 and r.get("h", 0) != 0 for r in rows)  # both learn
     for k in one:
         assert torch.allclose(one[k].float(), two[k].float(), atol=1e-5), k
+    # the two replicas shared each evaluation (half the test batches each) and report the
+    # whole test split's accuracies, as one process does (within an image: the weights agree
+    # to 1e-5, so a near-tie may flip)
+    evals = [[{k: v for k, v in r.items() if k.startswith("eval/")}
+              for r in _metrics(tmp_path / run / "metrics.jsonl") if "eval/student_top1" in r]
+             for run in ("one", "two")]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for a, b in zip(*evals):
+        assert a.keys() == b.keys() and len(a) == 6
+        for k in a:
+            assert b[k] == pytest.approx(a[k], abs=1.5 / 539), k
     # two processes, stopped at step 10 and resumed to 20
     run(_ddp_cmd(tmp_path / "resumed", 10, 2))
     run(_ddp_cmd(tmp_path / "resumed", 20, 2, "--resume"))
@@ -792,3 +803,68 @@ def test_accuracies_of_several_models_in_one_pass():
         assert accuracy(model, batches()) == both[name]
     assert good.training and not bad.training  # each model's mode comes back
     assert accuracies({"good": good}, iter(())) == {"good": {"top1": 0.0, "top5": 0.0}}
+
+
+class _ThreadAllReduce:
+    """An all-reduce (sum) among threads standing in for data-parallel replicas."""
+
+    def __init__(self, world):
+        import threading
+
+        self.barrier, self.parts = threading.Barrier(world), [None] * world
+
+    def sum_for(self, rank):
+        def sum_across(t):
+            self.parts[rank] = t.clone()
+            self.barrier.wait()
+            total = torch.stack(self.parts).sum(0)
+            self.barrier.wait()
+            return total
+        return sum_across
+
+
+class _Counted(nn.Module):
+    """A model that notes the size of each batch it runs on."""
+
+    def __init__(self, model, seen):
+        super().__init__()
+        self.model, self.seen = model, seen
+
+    def forward(self, x):
+        self.seen.append(len(x))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_replicas_share_an_evaluation_and_each_gets_the_whole_sets_accuracy(world):
+    """Under torchrun each replica runs the models on every world-th batch from its rank on and
+    the counts are summed across replicas: every replica gets what one process gets alone, with a
+    world-th of the forwards (5 replicas over 4 batches: one replica evaluates nothing)."""
+    import threading
+
+    from mpl_fast.train.evaluate import Shard, accuracies
+
+    torch.manual_seed(1)
+    x, y = torch.randn(58, 6), torch.randint(0, 7, (58,))
+    nets = {"a": nn.Linear(6, 7), "b": nn.Linear(6, 7)}
+
+    def batches():
+        return ((x[i:i + 16], y[i:i + 16]) for i in range(0, 58, 16))  # 16, 16, 16, 10
+    alone = accuracies(nets, batches())
+    reduce, results, seen = _ThreadAllReduce(world), [None] * world, [[] for _ in range(world)]
+
+    def replica(rank):
+        models = {name: _Counted(net, seen[rank]) for name, net in nets.items()}
+        shard = Shard(rank, world, reduce.sum_for(rank), torch.device("cpu"))
+        results[rank] = accuracies(models, batches(), shard=shard)
+    threads = [threading.Thread(target=replica, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r == alone for r in results), (results, alone)
+    assert 0 < alone["a"]["top1"] < alone["a"]["top5"] < 1  # counts that a share would change
+    sizes = [16, 16, 16, 10]
+    for rank in range(world):  # both models ran on this replica's batches alone
+        mine = [size for i, size in enumerate(sizes) if i % world == rank]
+        assert sorted(seen[rank]) == sorted(mine * 2), (rank, seen[rank])

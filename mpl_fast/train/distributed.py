@@ -25,13 +25,17 @@ class Context:
         if self.enabled:
             dist.barrier()
 
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """The average of t over replicas (an all-reduce; no host synchronisation)."""
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of t over replicas (an all-reduce of a copy)."""
         if not self.enabled:
             return t
         t = t.detach().clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t / self.world
+        return t
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The average of t over replicas (an all-reduce; no host synchronisation)."""
+        return self.sum(t) / self.world if self.enabled else t
 
 
 def init(device_type: str) -> Context:

@@ -1,20 +1,38 @@
-"""Top-1 / top-5 accuracy of models over evaluation batches."""
+"""Top-1 / top-5 accuracy of models over evaluation batches, on one replica or shared among
+data-parallel replicas."""
+from typing import Callable, NamedTuple
+
 import torch
 
 
+class Shard(NamedTuple):
+    """This replica's part of an evaluation under data parallelism: the batches rank, rank +
+    world, ...; sum_across sums a tensor over the replicas (an all-reduce every replica joins)."""
+    rank: int
+    world: int
+    sum_across: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+
+
 @torch.no_grad()
-def accuracies(models, batches, channels_last=False, autocast_dtype=None, progress=None):
+def accuracies(models, batches, channels_last=False, autocast_dtype=None, progress=None,
+               shard=None):
     """{name: {"top1", "top5"}} for a dict of models, in one pass over `batches` (an iterable of
     (images, labels) on the models' device): each batch is decoded once for all the models, and
     the counts stay on the device until the end (one host synchronisation, not two a batch).
-    progress(images done) is called after each batch."""
+    progress(images done) is called after each batch this replica evaluates. With a Shard, every
+    replica iterates the same batches but runs the models on its own share of them (a world-th
+    of the forwards), and the counts are summed across replicas: every replica gets the whole
+    set's accuracies."""
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
     counts = {name: None for name in models}  # [top1, top5] hits, on the device
     n = 0
     try:
-        for xb, yb in batches:
+        for i, (xb, yb) in enumerate(batches):
+            if shard is not None and i % shard.world != shard.rank:
+                continue
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             for name, model in models.items():
@@ -31,6 +49,15 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None, progre
     finally:
         for name, m in models.items():
             m.train(was_training[name])
+    if shard is not None:  # one all-reduce of every count; a replica without a batch adds zeros
+        local = torch.tensor([n], dtype=torch.int64, device=shard.device)
+        parts = [local] + [c.to(shard.device, torch.int64) if c is not None
+                           else torch.zeros(2, dtype=torch.int64, device=shard.device)
+                           for c in counts.values()]
+        total = shard.sum_across(torch.cat(parts))
+        n = total[0]
+        counts = {name: total[1 + 2 * k:3 + 2 * k] for k, name in enumerate(counts)}
+    n = int(n)
     out = {}
     for name, c in counts.items():
         top1, top5 = c.tolist() if c is not None else (0, 0)

@@ -21,7 +21,7 @@ from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.data_wait import DataWait
 from mpl_fast.train.ema import ModelEMA
-from mpl_fast.train.evaluate import accuracies, accuracy
+from mpl_fast.train.evaluate import Shard, accuracies, accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
 from mpl_fast.train.profiling import RunProfiler, clear_profile
@@ -267,15 +267,20 @@ class Run:
         if progress is not None:
             total = len(self.data.labels("test"))
             progress_of_batches = lambda n: progress(n, total)  # noqa: E731
+        # under torchrun each replica runs the models on its share of the batches
+        shard = (Shard(self.dist.rank, self.dist.world, self.dist.sum, self.device)
+                 if self.dist.enabled else None)
         accs = accuracies(models, batches, channels_last=self.channels_last,
                           autocast_dtype=self.amp,
-                          progress=progress_of_batches if progress is not None else None)
+                          progress=progress_of_batches if progress is not None else None,
+                          shard=shard)
         if reduced_teacher:  # its inputs: the large teacher's stored logits on the test split
             logits, labels = self.teacher_test_logits, self.data.labels("test")
             stored = ((logits[start:start + batch_size].to(self.device),
                        labels[start:start + batch_size].to(self.device))
                       for start in range(0, len(labels), batch_size))
-            accs.update(accuracies({"teacher": self.teacher}, stored, autocast_dtype=self.amp))
+            accs.update(accuracies({"teacher": self.teacher}, stored, autocast_dtype=self.amp,
+                                   shard=shard))
         for name, acc in accs.items():
             out[f"eval/{name}_top1"], out[f"eval/{name}_top5"] = acc["top1"], acc["top5"]
         return out
