@@ -24,7 +24,7 @@ class ModelEMA(nn.Module):
         # One foreach launch per kind instead of one per tensor: this runs every step, outside a
         # captured step's graph, and a ResNet has over a hundred BN buffers.
         ema = list(self.module.parameters())
-        src = [p.detach() for p in model.parameters()]
+        src = list(model.parameters())  # read under no_grad: no detach (one op a tensor) needed
         ints, int_src = [], []
         for e, b in zip(self.module.buffers(), model.buffers()):
             (ema if e.dtype.is_floating_point else ints).append(e)
