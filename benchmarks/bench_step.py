@@ -16,9 +16,9 @@ supervised step of the same shapes (the floor), captured in a CUDA graph when ou
 the two compare like with like; and, when ours is graphed, (d) the plain step of (a) graphed
 without compile, which shows what the graph alone gives. Median ms/step, teacher images/s, peak memory,
 a per-phase breakdown of one eager step of ours (on a GPU the summed kernel time of each phase,
-backward kernels included, from the profiler; see mpl_fast.train.profiling.phase_times), each variant's summed kernel time
-(kernel_ms: its work without launch gaps), ratios; one JSON object per
-configuration appended to benchmarks/results/step.jsonl.
+backward kernels included, from the profiler; see mpl_fast.train.profiling.phase_times), each
+variant's summed kernel time (kernel_ms: its work without launch gaps), ratios; one JSON object
+per configuration appended to benchmarks/results/step.jsonl.
 Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
 model.checkpoint does in the trainer (--checkpoint-blocks N: only the first N); the record's activation_mem_gib is the step's peak above
 what stays allocated between steps (weights, optimizer state, the batch), so runs with and
@@ -42,8 +42,8 @@ from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.train.graphed import GraphedStep
-from mpl_fast.train.profiling import phase_times
 from mpl_fast.train.optim import sgd
+from mpl_fast.train.profiling import phase_times
 from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
 

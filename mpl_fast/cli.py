@@ -226,7 +226,8 @@ def build_parser():
                        description="Train MPL (or a baseline) from a preset in configs/ or a YAML "
                        "file. Writes DIR/config.yaml, metrics.jsonl, tensorboard/, last.pt, "
                        "best.pt, finetuned.pt (with train.finetune_steps), summary.json, "
-                       "curves.png and profile/ (with --profile). A DIR that holds a run needs --resume or --overwrite.")
+                       "curves.png and profile/ (with --profile). A DIR that holds a run needs "
+                       "--resume or --overwrite.")
     p.add_argument("--config", default="digits",
                    help="preset name (digits, digits_supervised, ...) or YAML file (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -32,7 +32,8 @@ def test_phase_times_count_work_launched_from_other_threads():
         _ev("mpl/teacher_forward", 0, 100, cpu_us=5),
         _ev("aten::conv", 10, 20, device_us=3000, cpu_us=10),
         _ev("mpl/teacher_backward_step", 100, 300, cpu_us=7),
-        _ev("autograd::engine::evaluate_function", 120, 250, device_us=6000, cpu_us=90),  # other thread
+        # launched from autograd's thread
+        _ev("autograd::engine::evaluate_function", 120, 250, device_us=6000, cpu_us=90),
         _ev("aten::_fused_sgd_", 260, 280, device_us=500, cpu_us=20),
         _ev("mpl/teacher_backward_step", 100, 140, device_us=800, device=CUDA),  # GPU span
         _ev("aten::copy_", 400, 410, device_us=100, cpu_us=4),

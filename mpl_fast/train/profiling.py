@@ -206,7 +206,8 @@ class RunProfiler:
             sort_by=key, row_limit=40) + "\n")
         _write_atomically(self.dir / "summary.json", json.dumps(self.summary, indent=2) + "\n")
         shown = ", ".join(f"{k} {v:.2f}" for k, v in self.summary["ms_per_step"].items() if v)
-        print(f"profile: steps {first_step}-{first_step + n - 1}, ms a step ({self.summary['time']}): "
+        print(f"profile: steps {first_step}-{first_step + n - 1}, "
+              f"ms a step ({self.summary['time']}): "
               f"{shown}; wall {wall_ms:.1f} ({self.summary['images_per_second']:.0f} images/s)"
               f" -> {self.dir} "
               "(trace.json.gz: Perfetto or chrome://tracing)", file=sys.stderr, flush=True)
