@@ -41,9 +41,10 @@ from mpl_fast.models.checkpointing import checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+from mpl_fast.mpl.step import PHASES
 from mpl_fast.train.graphed import GraphedStep
 from mpl_fast.train.optim import sgd
-from mpl_fast.train.profiling import phase_times
+from mpl_fast.train.profiling import host_times, phase_times
 from mpl_fast.train.run_log import append_jsonl, check_results_folder
 
 
@@ -216,9 +217,10 @@ def supervised_floor(teacher, student, t_opt, s_opt, batch, amp):
         opt.step()
 
 
-def phase_breakdown(step_fn, device):
+def phase_breakdown(step_fn, device, host=False):
     """ms per phase of one eager step of ours: on a GPU the summed time of the kernels each phase
-    launches, on a CPU the time of the ops it runs (see phase_times)."""
+    launches, on a CPU the time of the ops it runs (see phase_times); with host=True also the
+    host's time in each phase (host_times: launches and Python, set beside the kernels')."""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = device.type == "cuda"
@@ -227,7 +229,8 @@ def phase_breakdown(step_fn, device):
         step_fn()
         if gpu:
             torch.cuda.synchronize()
-    return phase_times(prof.events(), device_time=gpu)
+    phases = phase_times(prof.events(), device_time=gpu)
+    return (phases, host_times(prof.events(), PHASES)) if host else phases
 
 
 def main(argv=None):
@@ -315,8 +318,8 @@ def _peak(fn, args, device, reset=True):
 
 
 def _measure_ours(args, device, batch, use_graph):
-    """(ms and peak memory, phases, activation memory) of our step; its networks, optimizer state
-    and graph are freed on return, before the next variant is built."""
+    """(ms and peak memory, phases, the host's time in them, activation memory) of our step; its
+    networks, optimizer state and graph are freed on return, before the next variant is built."""
     gpu = device.type == "cuda"
     step = our_step(args, device, use_graph)
     for _ in range(2):  # lazy state and, with --compile, compilation: not in the phases
@@ -329,11 +332,12 @@ def _measure_ours(args, device, batch, use_graph):
         step(batch, 0)
         torch.cuda.synchronize()
         activation_mem = (torch.cuda.max_memory_allocated() - between_steps) / 2**30
-    phases = phase_breakdown(lambda: step(batch, 0), device)
+    phases, host_phases = phase_breakdown(lambda: step(batch, 0), device, host=True)
     # Graphed the way the trainer does it (train.cuda_graph): static buffers the batch is copied
     # into each step, device lrs, warm-up, capture at the first call after it.
     trainer_step = GraphedStep(step) if use_graph else step
-    return _peak(lambda: trainer_step(batch, 0), args, device), phases, activation_mem
+    return (_peak(lambda: trainer_step(batch, 0), args, device), phases, host_phases,
+            activation_mem)
 
 
 def _measure_variant(fn, compiled, graph, args, device, batch):
@@ -372,7 +376,7 @@ def _measure(args, device, gpu):
     use_graph = gpu and not args.no_graph
     if args.compile != "none":
         _compiling("ours", args.compile)
-    ours, phases, activation_mem = _measure_ours(args, device, batch, use_graph)
+    ours, phases, host_phases, activation_mem = _measure_ours(args, device, batch, use_graph)
     rows = {"ours": ours}
     kernel_ms = {"ours": round(sum(phases.values()), 3)}
     _progress("ours", ours)
@@ -427,6 +431,9 @@ def _measure(args, device, gpu):
         "activation_mem_gib": round(activation_mem, 3) if gpu else None,
         "max_batch_size": max_batch,
         "phases_ms": phases,
+        # the host's time in each phase of that eager step: near the kernels' or above, the
+        # un-graphed step is bound by its launches (since 2026-11-27)
+        "host_phases_ms": host_phases,
         "kernel_ms": kernel_ms,
     }
     out = Path(args.out)
@@ -437,6 +444,8 @@ def _measure(args, device, gpu):
               f"{'kernels' if gpu else 'ops'} {kernel_ms[name]:8.2f} ms{extra}")
     print(f"phases (ours, eager; {'summed kernel time' if gpu else 'CPU time'}): "
           + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
+    print("host time in the phases (ours, eager): "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in host_phases.items()))
     ratios = [f"{record['speedup_vs_reference']}x vs eager reference"] if "reference" in ms else []
     if "graphed_reference" in ms:
         ratios.append(f"{ms['graphed_reference'] / ms['ours']:.3f}x vs graphed reference")

@@ -216,6 +216,11 @@ def test_bench_step_smoke_on_cpu(tmp_path, capsys):
     assert set(record["phases_ms"]) == {"teacher_forward", "student_forward_backward_step",
                                         "student_new_forward", "feedback",
                                         "teacher_backward_step", "other"}
+    # the host's time in each phase: on a CPU the phase's ops run inside it
+    host = record["host_phases_ms"]
+    assert set(host) == set(record["phases_ms"]) - {"other"}
+    assert all(host[k] >= 0.9 * record["phases_ms"][k] > 0 for k in host), host
+    assert any(line.startswith("host time in the phases") for line in out)
     assert out[-1].startswith("summary:")
 
 
@@ -579,6 +584,7 @@ def test_bench_step_graphs_the_floor_and_the_reference_on_a_gpu(tmp_path):
     phases = record["phases_ms"]
     assert phases["teacher_backward_step"] > 0.5 * phases["teacher_forward"], phases
     assert phases["other"] < 0.1 * sum(phases.values()), phases
+    assert all(v > 0 for v in record["host_phases_ms"].values()), record["host_phases_ms"]
     kernel_ms = record["kernel_ms"]
     assert set(kernel_ms) == {"ours", "floor", "reference", "graphed_reference"}
     # the graph removes launch gaps, not work: the graphed step is not faster than its kernels
