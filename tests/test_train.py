@@ -532,6 +532,24 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_evaluation_is_of_rank_0s_models_the_ones_its_checkpoint_holds(tmp_path):
+    """Without SyncBatchNorm each replica's BN statistics follow its slice of the batch; the
+    replicas share an evaluation with rank 0's statistics broadcast, so the run logs exactly what
+    evaluating its last.pt in one process gives (convolutional networks with BatchNorm)."""
+    from mpl_fast.train.loop import run_from_checkpoint
+
+    env = _subprocess_env(OMP_NUM_THREADS="1")
+    out = tmp_path / "bn"
+    cmd = _ddp_cmd(out, 6, 2, "--set", "model.teacher=small_cnn", "--set",
+                   "model.student=small_cnn", "--set", "train.eval_every=6")
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    logged = [r for r in _metrics(out / "metrics.jsonl") if "eval/student_top1" in r][-1]
+    run, _, _ = run_from_checkpoint(out / "last.pt", ["train.device=cpu"])
+    alone = run.evaluate()
+    assert {k: logged[k] for k in alone} == alone
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", [
     ["mpl.estimator=dot", "mpl.baseline_decay=null"],
     ["mpl.estimator=second_order", "mpl.pseudo_labels=soft", "mpl.baseline_decay=null"]])

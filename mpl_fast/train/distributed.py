@@ -33,6 +33,14 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def broadcast_buffers(self, module: torch.nn.Module):
+        """Rank 0's buffers (BatchNorm statistics) into every replica's module: without
+        SyncBatchNorm each replica's statistics follow its own slice of the batch (DDP sends rank
+        0's at each forward, then the forward updates them locally)."""
+        if self.enabled:
+            for b in module.buffers():
+                dist.broadcast(b, src=0)
+
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """The average of t over replicas (an all-reduce; no host synchronisation)."""
         return self.sum(t) / self.world if self.enabled else t

@@ -267,9 +267,13 @@ class Run:
         if progress is not None:
             total = len(self.data.labels("test"))
             progress_of_batches = lambda n: progress(n, total)  # noqa: E731
-        # under torchrun each replica runs the models on its share of the batches
-        shard = (Shard(self.dist.rank, self.dist.world, self.dist.sum, self.device)
-                 if self.dist.enabled else None)
+        # under torchrun each replica runs the models on its share of the batches, all of them
+        # rank 0's models (the ones its checkpoints hold): its BN statistics everywhere
+        shard = None
+        if self.dist.enabled:
+            shard = Shard(self.dist.rank, self.dist.world, self.dist.sum, self.device)
+            for model in models.values():
+                self.dist.broadcast_buffers(model)
         accs = accuracies(models, batches, channels_last=self.channels_last,
                           autocast_dtype=self.amp,
                           progress=progress_of_batches if progress is not None else None,
