@@ -630,7 +630,10 @@ def test_phase_breakdown_of_a_real_step_covers_its_backwards(monkeypatch):
     step = mod["our_step"](args, device)
     batch = mod["make_batch"](args, device, torch.Generator().manual_seed(0))
     step(batch, 0)
-    phases = mod["phase_breakdown"](lambda: step(batch, 0), device)
+    # op times on a shared 2-core machine: the median of three steps, so that one stalled op
+    # (a teacher forward once took 165 ms against its usual few) does not decide the test
+    runs = [mod["phase_breakdown"](lambda: step(batch, 0), device) for _ in range(3)]
+    phases = {k: sorted(r[k] for r in runs)[1] for k in runs[0]}
     assert set(phases) == {"teacher_forward", "student_forward_backward_step",
                            "student_new_forward", "feedback", "teacher_backward_step", "other"}
     assert phases["other"] < 0.1 * sum(phases.values()), phases
