@@ -196,6 +196,31 @@ def test_a_profile_that_cannot_be_written_leaves_the_run_going(tmp_path, monkeyp
     assert not list(prof.iterdir())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 5
+    # a fault of its own summary (here a stand-in) is said the same way
+    from mpl_fast.train import profiling
+
+    def broken(*args, **kwargs):
+        raise ValueError("an event without a range")
+    monkeypatch.setattr(profiling, "phase_times", broken)
+    prof = _profiled(tmp_path, steps=3, profile_steps=1, profile_from=1, out="broken")
+    assert "profile: not written (ValueError: an event without a range)" in \
+        capsys.readouterr().err
+    assert not prof.exists()
+
+
+def test_a_profiler_that_does_not_start_leaves_the_run_going(tmp_path, monkeypatch, capsys):
+    from torch.profiler import profile
+
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+
+    def no_cupti(self):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
+    monkeypatch.setattr(profile, "start", no_cupti)
+    prof = _profiled(tmp_path, steps=4, profile_steps=2, profile_from=1)
+    err = capsys.readouterr().err
+    assert "profile: off, torch.profiler did not start (CUPTI_ERROR_NOT_INITIALIZED)" in err
+    assert not prof.exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
 
 
 def test_a_resumed_run_profiles_from_its_sitting_and_overwrite_clears_a_profile(tmp_path,

@@ -94,7 +94,8 @@ class RunProfiler:
     and ops.txt (torch's table of the ops). Call step() after every iteration and close() when the
     loop ends; a window the run's end cuts short is written with the steps it holds, one of a
     failed run is not written.
-    A profile that cannot be written (a full disk) is said in one line and the run goes on."""
+    A profiler that does not start, or a profile that cannot be written (a full disk), is said in
+    one line and the run goes on."""
 
     def __init__(self, out_dir, count: int, first: int, device: torch.device, start_step: int,
                  images_per_step: int, graphed: bool = False, enabled: bool = True):
@@ -120,7 +121,13 @@ class RunProfiler:
                                 schedule=schedule(wait=max(first - 1, 0), warmup=min(first, 1),
                                                   active=count, repeat=1),
                                 on_trace_ready=self._write)
-        self.prof.start()
+        try:
+            self.prof.start()
+        except RuntimeError as err:  # e.g. no CUPTI: the run matters more than its profile
+            self.prof = None
+            print(f"profile: off, torch.profiler did not start ({str(err).splitlines()[0]})",
+                  file=sys.stderr, flush=True)
+            return
         if first == 0:
             self._began = self._begin()
 
@@ -166,12 +173,13 @@ class RunProfiler:
             return
         try:
             self._write_files(prof)
-        except OSError as err:  # the run matters more than its profile
+        except Exception as err:  # a full disk, or anything else: the run matters more
             for name in OUTPUTS:
                 for leftover in self.dir.glob(name + ".tmp*"):
                     leftover.unlink(missing_ok=True)
-            print(f"profile: not written ({err.strerror or err}): {self.dir}", file=sys.stderr,
-                  flush=True)
+            why = (err.strerror or str(err)) if isinstance(err, OSError) else \
+                f"{type(err).__name__}: {err}"
+            print(f"profile: not written ({why}): {self.dir}", file=sys.stderr, flush=True)
 
     def _write_files(self, prof):
         n = self.recorded
