@@ -77,7 +77,8 @@ NOT_COMPARED = {"train.device", "train.log_every", "train.eval_every", "train.ch
                 "train.eval_batch_size", "train.max_nonfinite_skips", "train.cuda_graph",
                 "train.channels_last", "model.compile", "data.num_threads",
                 "data.decode_device", "data.augment_device", "data.steps_per_run",
-                "data.hw_decoder_load", "data.unlabeled_pipelines"}
+                "data.hw_decoder_load", "data.unlabeled_pipelines", "train.profile_steps",
+                "train.profile_from"}
 
 
 def _flat(config, prefix=""):

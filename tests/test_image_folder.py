@@ -559,7 +559,7 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert f"{out / 'uda'} was trained with other settings (mpl.uda_weight)" in err, err
     assert len((results / "methods.jsonl").read_text().splitlines()) == 4
     assert cli.main([*args, "--resume", "--methods", "supervised", "--set", "mpl.uda_weight=3",
-                     "--set", "train.eval_every=1"]) == 0
+                     "--set", "train.eval_every=1", "--set", "train.profile_steps=1"]) == 0
     assert cli.main([*args, "--resume", "--methods", "supervised",
                      "--set", "data.labeled_per_class=1"]) == 2
     assert "(data.labeled_per_class)" in capsys.readouterr().err
