@@ -550,6 +550,24 @@ def test_ddp_evaluation_is_of_rank_0s_models_the_ones_its_checkpoint_holds(tmp_p
 
 
 @pytest.mark.slow
+def test_ddp_replicas_each_write_their_profile(tmp_path):
+    """Under torchrun each replica profiles the same steps into profile/rank<r>/ (a straggler or
+    a wait in an all-reduce shows on its own rank); rank 0 says where they went."""
+    env = _subprocess_env(OMP_NUM_THREADS="1")
+    out = tmp_path / "prof"
+    done = subprocess.run(_ddp_cmd(out, 5, 2, "--profile", "2", "--set", "train.profile_from=2"),
+                          check=True, capture_output=True, timeout=600, env=env, text=True)
+    summaries = [json.loads((out / "profile" / f"rank{r}" / "summary.json").read_text())
+                 for r in (0, 1)]
+    assert [s["steps"] for s in summaries] == [[3, 4], [3, 4]]
+    for rank, summary in enumerate(summaries):  # each replica's own phases and trace
+        assert all(summary["ms_per_step"][p] > 0 for p in ("teacher_forward", "feedback"))
+        assert (out / "profile" / f"rank{rank}" / "trace.json.gz").exists()
+    assert not (out / "profile" / "summary.json").exists()
+    assert done.stderr.count("profile: steps 3-4") == 1 and "rank*" in done.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", [
     ["mpl.estimator=dot", "mpl.baseline_decay=null"],
     ["mpl.estimator=second_order", "mpl.pseudo_labels=soft", "mpl.baseline_decay=null"]])

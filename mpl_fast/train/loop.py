@@ -397,7 +397,8 @@ def train(config, out_dir, resume=False, overwrite=False):
     data_wait = DataWait()
     # the loop's ranges (train/...) name its parts in a profile (mpl_fast.train.profiling)
     profiler = RunProfiler(out, t["profile_steps"], t["profile_from"], run.device, run.step,
-                           run.images_per_step, graphed=run.graph_mode is True, enabled=main)
+                           run.images_per_step, graphed=run.graph_mode is True,
+                           rank=run.dist.rank, world=run.dist.world)
     try:
         while run.step < t["steps"]:
             began = time.perf_counter()

@@ -23,9 +23,11 @@ OUTPUTS = ("trace.json.gz", "summary.json", "ops.txt")  # in DIR/profile/
 
 
 def clear_profile(out_dir):
-    """Remove a former run's profile (a new run in its folder)."""
-    for name in OUTPUTS:
-        (Path(out_dir) / "profile" / name).unlink(missing_ok=True)
+    """Remove a former run's profile (a new run in its folder), its replicas' too."""
+    base = Path(out_dir) / "profile"
+    for folder in (base, *base.glob("rank*")):
+        for name in OUTPUTS:
+            (folder / name).unlink(missing_ok=True)
 
 
 def _windows(events, names):
@@ -88,7 +90,8 @@ def _write_atomically(path: Path, text: str):
 
 class RunProfiler:
     """Records the loop iterations [first, first + count) of this sitting (0-based; the profiler
-    warms up during the one before) and writes DIR/profile/: trace.json.gz (the whole trace, for
+    warms up during the one before) and writes DIR/profile/ (DIR/profile/rank<r>/ for each of
+    several replicas): trace.json.gz (the whole trace, for
     Perfetto or chrome://tracing), summary.json (per-step time of each phase and of the costliest
     ops, the host's time in each range, wall time a step, images/s, the window's peak GPU memory)
     and ops.txt (torch's table of the ops). Call step() after every iteration and close() when the
@@ -98,8 +101,11 @@ class RunProfiler:
     one line and the run goes on."""
 
     def __init__(self, out_dir, count: int, first: int, device: torch.device, start_step: int,
-                 images_per_step: int, graphed: bool = False, enabled: bool = True):
-        self.dir = Path(out_dir) / "profile"
+                 images_per_step: int, graphed: bool = False, rank: int = 0, world: int = 1):
+        # under torchrun every replica records its own (stragglers, waits in the all-reduces)
+        self.dir = Path(out_dir) / "profile" / (f"rank{rank}" if world > 1 else "")
+        self.main = rank == 0  # says where the profile went; any replica says what failed
+        self.who = f"rank {rank}: " if world > 1 else ""
         self.count, self.first, self.start_step, self.graphed = count, first, start_step, graphed
         self.images_per_step = images_per_step
         self.device = device
@@ -110,7 +116,7 @@ class RunProfiler:
         self._began = self._ended = None
         self._write_it = True
         self.prof = None
-        if not enabled or count <= 0:
+        if count <= 0:
             return
         from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -125,7 +131,8 @@ class RunProfiler:
             self.prof.start()
         except RuntimeError as err:  # e.g. no CUPTI: the run matters more than its profile
             self.prof = None
-            print(f"profile: off, torch.profiler did not start ({str(err).splitlines()[0]})",
+            print(f"profile: {self.who}off, torch.profiler did not start "
+                  f"({str(err).splitlines()[0]})",
                   file=sys.stderr, flush=True)
             return
         if first == 0:
@@ -164,7 +171,7 @@ class RunProfiler:
         if self.recorded and self._ended is None:
             self._ended = self._now()
         prof.stop()  # writes a window cut short by the run's end
-        if completed and not self.recorded:
+        if completed and not self.recorded and self.main:
             print(f"profile: nothing recorded: this sitting ran {self.seen} steps, the window "
                   f"starts after {self.first} (train.profile_from)", file=sys.stderr, flush=True)
 
@@ -179,7 +186,8 @@ class RunProfiler:
                     leftover.unlink(missing_ok=True)
             why = (err.strerror or str(err)) if isinstance(err, OSError) else \
                 f"{type(err).__name__}: {err}"
-            print(f"profile: not written ({why}): {self.dir}", file=sys.stderr, flush=True)
+            print(f"profile: {self.who}not written ({why}): {self.dir}", file=sys.stderr,
+                  flush=True)
 
     def _write_files(self, prof):
         n = self.recorded
@@ -213,9 +221,12 @@ class RunProfiler:
         _write_atomically(self.dir / "ops.txt", averages.table(
             sort_by=key, row_limit=40) + "\n")
         _write_atomically(self.dir / "summary.json", json.dumps(self.summary, indent=2) + "\n")
+        if not self.main:
+            return
         shown = ", ".join(f"{k} {v:.2f}" for k, v in self.summary["ms_per_step"].items() if v)
+        where = self.dir.parent / "rank*" if self.who else self.dir  # rank 0's figures shown
         print(f"profile: steps {first_step}-{first_step + n - 1}, "
               f"ms a step ({self.summary['time']}): "
               f"{shown}; wall {wall_ms:.1f} ({self.summary['images_per_second']:.0f} images/s)"
-              f" -> {self.dir} "
+              f" -> {where} "
               "(trace.json.gz: Perfetto or chrome://tracing)", file=sys.stderr, flush=True)
