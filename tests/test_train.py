@@ -904,3 +904,23 @@ def test_replicas_share_an_evaluation_and_each_gets_the_whole_sets_accuracy(worl
     for rank in range(world):  # both models ran on this replica's batches alone
         mine = [size for i, size in enumerate(sizes) if i % world == rank]
         assert sorted(seen[rank]) == sorted(mine * 2), (rank, seen[rank])
+
+
+def test_a_warning_of_every_step_is_shown_once(tmp_path, monkeypatch):
+    """Python shows a warning once per place under its default filter; the loop must not reset
+    that record every step (leaving warnings.catch_warnings does), or a warning raised in each
+    step is repeated each step."""
+    from mpl_fast.train.ema import ModelEMA
+
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    real_update = ModelEMA.update
+
+    def warning_update(self, model):
+        warnings.warn("a warning of every step", UserWarning)
+        return real_update(self, model)
+    monkeypatch.setattr(ModelEMA, "update", warning_update)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        train(cfg.load("digits", TINY + ["train.steps=4", "model.teacher=mlp",
+                                         "model.student=mlp"]), tmp_path / "run")
+    assert len([w for w in caught if "a warning of every step" in str(w.message)]) == 1

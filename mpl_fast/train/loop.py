@@ -1,4 +1,5 @@
 """`mpl-fast train`: the training loop around mpl_fast.mpl.MPLStep (or a supervised step)."""
+import contextlib
 import json
 import os
 import random
@@ -423,8 +424,12 @@ def train(config, out_dir, resume=False, overwrite=False):
                     logger.log(run.step + 1, metrics)
                     raise TrainError(f"stopping: {run.consecutive_skips} consecutive steps with a "
                                      f"non-finite loss (at step {run.step + 1})")
-            with record_function("train/ema_and_schedules"), warnings.catch_warnings():
-                if "nonfinite_skipped" in metrics:
+            # only around a skipped step: leaving catch_warnings resets Python's record of the
+            # warnings already shown, so entered every step it would repeat them every step
+            skipped = "nonfinite_skipped" in metrics
+            with record_function("train/ema_and_schedules"), \
+                    (warnings.catch_warnings() if skipped else contextlib.nullcontext()):
+                if skipped:
                     # the schedules follow the step count, skipped steps included: torch's warning
                     # that a scheduler stepped before its optimizer ever did (a skipped first
                     # step) does not apply
