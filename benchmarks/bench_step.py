@@ -229,8 +229,9 @@ def phase_breakdown(step_fn, device, host=False):
         step_fn()
         if gpu:
             torch.cuda.synchronize()
-    phases = phase_times(prof.events(), device_time=gpu)
-    return (phases, host_times(prof.events(), PHASES)) if host else phases
+    events = prof.events()
+    phases = phase_times(events, device_time=gpu)
+    return (phases, host_times(events, PHASES)) if host else phases
 
 
 def main(argv=None):
