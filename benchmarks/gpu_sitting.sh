@@ -450,7 +450,8 @@ send_compile_cache() {
 }
 
 # everything gathered so far into the archive that comes back, the autotune timings and the
-# METHODS runs (without best.pt and finetuned.pt: last.pt is what a resume needs) included, in
+# METHODS runs (without best.pt and finetuned.pt; last.pt, what a resume needs, only while a run is
+# unfinished) included, in
 # parts of 15 MiB (a device call returns files of 16 MiB at most, 64 MiB together): here,
 # `cat sitting.tar.gz.* | tar -xz`
 pack() {
@@ -458,17 +459,21 @@ pack() {
   if compgen -G "$TORCHINDUCTOR_CACHE_DIR/cache/*" > /dev/null; then
     mkdir -p "$DIR/autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$DIR/autotune/"
   fi
-  local staged runs=() m
+  local staged runs=() m finished=()
   staged=$(mktemp -d)
   for m in ${METHODS//,/ }; do
     [ -d "$RUNS/$m" ] && runs+=("methods/$m")
+    # a finished run (summary.json) needs no last.pt to resume: three of them (~30 MB each)
+    # would pass the 64 MiB a call returns
+    [ -f "$RUNS/$m/summary.json" ] && finished+=("--exclude=methods/$m/last.pt")
   done
   [ ${#runs[@]} -gt 0 ] && [ -f "$RUNS/methods.png" ] && runs+=("methods/methods.png")
   if [ ${#runs[@]} -gt 0 ]; then  # under methods/ in the archive, as runs/methods/ holds them
     ln -s "$RUNS" "$staged/methods"
     runs=(-C "$staged" "${runs[@]}")
   fi
-  tar -czhf "$staged/all.tar.gz" --exclude=best.pt --exclude=finetuned.pt -C "$DIR" . \
+  tar -czhf "$staged/all.tar.gz" --exclude=best.pt --exclude=finetuned.pt \
+    ${finished[@]+"${finished[@]}"} -C "$DIR" . \
     ${runs[@]+"${runs[@]}"}
   rm -f "$OUT"/sitting.tar.gz.* "$OUT"/compile-cache.tar.*
   split -b 15m -d "$staged/all.tar.gz" "$OUT/sitting.tar.gz."
