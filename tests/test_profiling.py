@@ -71,6 +71,37 @@ def test_phase_times_prefer_the_step_phases_to_the_loop_ranges_holding_them():
     assert phase_times(events, device_time=True)["other"] == 0.06 + 0.01 + 0.08 + 0.001
 
 
+def test_phase_times_count_a_graph_replays_kernels_where_it_was_launched():
+    """A CUDA graph replay's kernels are linked to no op of the window (they were captured under
+    ops long gone): they count where the runtime call that launched them (same correlation id)
+    started, kernels linked to an op of the window count once, through that op, and a kernel
+    whose launch is unknown counts as "other" rather than nowhere (an H200 run's graphed step
+    showed 0.006 ms of kernels a step before)."""
+    def ev(name, start, end, id, linked, device_us=0.0, device=CPU, annotation=False):
+        e = _ev(name, start, end, device_us=device_us, device=device)
+        e.id, e.linked_correlation_id, e.is_async, e.is_user_annotation = (
+            id, linked, False, annotation)
+        return e
+
+    events = [
+        ev("train/step", 50, 900, id=1, linked=0),
+        ev("cudaGraphLaunch", 100, 120, id=501, linked=1),  # the replay's runtime call
+        ev("void conv_kernel<...>", 2000, 6000, id=501, linked=977, device_us=4000, device=CUDA),
+        ev("void bn_kernel<...>", 6000, 8000, id=501, linked=977, device_us=2000, device=CUDA),
+        ev("aten::add_", 150, 160, id=2, linked=0, device_us=300),  # holds its kernel's time
+        ev("cudaLaunchKernel", 152, 155, id=502, linked=2),
+        ev("void add_kernel<...>", 8000, 8300, id=502, linked=2, device_us=300, device=CUDA),
+        ev("train/step", 2000, 8300, id=1, linked=0, device_us=6300, device=CUDA,
+           annotation=True),  # the range's span on the GPU
+        ev("Memcpy DtoH", 9000, 9050, id=777, linked=0, device_us=50, device=CUDA),
+        ev("train/ema_and_schedules", 900, 950, id=3, linked=0),
+    ]
+    assert phase_times(events, device_time=True, outer=LOOP_RANGES) == {
+        "step": 6.3, "ema_and_schedules": 0.0, "other": 0.05}
+    # CPU time is the host ops' alone
+    assert phase_times(events, device_time=False, outer=LOOP_RANGES)["step"] == 0.0
+
+
 def test_host_times_are_the_ranges_spans_on_the_calling_thread():
     """The host's time in a range is its span (waits included), summed over its occurrences;
     ops and the GPU-side copies of ranges do not count."""

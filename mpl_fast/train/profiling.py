@@ -49,23 +49,54 @@ def phase_times(events, device_time, outer=()):
     GPU backward's kernels are launched from autograd's own device thread, so the range's call
     tree (and its GPU span) holds only the optimizer step that follows. Each op adds its own
     (self) time, device or CPU, so nothing is counted twice. An op in no phase counts towards
-    the `outer` range it starts in (the loop's, which hold the phases), else "other"."""
+    the `outer` range it starts in (the loop's, which hold the phases), else "other". Device work
+    that no host op holds (a CUDA graph replay's kernels) counts where its launch started."""
     inner_starts, inner = _windows(events, PHASES)
     outer_starts, outer_windows = _windows(events, outer)
     out = {name: 0.0 for _, _, name in inner + outer_windows}
     out["other"] = 0.0
-    cpu = torch.autograd.DeviceType.CPU
-    for e in events:
-        if e.device_type != cpu:  # device-side copies of the ranges: spans, not work
-            continue
-        us = e.self_device_time_total if device_time else e.self_cpu_time_total
-        if not us:
-            continue
-        t = e.time_range.start
+
+    def add(t, us):
         phase = (_containing(inner_starts, inner, t)
                  or _containing(outer_starts, outer_windows, t) or "other")
         out[phase] += us
+
+    cpu = torch.autograd.DeviceType.CPU
+    for e in events:
+        if e.device_type != cpu:  # device work: its host op's self time below, or unheld
+            continue
+        us = e.self_device_time_total if device_time else e.self_cpu_time_total
+        if us:
+            add(e.time_range.start, us)
+    if device_time:
+        for launch, us in _unheld_device_work(events, PHASES + tuple(outer)):
+            add(launch, us)
     return {k: round(v / 1e3, 3) for k, v in out.items()}
+
+
+def _unheld_device_work(events, ranges):
+    """(host time of the launch, device us) of each kernel or copy that no host op holds: torch
+    gives an op the device time of the kernels linked to it, but a CUDA graph's kernels were
+    captured under ops long gone and a replay runs them under none (seen on an H200: a graphed
+    run's whole step went uncounted). Each is placed by the runtime call that launched it (the
+    replay's cudaGraphLaunch, same correlation id), or at the end of time ("other") without one.
+    The device-side copies of the ranges are spans, not work."""
+    cpu = torch.autograd.DeviceType.CPU
+    held, launches = set(), {}
+    for e in events:
+        if e.device_type != cpu:
+            continue
+        linked = getattr(e, "linked_correlation_id", 0)
+        if linked == 0 and not getattr(e, "is_async", False):
+            held.add(getattr(e, "id", 0))  # an op: the kernels linked to it are in its time
+        elif linked > 0:
+            launches[e.id] = e.time_range.start  # a runtime call (cudaLaunchKernel, ...)
+    held.discard(0)
+    for e in events:
+        if (e.device_type == cpu or e.name in ranges or getattr(e, "is_user_annotation", False)
+                or getattr(e, "linked_correlation_id", 0) in held):
+            continue
+        yield launches.get(getattr(e, "id", 0), float("inf")), e.self_device_time_total
 
 
 def host_times(events, names=PHASES + LOOP_RANGES):
