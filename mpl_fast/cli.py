@@ -244,7 +244,7 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int, help="train.checkpoint_every")
     p.add_argument("--profile", type=int, metavar="N",
                    help="train.profile_steps: record N steps with torch.profiler, from the "
-                        "sitting's step train.profile_from (default 5), into DIR/profile/ "
+                        "session's step train.profile_from (default 5), into DIR/profile/ "
                         "(trace.json.gz, summary.json: ms a step by phase, ops.txt)")
     p.set_defaults(run=_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint",

@@ -89,7 +89,8 @@ DEFAULTS = {
         "sync_bn": False,  # under torchrun: SyncBatchNorm (GPU)
         "cuda_graph": False,  # true: the step replayed as a CUDA graph; emulate: no graph
         "profile_steps": 0,  # > 0: torch.profiler over that many steps, into DIR/profile/
-        "profile_from": 5,  # the sitting's steps before the profiled ones
+        # steps before the profiled ones, counted in this session (a resumed run from its resume)
+        "profile_from": 5,
     },
 }
 
@@ -273,7 +274,7 @@ def validate(config):
     earliest = GRAPH_WARMUP_STEPS + 2
     if t["cuda_graph"] is True and t["profile_steps"] and t["profile_from"] < earliest:
         raise ConfigError(f"train.profile_from must be >= {earliest} under train.cuda_graph (the "
-                          f"graph is captured at step {GRAPH_WARMUP_STEPS + 1} of a sitting), "
+                          f"graph is captured at step {GRAPH_WARMUP_STEPS + 1} of a session), "
                           f"got {t['profile_from']}")
     _validate_reduced(config, mpl_config(config))  # MPL settings: validated by MPLConfig itself
 

@@ -1,5 +1,5 @@
 """Where a run's time goes: torch.profiler over a window of training steps (`train.profile_steps`
-steps from the sitting's `train.profile_from`-th), written to DIR/profile/, and the per-phase
+steps from this session's `train.profile_from`-th), written to DIR/profile/, and the per-phase
 sums that this profile and `mpl-fast bench step` both report."""
 import bisect
 import json
@@ -120,7 +120,7 @@ def _write_atomically(path: Path, text: str):
 
 
 class RunProfiler:
-    """Records the loop iterations [first, first + count) of this sitting (0-based; the profiler
+    """Records the loop iterations [first, first + count) of this session (0-based; the profiler
     warms up during the one before) and writes DIR/profile/ (DIR/profile/rank<r>/ for each of
     several replicas): trace.json.gz (the whole trace, for
     Perfetto or chrome://tracing), summary.json (per-step time of each phase and of the costliest
@@ -203,7 +203,7 @@ class RunProfiler:
             self._ended = self._now()
         prof.stop()  # writes a window cut short by the run's end
         if completed and not self.recorded and self.main:
-            print(f"profile: nothing recorded: this sitting ran {self.seen} steps, the window "
+            print(f"profile: nothing recorded: this session ran {self.seen} steps, the window "
                   f"starts after {self.first} (train.profile_from)", file=sys.stderr, flush=True)
 
     def _write(self, prof):
