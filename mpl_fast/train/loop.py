@@ -360,7 +360,10 @@ def start_line(config, described, run, resume) -> str:
     where = f"{run.device}" + (", bf16" if run.amp is not None else "") + \
         (f", {run.dist.world} processes" if run.dist.world > 1 else "")
     start = f"from step {run.step}" if resume else "from scratch"
-    return (f"{config['method']} on {d['name']} ({described['labeled']} labeled of "
+    method = config["method"]
+    if method == "mpl" and cfg_mod.mpl_config(config).mpl_weight == 0:
+        method = "mpl without feedback (mpl.mpl_weight=0: UDA only)"
+    return (f"{method} on {d['name']} ({described['labeled']} labeled of "
             f"{described['train']}, {described['test']} test), {nets}, batch {d['batch_size']}"
             + (f" + {d['mu']}x unlabeled" if config["method"] == "mpl" else "")
             + f", {t['steps']} steps {start} on {where} -> {run.out}")
