@@ -212,7 +212,10 @@ def main(argv=None):
             # the MPL settings after the preset (null for supervised), e.g. ce_old_forward
             "mpl": (None if config["method"] == "supervised"
                     else dataclasses.asdict(cfg.mpl_config(config))),
-            "gpu": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            # the last session's, as its summary says (a run trained on a GPU machine and
+            # recorded here names that card); runs from before summaries held them: this one's
+            "gpu": summary.get("device", card), "torch": summary.get("torch", torch.__version__),
+            "date": summary.get("date", datetime.date.today().isoformat()),
         })
         print(f"{method}: EMA student top-1 {summary['ema_student_top1']:.4f}", flush=True)
     plot(out / "methods.png", curves, _title(args.config, configs[methods[0]], card))

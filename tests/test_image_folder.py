@@ -546,11 +546,19 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert f"{out / 'supervised'} already holds a run" in err and err.count("\n") == 1, err
     assert {m: (out / m / "last.pt").read_bytes() for m in before} == before
     assert len((results / "methods.jsonl").read_text().splitlines()) == 3
-    # --resume: finished runs are not trained again; the records are appended once more.
+    # --resume: finished runs are not trained again; the records are appended once more, naming
+    # the card, torch and date of the session that trained them (here, as if on a GPU machine)
     before = (out / "mpl" / "metrics.jsonl").read_text()
+    summary = json.loads((out / "mpl" / "summary.json").read_text())
+    assert (summary["device"], summary["torch"]) == ("cpu", torch.__version__)
+    summary.update(device="NVIDIA H200", torch="2.11.0+cu130", date="2026-11-27")
+    (out / "mpl" / "summary.json").write_text(json.dumps(summary))
     assert cli.main([*args, "--resume", "--methods", "mpl"]) == 0
     assert (out / "mpl" / "metrics.jsonl").read_text() == before
     assert len((results / "methods.jsonl").read_text().splitlines()) == 4
+    last = json.loads((results / "methods.jsonl").read_text().splitlines()[-1])
+    assert (last["gpu"], last["torch"], last["date"]) == ("NVIDIA H200", "2.11.0+cu130",
+                                                          "2026-11-27")
     capsys.readouterr()
     # --resume with other settings is refused before anything trains or is recorded; settings
     # the supervised run does not use, and where a run executes, are not compared.

@@ -1,5 +1,6 @@
 """`mpl-fast train`: the training loop around mpl_fast.mpl.MPLStep (or a supervised step)."""
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -350,6 +351,13 @@ def _clear_old_run(out: Path):
     clear_profile(out)
 
 
+def where_it_ran(device: torch.device) -> dict:
+    """The card (or "cpu"), torch and date of this session, for summary.json."""
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": card, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
 def start_line(config, described, run, resume) -> str:
     """What the run is about to do, in one line (logs read later start with it)."""
     d, m, t = config["data"], config["model"], config["train"]
@@ -479,7 +487,10 @@ def train(config, out_dir, resume=False, overwrite=False):
                    "teacher_top1": final.get("eval/teacher_top1"),
                    "best_ema_student_top1": run.best, "nonfinite_skipped": run.skipped,
                    "seconds_this_session": round(time.time() - started, 1),
-                   "images_per_second": round(logger.images_per_second(run.step), 1)}
+                   "images_per_second": round(logger.images_per_second(run.step), 1),
+                   # where this session ran: a record made from the run folder elsewhere (bench
+                   # methods --resume on a finished run) names this card, not its own machine's
+                   **where_it_ran(run.device)}
         share = data_wait.session_share()
         if share is not None:
             summary["data_wait_share"] = round(share, 3)
