@@ -71,14 +71,12 @@ def feedback_stats(rows):
             "mask_ratio_mean": statistics.fmean(r.get("uda/mask_ratio", 0.0) for r in hs)}
 
 
-# Keys that change where a run executes or how it is watched, not what it learns: a run may be
-# resumed with other values (another machine, more frequent evaluation).
-NOT_COMPARED = {"train.device", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.eval_batch_size", "train.max_nonfinite_skips", "train.cuda_graph",
-                "train.channels_last", "model.compile", "data.num_threads",
-                "data.decode_device", "data.augment_device", "data.steps_per_run",
-                "data.hw_decoder_load", "data.unlabeled_pipelines", "train.profile_steps",
+# Keys that change where a run executes (config.EXECUTION_KEYS) or how it is watched, not what
+# it learns: a run may be resumed with other values (another machine, more frequent evaluation).
+NOT_COMPARED = {"train.log_every", "train.eval_every", "train.checkpoint_every",
+                "train.eval_batch_size", "train.max_nonfinite_skips", "train.profile_steps",
                 "train.profile_from"}
+
 
 
 def _flat(config, prefix=""):
@@ -103,7 +101,8 @@ def _changed_settings(run_dir, config):
     keys = set(saved) | set(now)
     if config["method"] == "supervised":  # the MPL settings it does not use
         keys = {k for k in keys if not k.startswith("mpl.") or k == "mpl.student_label_smoothing"}
-    return sorted(k for k in keys - NOT_COMPARED if saved.get(k) != now.get(k))
+    return sorted(k for k in keys - NOT_COMPARED - cfg.EXECUTION_KEYS
+                  if saved.get(k) != now.get(k))
 
 
 def _finished(run_dir, steps):

@@ -318,6 +318,25 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
     other = cfg.load("digits", TINY + ["train.steps=10", "model.student=wrn28_2"])
     with pytest.raises(checkpoint.CheckpointError, match="model.student"):
         Run(other, tmp_path).load_state_dict(checkpoint.load(last), last)
+    # where and how it executes is not what it learned: a checkpoint moves to another machine
+    # (the H200 run's last.pt, compiled and with its data under /tmp, evaluated on a CPU)
+    elsewhere = cfg.load("digits", TINY + ["train.steps=10", "model.compile=default",
+                                           "data.num_threads=1", "train.device=cpu"])
+    assert {"model.compile", "data.num_threads", "data.root"} <= cfg.EXECUTION_KEYS
+    Run(elsewhere, tmp_path).load_state_dict(checkpoint.load(last), last)
+    state = checkpoint.load(last)
+    state["config"]["data"]["root"] = "/tmp/elsewhere"
+    Run(config, tmp_path).load_state_dict(state, last)
+    # a CUDA generator's state (16 bytes) does not fit the CPU sampler: reseeded from the step
+    state["mpl_gen"] = torch.zeros(16, dtype=torch.uint8)
+    run = Run(config, tmp_path)
+    run.load_state_dict(state, last)
+    expected = torch.Generator().manual_seed(config["train"]["seed"] + 2 + 7919 * 10)
+    assert torch.equal(run.mpl_gen.get_state(), expected.get_state())
+    state["config"]["model"]["compile"] = "default"  # with a key that does matter, named alone
+    state["config"]["model"]["student"] = "wrn28_2"
+    with pytest.raises(checkpoint.CheckpointError, match=r"settings \(model\.student\)"):
+        Run(config, tmp_path).load_state_dict(state, last)
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
     with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):

@@ -75,8 +75,10 @@ def load(path: Path, mmap: bool = False) -> dict:
 
 
 def check_compatible(state: dict, config: dict, path: Path):
-    """The parts of the config that shape the models and data must match the checkpoint's."""
-    from mpl_fast.train.config import ConfigError, from_saved
+    """The parts of the config that shape the models and data must match the checkpoint's; where
+    and how the run executes (config.EXECUTION_KEYS: the data's folder, the compiler, DALI's
+    placement) may differ."""
+    from mpl_fast.train.config import EXECUTION_KEYS, ConfigError, from_saved
 
     try:  # keys added since the checkpoint was written take their defaults
         saved = from_saved(state.get("config", {}))
@@ -87,7 +89,10 @@ def check_compatible(state: dict, config: dict, path: Path):
         a, b = saved.get(section), config.get(section)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                              and f"{section}.{k}" not in EXECUTION_KEYS)
+                if not diff:
+                    continue
                 raise CheckpointError(f"checkpoint {path} was written with other {section} "
                                       f"settings ({', '.join(f'{section}.{k}' for k in diff)})")
             raise CheckpointError(f"checkpoint {path} was written with {section}={a!r}, "

@@ -107,6 +107,13 @@ CHOICES = {
     "data.decode_device": DECODE_DEVICES,
     "data.augment_device": DEVICES,
 }
+# Keys that say where and how a run executes, not what it learns: a checkpoint resumes, or is
+# evaluated, under other values (another machine, its data copied elsewhere, no compiler)
+EXECUTION_KEYS = frozenset({
+    "train.device", "train.cuda_graph", "train.channels_last", "model.compile", "data.root",
+    "data.test_root", "data.num_threads", "data.decode_device", "data.augment_device",
+    "data.steps_per_run", "data.hw_decoder_load", "data.unlabeled_pipelines"})
+
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
             "train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.eval_batch_size", "train.max_nonfinite_skips", "data.steps_per_run",

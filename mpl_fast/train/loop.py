@@ -232,7 +232,7 @@ class Run:
                 self.teacher_sched.load_state_dict(state["teacher_sched"])
                 if self.step_fn.baseline is not None:
                     self.step_fn.baseline.load_state_dict(state["mpl"]["baseline"])
-                self.mpl_gen.set_state(state["mpl_gen"])
+                self._load_mpl_gen(state["mpl_gen"], state["step"])
             self.data.load_state_dict(state["data"])
             for opt in (self.student_opt, self.teacher_opt):
                 if opt is not None:  # the saved lr kind (float or tensor) may not be this run's
@@ -242,6 +242,15 @@ class Run:
         _set_rng_state(state["rng"])
         self.step, self.best = state["step"], state["best"]
         self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
+
+    def _load_mpl_gen(self, saved, step):
+        """The pseudo-label sampler's state, where it was saved on the same kind of device (a
+        CUDA generator's state does not fit a CPU one: a GPU run's checkpoint evaluated or
+        continued on a CPU); elsewhere a seed derived from the step, as the data streams do."""
+        if len(saved) == len(self.mpl_gen.get_state()):
+            self.mpl_gen.set_state(saved)
+        else:
+            self.mpl_gen.manual_seed(self.config["train"]["seed"] + 2 + 7919 * step)
 
     def _mpl_state(self):
         b = self.step_fn.baseline

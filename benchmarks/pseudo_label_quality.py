@@ -1,0 +1,129 @@
+"""How good are the pseudo labels a run's student learns from?
+
+    python benchmarks/pseudo_label_quality.py RUN_OR_CHECKPOINT [--batches N] [--set KEY=VALUE ...]
+                                              [--out DIR]
+
+An MPL (or UDA-only) student sees no labels until it is finetuned: it learns from labels its
+teacher draws on the unlabeled images' strong views (the `paper` preset samples them from the
+teacher's softmax; `mpl.pseudo_labels: argmax` takes the top class). The unlabeled images of a
+labeled-subset split do have labels, which training never reads: this script draws N batches from
+the run's own data stream (the augmentations it trained with), runs the checkpoint's teacher on
+them (evaluation mode: its BatchNorm running statistics) and compares with those labels: the top-1
+of the teacher on the weak and the strong view, the expected accuracy of a label sampled from its
+softmax on the pseudo-label view at mpl.pseudo_label_temperature (the mean probability of the
+true class: exact, no sampling noise), the mean top probability there, and the UDA mask ratio (weak
+view, uda_temperature, uda_threshold) with the top-1 of the rows it keeps. One JSON line is
+appended to OUT/pseudo_labels.jsonl with the checkpoint, its step, device, versions and date.
+"""
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def label_quality(z_weak, z_strong, truth, *, temperature=1.0, uda_temperature=1.0,
+                  threshold=0.0, view="strong"):
+    """Sums over one batch (add them up over batches, then divide by `rows`): top-1 hits on each
+    view, the pseudo-label view's probability of the true class and top probability, the UDA
+    mask's rows and their top-1 hits. Logits N x C (any float dtype, read in float64), truth N."""
+    z_weak, z_strong = z_weak.double(), z_strong.double()
+    source = z_strong if view == "strong" else z_weak
+    p = torch.softmax(source / temperature, dim=1)
+    weak_p = torch.softmax(z_weak / uda_temperature, dim=1)
+    kept = weak_p.max(dim=1).values >= threshold
+    weak_hit = z_weak.argmax(dim=1) == truth
+    return {"rows": len(truth),
+            "weak_top1": weak_hit.sum().item(),
+            "strong_top1": (z_strong.argmax(dim=1) == truth).sum().item(),
+            "sampled_label_accuracy": p.gather(1, truth[:, None]).sum().item(),
+            "top_probability": p.max(dim=1).values.sum().item(),
+            "uda_mask_ratio": kept.sum().item(),
+            "uda_kept_top1": (weak_hit & kept).sum().item(), "uda_kept_rows": kept.sum().item()}
+
+
+def finish(sums):
+    """Rates from summed counts: per row, except the kept rows' top-1 (per kept row; None when
+    the mask kept none)."""
+    rows, kept = sums["rows"], sums["uda_kept_rows"]
+    out = {k: v / rows for k, v in sums.items() if k not in ("rows", "uda_kept_top1",
+                                                             "uda_kept_rows")}
+    out["uda_kept_top1"] = sums["uda_kept_top1"] / kept if kept else None
+    out["rows"] = rows
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="pseudo_label_quality.py",
+                                description=__doc__.split("\n\n")[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run folder (its last.pt) or a last.pt / best.pt")
+    p.add_argument("--batches", type=int, default=20,
+                   help="unlabeled batches of the run's stream (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. data.root=DIR where the data now lives")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="where pseudo_labels.jsonl is appended (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.batches < 1:
+        p.error(f"--batches must be >= 1, got {args.batches}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from mpl_fast.data.image_folder import DataError
+    from mpl_fast.train import checkpoint, config as cfg
+    from mpl_fast.train.loop import TrainError, run_from_checkpoint
+
+    try:
+        run, state, path = run_from_checkpoint(args.checkpoint, args.set)
+        if "ema" not in state or run.teacher is None:
+            raise TrainError(f"{path} holds no teacher: a last.pt or best.pt of an MPL run")
+        if run.config["model"]["teacher"] == cfg.REDUCED:
+            raise TrainError(f"{path}: a reduced teacher labels stored logits, not images")
+        c = cfg.mpl_config(run.config)
+        truth_of = run.data.labels("train")
+        sums = None
+        run.teacher.eval()
+        with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp,
+                                             enabled=run.amp is not None):
+            for i in range(args.batches):
+                batch = run.to_device(run.data.next())
+                truth = truth_of[batch.unlabeled_index].to(run.device)
+                _, t_uw, t_us = batch.teacher_inputs()
+                part = label_quality(run.teacher(t_uw), run.teacher(t_us), truth,
+                                     temperature=c.pseudo_label_temperature,
+                                     uda_temperature=c.uda_temperature,
+                                     threshold=c.uda_threshold, view=c.pseudo_label_view)
+                sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+                print(f"\rbatch {i + 1}/{args.batches}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except (cfg.ConfigError, TrainError, checkpoint.CheckpointError, DataError) as err:
+        print(f"pseudo_label_quality: {err}", file=sys.stderr)
+        return 2
+    device = run.device
+    record = {"checkpoint": str(path), "step": state.get("step"),
+              "method": run.config["method"], "mpl_weight": c.mpl_weight,
+              "pseudo_labels": c.pseudo_labels, "pseudo_label_view": c.pseudo_label_view,
+              "pseudo_label_temperature": c.pseudo_label_temperature,
+              "uda_temperature": c.uda_temperature, "uda_threshold": c.uda_threshold,
+              **finish(sums), "teacher_bn": "eval (running statistics)",
+              "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                         else "cpu"),
+              "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "pseudo_labels.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(", ".join(f"{k} {record[k]:.4f}" for k in
+                    ("weak_top1", "strong_top1", "sampled_label_accuracy", "top_probability",
+                     "uda_mask_ratio") if record[k] is not None)
+          + f" over {record['rows']} unlabeled images -> {out / 'pseudo_labels.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
