@@ -174,6 +174,8 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and configs[methods[0]]["train"]["device"] != "cpu"
     card = torch.cuda.get_device_name() if gpu else "cpu"
     records, curves = [], {}
+    results = Path(args.results)
+    title = _title(args.config, configs[methods[0]], card)
     for method in methods:  # refuse before training anything
         run_dir = out / method
         check_out_dir(run_dir, args.resume, args.overwrite)
@@ -195,7 +197,7 @@ def main(argv=None):
             summary = train(config, run_dir, resume=resume, overwrite=args.overwrite)
         curve, last, h_stats = _from_metrics(run_dir)
         curves[method] = curve
-        records.append({
+        record = {
             "method": method, "config": args.config, "overrides": args.set,
             "steps": summary["steps"], "seed": config["train"]["seed"],
             "labeled_per_class": config["data"]["labeled_per_class"],
@@ -215,11 +217,13 @@ def main(argv=None):
             # recorded here names that card); runs from before summaries held them: this one's
             "gpu": summary.get("device", card), "torch": summary.get("torch", torch.__version__),
             "date": summary.get("date", datetime.date.today().isoformat()),
-        })
+        }
+        records.append(record)
+        # recorded and drawn as each run ends: a command stopped in a later run (a GPU
+        # machine's time limit) keeps what the finished ones measured
+        append_jsonl(results / "methods.jsonl", [record])
+        plot(out / "methods.png", curves, title)
         print(f"{method}: EMA student top-1 {summary['ema_student_top1']:.4f}", flush=True)
-    plot(out / "methods.png", curves, _title(args.config, configs[methods[0]], card))
-    results = Path(args.results)
-    append_jsonl(results / "methods.jsonl", records)
     print("summary: " + ", ".join(f"{r['method']} {r['ema_student_top1']:.4f}" for r in records)
           + f" (EMA student top-1) -> {out / 'methods.png'}, {results / 'methods.jsonl'}")
     return 0

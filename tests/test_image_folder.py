@@ -885,3 +885,32 @@ def test_bench_methods_feedback_stats_skip_the_wait_steps():
     assert got["h_centered_mean"] == pytest.approx(0.0)
     assert got["mask_ratio_mean"] == pytest.approx(0.3)
     assert stats([{"step": 1, "loss": 1.0}]) is None
+
+
+def test_bench_methods_records_each_run_as_it_ends(tmp_path, capsys, monkeypatch):
+    """A command stopped in a later run (a GPU call's time limit) keeps the records and the
+    figure of the runs that finished (the fourth H200 sitting lost MPL's record that way)."""
+    import json
+
+    from mpl_fast import cli
+    from mpl_fast.train import loop
+
+    real_train = loop.train
+
+    def stopped_in_uda(config, out_dir, **kw):
+        if config["mpl"]["mpl_weight"] == 0:
+            raise KeyboardInterrupt
+        return real_train(config, out_dir, **kw)
+
+    monkeypatch.setattr(loop, "train", stopped_in_uda)
+    out, results = tmp_path / "runs", tmp_path / "results"
+    tiny = ["data.batch_size=4", "data.mu=2", "train.steps=3", "train.eval_every=3",
+            "train.finetune_steps=0", "model.teacher=mlp", "model.student=mlp",
+            "train.device=cpu"]
+    args = ["bench", "methods", "--config", "digits", *sum((["--set", s] for s in tiny), []),
+            "--methods", "mpl,uda,supervised", "--out", str(out), "--results", str(results)]
+    assert cli.main(args) == 130
+    records = [json.loads(line) for line in (results / "methods.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["mpl"] and records[0]["steps"] == 3
+    assert (out / "methods.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "supervised").exists()
