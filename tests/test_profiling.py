@@ -318,3 +318,22 @@ def test_an_eager_run_on_a_gpu_profiles_kernel_time_by_phase(tmp_path):
     assert sum(ms[p] for p in MPL_PHASES) > 0.5 * sum(ms.values()), ms
     assert all(summary["host_ms_per_step"][p] > 0 for p in MPL_PHASES)
     assert any(o["ms_per_step"] > 0 for o in summary["top_ops"])
+
+
+def test_the_profiler_keeps_its_one_cycle_without_torchs_warning(tmp_path):
+    """One cycle (repeat=1): the profiler is told to keep its events, so torch does not warn at
+    every run that it clears them at each cycle's end (printed in the H200 run's log)."""
+    import inspect
+
+    from torch.profiler import profile
+
+    from mpl_fast.train.profiling import RunProfiler
+
+    if "acc_events" not in inspect.signature(profile).parameters:
+        pytest.skip("this torch's profiler has no acc_events")
+    prof = RunProfiler(tmp_path, 2, 1, torch.device("cpu"), start_step=0, images_per_step=1)
+    try:
+        assert prof.prof.acc_events is True
+    finally:
+        prof.close(completed=False)
+    assert not (tmp_path / "profile" / "summary.json").exists()

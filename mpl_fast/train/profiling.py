@@ -2,6 +2,7 @@
 steps from this session's `train.profile_from`-th), written to DIR/profile/, and the per-phase
 sums that this profile and `mpl-fast bench step` both report."""
 import bisect
+import inspect
 import json
 import os
 import sys
@@ -152,12 +153,16 @@ class RunProfiler:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.gpu else [])
+        # one cycle (repeat=1): keeping events across cycles changes nothing, and says so to
+        # torch, which otherwise warns that it clears them at each cycle's end (seen on the H200)
+        once = ({"acc_events": True} if "acc_events" in inspect.signature(profile).parameters
+                else {})
         with warnings.catch_warnings():  # from step 0 there is no step to warm up in: known
             warnings.filterwarnings("ignore", message=".*won't be using warmup")
             self.prof = profile(activities=activities,
                                 schedule=schedule(wait=max(first - 1, 0), warmup=min(first, 1),
                                                   active=count, repeat=1),
-                                on_trace_ready=self._write)
+                                on_trace_ready=self._write, **once)
         try:
             self.prof.start()
         except RuntimeError as err:  # e.g. no CUPTI: the run matters more than its profile
