@@ -39,7 +39,8 @@ METHODS = {
 LABELS = {"supervised": "Supervised", "uda": "UDA only (no feedback)", "mpl": "MPL",
           "mpl_joint": "MPL, CE_old from the joint forward"}
 # What the record keeps of the last logged line of each run (diagnostics of the feedback).
-LAST_LOGGED = ("h", "baseline", "uda/mask_ratio", "teacher/ce_labeled", "student/ce_new")
+LAST_LOGGED = ("h", "baseline", "uda/mask_ratio", "teacher/ce_labeled", "student/ce_new",
+               "pseudo/accuracy")
 
 
 def _from_metrics(run_dir):
@@ -58,8 +59,8 @@ def _from_metrics(run_dir):
 def feedback_stats(rows):
     """h over a run's logged steps where the student learned (lr > 0; in its wait steps h says
     nothing of a step): how many, mean, std, the fraction below 0 (the student's step raised its
-    labeled loss), and the mean of h after the baseline and of the UDA mask ratio. None for a run
-    without feedback logged (supervised)."""
+    labeled loss), and the means of h after the baseline, of the UDA mask ratio and of the pseudo
+    labels' accuracy. None for a run without feedback logged (supervised)."""
     hs = [r for r in rows if "h" in r and r.get("lr/student", 0) > 0]
     if not hs:
         return None
@@ -68,7 +69,10 @@ def feedback_stats(rows):
             "h_std": statistics.stdev(h) if len(h) > 1 else 0.0,
             "h_negative_fraction": sum(v < 0 for v in h) / len(h),
             "h_centered_mean": statistics.fmean(r.get("h_centered", 0.0) for r in hs),
-            "mask_ratio_mean": statistics.fmean(r.get("uda/mask_ratio", 0.0) for r in hs)}
+            "mask_ratio_mean": statistics.fmean(r.get("uda/mask_ratio", 0.0) for r in hs),
+            # how often the student's pseudo labels were right (None: a run before it was logged)
+            "pseudo_accuracy_mean": (statistics.fmean(r["pseudo/accuracy"] for r in hs)
+                                     if all("pseudo/accuracy" in r for r in hs) else None)}
 
 
 # Keys that change where a run executes (config.EXECUTION_KEYS) or how it is watched, not what

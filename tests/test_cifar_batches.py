@@ -124,6 +124,7 @@ def test_array_stream_draws_each_image_once_an_epoch_whatever_the_steps_a_run(ci
         b = stream.next()
         unlabeled += b.unlabeled_index.tolist()
         assert index_of(b.x_uw) == b.unlabeled_index.tolist()
+        assert b.y_u.tolist() == [int(train.labels[i]) for i in b.unlabeled_index.tolist()]
         assert index_of(b.x_l) == b.labeled_index.tolist()
         labeled_seen.append(index_of(b.x_l))
     assert len(set(unlabeled)) == 96

@@ -98,6 +98,7 @@ def test_stream_shapes_labels_and_views(tree):
         std = torch.tensor([0.229, 0.224, 0.225]) * 255
         for row, i in enumerate(b.unlabeled_index.tolist()):
             c, k = index.labels[i], int(index.files[i].split("_")[-1].split(".")[0])
+            assert int(b.y_u[row]) == c  # the true class, for the pseudo/accuracy diagnostic
             want = (torch.tensor(_color(c, k), dtype=torch.float32) - mean) / std
             got = b.x_uw[row].mean(dim=(1, 2))
             assert torch.allclose(got, want, atol=0.1), (row, got, want)
@@ -884,6 +885,10 @@ def test_bench_methods_feedback_stats_skip_the_wait_steps():
     assert got["h_mean"] == pytest.approx(0.5) and got["h_std"] == pytest.approx(2 ** 0.5)
     assert got["h_centered_mean"] == pytest.approx(0.0)
     assert got["mask_ratio_mean"] == pytest.approx(0.3)
+    assert got["pseudo_accuracy_mean"] is None  # runs from before it was logged
+    for row, acc in zip(rows, (0.9, 0.3, 0.5)):
+        row["pseudo/accuracy"] = acc
+    assert stats(rows)["pseudo_accuracy_mean"] == pytest.approx(0.4)  # the wait step left out
     assert stats([{"step": 1, "loss": 1.0}]) is None
 
 

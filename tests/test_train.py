@@ -189,6 +189,9 @@ def test_run_outputs_and_summary(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert {"teacher/loss", "student/loss", "h", "uda/mask_ratio", "lr/student"} <= set(rows[0])
     assert rows[0]["lr/student"] == 0.0  # the student waits
+    # digits knows every image's class: how often the pseudo labels are right, every step
+    assert all(0.0 <= r["pseudo/accuracy"] <= 1.0 for r in rows)
+    assert summary["device"] == "cpu" and summary["torch"] == torch.__version__
     assert any("eval/ema_student_top1" in r for r in rows)
     assert list((tmp_path / "tensorboard").iterdir())
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -104,6 +104,8 @@ class DaliStream:
         self._labeled_rows = torch.as_tensor(labeled, dtype=torch.int64)
         self._labeled_classes = torch.as_tensor([index.labels[i] for i in labeled],
                                                 dtype=torch.int64)
+        # every training image's class, for the unlabeled rows' pseudo/accuracy diagnostic
+        self._classes = torch.as_tensor(index.labels, dtype=torch.int64)
         ub = b * spec.mu // parts  # unlabeled rows a step from each unlabeled pipeline
         if hasattr(index, "images"):  # in-memory arrays (CIFAR python batches, decoded once)
             # the sources index samples by the pipelines' batch: k steps' worth
@@ -157,6 +159,7 @@ class DaliStream:
                 batch = MPLBatch(x_l, y_l, x_uw, x_us)
                 # rows of the training set (e.g. rows of a Reduced-MPL logit store)
                 batch.labeled_index, batch.unlabeled_index = li, ui
+                batch.y_u = self._classes[ui].to(self.device, non_blocking=True)
                 self._batches.append(batch)
             self._batches.reverse()  # popped from the end, in order
         return self._batches.pop()

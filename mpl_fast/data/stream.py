@@ -56,6 +56,7 @@ class InMemoryStream:
                          self._mine(x_us))
         # rows of train_x (e.g. rows of a Reduced-MPL logit store)
         batch.labeled_index, batch.unlabeled_index = self._mine(li), self._mine(ui)
+        batch.y_u = self._mine(s.train_y[ui])  # for the pseudo/accuracy diagnostic alone
         return batch
 
     def next_labeled(self) -> MPLBatch:

@@ -32,6 +32,8 @@ class MPLBatch:
 
     teacher_* replace the teacher's inputs where the teacher does not see images (Reduced MPL:
     the stored logits of a large teacher); by default the teacher sees the same images.
+    y_u: the unlabeled images' true labels where the data has them (a labeled subset of a labeled
+    set): read for the `pseudo/accuracy` diagnostic alone, never for training.
     """
     x_l: torch.Tensor
     y_l: torch.Tensor
@@ -40,11 +42,20 @@ class MPLBatch:
     teacher_l: Optional[torch.Tensor] = None
     teacher_uw: Optional[torch.Tensor] = None
     teacher_us: Optional[torch.Tensor] = None
+    y_u: Optional[torch.Tensor] = None
 
     def teacher_inputs(self):
         pick = lambda t, x: x if t is None else t  # noqa: E731
         return (pick(self.teacher_l, self.x_l), pick(self.teacher_uw, self.x_uw),
                 pick(self.teacher_us, self.x_us))
+
+
+def pseudo_label_accuracy(labels, probs, truth) -> torch.Tensor:
+    """How often the student's pseudo labels are right: the share of hard labels (sampled or
+    argmax) equal to the true ones; for soft targets, the mean probability of the true class."""
+    if labels is None:
+        return probs.gather(1, truth[:, None]).float().mean()
+    return (labels == truth).float().mean()
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -174,7 +185,7 @@ class MPLStep(nn.Module):
                 uda = torch.zeros((), device=dev)
                 uda_mask = torch.zeros(n_u, device=dev)
             source = z_us if c.pseudo_label_view == "strong" else z_uw
-            targets, labels, _ = self.make_pseudo_labels(source)
+            targets, labels, probs = self.make_pseudo_labels(source)
 
         # 3. student on pseudo labels; CE_old on labels with the same (old) weights
         with record_function("mpl/student_forward_backward_step"):
@@ -265,4 +276,6 @@ class MPLStep(nn.Module):
             "uda/scale": as_metric(uda_scale), "lr/teacher": as_metric(lr_t),
             "lr/student": as_metric(lr_s),
         }
+        if batch.y_u is not None and n_u:
+            metrics["pseudo/accuracy"] = pseudo_label_accuracy(labels, probs, batch.y_u)
         return metrics

@@ -307,7 +307,8 @@ class Run:
                 t = t.contiguous(memory_format=torch.channels_last)
             return t
         moved = {}  # by identity: one tensor in two fields (Reduced MPL's views) moves once
-        for field in ("x_l", "y_l", "x_uw", "x_us", "teacher_l", "teacher_uw", "teacher_us"):
+        for field in ("x_l", "y_l", "x_uw", "x_us", "teacher_l", "teacher_uw", "teacher_us",
+                      "y_u"):
             t = getattr(batch, field)
             if t is not None:
                 if id(t) not in moved:
