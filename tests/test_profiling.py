@@ -81,6 +81,8 @@ def test_phase_times_count_a_graph_replays_kernels_where_it_was_launched():
         e = _ev(name, start, end, device_us=device_us, device=device)
         e.id, e.linked_correlation_id, e.is_async, e.is_user_annotation = (
             id, linked, False, annotation)
+        e.activity_type = ("gpu_user_Annotation" if name.startswith("##") else
+                           "kernel" if device == CUDA else "cpu_op")
         return e
 
     events = [
@@ -94,6 +96,9 @@ def test_phase_times_count_a_graph_replays_kernels_where_it_was_launched():
         ev("train/step", 2000, 8300, id=1, linked=0, device_us=6300, device=CUDA,
            annotation=True),  # the range's span on the GPU
         ev("Memcpy DtoH", 9000, 9050, id=777, linked=0, device_us=50, device=CUDA),
+        # a compiled graph's GPU-side span, not flagged as a user annotation: its activity says
+        ev("## Call CompiledFxGraph ##", 2000, 6000, id=778, linked=0, device_us=4000,
+           device=CUDA),
         ev("train/ema_and_schedules", 900, 950, id=3, linked=0),
     ]
     assert phase_times(events, device_time=True, outer=LOOP_RANGES) == {

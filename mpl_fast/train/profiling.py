@@ -95,6 +95,8 @@ def _unheld_device_work(events, ranges):
     held.discard(0)
     for e in events:
         if (e.device_type == cpu or e.name in ranges or getattr(e, "is_user_annotation", False)
+                # any range's GPU-side span (kineto's gpu_user_annotation: compiled graphs' too)
+                or "annotation" in str(getattr(e, "activity_type", "") or "").lower()
                 or getattr(e, "linked_correlation_id", 0) in held):
             continue
         yield launches.get(getattr(e, "id", 0), float("inf")), e.self_device_time_total
