@@ -11,7 +11,7 @@
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
 #       STAGE: build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial
 #       step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods
-#       reduced-memory gather (default: build tests ops ops-tiles step memory step-imagenet, in that order),
+#       reduced-memory placements gather (default: build tests ops ops-tiles step memory step-imagenet, in that order),
 #       each under its own limit and all under SITTING_SECONDS.
 #       Wheels and DALI parts carried in a call are kept under /tmp
 #       for the later calls on the same warm machine; DALI is installed once all five parts
@@ -280,6 +280,47 @@ stage_methods() {
     --resume --results "$DIR/results" ${METHODS_ARGS:-}
 }
 
+# #8's run as it trains: the DALI stream and the graphed step share the GPU (the fourth sitting's
+# MPL run: 19.8 ms a step against 14.6 for the step alone in bench step and 12.6 for a step's
+# images from the stream alone in bench data). Short cifar10_4k_short runs with the speed
+# settings under other data placements, 30 steps of each profiled once compiled: the window's
+# wall ms a step (steady state, no compilation, no evaluation) and the host's time waiting for
+# data, one line a placement in results/placements.jsonl
+stage_placements() {
+  need_dali || return 1
+  [ -d "$CIFAR/train" ] || { echo "no CIFAR-10: carry .data/cifar10.tgz first"; return 1; }
+  # inside the function: a stage runs in a shell of its own that gets the functions alone
+  local PLACEMENTS=("preset:"
+    "augment-cpu:data.augment_device=cpu data.unlabeled_pipelines=8 data.num_threads=2"
+    "pipelines-8:data.unlabeled_pipelines=8 data.num_threads=4"
+    "steps-per-run-8:data.steps_per_run=8")
+  local p name sets s run
+  for p in "${PLACEMENTS[@]}"; do
+    name=${p%%:*}
+    sets=()
+    for s in ${p#*:}; do sets+=(--set "$s"); done
+    run=/tmp/placements/$name
+    mpl-fast train --config cifar10_4k_short --set data.root="$CIFAR" --steps 400 \
+      --set train.eval_every=1000000 --set train.checkpoint_every=1000000 \
+      --set train.finetune_steps=0 --set train.cuda_graph=true --set model.compile=default \
+      --set mpl.teacher_weak_no_grad=true --profile 30 --set train.profile_from=350 \
+      ${sets[@]+"${sets[@]}"} --out "$run" --overwrite || return 1
+    python3 - "$name" "$run" "$DIR/results/placements.jsonl" "${p#*:}" <<'PY'
+import json, sys
+name, run, out, sets = sys.argv[1:]
+prof = json.load(open(f"{run}/profile/summary.json"))
+summary = json.load(open(f"{run}/summary.json"))
+record = {"placement": name, "sets": sets.split(), "wall_ms_per_step": prof["wall_ms_per_step"],
+          "images_per_second": prof["images_per_second"], "ms_per_step": prof["ms_per_step"],
+          "host_ms_per_step": prof["host_ms_per_step"],
+          "data_wait_share": summary.get("data_wait_share"), "gpu": prof["device"],
+          "torch": summary.get("torch"), "date": summary.get("date")}
+open(out, "a").write(json.dumps(record) + "\n")
+print(f"{name}: {record['wall_ms_per_step']} ms a step, {record['images_per_second']} images/s")
+PY
+  done
+}
+
 # nothing to run: the call only brings carried parts (DALI, CIFAR-10) to the warm machine
 stage_gather() {
   echo "gathered: DALI parts $(ls -d /tmp/dali-parts/p* 2>/dev/null | wc -l)/5, CIFAR-10" \
@@ -289,7 +330,7 @@ stage_gather() {
 declare -A LIMIT=([build]=90 [tests]=340 [tests-ops]=160 [ops]=180 [ops-ncu]=150 [step]=150 [step-compiled]=560 [memory]=300
   [step-imagenet]=150 [step-imagenet-compiled]=300 [ops-tiles]=240
   [data]=300 [memory-teacher]=120 [memory-partial]=120 [step-compiled-default]=400
-  [methods]=570 [gather]=20 [reduced-memory]=120)
+  [methods]=570 [gather]=20 [reduced-memory]=120 [placements]=300)
 # All stages together stop by SITTING_SECONDS (default 570 s: inside one 600 s device call). A
 # stage gets its own limit or what is left, whichever is less, so time a quick stage leaves over
 # goes to the next; a stage left under 20 s is skipped.
@@ -484,6 +525,6 @@ pack() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods reduced-memory gather]" >&2
+  *) echo "usage: bash benchmarks/gpu_sitting.sh prepare | run [build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods reduced-memory placements gather]" >&2
      exit 2 ;;
 esac

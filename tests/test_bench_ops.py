@@ -720,3 +720,31 @@ def test_every_bench_command_of_the_gpu_sitting_parses(monkeypatch):
         pytest.fail("the parser was not reached")
     with pytest.raises(SystemExit):  # and the check itself can fail
         mains["data"](["--root", "x", "--variant", "decode=twice"])
+
+
+def test_the_gpu_sittings_placement_runs_are_valid_configs():
+    """Each placement of stage_placements is a `mpl-fast train` run of cifar10_4k_short with the
+    speed settings: every --set there must be a key and value the config accepts, and the
+    profiled window must end inside the run, or the GPU call is wasted."""
+    import re
+    import shlex
+
+    from mpl_fast.cli import build_parser
+    from mpl_fast.train import config as cfg
+
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh").read_text()
+    placements = re.findall(r'"([a-z0-9-]+):([^"]*)"',
+                            re.search(r"PLACEMENTS=\((.*?)\)\n", text, re.S).group(1))
+    assert [name for name, _ in placements][0] == "preset" and len(placements) >= 3
+    body = re.search(r"^stage_placements\(\) \{\n(.*?)\n\}", text, re.S | re.M).group(1)
+    command = re.search(r"(mpl-fast train .*?)\|\|", body.replace("\\\n", " "), re.S).group(1)
+    command = re.sub(r'\$\{sets\[@\]\+"\$\{sets\[@\]\}"\}', "", command)
+    command = re.sub(r'"?\$[A-Za-z_{}]+"?', "x", command)
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.config == "cifar10_4k_short" and args.overwrite
+    for name, sets in placements:
+        config = cfg.load(args.config, [*args.set, *sets.split()])
+        t = config["train"]
+        assert t["cuda_graph"] is True and config["model"]["compile"] == "default", name
+        assert t["profile_from"] + args.profile <= args.steps, name
+    assert cfg.load(args.config, args.set + ["data.unlabeled_pipelines=8"])  # a known key
