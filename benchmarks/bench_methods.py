@@ -11,11 +11,12 @@ cifar10_4k_short), changed only by:
   mpl         the config as given
   mpl_joint   mpl.ce_old_forward=joint: MPL with CE_old from the student's joint forward on x_us
               and x_l, as the released code (docs/meta_gradient.md); run only when named
-Then one JSON object per method is appended to RESULTS/methods.jsonl (card, versions, date,
-final top-1 of the EMA student, student and teacher, wall seconds, images/s, the share of the
-loop spent waiting for data, the last logged h
-and UDA mask ratio, h's statistics over the run (`feedback`), the resolved MPL settings, and the
-EMA-student top-1 curve), and OUT/methods.png draws the methods' curves. With --resume a method continues from OUT/<method>/last.pt (runs can span several
+As each run ends one JSON object is appended to RESULTS/methods.jsonl (card, versions and date
+of the session that finished it, final top-1 of the EMA student, student and teacher, wall
+seconds, images/s, the share of the loop spent waiting for data, the last logged h, UDA mask
+ratio and pseudo-label accuracy, their statistics over the run (`feedback`), the resolved MPL
+settings, and the EMA-student and teacher top-1 curves), and OUT/methods.png draws the curves
+so far (teachers dashed). With --resume a method continues from OUT/<method>/last.pt (runs can span several
 sittings); a method whose run already reached its last step is not trained again. A run saved
 with other settings than the ones given now (anything but where it runs and how often it is
 evaluated, logged or saved) is refused, so one comparison never mixes configurations.
@@ -50,10 +51,11 @@ def _from_metrics(run_dir):
             if line.strip()]
     curve = [(r["step"], r["eval/ema_student_top1"]) for r in rows
              if "eval/ema_student_top1" in r]
+    teacher = [(r["step"], r["eval/teacher_top1"]) for r in rows if "eval/teacher_top1" in r]
     last = {}
     for r in rows:
         last.update({k: r[k] for k in LAST_LOGGED if k in r})
-    return curve, last, feedback_stats(rows)
+    return curve, teacher, last, feedback_stats(rows)
 
 
 def feedback_stats(rows):
@@ -121,7 +123,9 @@ def _title(name, config, card):
             f"{config['train']['steps']} steps, {card}")
 
 
-def plot(path, curves, title):
+def plot(path, curves, title, teachers=None):
+    """The EMA students' top-1 over steps, a line a method; `teachers` (method -> curve), where
+    given, dashed in the method's colour."""
     import matplotlib
 
     from mpl_fast.train.run_log import save_figure
@@ -132,9 +136,13 @@ def plot(path, curves, title):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, points in curves.items():
         if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=LABELS[method])
+            line, = ax.plot(*zip(*points), marker="o", markersize=3, label=LABELS[method])
+            teacher = (teachers or {}).get(method)
+            if teacher:
+                ax.plot(*zip(*teacher), linestyle="--", color=line.get_color(), alpha=0.7,
+                        label=f"{LABELS[method]}: its teacher")
     ax.set_xlabel("step")
-    ax.set_ylabel("EMA student top-1")
+    ax.set_ylabel("top-1 (EMA student; dashed: teacher)" if teachers else "EMA student top-1")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -177,7 +185,7 @@ def main(argv=None):
     out = Path(args.out)
     gpu = torch.cuda.is_available() and configs[methods[0]]["train"]["device"] != "cpu"
     card = torch.cuda.get_device_name() if gpu else "cpu"
-    records, curves = [], {}
+    records, curves, teachers = [], {}, {}
     results = Path(args.results)
     title = _title(args.config, configs[methods[0]], card)
     for method in methods:  # refuse before training anything
@@ -199,8 +207,8 @@ def main(argv=None):
             print(f"{method}: {'resuming' if resume else 'training'} {steps} steps -> {run_dir}",
                   flush=True)
             summary = train(config, run_dir, resume=resume, overwrite=args.overwrite)
-        curve, last, h_stats = _from_metrics(run_dir)
-        curves[method] = curve
+        curve, teacher, last, h_stats = _from_metrics(run_dir)
+        curves[method], teachers[method] = curve, teacher
         record = {
             "method": method, "config": args.config, "overrides": args.set,
             "steps": summary["steps"], "seed": config["train"]["seed"],
@@ -214,6 +222,7 @@ def main(argv=None):
             # the last sitting's share of loop time waiting for data (None: run before it existed)
             "data_wait_share": summary.get("data_wait_share"),
             "last_logged": last, "feedback": h_stats, "ema_student_top1_curve": curve,
+            "teacher_top1_curve": teacher or None,  # None: supervised, no teacher
             # the MPL settings after the preset (null for supervised), e.g. ce_old_forward
             "mpl": (None if config["method"] == "supervised"
                     else dataclasses.asdict(cfg.mpl_config(config))),
@@ -226,7 +235,7 @@ def main(argv=None):
         # recorded and drawn as each run ends: a command stopped in a later run (a GPU
         # machine's time limit) keeps what the finished ones measured
         append_jsonl(results / "methods.jsonl", [record])
-        plot(out / "methods.png", curves, title)
+        plot(out / "methods.png", curves, title, teachers)
         print(f"{method}: EMA student top-1 {summary['ema_student_top1']:.4f}", flush=True)
     print("summary: " + ", ".join(f"{r['method']} {r['ema_student_top1']:.4f}" for r in records)
           + f" (EMA student top-1) -> {out / 'methods.png'}, {results / 'methods.jsonl'}")

@@ -523,6 +523,9 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
         assert r["images_per_second"] > 0 and r["gpu"] == "cpu" and r["steps"] == 4
         assert 0.0 <= r["data_wait_share"] <= 1.0
     assert records[0]["teacher_top1"] is None and records[2]["teacher_top1"] is not None
+    assert records[0]["teacher_top1_curve"] is None  # supervised: no teacher
+    assert [s for s, _ in records[2]["teacher_top1_curve"]] == [2, 4]
+    assert records[2]["teacher_top1_curve"][-1][1] == records[2]["teacher_top1"]
     assert records[0]["mpl"] is None and records[1]["mpl"]["mpl_weight"] == 0
     assert records[2]["mpl"]["ce_old_forward"] == "separate"
     assert records[0]["feedback"] is None  # supervised: no teacher, no h
