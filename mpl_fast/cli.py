@@ -116,7 +116,7 @@ def _train(args):
     from pathlib import Path
 
     from mpl_fast.train import checkpoint, config as cfg
-    from mpl_fast.train.loop import TrainError, train
+    from mpl_fast.train.loop import TrainError, method_label, train
 
     overrides = list(args.set)
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device"),
@@ -139,7 +139,7 @@ def _train(args):
         distributed.shutdown()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    line = (f"done: {summary['steps']} steps, {summary['method']}  top-1 student "
+    line = (f"done: {summary['steps']} steps, {method_label(config)}  top-1 student "
             f"{summary['student_top1']:.4f}  EMA student {summary['ema_student_top1']:.4f}")
     if summary.get("teacher_top1") is not None:
         line += f"  teacher {summary['teacher_top1']:.4f}"

@@ -404,8 +404,11 @@ def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path, capsys, monkeypat
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 20
     # UDA only is the MPL method without its feedback: the first line says which
     assert cli.main([*args, "--steps", "1", "--overwrite", "--set", "mpl.mpl_weight=0"]) == 0
-    assert capsys.readouterr().err.splitlines()[0].startswith(
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0].startswith(
         "mpl without feedback (mpl.mpl_weight=0: UDA only) on digits")
+    assert captured.out.startswith("done: 1 steps, mpl without feedback (mpl.mpl_weight=0: UDA "
+                                   "only)  top-1 student")
     # before the first checkpoint there is nothing to continue from
     stop_at["step"] = 4
     capsys.readouterr()

@@ -368,6 +368,13 @@ def where_it_ran(device: torch.device) -> dict:
             "date": datetime.date.today().isoformat()}
 
 
+def method_label(config) -> str:
+    """The method as a run's lines name it: UDA only is MPL without its feedback."""
+    if config["method"] == "mpl" and cfg_mod.mpl_config(config).mpl_weight == 0:
+        return "mpl without feedback (mpl.mpl_weight=0: UDA only)"
+    return config["method"]
+
+
 def start_line(config, described, run, resume) -> str:
     """What the run is about to do, in one line (logs read later start with it)."""
     d, m, t = config["data"], config["model"], config["train"]
@@ -378,10 +385,7 @@ def start_line(config, described, run, resume) -> str:
     where = f"{run.device}" + (", bf16" if run.amp is not None else "") + \
         (f", {run.dist.world} processes" if run.dist.world > 1 else "")
     start = f"from step {run.step}" if resume else "from scratch"
-    method = config["method"]
-    if method == "mpl" and cfg_mod.mpl_config(config).mpl_weight == 0:
-        method = "mpl without feedback (mpl.mpl_weight=0: UDA only)"
-    return (f"{method} on {d['name']} ({described['labeled']} labeled of "
+    return (f"{method_label(config)} on {d['name']} ({described['labeled']} labeled of "
             f"{described['train']}, {described['test']} test), {nets}, batch {d['batch_size']}"
             + (f" + {d['mu']}x unlabeled" if config["method"] == "mpl" else "")
             + f", {t['steps']} steps {start} on {where} -> {run.out}")
