@@ -4,8 +4,8 @@ saves left out. Nothing here synchronises with the GPU: the step's own host wait
 once the queue is full, the loss read-back when logging) fall in the rest of the loop. A share
 near 0 means the step sets the pace; near 1, the model may wait on the input pipeline (more
 DALI threads, pipelines, or another placement help). On a GPU it is an upper bound: a DALI
-pipeline waits for its own GPU work, queued beside the step's, and with the step one CUDA graph
-replay the host blocks there for want of anything else (an H200 CIFAR-10 run: 0.56, at 19.8 ms
+pipeline can wait for its own GPU work, queued beside the step's, and with the step one CUDA
+graph replay the host blocks there for want of anything else (an H200 CIFAR-10 run: 0.56, at 19.8 ms
 a step against the step's 14.6 ms alone)."""
 from typing import Optional
 
