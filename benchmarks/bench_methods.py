@@ -84,7 +84,6 @@ NOT_COMPARED = {"train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.profile_from"}
 
 
-
 def _flat(config, prefix=""):
     out = {}
     for key, value in config.items():
