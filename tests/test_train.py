@@ -755,6 +755,9 @@ def test_graphed_step_path_trains_like_the_eager_step(tmp_path, monkeypatch):
     assert scales[0] < scales[-1] == 1.0  # the ramp moved: not a value baked in at capture
     lrs = [r["lr/student"] for r in runs["emulate"][0]]
     assert len(set(lrs)) > 3
+    # the static batch takes each step's true labels too: the pseudo labels' accuracy follows
+    accuracy = {mode: [r["pseudo/accuracy"] for r in rows] for mode, (rows, _) in runs.items()}
+    assert accuracy["emulate"] == accuracy[False] and len(set(accuracy[False])) > 1
 
 
 def test_checkpoints_move_between_graphed_and_plain_runs(tmp_path):
