@@ -16,7 +16,6 @@ view, uda_temperature, uda_threshold) with the top-1 of the rows it keeps. One J
 appended to OUT/pseudo_labels.jsonl with the checkpoint, its step, device, versions and date.
 """
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -76,7 +75,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mpl_fast.data.image_folder import DataError
     from mpl_fast.train import checkpoint, config as cfg
-    from mpl_fast.train.loop import TrainError, run_from_checkpoint
+    from mpl_fast.train.loop import TrainError, run_from_checkpoint, where_it_ran
 
     try:
         run, state, path = run_from_checkpoint(args.checkpoint, args.set)
@@ -85,16 +84,14 @@ def main(argv=None):
         if run.config["model"]["teacher"] == cfg.REDUCED:
             raise TrainError(f"{path}: a reduced teacher labels stored logits, not images")
         c = cfg.mpl_config(run.config)
-        truth_of = run.data.labels("train")
         sums = None
         run.teacher.eval()
         with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp,
                                              enabled=run.amp is not None):
             for i in range(args.batches):
-                batch = run.to_device(run.data.next())
-                truth = truth_of[batch.unlabeled_index].to(run.device)
+                batch = run.to_device(run.data.next())  # y_u: the unlabeled rows' classes
                 _, t_uw, t_us = batch.teacher_inputs()
-                part = label_quality(run.teacher(t_uw), run.teacher(t_us), truth,
+                part = label_quality(run.teacher(t_uw), run.teacher(t_us), batch.y_u,
                                      temperature=c.pseudo_label_temperature,
                                      uda_temperature=c.uda_temperature,
                                      threshold=c.uda_threshold, view=c.pseudo_label_view)
@@ -104,16 +101,13 @@ def main(argv=None):
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError, DataError) as err:
         print(f"pseudo_label_quality: {err}", file=sys.stderr)
         return 2
-    device = run.device
     record = {"checkpoint": str(path), "step": state.get("step"),
               "method": run.config["method"], "mpl_weight": c.mpl_weight,
               "pseudo_labels": c.pseudo_labels, "pseudo_label_view": c.pseudo_label_view,
               "pseudo_label_temperature": c.pseudo_label_temperature,
               "uda_temperature": c.uda_temperature, "uda_threshold": c.uda_threshold,
               **finish(sums), "teacher_bn": "eval (running statistics)",
-              "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                         else "cpu"),
-              "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+              **where_it_ran(run.device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "pseudo_labels.jsonl", "a") as f:
