@@ -16,7 +16,6 @@ view, uda_temperature, uda_threshold) with the top-1 of the rows it keeps. One J
 appended to OUT/pseudo_labels.jsonl with the checkpoint, its step, device, versions and date.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -76,6 +75,7 @@ def main(argv=None):
     from mpl_fast.data.image_folder import DataError
     from mpl_fast.train import checkpoint, config as cfg
     from mpl_fast.train.loop import TrainError, run_from_checkpoint, where_it_ran
+    from mpl_fast.train.run_log import append_jsonl
 
     try:
         run, state, path = run_from_checkpoint(args.checkpoint, args.set)
@@ -109,9 +109,7 @@ def main(argv=None):
               **finish(sums), "teacher_bn": "eval (running statistics)",
               **where_it_ran(run.device)}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "pseudo_labels.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(out / "pseudo_labels.jsonl", [record])
     print(", ".join(f"{k} {record[k]:.4f}" for k in
                     ("weak_top1", "strong_top1", "sampled_label_accuracy", "top_probability",
                      "uda_mask_ratio") if record[k] is not None)

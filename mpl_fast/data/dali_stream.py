@@ -68,6 +68,12 @@ class StreamSpec:
     unlabeled_pipelines: int = 1  # pipelines making the unlabeled batch side by side
 
 
+def resume_seed(seed: int, step: int) -> int:
+    """The seed a random source restarts from at `step` when its state cannot be restored:
+    deterministic, and apart from the seeds of nearby steps."""
+    return seed + 7919 * step
+
+
 class DaliStream:
     """Endless MPL batches; its position is kept by the caller, which restarts it with
     `start_step` on resume (see the module docstring)."""
@@ -96,7 +102,7 @@ class DaliStream:
             index = decode_index(index, spec.image_size, spec.num_threads)
         self.k = spec.steps_per_run
         b = spec.batch_size // world
-        seed = spec.seed + 7919 * start_step
+        seed = resume_seed(spec.seed, start_step)
         common = dict(num_threads=spec.num_threads, device_id=device_id, prefetch_queue_depth=2)
         # The labeled pipeline's "labels" are positions in `labeled`: the host maps them to the
         # class labels and to the rows of the training set (a batch's labeled_index)

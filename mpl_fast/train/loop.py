@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from mpl_fast.data.dali_stream import resume_seed
 from mpl_fast.data.image_folder import DataError
 from mpl_fast.data.sources import build_data
 from mpl_fast.models.checkpointing import checkpoint_blocks
@@ -250,7 +251,7 @@ class Run:
         if len(saved) == len(self.mpl_gen.get_state()):
             self.mpl_gen.set_state(saved)
         else:
-            self.mpl_gen.manual_seed(self.config["train"]["seed"] + 2 + 7919 * step)
+            self.mpl_gen.manual_seed(resume_seed(self.config["train"]["seed"] + 2, step))
 
     def _mpl_state(self):
         b = self.step_fn.baseline
