@@ -305,19 +305,8 @@ stage_placements() {
       --set train.finetune_steps=0 --set train.cuda_graph=true --set model.compile=default \
       --set mpl.teacher_weak_no_grad=true --profile 30 --set train.profile_from=350 \
       ${sets[@]+"${sets[@]}"} --out "$run" --overwrite || return 1
-    python3 - "$name" "$run" "$DIR/results/placements.jsonl" "${p#*:}" <<'PY'
-import json, sys
-name, run, out, sets = sys.argv[1:]
-prof = json.load(open(f"{run}/profile/summary.json"))
-summary = json.load(open(f"{run}/summary.json"))
-record = {"placement": name, "sets": sets.split(), "wall_ms_per_step": prof["wall_ms_per_step"],
-          "images_per_second": prof["images_per_second"], "ms_per_step": prof["ms_per_step"],
-          "host_ms_per_step": prof["host_ms_per_step"],
-          "data_wait_share": summary.get("data_wait_share"), "gpu": prof["device"],
-          "torch": summary.get("torch"), "date": summary.get("date")}
-open(out, "a").write(json.dumps(record) + "\n")
-print(f"{name}: {record['wall_ms_per_step']} ms a step, {record['images_per_second']} images/s")
-PY
+    python3 benchmarks/placement_record.py "$name" "$run" "$DIR/results/placements.jsonl" \
+      ${p#*:} || return 1
   done
 }
 

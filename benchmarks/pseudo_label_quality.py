@@ -74,8 +74,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mpl_fast.data.image_folder import DataError
     from mpl_fast.train import checkpoint, config as cfg
-    from mpl_fast.train.loop import TrainError, run_from_checkpoint, where_it_ran
-    from mpl_fast.train.run_log import append_jsonl
+    from mpl_fast.train.loop import TrainError, run_from_checkpoint
+    from mpl_fast.train.run_log import append_jsonl, where_it_ran
 
     try:
         run, state, path = run_from_checkpoint(args.checkpoint, args.set)

@@ -342,3 +342,38 @@ def test_the_profiler_keeps_its_one_cycle_without_torchs_warning(tmp_path):
     finally:
         prof.close(completed=False)
     assert not (tmp_path / "profile" / "summary.json").exists()
+
+
+def test_a_placement_record_is_read_from_a_profiled_run(tmp_path, monkeypatch, capsys):
+    """gpu_sitting.sh's placements stage appends one line a placement with
+    benchmarks/placement_record.py: the profile's window figures and the session's data wait,
+    where the run ran; a run without a profile is refused in one line, nothing appended."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    script = Path(__file__).parents[1] / "benchmarks" / "placement_record.py"
+    main = runpy.run_path(str(script))["main"]
+    prof = _profiled(tmp_path, steps=6, profile_steps=2, profile_from=3)
+    run, out = prof.parent, tmp_path / "results" / "placements.jsonl"
+    assert main(["pipelines-2", str(run), str(out), "data.unlabeled_pipelines=2"]) == 0
+    assert main(["preset", str(run), str(out)]) == 0
+    first, second = [json.loads(line) for line in out.read_text().splitlines()]
+    window = json.loads((prof / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert first["placement"] == "pipelines-2" and first["sets"] == ["data.unlabeled_pipelines=2"]
+    assert second["placement"] == "preset" and second["sets"] == []
+    assert first["wall_ms_per_step"] == window["wall_ms_per_step"] > 0
+    assert first["ms_per_step"] == window["ms_per_step"] and first["profiled_steps"] == [4, 5]
+    assert first["data_wait_share"] == summary["data_wait_share"]
+    assert (first["gpu"], first["torch"], first["date"]) == (
+        "cpu", torch.__version__, summary["date"])
+    assert "pipelines-2: " in capsys.readouterr().out
+
+    bare = tmp_path / "bare"
+    train(cfg.load("digits", TINY + ["train.steps=2"]), bare)
+    capsys.readouterr()
+    assert main(["bare", str(bare), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("placement_record: ") and "profile" in err and "\n" not in err
+    assert len(out.read_text().splitlines()) == 2

@@ -1,6 +1,5 @@
 """`mpl-fast train`: the training loop around mpl_fast.mpl.MPLStep (or a supervised step)."""
 import contextlib
-import datetime
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, sc
 from mpl_fast.train.data_wait import DataWait
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import Shard, accuracies, accuracy
-from mpl_fast.train.run_log import RunLogger, plot_curves
+from mpl_fast.train.run_log import RunLogger, plot_curves, where_it_ran
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
 from mpl_fast.train.profiling import RunProfiler, clear_profile
 from mpl_fast.train.supervised import SupervisedStep
@@ -360,13 +359,6 @@ def _clear_old_run(out: Path):
     for events in (out / "tensorboard").glob("events.out.tfevents.*"):
         events.unlink()
     clear_profile(out)
-
-
-def where_it_ran(device: torch.device) -> dict:
-    """The card (or "cpu"), torch and date of this session, for summary.json."""
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": card, "torch": torch.__version__,
-            "date": datetime.date.today().isoformat()}
 
 
 def method_label(config) -> str:

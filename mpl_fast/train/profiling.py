@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mpl_fast.mpl.step import PHASES
+from mpl_fast.train.run_log import where_it_ran
 
 # The training loop's own ranges (mpl_fast.train.loop). A step's work outside the MPL phases
 # counts as "step": all of it when the step is one CUDA graph replay (the phases are host ranges
@@ -144,7 +145,7 @@ class RunProfiler:
         self.images_per_step = images_per_step
         self.device = device
         self.gpu = device.type == "cuda"
-        self.device_name = torch.cuda.get_device_name(device) if self.gpu else "cpu"
+        self.device_name = where_it_ran(device)["device"]
         self.seen = self.recorded = 0
         self.summary = None
         self._began = self._ended = None

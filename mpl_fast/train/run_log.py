@@ -119,6 +119,17 @@ def check_results_folder(parser, flag, folder):
         parser.error(f"{flag} {folder}: cannot write there ({err.strerror or err})")
 
 
+def where_it_ran(device) -> dict:
+    """The card (or "cpu"), torch and date of this session: what every record says it ran on."""
+    import datetime
+
+    import torch
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": card, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
 def append_jsonl(path, records):
     """Append one JSON object per line to path (benchmark results, run records)."""
     path = Path(path)
