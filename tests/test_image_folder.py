@@ -828,8 +828,9 @@ def test_each_stage_runs_where_the_placement_says(decode, augment, small):
 @pytest.mark.parametrize("student", ["small_cnn", "mlp"])
 def test_ce_old_gap_script_measures_the_normalisation_gap(tree, tmp_path, capsys, student):
     """benchmarks/ce_old_gap.py: with a BatchNorm student the joint forward's CE_old differs from
-    the labeled-only one (gap != 0, h_joint = h_separate + gap); without BatchNorm the two are the
-    same number, so the gap it reports is BatchNorm's and nothing else."""
+    the labeled-only one (gap far from 0, h_joint = h_separate + gap); without BatchNorm the two
+    are the same up to rounding (a matrix product over more rows may round differently: a few
+    ulps of a cross-entropy near 2, seen on some CPUs), so the gap it reports is BatchNorm's."""
     pytest.importorskip("nvidia.dali")
     import json
     import runpy
@@ -851,7 +852,10 @@ def test_ce_old_gap_script_measures_the_normalisation_gap(tree, tmp_path, capsys
     assert len(record["trial_values"]) == 3
     for t in record["trial_values"]:
         assert t["h_joint"] == pytest.approx(t["h_separate"] + t["gap"], abs=1e-6)
-        assert (t["gap"] != 0.0) == (student == "small_cnn"), t
+        if student == "small_cnn":
+            assert abs(t["gap"]) > 1e-3, t
+        else:
+            assert abs(t["gap"]) <= 2e-6, t
     assert capsys.readouterr().out.splitlines()[-1].startswith("summary:")
     # a missing root: one line, exit 2, nothing recorded
     assert main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
