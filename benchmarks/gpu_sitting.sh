@@ -285,7 +285,9 @@ stage_methods() {
 # images from the stream alone in bench data). Short cifar10_4k_short runs with the speed
 # settings under other data placements, 30 steps of each profiled once compiled: the window's
 # wall ms a step (steady state, no compilation, no evaluation) and the host's time waiting for
-# data, one line a placement in results/placements.jsonl
+# data, one line a placement in results/placements.jsonl. SITTING_PLACEMENTS: the names to run
+# (comma-separated; default all, e.g. one again in a later call); PLACEMENT_ARGS: options added to
+# every run after the stage's own (the CPU test's tiny runs)
 stage_placements() {
   need_dali || return 1
   [ -d "$CIFAR/train" ] || { echo "no CIFAR-10: carry .data/cifar10.tgz first"; return 1; }
@@ -297,14 +299,15 @@ stage_placements() {
   local p name sets s run
   for p in "${PLACEMENTS[@]}"; do
     name=${p%%:*}
+    [[ ",${SITTING_PLACEMENTS:-$name}," == *",$name,"* ]] || continue
     sets=()
     for s in ${p#*:}; do sets+=(--set "$s"); done
-    run=/tmp/placements/$name
+    run=${RUNS%/*}/placements/$name  # beside the methods' runs (/tmp/placements)
     mpl-fast train --config cifar10_4k_short --set data.root="$CIFAR" --steps 400 \
       --set train.eval_every=1000000 --set train.checkpoint_every=1000000 \
       --set train.finetune_steps=0 --set train.cuda_graph=true --set model.compile=default \
       --set mpl.teacher_weak_no_grad=true --profile 30 --set train.profile_from=350 \
-      ${sets[@]+"${sets[@]}"} --out "$run" --overwrite || return 1
+      ${sets[@]+"${sets[@]}"} ${PLACEMENT_ARGS:-} --out "$run" --overwrite || return 1
     python3 benchmarks/placement_record.py "$name" "$run" "$DIR/results/placements.jsonl" \
       ${p#*:} || return 1
   done

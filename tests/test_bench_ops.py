@@ -739,6 +739,7 @@ def test_the_gpu_sittings_placement_runs_are_valid_configs():
     body = re.search(r"^stage_placements\(\) \{\n(.*?)\n\}", text, re.S | re.M).group(1)
     command = re.search(r"(mpl-fast train .*?)\|\|", body.replace("\\\n", " "), re.S).group(1)
     command = re.sub(r'\$\{sets\[@\]\+"\$\{sets\[@\]\}"\}', "", command)
+    command = command.replace("${PLACEMENT_ARGS:-}", "")
     command = re.sub(r'"?\$[A-Za-z_{}]+"?', "x", command)
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert args.config == "cifar10_4k_short" and args.overwrite
@@ -748,3 +749,66 @@ def test_the_gpu_sittings_placement_runs_are_valid_configs():
         assert t["cuda_graph"] is True and config["model"]["compile"] == "default", name
         assert t["profile_from"] + args.profile <= args.steps, name
     assert cfg.load(args.config, args.set + ["data.unlabeled_pipelines=8"])  # a known key
+
+
+def test_gpu_sittings_methods_and_placements_stages_run_end_to_end_on_the_cpu(tmp_path):
+    """Plan G's call 6 (`run methods placements` with METHODS=supervised) through the script on
+    tiny runs: each stage must end with rc=0, the supervised record and a record for each
+    placement run (two of the four here: SITTING_PLACEMENTS; ~10 s a run on the CPU) land in the
+    archive, each named with its own --set options. The GPU settings the stages fix (graph,
+    compiled networks, 400 steps) are overridden for the CPU by METHODS_ARGS and PLACEMENT_ARGS,
+    which go after them."""
+    pytest.importorskip("nvidia.dali")
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    from PIL import Image
+
+    script = _sitting_script(tmp_path)
+    shutil.copy(Path(__file__).resolve().parent.parent / "benchmarks" / "placement_record.py",
+                script.parent)
+    cifar = tmp_path / "cifar"
+    for split, per_class in (("train", 8), ("test", 2)):
+        for c in range(3):
+            (cifar / split / f"class{c}").mkdir(parents=True)
+            for i in range(per_class):
+                colour = (40 + 60 * c, 20 + 25 * i, 200 - 50 * c)
+                Image.new("RGB", (16, 16), colour).save(cifar / split / f"class{c}" / f"{i}.jpg")
+    tiny = ("--set data.image_size=16 --set data.labeled_per_class=2 --set data.batch_size=4 "
+            "--set data.mu=2 --set data.num_threads=1 --set data.cutout=4 "
+            "--set model.teacher=mlp --set model.student=mlp "
+            "--set train.device=cpu --set model.compile=none --set train.finetune_steps=0 "
+            "--set optim.warmup_steps=1 --set mpl.uda_ramp_steps=2 --set train.eval_batch_size=8")
+    env = _sitting_env(
+        tmp_path, SITTING_SECONDS="300", SITTING_CIFAR=str(cifar),
+        SITTING_RUNS=str(tmp_path / "runs"),
+        METHODS="supervised",
+        METHODS_ARGS=f"{tiny} --set train.cuda_graph=emulate --set train.steps=4 "
+                     "--set train.eval_every=2",
+        PLACEMENT_ARGS=f"{tiny} --set train.cuda_graph=emulate --steps 6 --profile 2 "
+                       "--set train.profile_from=3",
+        SITTING_PLACEMENTS="augment-cpu,steps-per-run-8",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(script), "run", "methods", "placements"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = re.findall(r"^stage (\w+): rc=(\d+)", done.stdout, re.M)
+    assert lines == [("methods", "0"), ("placements", "0")], (
+        done.stdout, (tmp_path / "work" / "placements.log").read_text()[-3000:])
+    joined = tmp_path / "sitting.tar.gz"
+    joined.write_bytes(b"".join(p.read_bytes() for p in sorted((tmp_path / "out").iterdir())
+                                if p.name.startswith("sitting.tar.gz.")))
+    with tarfile.open(joined) as tar:
+        methods = tar.extractfile("./results/methods.jsonl").read().decode().splitlines()
+        placements = tar.extractfile("./results/placements.jsonl").read().decode().splitlines()
+    assert [json.loads(line)["method"] for line in methods] == ["supervised"]
+    records = [json.loads(line) for line in placements]
+    assert [r["placement"] for r in records] == ["augment-cpu", "steps-per-run-8"]
+    assert records[0]["sets"] == ["data.augment_device=cpu", "data.unlabeled_pipelines=8",
+                                  "data.num_threads=2"]
+    assert records[1]["sets"] == ["data.steps_per_run=8"]
+    for r in records:
+        assert r["wall_ms_per_step"] > 0 and r["profiled_steps"] == [4, 5] and r["gpu"] == "cpu"
