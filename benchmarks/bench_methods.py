@@ -2,6 +2,7 @@
 
     mpl-fast bench methods [--config NAME|FILE] [--set KEY=VALUE ...] [--out DIR]
                            [--methods supervised,uda,mpl] [--resume] [--results DIR]
+                           [--plot-only FIG]
 
 Each method trains into OUT/<method>/ with the trainer on the same config (default
 cifar10_4k_short), changed only by:
@@ -20,6 +21,9 @@ so far (teachers dashed). With --resume a method continues from OUT/<method>/las
 sittings); a method whose run already reached its last step is not trained again. A run saved
 with other settings than the ones given now (anything but where it runs and how often it is
 evaluated, logged or saved) is refused, so one comparison never mixes configurations.
+--plot-only FIG trains and records nothing: it draws FIG from the runs already in OUT (e.g. runs
+of one comparison finished in different GPU sittings, gathered in one folder), titled with the
+config and the card(s) they finished on (their summaries, or their records in RESULTS).
 """
 import argparse
 import dataclasses
@@ -149,6 +153,43 @@ def plot(path, curves, title, teachers=None):
     save_figure(fig, path, dpi=100)
 
 
+def _card(summary, method, records):
+    """The card a run finished on: its summary's, or for a run from before summaries named it,
+    that of its record in methods.jsonl (same method, steps and final EMA top-1)."""
+    if summary.get("device"):
+        return summary["device"]
+    for r in reversed(records):
+        if (r.get("method"), r.get("steps"), r.get("ema_student_top1")) == (
+                method, summary.get("steps"), summary.get("ema_student_top1")):
+            return r.get("gpu")
+    return None
+
+
+def plot_runs(out, methods, name, config, path, results):
+    """--plot-only: the figure from runs already in OUT, nothing trained or recorded; the title
+    names the cards the runs finished on (RESULTS/methods.jsonl for runs whose summary does
+    not)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"--plot-only: no folder {path.parent} for the figure")
+    curves, teachers, cards = {}, {}, []
+    listed = Path(results) / "methods.jsonl"
+    records = ([json.loads(line) for line in listed.read_text().splitlines() if line.strip()]
+               if listed.is_file() else [])
+    for method in methods:
+        run_dir = out / method
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise ValueError(f"--plot-only: no run of {method} at {run_dir} (no metrics.jsonl)")
+        curves[method], teachers[method], _, _ = _from_metrics(run_dir)
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            cards.append(_card(json.loads(summary.read_text()), method, records))
+    card = ", ".join(dict.fromkeys(c for c in cards if c)) or "card not recorded"
+    plot(path, curves, _title(name, config, card), teachers)
+    print(f"{', '.join(methods)} from {out} -> {path}")
+    return 0
+
+
 def main(argv=None):
     from mpl_fast.data.sources import check_data_root
     from mpl_fast.train import config as cfg
@@ -171,8 +212,13 @@ def main(argv=None):
                        help="train each method again over a run already in --out")
     p.add_argument("--results", default="benchmarks/results",
                    help="where methods.jsonl is appended (default: %(default)s)")
+    p.add_argument("--plot-only", metavar="FIG",
+                   help="train nothing: draw FIG (PNG) from the runs already in --out")
     args = p.parse_args(argv)
-    check_results_folder(p, "--results", args.results)
+    if args.plot_only and (args.resume or args.overwrite):
+        p.error("--plot-only trains nothing: it takes no --resume or --overwrite")
+    if not args.plot_only:
+        check_results_folder(p, "--results", args.results)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -180,6 +226,9 @@ def main(argv=None):
                          f"got {args.methods!r}")
     # Resolve every config before training anything, so a bad key fails in the first second.
     configs = {m: cfg.load(args.config, [*args.set, *METHODS[m]]) for m in methods}
+    if args.plot_only:
+        return plot_runs(Path(args.out), methods, args.config, configs[methods[0]],
+                         args.plot_only, args.results)
     check_data_root(configs[methods[0]]["data"])  # the same data for every method
     out = Path(args.out)
     gpu = torch.cuda.is_available() and configs[methods[0]]["train"]["device"] != "cpu"

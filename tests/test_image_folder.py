@@ -541,6 +541,20 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert "h" in records[2]["last_logged"] and "h" not in records[0]["last_logged"]
     png = (out / "methods.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # --plot-only: the figure again from the runs, nothing trained or recorded
+    fig = tmp_path / "again.png"
+    mtimes = {m: (out / m / "last.pt").stat().st_mtime_ns for m in ("supervised", "uda", "mpl")}
+    assert cli.main([*args, "--plot-only", str(fig)]) == 0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(fig) in capsys.readouterr().out
+    assert {m: (out / m / "last.pt").stat().st_mtime_ns for m in mtimes} == mtimes
+    assert len((results / "methods.jsonl").read_text().splitlines()) == 3
+    for bad, says in ((["--out", str(tmp_path / "none")], "no run of supervised"),
+                      (["--plot-only", str(tmp_path / "no" / "f.png")], "no folder")):
+        assert cli.main([*args, "--plot-only", str(fig), *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--plot-only", str(fig), "--resume"])
     # without --resume the runs in --out are not trained over (refused before any training)
     # unless --overwrite says so
     capsys.readouterr()
@@ -926,3 +940,20 @@ def test_bench_methods_records_each_run_as_it_ends(tmp_path, capsys, monkeypatch
     assert [r["method"] for r in records] == ["mpl"] and records[0]["steps"] == 3
     assert (out / "methods.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "supervised").exists()
+
+
+def test_bench_methods_names_the_card_of_a_run_from_before_summaries_held_it():
+    """--plot-only's title: a summary's own card, else the matching record's (same method,
+    steps and final EMA top-1: the fourth sitting's runs), else none."""
+    import runpy
+    from pathlib import Path
+
+    card = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                              "bench_methods.py"))["_card"]
+    records = [{"method": "mpl", "steps": 10000, "ema_student_top1": 0.5273, "gpu": "NVIDIA H200"},
+               {"method": "uda", "steps": 10000, "ema_student_top1": 0.5273, "gpu": "other"}]
+    old = {"steps": 10000, "ema_student_top1": 0.5273}
+    assert card(old, "mpl", records) == "NVIDIA H200"
+    assert card({**old, "device": "NVIDIA H100"}, "mpl", records) == "NVIDIA H100"
+    assert card({**old, "steps": 9000}, "mpl", records) is None
+    assert card(old, "supervised", records) is None
