@@ -167,8 +167,8 @@ def _card(summary, method, records):
 
 def plot_runs(out, methods, name, config, path, results):
     """--plot-only: the figure from runs already in OUT, nothing trained or recorded; the title
-    names the cards the runs finished on (RESULTS/methods.jsonl for runs whose summary does
-    not)."""
+    gives the first run's saved settings and the cards the runs finished on (RESULTS/methods.jsonl
+    for runs whose summary does not)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"--plot-only: no folder {path.parent} for the figure")
@@ -185,6 +185,13 @@ def plot_runs(out, methods, name, config, path, results):
         if summary.is_file():
             cards.append(_card(json.loads(summary.read_text()), method, records))
     card = ", ".join(dict.fromkeys(c for c in cards if c)) or "card not recorded"
+    saved = out / methods[0] / "config.yaml"
+    if saved.is_file():  # the title says what the runs trained with, not what --set says now
+        import yaml
+
+        from mpl_fast.train import config as cfg
+
+        config = cfg.from_saved(yaml.safe_load(saved.read_text()))
     plot(path, curves, _title(name, config, card), teachers)
     print(f"{', '.join(methods)} from {out} -> {path}")
     return 0

@@ -548,6 +548,10 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(fig) in capsys.readouterr().out
     assert {m: (out / m / "last.pt").stat().st_mtime_ns for m in mtimes} == mtimes
     assert len((results / "methods.jsonl").read_text().splitlines()) == 3
+    # its title is the runs' saved settings, not what --set says now
+    other = tmp_path / "other.png"
+    assert cli.main([*args, "--plot-only", str(other), "--set", "train.steps=99"]) == 0
+    assert other.read_bytes() == fig.read_bytes()
     for bad, says in ((["--out", str(tmp_path / "none")], "no run of supervised"),
                       (["--plot-only", str(tmp_path / "no" / "f.png")], "no folder")):
         assert cli.main([*args, "--plot-only", str(fig), *bad]) == 2
