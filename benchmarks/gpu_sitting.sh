@@ -19,12 +19,13 @@
 #       Logs (<stage>.log), result records (results/) and summary.txt (a line per stage, also on
 #       stdout) are written under /tmp/sitting and packed into $OUT/sitting.tar.gz.00, .01, ...
 #       (15 MiB parts) after every stage: at most 8 files of 16 MiB come back from a device
-#       call. Unpack them here (`cat sitting.tar.gz.* | tar -xz`) and copy the records
+#       call. benchmarks/import_sitting.py files them here (or unpack by hand,
+#       `cat sitting.tar.gz.* | tar -xz`, and copy the records
 #       you report into benchmarks/results/, its autotune/ files into .autotune/ (ignored;
 #       carry it next time: inductor's max-autotune timings for that card, see run()), and its
 #       compile-cache.tar.* beside the archive, when a call sent them, into .compile-cache/
 #       (ignored; carry it in the next sitting's first call: the kernels compiled so far, see
-#       pack_compile_cache).
+#       pack_compile_cache)).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

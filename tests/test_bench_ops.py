@@ -812,3 +812,81 @@ def test_gpu_sittings_methods_and_placements_stages_run_end_to_end_on_the_cpu(tm
     assert records[1]["sets"] == ["data.steps_per_run=8"]
     for r in records:
         assert r["wall_ms_per_step"] > 0 and r["profiled_steps"] == [4, 5] and r["gpu"] == "cpu"
+
+
+def test_import_sitting_files_records_runs_and_caches_where_they_belong(tmp_path, capsys):
+    """benchmarks/import_sitting.py on two calls' returned files: logs and autotune timings into
+    the sitting's folder, records appended once (a record two calls sent is added once, one the
+    checkout holds is not added), runs into runs/methods with their checkpoint and into the
+    sitting without it, the compile cache into .compile-cache; a call without its archive, or
+    with a part missing, stops it before anything is written."""
+    import io
+    import runpy
+    import tarfile
+
+    main = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                              "import_sitting.py"))["main"]
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    old = json.dumps({"op": "uda_loss", "ms": 1.0})
+    (repo / "benchmarks" / "results" / "ops.jsonl").write_text(old + "\n")
+
+    def tar_of(files, gz=True):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz" if gz else "w") as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    new = json.dumps({"op": "pseudo_labels", "ms": 2.0})
+    calls = []
+    for k, files in enumerate([
+            {"./summary.txt": b"stage build: rc=0", "./build.log": b"built",
+             "./results/ops.jsonl": f"{old}\n{new}\n".encode(),
+             "./autotune/h200.json": b"{}"},
+            {"./summary.txt": b"stage methods: rc=0", "./results/ops.jsonl": f"{new}\n".encode(),
+             "./results/methods.jsonl": b'{"method": "supervised"}\n',
+             "methods/supervised/last.pt": b"checkpoint",
+             "methods/supervised/metrics.jsonl": b'{"step": 1}\n',
+             "methods/supervised/summary.json": b"{}"}], 1):
+        call = tmp_path / f"call{k}"
+        call.mkdir()
+        archive = tar_of(files)
+        (call / "sitting.tar.gz.00").write_bytes(archive[:100])
+        (call / "sitting.tar.gz.01").write_bytes(archive[100:])
+        calls.append(call)
+    (calls[1] / "compile-cache.tar.00").write_bytes(
+        tar_of({"triton.tar.gz": b"kernels"}, gz=False))
+
+    base = ["--repo", str(repo), "--name", "2026-11-28-h200"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*base, str(calls[0]), str(empty)]) == 2
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "sitting.tar.gz.00").write_bytes((calls[0] / "sitting.tar.gz.00").read_bytes())
+    assert main([*base, str(cut)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "no sitting.tar.gz" in err[0] and "part missing" in err[1], err
+    assert not (repo / "benchmarks" / "results" / "sittings").exists()
+
+    assert main([*base, *map(str, calls)]) == 0
+    sitting = repo / "benchmarks" / "results" / "sittings" / "2026-11-28-h200"
+    assert (sitting / "call1" / "build.log").read_text() == "built"
+    assert (sitting / "call2" / "summary.txt").read_text() == "stage methods: rc=0"
+    assert (sitting / "call1" / "autotune" / "h200.json").exists()
+    assert (repo / ".autotune" / "h200.json").exists()
+    results = repo / "benchmarks" / "results"
+    assert (results / "ops.jsonl").read_text().splitlines() == [old, new]
+    assert (results / "methods.jsonl").read_text() == '{"method": "supervised"}\n'
+    assert (repo / "runs" / "methods" / "supervised" / "last.pt").read_bytes() == b"checkpoint"
+    assert (sitting / "call2" / "methods" / "supervised" / "metrics.jsonl").exists()
+    assert not (sitting / "call2" / "methods" / "supervised" / "last.pt").exists()
+    assert not (sitting / "call2" / "results").exists()
+    assert (repo / ".compile-cache" / "triton.tar.gz").read_bytes() == b"kernels"
+    out = capsys.readouterr().out
+    assert "call 1: ops.jsonl: 1 new record(s)" in out and "call 2: ops.jsonl: 0 new" in out
+    assert main([*base, str(calls[0])]) == 2  # the name is taken now
+    assert "exists already" in capsys.readouterr().err
