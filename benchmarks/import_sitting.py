@@ -13,7 +13,8 @@ Each CALL_DIR holds what one device call sent back (`sitting.tar.gz.00`, `.01`, 
   to carry into a later call's `run methods`), and their config, metrics and summary also to
   call<k>/methods/ so the figure can be redrawn from the committed folder;
 - a packed compile cache goes to .compile-cache/ (the latest call's wins).
-Nothing is written when a CALL_DIR holds no archive or NAME is taken (one-line error, exit 2).
+Nothing is written when a CALL_DIR holds no archive, or one that does not read whole (a part
+missing), or when NAME is taken: one line on stderr, exit 2.
 """
 import argparse
 import io
