@@ -98,14 +98,21 @@ def _flat(config, prefix=""):
     return out
 
 
-def _changed_settings(run_dir, config):
-    """Keys whose value in the run's saved config.yaml differs from `config`: a comparison at
-    one budget must not mix runs trained with other settings."""
+def _saved_config(run_dir):
+    """The config a run trained with, from its config.yaml."""
     import yaml
 
     from mpl_fast.train import config as cfg
 
-    saved = _flat(cfg.from_saved(yaml.safe_load((run_dir / "config.yaml").read_text())))
+    return cfg.from_saved(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def _changed_settings(run_dir, config):
+    """Keys whose value in the run's saved config.yaml differs from `config`: a comparison at
+    one budget must not mix runs trained with other settings."""
+    from mpl_fast.train import config as cfg
+
+    saved = _flat(_saved_config(run_dir))
     now = _flat(config)
     keys = set(saved) | set(now)
     if config["method"] == "supervised":  # the MPL settings it does not use
@@ -185,13 +192,8 @@ def plot_runs(out, methods, name, config, path, results):
         if summary.is_file():
             cards.append(_card(json.loads(summary.read_text()), method, records))
     card = ", ".join(dict.fromkeys(c for c in cards if c)) or "card not recorded"
-    saved = out / methods[0] / "config.yaml"
-    if saved.is_file():  # the title says what the runs trained with, not what --set says now
-        import yaml
-
-        from mpl_fast.train import config as cfg
-
-        config = cfg.from_saved(yaml.safe_load(saved.read_text()))
+    if (out / methods[0] / "config.yaml").is_file():  # the runs' settings, not --set's now
+        config = _saved_config(out / methods[0])
     plot(path, curves, _title(name, config, card), teachers)
     print(f"{', '.join(methods)} from {out} -> {path}")
     return 0

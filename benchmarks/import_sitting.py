@@ -74,7 +74,7 @@ def append_new_lines(src: Path, dest: Path) -> int:
 
 
 def import_call(k: int, archive: bytes, cache: bytes, sitting: Path, repo: Path) -> list[str]:
-    said = []
+    said, runs = [], set()
     call_dir = sitting / f"call{k}"
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         staged = sitting.parent / f".{sitting.name}.call{k}.partial"
@@ -89,6 +89,8 @@ def import_call(k: int, archive: bytes, cache: bytes, sitting: Path, repo: Path)
                 n = append_new_lines(path, repo / "benchmarks" / "results" / rel.name)
                 said.append(f"{rel.name}: {n} new record(s)")
             elif rel.parts[0] == "methods":
+                if path.name in ("metrics.jsonl", "summary.json"):  # methods/<method>/...
+                    runs.add(rel.parts[1])
                 dest = repo / "runs" / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)
@@ -110,10 +112,8 @@ def import_call(k: int, archive: bytes, cache: bytes, sitting: Path, repo: Path)
         with tarfile.open(fileobj=io.BytesIO(cache), mode="r:") as tar:
             tar.extractall(dest, filter="data")
         said.append(f"compile cache -> {dest}")
-    runs = sorted({p.parent.name for p in (call_dir / "methods").rglob("summary.json")}
-                  | {p.parent.name for p in (call_dir / "methods").rglob("metrics.jsonl")})
     if runs:
-        said.append(f"runs: {', '.join(runs)} -> {repo / 'runs' / 'methods'}")
+        said.append(f"runs: {', '.join(sorted(runs))} -> {repo / 'runs' / 'methods'}")
     return said
 
 
