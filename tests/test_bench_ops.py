@@ -630,9 +630,15 @@ def test_phase_breakdown_of_a_real_step_covers_its_backwards(monkeypatch):
     step = mod["our_step"](args, device)
     batch = mod["make_batch"](args, device, torch.Generator().manual_seed(0))
     step(batch, 0)
-    # op times on a shared 2-core machine: the median of three steps, so that one stalled op
-    # (a teacher forward once took 165 ms against its usual few) does not decide the test
-    runs = [mod["phase_breakdown"](lambda: step(batch, 0), device) for _ in range(3)]
+    # op times on a shared 2-core machine: one intra-op thread (two, with another process busy,
+    # once stalled each other into a teacher forward of 83 ms against its usual 6), and the
+    # median of three steps, so that one stalled op does not decide the test
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [mod["phase_breakdown"](lambda: step(batch, 0), device) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
     phases = {k: sorted(r[k] for r in runs)[1] for k in runs[0]}
     assert set(phases) == {"teacher_forward", "student_forward_backward_step",
                            "student_new_forward", "feedback", "teacher_backward_step", "other"}
