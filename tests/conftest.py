@@ -15,9 +15,10 @@ from tests import seeds  # noqa: E402
 def _share_the_cores_between_xdist_workers():
     # `-n auto` starts a worker a core; each one's torch (and the processes its tests start,
     # through OMP_NUM_THREADS) would otherwise run a thread a core too, and oversubscribed
-    # OpenMP threads stall each other: slower, and op timings that swing tenfold
+    # OpenMP threads stall each other: slower, and op timings that swing tenfold. A thread count
+    # the user set is left as it is.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
