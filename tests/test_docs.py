@@ -58,3 +58,17 @@ def test_the_readme_links_every_document_in_docs():
     linked = {(readme.parent / t.partition("#")[0]).resolve() for t in relative_links(readme)}
     missing = [p.name for p in DOCS[1:] if p.resolve() not in linked]
     assert not missing, f"README links none of: {missing}"
+
+
+@pytest.mark.parametrize("name", ["pseudo_labels", "soft_cross_entropy", "uda_loss",
+                                  "multi_tensor_dot", "multi_tensor_axpby"])
+def test_each_public_op_documents_every_argument(name):
+    """The ops are imported into other trainers: help(op) is their reference."""
+    import inspect
+
+    from mpl_fast import ops
+
+    op = getattr(ops, name)
+    doc = inspect.getdoc(op) or ""
+    missing = [p for p in inspect.signature(op).parameters if not re.search(rf"\b{p}\b", doc)]
+    assert not missing, f"{name}'s docstring does not mention {missing}"

@@ -220,7 +220,8 @@ class MPLStep(nn.Module):
         with record_function("mpl/feedback"):
             if c.estimator == "second_order":
                 v = self._replica_mean(feedback.grads_or_zeros(ce_new, params))
-                ops.multi_tensor_axpby(theta, params, -1.0, 1.0)  # theta <- theta - theta' (delta)
+                with torch.no_grad():  # delta is a value: autograd need not track it
+                    ops.multi_tensor_axpby(theta, params, -1.0, 1.0)  # theta <- theta - theta'
 
                 def strong_logits():
                     with frozen_bn_stats(self.student), self.autocast(dev):

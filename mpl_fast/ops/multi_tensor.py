@@ -24,6 +24,28 @@ def _dot_fake(a, b):
     return a[0].new_empty((), dtype=_result_dtype(a))
 
 
+def _dot_setup_context(ctx, inputs, output):
+    a, b = inputs
+    ctx.n = len(a)
+    ctx.save_for_backward(*a, *b)  # saved, not detached: a double backward goes through them
+
+
+def _dot_backward(ctx, grad):
+    # d/da_i <a_i, b_i> = b_i, and the other way round; each in its input's dtype
+    saved = ctx.saved_tensors
+    a, b = saved[:ctx.n], saved[ctx.n:]
+    grad_a = [(grad * y).to(y.dtype) for y in b] if ctx.needs_input_grad[0] else None
+    grad_b = [(grad * x).to(x.dtype) for x in a] if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+# Without it the compiled kernels' result would carry autograd's not-implemented node, whose
+# backward hands the inputs no gradient at all (with only a warning); the reference path is
+# differentiated by torch itself.
+torch.library.register_autograd("mpl_fast::multi_tensor_dot", _dot_backward,
+                                setup_context=_dot_setup_context)
+
+
 @torch.library.register_fake("mpl_fast::multi_tensor_axpby")
 def _axpby_fake(y, x, alpha, beta):
     return None
@@ -59,7 +81,7 @@ def multi_tensor_dot_reference(a, b):
     return total.to(_result_dtype(a))
 
 
-def multi_tensor_axpbyreference(y, x, alpha, beta):
+def multi_tensor_axpby_reference(y, x, alpha, beta):
     """y_i <- alpha * x_i + beta * y_i in fp32, one rounding to y's dtype."""
     check_lists("multi_tensor_axpby", y, x, "y", "x")
     for yi, xi in zip(y, x):
@@ -86,7 +108,11 @@ def multi_tensor_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> to
 
     a and b are equal-length lists of tensors, pairwise of one shape and dtype (float32,
     float16 or bfloat16; float64 on CPU, giving a float64 result), all on one device;
-    accumulation is at least fp32. An empty list gives 0 (on the CPU).
+    accumulation is at least fp32. An empty list gives 0 (on the CPU). Differentiable in a
+    and b (the gradient of a_i is grad * b_i, in a_i's dtype).
+
+    Raises TypeError where a or b is not a list of tensors, ValueError naming the list and
+    index for lengths, shapes or dtypes that do not pair up, or mixed devices.
     """
     if not (_is_list(a) and _is_list(b)):
         raise TypeError("multi_tensor_dot: a and b must be lists of tensors")
@@ -102,9 +128,16 @@ def multi_tensor_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> to
 
 def multi_tensor_axpby(y: Sequence[torch.Tensor], x: Sequence[torch.Tensor], alpha: float,
                         beta: float) -> None:
-    """In place, for every i: y_i <- alpha * x_i + beta * y_i (computed in fp32).
+    """In place, for every i: y_i <- alpha * x_i + beta * y_i (computed in fp32, rounded once
+    to y_i's dtype); returns None.
 
-    Used to perturb and restore parameter lists (theta +/- eps * v) without extra copies.
+    y and x are equal-length lists of tensors, pairwise of one shape and dtype (as for
+    multi_tensor_dot), all on one device; alpha and beta are Python floats. Used under
+    torch.no_grad() to perturb and restore parameter lists (theta +/- eps * v) without extra
+    copies.
+
+    Raises TypeError where y or x is not a list of tensors, ValueError naming the list and
+    index for lengths, shapes or dtypes that do not pair up, or mixed devices.
     """
     if not (_is_list(y) and _is_list(x)):
         raise TypeError("multi_tensor_axpby: y and x must be lists of tensors")
@@ -114,6 +147,6 @@ def multi_tensor_axpby(y: Sequence[torch.Tensor], x: Sequence[torch.Tensor], alp
         check_lists("multi_tensor_axpby", y, x, "y", "x")
     _check_one_device("multi_tensor_axpby", y, x, "y", "x")
     if backend.multi_tensor_backend(y[0].device) == "torch":
-        multi_tensor_axpbyreference(y, x, float(alpha), float(beta))
+        multi_tensor_axpby_reference(y, x, float(alpha), float(beta))
         return
     torch.ops.mpl_fast.multi_tensor_axpby(list(y), list(x), float(alpha), float(beta))

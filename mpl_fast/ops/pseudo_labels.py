@@ -48,9 +48,26 @@ def _(logits, temperature, threshold):
 def pseudo_labels(logits: torch.Tensor, temperature: float = 1.0, threshold: float = 0.0,
                   mode: str = "argmax", generator: Optional[torch.Generator] = None
                   ) -> PseudoLabels:
-    """Pseudo labels from teacher logits (N x C). mode 'sample' draws labels from probs with
-    the optional generator (an exponential race: argmax(probs / E), E ~ Exp(1), which needs no
-    host synchronisation)."""
+    """Pseudo labels from teacher logits, in one read of the logits and without gradient.
+
+    Args:
+        logits: N x C (N >= 0, C >= 2), float32, bfloat16 or float16 (float64 on the CPU),
+            rows contiguous or strided.
+        temperature: > 0; probs = softmax(logits / temperature).
+        threshold: mask = (max_prob >= threshold).
+        mode: "argmax" (labels = argmax of probs) or "sample" (a categorical draw from probs,
+            as an exponential race: argmax(probs / E), E ~ Exp(1), which needs no host
+            synchronisation).
+        generator: the torch.Generator "sample" draws from (default: torch's).
+
+    Returns:
+        PseudoLabels(probs, max_prob, mask, labels): probs N x C, max_prob N, mask N (float,
+        1 or 0), all float32 (float64 for float64 CPU logits); labels N int64.
+
+    Raises:
+        ValueError naming the argument: logits not 2-D or not floating point, temperature
+        <= 0, an unknown mode.
+    """
     _checks.logits_2d("logits", logits)
     _checks.positive("temperature", temperature)
     if mode not in MODES:

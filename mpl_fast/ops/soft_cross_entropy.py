@@ -132,8 +132,34 @@ class _SoftCrossEntropyEager(torch.autograd.Function):
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
                        mask: Optional[torch.Tensor] = None, reduction: str = "mean"
                        ) -> torch.Tensor:
-    """Cross-entropy of logits (N x C) against target: int64 indices (N) or probabilities
-    (N x C); float32 result. Gradient flows to the logits only."""
+    """Cross-entropy of logits against class indices or probabilities, with label smoothing
+    and a row mask, its gradient computed in the forward pass.
+
+    Per row, loss_i = -sum_c t'_ic * log_softmax(logits_i)_c with t' = (1 - label_smoothing)
+    * t + label_smoothing / C, times mask_i when a mask is given.
+
+    Args:
+        logits: N x C (N >= 0, C >= 2), float32, bfloat16 or float16 (float64 on the CPU),
+            rows contiguous or strided. The only input that gets a gradient.
+        target: int64 class indices in [0, C) (N), or target probabilities (N x C, floating
+            point; rows need not sum to 1). Never differentiated.
+        label_smoothing: in [0, 1].
+        mask: N weights (usually 0 or 1) a row's loss is multiplied by; a row whose mask is 0
+            has loss and gradient 0 whatever its logits hold (NaN included).
+        reduction: "mean" (divides by N: masked rows stay in the divisor, the UDA convention;
+            0 for N = 0), "sum" or "none" (the N row losses).
+
+    Returns:
+        The loss, float32 (float64 for float64 CPU logits): a 0-dim tensor, or N for "none".
+        Its gradient was written by the forward pass, so backward only scales it by
+        grad_output, in place (a graph through this op can be backpropagated once).
+
+    Raises:
+        ValueError naming the argument: logits not 2-D or not floating point, a target of the
+        wrong shape, dtype or device, class indices outside [0, C) (checked on the CPU; on a
+        GPU a check would need a host synchronisation: such a row's loss is NaN), a mask of
+        the wrong length, label_smoothing outside [0, 1], an unknown reduction.
+    """
     _checks.logits_2d("logits", logits)
     n, c = logits.shape
     _checks.reduction(reduction)

@@ -91,7 +91,29 @@ class _UdaLossEager(torch.autograd.Function):
 
 def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float = 1.0,
              threshold: float = 0.0, reduction: str = "mean"):
-    """(loss, mask): masked soft cross-entropy of logits_strong against softmax(weak / T)."""
+    """UDA's consistency loss: the soft cross-entropy of the strong view's logits against the
+    weak view's softmax at a temperature, on the rows where that softmax is confident; each
+    row of both views is read once.
+
+    Args:
+        logits_weak: N x C, the targets' logits: softmax(logits_weak / temperature), no
+            gradient.
+        logits_strong: N x C, same shape and device; the only input that gets a gradient.
+            Either may be float32, bfloat16 or float16 (float64 on the CPU), rows strided.
+        temperature: > 0.
+        threshold: a row counts where the targets' max probability >= threshold.
+        reduction: "mean" (divides by N: masked rows stay in the divisor, as the UDA code
+            does; 0 for N = 0), "sum" or "none" (the N row losses).
+
+    Returns:
+        (loss, mask): the loss, float32 (float64 for float64 CPU logits), 0-dim or N for
+        "none"; mask, the N rows kept (float, 1 or 0). As with soft_cross_entropy, the
+        gradient is computed in the forward pass and backward scales it in place.
+
+    Raises:
+        ValueError naming the argument: logits not 2-D or not floating point, the two of
+        different shapes or devices, temperature <= 0, an unknown reduction.
+    """
     _checks.logits_2d("logits_weak", logits_weak)
     _checks.logits_2d("logits_strong", logits_strong)
     if logits_weak.shape != logits_strong.shape:
