@@ -111,8 +111,8 @@ def multi_tensor_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> to
     accumulation is at least fp32. An empty list gives 0 (on the CPU). Differentiable in a
     and b (the gradient of a_i is grad * b_i, in a_i's dtype).
 
-    Raises TypeError where a or b is not a list of tensors, ValueError naming the list and
-    index for lengths, shapes or dtypes that do not pair up, or mixed devices.
+    Raises TypeError where a or b is not a list (or tuple) of tensors, ValueError naming the
+    list and index for lengths, shapes or dtypes that do not pair up, or mixed devices.
     """
     if not (_is_list(a) and _is_list(b)):
         raise TypeError("multi_tensor_dot: a and b must be lists of tensors")
@@ -136,8 +136,8 @@ def multi_tensor_axpby(y: Sequence[torch.Tensor], x: Sequence[torch.Tensor], alp
     torch.no_grad() to perturb and restore parameter lists (theta +/- eps * v) without extra
     copies.
 
-    Raises TypeError where y or x is not a list of tensors, ValueError naming the list and
-    index for lengths, shapes or dtypes that do not pair up, or mixed devices.
+    Raises TypeError where y or x is not a list (or tuple) of tensors, ValueError naming the
+    list and index for lengths, shapes or dtypes that do not pair up, or mixed devices.
     """
     if not (_is_list(y) and _is_list(x)):
         raise TypeError("multi_tensor_axpby: y and x must be lists of tensors")

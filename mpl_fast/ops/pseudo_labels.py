@@ -65,8 +65,8 @@ def pseudo_labels(logits: torch.Tensor, temperature: float = 1.0, threshold: flo
         1 or 0), all float32 (float64 for float64 CPU logits); labels N int64.
 
     Raises:
-        ValueError naming the argument: logits not 2-D or not floating point, temperature
-        <= 0, an unknown mode.
+        ValueError naming the argument: logits not 2-D, not floating point or of fewer than 2
+        classes, temperature <= 0, an unknown mode.
     """
     _checks.logits_2d("logits", logits)
     _checks.positive("temperature", temperature)

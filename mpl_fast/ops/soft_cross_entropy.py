@@ -155,10 +155,11 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothi
         grad_output, in place (a graph through this op can be backpropagated once).
 
     Raises:
-        ValueError naming the argument: logits not 2-D or not floating point, a target of the
-        wrong shape, dtype or device, class indices outside [0, C) (checked on the CPU; on a
-        GPU a check would need a host synchronisation: such a row's loss is NaN), a mask of
-        the wrong length, label_smoothing outside [0, 1], an unknown reduction.
+        ValueError naming the argument: logits not 2-D, not floating point or of fewer than 2
+        classes, a target of the wrong shape, dtype or device, class indices outside [0, C)
+        (checked on the CPU; on a GPU a check would need a host synchronisation: such a row's
+        loss is NaN), a mask of the wrong length, label_smoothing outside [0, 1], an unknown
+        reduction.
     """
     _checks.logits_2d("logits", logits)
     n, c = logits.shape

@@ -111,8 +111,9 @@ def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature
         gradient is computed in the forward pass and backward scales it in place.
 
     Raises:
-        ValueError naming the argument: logits not 2-D or not floating point, the two of
-        different shapes or devices, temperature <= 0, an unknown reduction.
+        ValueError naming the argument: logits not 2-D, not floating point or of fewer than 2
+        classes, the two of different shapes or devices, temperature <= 0, an unknown
+        reduction.
     """
     _checks.logits_2d("logits_weak", logits_weak)
     _checks.logits_2d("logits_strong", logits_strong)
