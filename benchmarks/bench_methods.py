@@ -51,8 +51,9 @@ LAST_LOGGED = ("h", "baseline", "uda/mask_ratio", "teacher/ce_labeled", "student
 def _from_metrics(run_dir):
     """From a run's metrics.jsonl: the EMA-student curve, the last logged diagnostics, h's
     statistics."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    from mpl_fast.train.run_log import read_jsonl
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     curve = [(r["step"], r["eval/ema_student_top1"]) for r in rows
              if "eval/ema_student_top1" in r]
     teacher = [(r["step"], r["eval/teacher_top1"]) for r in rows if "eval/teacher_top1" in r]
@@ -176,13 +177,14 @@ def plot_runs(out, methods, name, config, path, results):
     """--plot-only: the figure from runs already in OUT, nothing trained or recorded; the title
     gives the first run's saved settings and the cards the runs finished on (RESULTS/methods.jsonl
     for runs whose summary does not)."""
+    from mpl_fast.train.run_log import read_jsonl
+
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"--plot-only: no folder {path.parent} for the figure")
     curves, teachers, cards = {}, {}, []
     listed = Path(results) / "methods.jsonl"
-    records = ([json.loads(line) for line in listed.read_text().splitlines() if line.strip()]
-               if listed.is_file() else [])
+    records = read_jsonl(listed) if listed.is_file() else []
     for method in methods:
         run_dir = out / method
         if not (run_dir / "metrics.jsonl").is_file():

@@ -9,6 +9,11 @@ SHOWN = (("teacher/loss", "t_loss"), ("student/loss", "s_loss"), ("h", "h"),
          ("uda/mask_ratio", "mask"), ("lr/student", "lr_s"), ("time/data_wait", "data_wait"))
 
 
+def read_jsonl(path) -> list:
+    """The JSON objects of a file of one a line (metrics.jsonl, a results record file)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 class RunLogger:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0,
                  images_per_step: int = 0, enabled: bool = True):
@@ -156,7 +161,7 @@ def plot_curves(metrics_path: Path, png_path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("top1")}):
         pts = [(r["step"], r[key]) for r in rows if key in r]
