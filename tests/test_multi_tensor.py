@@ -95,11 +95,11 @@ def test_dot_gradients_are_the_other_list_scaled_in_each_inputs_dtype(device, dt
         x.requires_grad_()
     scale = float(torch.randn((), generator=gen))
     (ops.multi_tensor_dot(a, b) * scale).backward()
+    # one product rounded to the dtype: within half an ulp of the float64 truth, whose spacing
+    # among subnormals is absolute (tiny * eps: 6e-8 in float16)
+    info = torch.finfo(dtype)
     for x, y in zip(a, b):
         assert x.grad.dtype == dtype and y.grad.dtype == dtype
-        # one product rounded to the dtype: within half an ulp of the float64 truth, whose
-        # spacing among subnormals is absolute (tiny * eps: 6e-8 in float16)
-        info = torch.finfo(dtype)
         for got, other in ((x.grad, y), (y.grad, x)):
             truth = other.detach().double() * scale
             assert torch.allclose(got.double(), truth, rtol=info.eps, atol=info.tiny * info.eps)
