@@ -29,9 +29,11 @@ def make_step(config, seed=0, amp=True):
     teacher, student = small_cnn(seed), small_cnn(seed + 1)
     opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,  # noqa: E731
                                     nesterov=True, fused=True)
-    return MPLStep(teacher, student, opt(teacher), opt(student), config,
+    step = MPLStep(teacher, student, opt(teacher), opt(student), config,
                    autocast_dtype=torch.bfloat16 if amp else None,
                    generator=torch.Generator(device="cuda").manual_seed(seed))
+    step.skip_nonfinite = True  # as the trainer runs it: the skip flags must not synchronise
+    return step
 
 
 CONFIGS = {

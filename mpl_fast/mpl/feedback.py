@@ -2,7 +2,7 @@
 
 All return tensors and never synchronise with the device.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -21,13 +21,20 @@ class MovingBaseline(nn.Module):
         self.decay = decay
         self.register_buffer("value", torch.zeros((), dtype=torch.float32))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """skip: a device flag (mpl_fast.mpl.nonfinite), 1 where the step is skipped: the
+        baseline then keeps its value, as it does wherever h is not finite (no host read)."""
         if self.value.device != h.device:
             # Nobody calls .to() on the step object (only on its networks): follow the feedback's
             # device once, instead of mixing a CPU buffer into GPU math every step.
             self.value = self.value.to(h.device)
         b = self.value
-        b.sub_((1.0 - self.decay) * (b - h.detach().to(b.dtype)))
+        h_b = h.detach().to(b.dtype)
+        if skip is None:
+            b.sub_((1.0 - self.decay) * (b - h_b))
+        else:
+            keep = (skip > 0) | torch.logical_not(torch.isfinite(h_b))
+            b.copy_(torch.where(keep, b, b - (1.0 - self.decay) * (b - h_b)))
         return h - b.to(h.dtype)
 
 

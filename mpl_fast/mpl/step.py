@@ -16,7 +16,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from mpl_fast import ops
-from mpl_fast.mpl import feedback
+from mpl_fast.mpl import feedback, nonfinite
 from mpl_fast.mpl.bn import frozen_bn_stats
 from mpl_fast.mpl.config import MPLConfig
 
@@ -83,12 +83,15 @@ class MPLStep(nn.Module):
         self.generator = generator
         self.baseline = (feedback.MovingBaseline(config.baseline_decay)
                          if config.baseline_decay is not None else None)
-        # Optional check run on each loss right before the optimizer step it drives (the trainer
-        # raises there on a non-finite loss). None: no check, no host synchronisation.
-        self.finite_check = None
+        # True: an optimizer step whose losses are not finite is skipped on the device (no host
+        # synchronisation; mpl_fast.mpl.nonfinite), and metrics["nonfinite"] says 1 for the step.
+        # Needs fused optimizers. The trainer sets it.
+        self.skip_nonfinite = False
         # Optional mean across data-parallel replicas for the labeled losses that form h, so that
-        # every replica uses the feedback of the global batch (set by the trainer under DDP).
+        # every replica uses the feedback of the global batch, and "any replica" for the skip
+        # flags (all replicas skip together); set by the trainer under DDP.
         self.cross_replica_mean = None
+        self.cross_replica_any = None
         # Set by prepare_replay (CUDA-graph runs): the UDA ramp's value as a device scalar,
         # written before each replay instead of a Python float baked into the graph.
         self.uda_scale_buffer = None
@@ -194,15 +197,17 @@ class MPLStep(nn.Module):
                                             label_smoothing=c.student_label_smoothing)
             with torch.no_grad():
                 ce_old = ops.soft_cross_entropy(s_l.detach(), y_l)
-            if self.finite_check is not None:
-                self.finite_check(s_loss, t_ce, uda)
+            # a step is skipped whole where the losses known before the student's step are not
+            # finite, and the teacher's alone where its own loss is not (the student has stepped)
+            skip = (nonfinite.agreed(nonfinite.flag(s_loss, t_ce, uda), self.cross_replica_any)
+                    if self.skip_nonfinite else None)
             self.student_opt.zero_grad(set_to_none=True)
             s_loss.backward()
             if c.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
             grads_u = feedback.current_grads(params) if c.estimator == "dot" else None
             theta = feedback.snapshot(params) if c.estimator == "second_order" else None
-            self.student_opt.step()
+            nonfinite.step_unless(self.student_opt, skip)
 
         # 4. student on labels with the new weights (BN statistics not updated again)
         with record_function("mpl/student_new_forward"):
@@ -243,7 +248,7 @@ class MPLStep(nn.Module):
                     h = feedback.dot(lr_s, grads_new, grads_u, c.feedback_sign)
                 else:
                     h = feedback.loss_diff(ce_old, ce_new.detach(), c.feedback_sign)
-                centered = self.baseline(h) if self.baseline is not None else h
+                centered = self.baseline(h, skip) if self.baseline is not None else h
                 if c.mpl_term == "score":
                     # the mean over unlabeled rows, as in the paper's code: the gradient estimates
                     # (1 / N_u) * d E[CE_l(theta')] / dT
@@ -256,14 +261,15 @@ class MPLStep(nn.Module):
         # 6. teacher step
         with record_function("mpl/teacher_backward_step"):
             t_loss = c.teacher_supervised_weight * t_ce + uda_scale * uda + c.mpl_weight * mpl
-            if self.finite_check is not None:
-                self.finite_check(t_loss)
+            if skip is not None:
+                skip = torch.maximum(skip, nonfinite.agreed(nonfinite.flag(t_loss),
+                                                            self.cross_replica_any))
             self.teacher_opt.zero_grad(set_to_none=True)
             t_loss.backward()
             if c.grad_clip > 0:
                 nn.utils.clip_grad_norm_(feedback.student_params(self.teacher), c.grad_clip,
                                          foreach=True)
-            self.teacher_opt.step()
+            nonfinite.step_unless(self.teacher_opt, skip)
 
         metrics = {
             "teacher/loss": t_loss.detach(), "teacher/ce_labeled": t_ce.detach(),
@@ -279,4 +285,6 @@ class MPLStep(nn.Module):
         }
         if batch.y_u is not None and n_u:
             metrics["pseudo/accuracy"] = pseudo_label_accuracy(labels, probs, batch.y_u)
+        if skip is not None:
+            metrics["nonfinite"] = skip
         return metrics

@@ -33,6 +33,14 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def any(self, flag: torch.Tensor) -> torch.Tensor:
+        """1 where any replica's flag is 1 (an all-reduce MAX of a copy; no host synchronisation)."""
+        if not self.enabled:
+            return flag
+        flag = flag.detach().clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
+
     def broadcast_buffers(self, module: torch.nn.Module):
         """Rank 0's buffers (BatchNorm statistics) into every replica's module: without
         SyncBatchNorm each replica's statistics follow its own slice of the batch (DDP sends rank

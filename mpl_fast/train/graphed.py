@@ -6,8 +6,8 @@ host's launch cost. What a graph needs, and where it comes from here:
 - no host values baked in: learning rates are device tensors the schedulers fill in place
   (`optim.sgd(..., lr=tensor)`), and the step's own host-side schedule values (the UDA ramp) are
   written into device scalars before each replay (`step_fn.prepare_replay(step)`);
-- no host synchronisation inside the step: the per-step non-finite check is off (the trainer
-  checks the logged losses instead);
+- no host synchronisation inside the step: a step whose losses are not finite is skipped by
+  a flag on the device (mpl_fast.mpl.nonfinite), so a graphed run skips it as a plain run does;
 - warm-up: the first steps run eagerly on a side stream (lazy allocations, autotuning), as
   torch.cuda.graph requires.
 `emulate=True` runs the same static-buffer path without a graph (on any device), so everything

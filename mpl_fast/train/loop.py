@@ -1,11 +1,9 @@
 """`mpl-fast train`: the training loop around mpl_fast.mpl.MPLStep (or a supervised step)."""
-import contextlib
 import json
 import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from mpl_fast.train.data_wait import DataWait
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.evaluate import Shard, accuracies, accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves, where_it_ran
+from mpl_fast.train.skipped_steps import SkippedSteps
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
 from mpl_fast.train.profiling import RunProfiler, clear_profile
 from mpl_fast.train.supervised import SupervisedStep
@@ -34,26 +33,6 @@ FORMAT = 1
 
 class TrainError(RuntimeError):
     """A run that cannot go on: one-line message."""
-
-
-class NonFiniteLoss(Exception):
-    pass
-
-
-def _check_finite(*losses):
-    for loss in losses:
-        if not bool(torch.isfinite(loss).all()):
-            raise NonFiniteLoss
-
-
-def _check_graphed_losses(metrics, step):
-    """A graphed step cannot stop on the host before a non-finite loss reaches the weights, so
-    the loop checks the losses it logs (and before each checkpoint) and stops the run."""
-    for key in ("teacher/loss", "student/loss"):
-        if key in metrics and not bool(torch.isfinite(metrics[key]).all()):
-            raise TrainError(f"non-finite {key} by step {step} under train.cuda_graph (graphed "
-                             f"steps are not skipped): resume from an earlier checkpoint "
-                             f"without train.cuda_graph")
 
 
 def resolve_device(name):
@@ -167,14 +146,15 @@ class Run:
             self.mpl_gen = None
             ls = config["mpl"]["student_label_smoothing"] or 0.0
             self.step_fn = SupervisedStep(parallel(self.student), self.student_opt, ls, self.amp)
+        # a step whose losses are not finite is skipped on the device, by every replica alike,
+        # graphed or not; the loop counts the skips on the device too (SkippedSteps)
+        self.step_fn.skip_nonfinite = True
+        self.step_fn.cross_replica_any = self.dist.any if self.dist.enabled else None
         # train_step is what the loop calls: the step itself, or the step replayed as a CUDA graph
-        # (which cannot stop on the host to check each loss: the loop checks logged losses).
-        if self.graph_mode:
-            self.train_step = GraphedStep(self.step_fn, emulate=self.graph_mode == "emulate")
-        else:
-            self.step_fn.finite_check = _check_finite
-            self.train_step = self.step_fn
-        self.step, self.best, self.skipped, self.consecutive_skips = 0, -1.0, 0, 0
+        self.train_step = (GraphedStep(self.step_fn, emulate=self.graph_mode == "emulate")
+                           if self.graph_mode else self.step_fn)
+        self.step, self.best = 0, -1.0
+        self.skips = SkippedSteps(self.device)
 
     def _reduced_teacher(self, m):
         """Reduced MPL: an MLP over the stored logits of a large teacher, which the data source
@@ -207,7 +187,7 @@ class Run:
     # -- checkpoint ------------------------------------------------------------------------
     def state_dict(self):
         state = {"format": FORMAT, "config": self.config, "step": self.step, "best": self.best,
-                 "skipped": self.skipped, "consecutive_skips": self.consecutive_skips,
+                 **dict(zip(("skipped", "consecutive_skips"), self.skips.state())),
                  "student": self.student.state_dict(), "ema": self.ema.state_dict(),
                  "student_opt": self.student_opt.state_dict(),
                  "student_sched": self.student_sched.state_dict(),
@@ -241,7 +221,7 @@ class Run:
             raise checkpoint.does_not_fit(path, err) from err
         _set_rng_state(state["rng"])
         self.step, self.best = state["step"], state["best"]
-        self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
+        self.skips = SkippedSteps(self.device, state["skipped"], state["consecutive_skips"])
 
     def _load_mpl_gen(self, saved, step):
         """The pseudo-label sampler's state, where it was saved on the same kind of device (a
@@ -431,27 +411,11 @@ def train(config, out_dir, resume=False, overwrite=False):
             try:
                 with record_function("train/step"):
                     metrics = run.train_step(batch, run.step)
-                run.consecutive_skips = 0
             except BatchShapeChanged as err:
                 raise TrainError(str(err)) from err
-            except NonFiniteLoss:
-                run.skipped += 1
-                run.consecutive_skips += 1
-                metrics = {"nonfinite_skipped": run.skipped}
-                if run.consecutive_skips >= t["max_nonfinite_skips"]:
-                    logger.log(run.step + 1, metrics)
-                    raise TrainError(f"stopping: {run.consecutive_skips} consecutive steps with a "
-                                     f"non-finite loss (at step {run.step + 1})")
-            # only around a skipped step: leaving catch_warnings resets Python's record of the
-            # warnings already shown, so entered every step it would repeat them every step
-            skipped = "nonfinite_skipped" in metrics
-            with record_function("train/ema_and_schedules"), \
-                    (warnings.catch_warnings() if skipped else contextlib.nullcontext()):
-                if skipped:
-                    # the schedules follow the step count, skipped steps included: torch's warning
-                    # that a scheduler stepped before its optimizer ever did (a skipped first
-                    # step) does not apply
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            with record_function("train/ema_and_schedules"):
+                # the schedules and the EMA follow the step count, skipped steps included
+                run.skips.add(metrics["nonfinite"])
                 for sched in (run.student_sched, run.teacher_sched):
                     if sched is not None:
                         sched.step()
@@ -467,14 +431,18 @@ def train(config, out_dir, resume=False, overwrite=False):
                     with record_function("train/checkpoint"):
                         run.save("best.pt")
                 aside += time.perf_counter() - eval_began
-            logging = run.step % t["log_every"] == 0 or "eval/student_top1" in metrics \
-                or "nonfinite_skipped" in metrics
+            logging = run.step % t["log_every"] == 0 or "eval/student_top1" in metrics
             saving = run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]
             with record_function("train/log"):  # on a GPU: where the host waits for the step
-                if run.graph_mode and (logging or saving):
-                    _check_graphed_losses(metrics, run.step)
+                if logging or saving:
+                    skipped, _, longest = run.skips.read()
+                    metrics = {k: v for k, v in metrics.items() if k != "nonfinite"}
+                    metrics["nonfinite_skipped"] = skipped
+                    if longest >= t["max_nonfinite_skips"]:
+                        logger.log(run.step, metrics)
+                        raise TrainError(f"stopping: {longest} consecutive steps with a "
+                                         f"non-finite loss (by step {run.step})")
                 if logging:
-                    metrics["nonfinite_skipped"] = run.skipped
                     share = data_wait.share()  # the iterations since the last log
                     if share is not None:  # a wall-clock share: differs from run to run
                         metrics["time/data_wait"] = share
@@ -492,7 +460,7 @@ def train(config, out_dir, resume=False, overwrite=False):
                    "student_top1": final["eval/student_top1"],
                    "ema_student_top1": final["eval/ema_student_top1"],
                    "teacher_top1": final.get("eval/teacher_top1"),
-                   "best_ema_student_top1": run.best, "nonfinite_skipped": run.skipped,
+                   "best_ema_student_top1": run.best, "nonfinite_skipped": run.skips.state()[0],
                    "seconds_this_session": round(time.time() - started, 1),
                    "images_per_second": round(logger.images_per_second(run.step), 1),
                    # where this session ran: a record made from the run folder elsewhere (bench

@@ -1,4 +1,4 @@
-"""Optimizers: Nesterov SGD through torch's foreach/fused implementation, no weight decay on
+"""Optimizers: Nesterov SGD through torch's fused implementation, no weight decay on
 BatchNorm parameters and biases."""
 import torch
 from torch import nn
@@ -19,12 +19,13 @@ def param_groups(model: nn.Module, weight_decay: float):
 
 def sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float,
         lr_on_device: bool = False):
-    """lr_on_device: the learning rate lives in a device tensor that schedulers fill in place,
-    so a step captured in a CUDA graph reads the current value (fused SGD takes a tensor lr)."""
+    """Fused SGD on every device: it takes a tensor lr, and skips a step on the device where its
+    found_inf flag is set (mpl_fast.mpl.nonfinite).
+    lr_on_device: the learning rate lives in a device tensor that schedulers fill in place,
+    so a step captured in a CUDA graph reads the current value."""
     device = next(model.parameters()).device
-    kw = {"fused": True} if device.type == "cuda" or lr_on_device else {"foreach": True}
     opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum,
-                          nesterov=nesterov and momentum > 0, **kw)
+                          nesterov=nesterov and momentum > 0, fused=True)
     if lr_on_device:
         set_lr_kind(opt, device)
     return opt

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mpl_fast import ops
+from mpl_fast.mpl import nonfinite
 from mpl_fast.mpl.step import as_metric
 
 
@@ -14,7 +15,10 @@ class SupervisedStep:
         self.model, self.opt = model, opt
         self.label_smoothing = label_smoothing
         self.autocast_dtype = autocast_dtype
-        self.finite_check = None
+        # as MPLStep's: skip a non-finite step on the device (metrics["nonfinite"]), all replicas
+        # together under DDP
+        self.skip_nonfinite = False
+        self.cross_replica_any = None
 
     def __call__(self, batch, step=0):
         x, y = batch.x_l, batch.y_l
@@ -23,10 +27,13 @@ class SupervisedStep:
         with ctx:
             logits = self.model(x)
         loss = ops.soft_cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        if self.finite_check is not None:
-            self.finite_check(loss)
+        skip = (nonfinite.agreed(nonfinite.flag(loss), self.cross_replica_any)
+                if self.skip_nonfinite else None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
-        return {"student/loss": loss.detach(),
-                "lr/student": as_metric(self.opt.param_groups[0]["lr"])}
+        nonfinite.step_unless(self.opt, skip)
+        metrics = {"student/loss": loss.detach(),
+                   "lr/student": as_metric(self.opt.param_groups[0]["lr"])}
+        if skip is not None:
+            metrics["nonfinite"] = skip
+        return metrics

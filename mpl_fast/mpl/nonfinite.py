@@ -1,0 +1,66 @@
+"""Skipping an optimizer step whose loss is not finite, decided on the device.
+
+torch's fused optimizers read `optimizer.found_inf`, the flag torch.amp.GradScaler sets, and
+leave the parameters and their state (momentum) as they were where it is nonzero. A flag
+computed from the losses on the device therefore skips a bad step without the host ever reading
+a loss: no host synchronisation, so the same step runs eagerly ahead of the GPU and inside a
+CUDA graph.
+"""
+from typing import Callable, Optional
+
+import torch
+
+
+def flag(*losses: torch.Tensor) -> torch.Tensor:
+    """1.0 (float32, 0-dim, on the losses' device) where any of the losses holds a NaN or an
+    infinity, else 0.0."""
+    finite = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses]).all()
+    return torch.logical_not(finite).float()
+
+
+def agreed(skip: torch.Tensor, any_replica: Optional[Callable]) -> torch.Tensor:
+    """The flag every data-parallel replica acts on: set where any replica's is (a replica whose
+    loss is finite still gets the averaged, non-finite gradient of one whose loss is not)."""
+    return skip if any_replica is None else any_replica(skip)
+
+
+def supports_skipping(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether optimizer.step() honours found_inf (torch's fused optimizers, fused=True)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: Optional[torch.Tensor]):
+    """optimizer.step(), leaving parameters and optimizer state untouched where skip is 1.
+
+    skip None: a plain step. Raises ValueError for an optimizer that cannot skip on the device.
+    """
+    if skip is None:
+        optimizer.step()
+        return
+    if not supports_skipping(optimizer):
+        raise ValueError(f"skipping non-finite steps on the device needs a fused optimizer "
+                         f"(fused=True), got {type(optimizer).__name__} without it")
+    if isinstance(optimizer, torch.optim.SGD):
+        _zero_new_momentum(optimizer)
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf  # as GradScaler does: a later step() is not skipped by it
+
+
+def _zero_new_momentum(optimizer: torch.optim.SGD):
+    """Fused SGD's first step fills new momentum buffers (torch.empty_like) from the gradients:
+    skipped, it would leave them uninitialised for every later step. Zeros instead give the same
+    first step where there is no dampening (buffer = momentum * 0 + gradient)."""
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if p.grad is None or state.get("momentum_buffer") is not None:
+                continue
+            if group["dampening"] != 0:
+                raise ValueError("skipping non-finite steps on the device needs SGD without "
+                                 "dampening (its first step cannot start from zero momentum)")
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
