@@ -25,21 +25,21 @@ class Context:
         if self.enabled:
             dist.barrier()
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum of t over replicas (an all-reduce of a copy)."""
+    def _all_reduced(self, t: torch.Tensor, op) -> torch.Tensor:
+        """An all-reduce of a copy of t (t itself with one replica); no host synchronisation."""
         if not self.enabled:
             return t
         t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
         return t
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of t over replicas."""
+        return self._all_reduced(t, dist.ReduceOp.SUM)
+
     def any(self, flag: torch.Tensor) -> torch.Tensor:
-        """1 where any replica's flag is 1 (an all-reduce MAX of a copy; no host synchronisation)."""
-        if not self.enabled:
-            return flag
-        flag = flag.detach().clone()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag
+        """1 where any replica's flag (0 or 1) is 1."""
+        return self._all_reduced(flag, dist.ReduceOp.MAX)
 
     def broadcast_buffers(self, module: torch.nn.Module):
         """Rank 0's buffers (BatchNorm statistics) into every replica's module: without
