@@ -100,7 +100,7 @@ C, D, B, U = 3, 4, 5, 4
 
 def mlp(seed):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)).double()
+    return nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, C)).double()
 
 
 def batch(seed=0):
@@ -118,7 +118,9 @@ def mpl_step(config=MPLConfig(uda_weight=1.0)):
 
 
 def _snapshot(step):
-    return {name: [t.detach().clone() for t in net.parameters()] +
+    """Weights, BatchNorm running statistics and momentum of each network, and the baseline."""
+    return {name: [t.detach().clone() for t in list(net.parameters()) + list(net.buffers())
+                   if t.is_floating_point()] +
             [s["momentum_buffer"].clone() for s in opt.state.values()]
             for name, net, opt in (("student", step.student, step.student_opt),
                                    ("teacher", step.teacher, step.teacher_opt))} | \
@@ -139,6 +141,25 @@ def test_the_guarded_mpl_step_is_the_plain_step_where_losses_are_finite():
             assert torch.equal(got[k], want[k]), k
     for name in ("student", "teacher", "baseline"):
         assert _same(_snapshot(guarded)[name], _snapshot(plain)[name]), name
+
+
+def test_running_stats_are_put_back_where_a_step_is_skipped():
+    net = mlp(5)
+    bn = net[1]
+    kept = nonfinite.RunningStats(net)
+    net(batch(6).x_us * NAN)  # a training-mode forward: NaN running statistics
+    assert not torch.isfinite(bn.running_mean).all()
+    kept.restore_where(torch.tensor(1.0))
+    fresh = nn.BatchNorm1d(8).double()
+    assert torch.equal(bn.running_mean, fresh.running_mean)
+    assert torch.equal(bn.running_var, fresh.running_var)
+    kept = nonfinite.RunningStats(net)
+    net(batch(7).x_us)
+    moved = [bn.running_mean.clone(), bn.running_var.clone()]
+    kept.restore_where(torch.tensor(0.0))  # kept step: as the forward left them
+    assert torch.equal(bn.running_mean, moved[0]) and torch.equal(bn.running_var, moved[1])
+    assert not torch.equal(moved[0], fresh.running_mean)
+    nonfinite.RunningStats(nn.Linear(2, 2)).restore_where(torch.tensor(1.0))  # no BN: nothing
 
 
 def test_a_nonfinite_student_loss_skips_the_whole_mpl_step():
@@ -195,12 +216,14 @@ def test_the_supervised_step_skips_a_nonfinite_loss():
         got, want = step(batch(i), i), plain(batch(i), i)
         assert float(got["nonfinite"]) == 0.0 and torch.equal(got["student/loss"],
                                                                  want["student/loss"])
-    before = [p.detach().clone() for p in model.parameters()]
+    state = lambda m: [t.detach().clone() for t in m.state_dict().values()  # noqa: E731
+                       if t.is_floating_point()]
+    before = state(model)
+    assert _same(before, state(plain_model))
     b = batch(5)
     b.x_l = b.x_l * NAN
     assert float(step(b, 2)["nonfinite"]) == 1.0
-    assert _same(before, [p.detach() for p in model.parameters()])
-    assert _same(before, [p.detach() for p in plain_model.parameters()])
+    assert _same(before, state(model))  # weights and BatchNorm running statistics
 
 
 def test_skipped_steps_are_counted_on_the_device():

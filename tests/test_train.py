@@ -258,7 +258,8 @@ def test_supervised_runs_draw_labeled_batches_alone_and_resume_exactly(tmp_path,
 @pytest.mark.parametrize("graph", [False, "emulate"])
 def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
     """A step whose losses are not finite is skipped on the device (no host read of a loss):
-    weights, momentum and the feedback's baseline stay as they were, graphed or not; the run
+    weights, BatchNorm statistics, momentum and the feedback's baseline stay as they were,
+    graphed or not; the run
     counts it, and stops after max_nonfinite_skips consecutive ones."""
     config = cfg.load("digits", TINY + ["train.steps=6", "train.max_nonfinite_skips=3",
                                         "train.device=cpu", f"train.cuda_graph={graph}"])
@@ -283,8 +284,9 @@ def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
 
     def state(step):
         opts = (step.student_opt, step.teacher_opt)
-        return ([p.detach().clone() for p in list(step.student.parameters()) +
-                 list(step.teacher.parameters())]
+        nets = (step.student, step.teacher)  # weights and BatchNorm running statistics
+        return ([t.detach().clone() for n in nets for t in n.state_dict().values()
+                 if t.is_floating_point()]
                 + [s["momentum_buffer"].clone() for o in opts for s in o.state.values()]
                 + [step.baseline.value.clone()])
 

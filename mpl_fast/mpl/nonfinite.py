@@ -64,3 +64,29 @@ def _zero_new_momentum(optimizer: torch.optim.SGD):
                 raise ValueError("skipping non-finite steps on the device needs SGD without "
                                  "dampening (its first step cannot start from zero momentum)")
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class RunningStats:
+    """A network's BatchNorm running statistics as they were before a step's forwards, put back
+    where the step is skipped: a batch whose losses are not finite often has non-finite
+    activations too, which would stay in the running statistics (and every later evaluation)
+    for good. A few launches a step whatever the number of layers: one concatenation to keep,
+    one to compare and one multi-tensor copy back."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.stats = [b for m in network.modules()
+                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                      for b in (m.running_mean, m.running_var) if b is not None]
+        self.before = self._flat() if self.stats else None
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([s.detach().reshape(-1) for s in self.stats])
+
+    def restore_where(self, skip: torch.Tensor):
+        """Back to the kept values where skip is 1 (no host read); as they are where it is 0."""
+        if not self.stats:
+            return
+        kept = torch.where(skip > 0, self.before, self._flat())
+        torch._foreach_copy_(self.stats, [part.view_as(s) for part, s in
+                                          zip(kept.split([s.numel() for s in self.stats]),
+                                              self.stats)])

@@ -174,6 +174,10 @@ class MPLStep(nn.Module):
         lr_s = feedback.optimizer_lr(self.student_opt)
         lr_t = feedback.optimizer_lr(self.teacher_opt)
 
+        # BN running statistics to put back where the step is skipped (non-finite losses)
+        kept_stats = ((nonfinite.RunningStats(self.teacher), nonfinite.RunningStats(self.student))
+                      if self.skip_nonfinite else None)
+
         # 1. teacher: supervised + UDA; 2. pseudo labels (one profiler range for both)
         with record_function("mpl/teacher_forward"):
             with self.autocast(dev):
@@ -203,6 +207,8 @@ class MPLStep(nn.Module):
                     if self.skip_nonfinite else None)
             self.student_opt.zero_grad(set_to_none=True)
             s_loss.backward()
+            if skip is not None:  # after the backward, which saved the running statistics
+                kept_stats[1].restore_where(skip)
             if c.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
             grads_u = feedback.current_grads(params) if c.estimator == "dot" else None
@@ -270,6 +276,8 @@ class MPLStep(nn.Module):
                 nn.utils.clip_grad_norm_(feedback.student_params(self.teacher), c.grad_clip,
                                          foreach=True)
             nonfinite.step_unless(self.teacher_opt, skip)
+            if skip is not None:
+                kept_stats[0].restore_where(skip)
 
         metrics = {
             "teacher/loss": t_loss.detach(), "teacher/ce_labeled": t_ce.detach(),

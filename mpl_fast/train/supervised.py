@@ -24,6 +24,7 @@ class SupervisedStep:
         x, y = batch.x_l, batch.y_l
         ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype else contextlib.nullcontext())
+        kept_stats = nonfinite.RunningStats(self.model) if self.skip_nonfinite else None
         with ctx:
             logits = self.model(x)
         loss = ops.soft_cross_entropy(logits, y, label_smoothing=self.label_smoothing)
@@ -31,6 +32,8 @@ class SupervisedStep:
                 if self.skip_nonfinite else None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if skip is not None:  # after the backward, which saved the running statistics
+            kept_stats.restore_where(skip)
         nonfinite.step_unless(self.opt, skip)
         metrics = {"student/loss": loss.detach(),
                    "lr/student": as_metric(self.opt.param_groups[0]["lr"])}
