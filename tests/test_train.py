@@ -312,6 +312,9 @@ def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
     rows = _metrics(run_dir / "metrics.jsonl")
     assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 1, 1, 1, 1]
     assert all("nonfinite" not in r for r in rows)
+    # the skipped step's row says it was skipped, without its NaN losses (and h)
+    assert ["h" in r and "teacher/loss" in r for r in rows] == [True, False, True, True, True,
+                                                                True]
     assert torch.load(run_dir / "last.pt", weights_only=False)["skipped"] == 1
 
     def all_nan(self):

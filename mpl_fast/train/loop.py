@@ -435,8 +435,10 @@ def train(config, out_dir, resume=False, overwrite=False):
             saving = run.step % t["checkpoint_every"] == 0 or run.step == t["steps"]
             with record_function("train/log"):  # on a GPU: where the host waits for the step
                 if logging or saving:
-                    skipped, _, longest = run.skips.read()
-                    metrics = {k: v for k, v in metrics.items() if k != "nonfinite"}
+                    skipped, streak, longest = run.skips.read()
+                    # a skipped step's losses (NaN) are not logged: its evaluation, if any, is
+                    metrics = {k: v for k, v in metrics.items()
+                               if k != "nonfinite" and (not streak or k.startswith("eval/"))}
                     metrics["nonfinite_skipped"] = skipped
                     if longest >= t["max_nonfinite_skips"]:
                         logger.log(run.step, metrics)
