@@ -14,8 +14,9 @@ import torch
 def flag(*losses: torch.Tensor) -> torch.Tensor:
     """1.0 (float32, 0-dim, on the losses' device) where any of the losses holds a NaN or an
     infinity, else 0.0."""
-    finite = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses]).all()
-    return torch.logical_not(finite).float()
+    # one tensor of every entry first: a few launches whatever the number of losses
+    every = torch.cat([loss.detach().reshape(-1).float() for loss in losses])
+    return torch.logical_not(torch.isfinite(every).all()).float()
 
 
 def agreed(skip: torch.Tensor, any_replica: Optional[Callable]) -> torch.Tensor:
