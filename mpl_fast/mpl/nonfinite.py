@@ -11,17 +11,14 @@ from typing import Callable, Optional
 import torch
 
 
-def flag(*losses: torch.Tensor) -> torch.Tensor:
+def flag(*losses: torch.Tensor, any_replica: Optional[Callable] = None) -> torch.Tensor:
     """1.0 (float32, 0-dim, on the losses' device) where any of the losses holds a NaN or an
-    infinity, else 0.0."""
+    infinity, else 0.0. any_replica (data parallelism): the flag every replica acts on, set where
+    any replica's is (a replica whose losses are finite still gets the averaged, non-finite
+    gradient of one whose losses are not)."""
     # one tensor of every entry first: a few launches whatever the number of losses
     every = torch.cat([loss.detach().reshape(-1).float() for loss in losses])
-    return torch.logical_not(torch.isfinite(every).all()).float()
-
-
-def agreed(skip: torch.Tensor, any_replica: Optional[Callable]) -> torch.Tensor:
-    """The flag every data-parallel replica acts on: set where any replica's is (a replica whose
-    loss is finite still gets the averaged, non-finite gradient of one whose loss is not)."""
+    skip = torch.logical_not(torch.isfinite(every).all()).float()
     return skip if any_replica is None else any_replica(skip)
 
 

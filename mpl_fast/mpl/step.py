@@ -175,8 +175,9 @@ class MPLStep(nn.Module):
         lr_t = feedback.optimizer_lr(self.teacher_opt)
 
         # BN running statistics to put back where the step is skipped (non-finite losses)
-        kept_stats = ((nonfinite.RunningStats(self.teacher), nonfinite.RunningStats(self.student))
-                      if self.skip_nonfinite else None)
+        if self.skip_nonfinite:
+            teacher_stats = nonfinite.RunningStats(self.teacher)
+            student_stats = nonfinite.RunningStats(self.student)
 
         # 1. teacher: supervised + UDA; 2. pseudo labels (one profiler range for both)
         with record_function("mpl/teacher_forward"):
@@ -203,12 +204,12 @@ class MPLStep(nn.Module):
                 ce_old = ops.soft_cross_entropy(s_l.detach(), y_l)
             # a step is skipped whole where the losses known before the student's step are not
             # finite, and the teacher's alone where its own loss is not (the student has stepped)
-            skip = (nonfinite.agreed(nonfinite.flag(s_loss, t_ce, uda), self.cross_replica_any)
+            skip = (nonfinite.flag(s_loss, t_ce, uda, any_replica=self.cross_replica_any)
                     if self.skip_nonfinite else None)
             self.student_opt.zero_grad(set_to_none=True)
             s_loss.backward()
             if skip is not None:  # after the backward, which saved the running statistics
-                kept_stats[1].restore_where(skip)
+                student_stats.restore_where(skip)
             if c.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
             grads_u = feedback.current_grads(params) if c.estimator == "dot" else None
@@ -268,8 +269,8 @@ class MPLStep(nn.Module):
         with record_function("mpl/teacher_backward_step"):
             t_loss = c.teacher_supervised_weight * t_ce + uda_scale * uda + c.mpl_weight * mpl
             if skip is not None:
-                skip = torch.maximum(skip, nonfinite.agreed(nonfinite.flag(t_loss),
-                                                            self.cross_replica_any))
+                skip = torch.maximum(skip, nonfinite.flag(t_loss,
+                                                          any_replica=self.cross_replica_any))
             self.teacher_opt.zero_grad(set_to_none=True)
             t_loss.backward()
             if c.grad_clip > 0:
@@ -277,7 +278,7 @@ class MPLStep(nn.Module):
                                          foreach=True)
             nonfinite.step_unless(self.teacher_opt, skip)
             if skip is not None:
-                kept_stats[0].restore_where(skip)
+                teacher_stats.restore_where(skip)
 
         metrics = {
             "teacher/loss": t_loss.detach(), "teacher/ce_labeled": t_ce.detach(),

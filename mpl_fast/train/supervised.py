@@ -28,7 +28,7 @@ class SupervisedStep:
         with ctx:
             logits = self.model(x)
         loss = ops.soft_cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        skip = (nonfinite.agreed(nonfinite.flag(loss), self.cross_replica_any)
+        skip = (nonfinite.flag(loss, any_replica=self.cross_replica_any)
                 if self.skip_nonfinite else None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
