@@ -102,6 +102,34 @@ def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses():
     assert graphed.graph is not None
 
 
+def test_a_graphed_step_skips_a_nonfinite_batch_on_the_device():
+    """The step replayed from its graph skips a batch whose losses are not finite (fused SGD's
+    found_inf, no host read): weights, BatchNorm statistics, momentum and the baseline stay as
+    they were; the next finite batch steps again."""
+    from mpl_fast.train.graphed import GraphedStep
+
+    step = make_step(MPLConfig(pseudo_labels="argmax", uda_weight=1.0))
+    graphed = GraphedStep(step, warmup_steps=2)
+    for i in range(3):  # 2 eager warm-up steps, then the capture
+        graphed(batch(40 + i), i)
+    assert graphed.graph is not None
+
+    def state():
+        nets = ((step.teacher, step.teacher_opt), (step.student, step.student_opt))
+        return ([t.detach().clone() for net, _ in nets for t in net.state_dict().values()
+                 if t.is_floating_point()]
+                + [s["momentum_buffer"].clone() for _, o in nets for s in o.state.values()]
+                + [step.baseline.value.clone()])
+
+    before = state()
+    bad = batch(50)
+    bad.x_us = bad.x_us * float("nan")
+    assert float(graphed(bad, 3)["nonfinite"]) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, state()))
+    assert float(graphed(batch(51), 4)["nonfinite"]) == 0.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, state()))
+
+
 def _solid_colour_tree(tmp_path, hw):
     """3 classes x 6 JPEGs of one colour each (_colour(class, i)), hw pixels: root/c<k>/<i>.jpg"""
     from PIL import Image
