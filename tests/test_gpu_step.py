@@ -114,12 +114,9 @@ def test_a_graphed_step_skips_a_nonfinite_batch_on_the_device():
         graphed(batch(40 + i), i)
     assert graphed.graph is not None
 
-    def state():
-        nets = ((step.teacher, step.teacher_opt), (step.student, step.student_opt))
-        return ([t.detach().clone() for net, _ in nets for t in net.state_dict().values()
-                 if t.is_floating_point()]
-                + [s["momentum_buffer"].clone() for _, o in nets for s in o.state.values()]
-                + [step.baseline.value.clone()])
+    from tests.step_state import flat, learned_state
+
+    state = lambda: flat(learned_state(step))  # noqa: E731
 
     before = state()
     bad = batch(50)

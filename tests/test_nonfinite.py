@@ -12,6 +12,7 @@ from mpl_fast.train.skipped_steps import SkippedSteps
 from mpl_fast.train.supervised import SupervisedStep
 
 from tests.seeds import generator
+from tests.step_state import learned_state
 
 NAN, INF = float("nan"), float("inf")
 
@@ -117,16 +118,6 @@ def mpl_step(config=MPLConfig(uda_weight=1.0)):
     return step
 
 
-def _snapshot(step):
-    """Weights, BatchNorm running statistics and momentum of each network, and the baseline."""
-    return {name: [t.detach().clone() for t in list(net.parameters()) + list(net.buffers())
-                   if t.is_floating_point()] +
-            [s["momentum_buffer"].clone() for s in opt.state.values()]
-            for name, net, opt in (("student", step.student, step.student_opt),
-                                   ("teacher", step.teacher, step.teacher_opt))} | \
-        {"baseline": [step.baseline.value.clone()]}
-
-
 def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
 
@@ -140,7 +131,7 @@ def test_the_guarded_mpl_step_is_the_plain_step_where_losses_are_finite():
         for k in want:
             assert torch.equal(got[k], want[k]), k
     for name in ("student", "teacher", "baseline"):
-        assert _same(_snapshot(guarded)[name], _snapshot(plain)[name]), name
+        assert _same(learned_state(guarded)[name], learned_state(plain)[name]), name
 
 
 def test_running_stats_are_put_back_where_a_step_is_skipped():
@@ -165,12 +156,12 @@ def test_running_stats_are_put_back_where_a_step_is_skipped():
 def test_a_nonfinite_student_loss_skips_the_whole_mpl_step():
     step = mpl_step()
     step(batch(0), 0)  # momentum buffers and a baseline to keep
-    before = _snapshot(step)
+    before = learned_state(step)
     b = batch(1)
     b.x_us = b.x_us * NAN
     metrics = step(b, 1)
     assert float(metrics["nonfinite"]) == 1.0 and not torch.isfinite(metrics["student/loss"])
-    after = _snapshot(step)
+    after = learned_state(step)
     for name in ("student", "teacher", "baseline"):
         assert _same(before[name], after[name]), name
 
@@ -178,10 +169,10 @@ def test_a_nonfinite_student_loss_skips_the_whole_mpl_step():
 def test_a_nonfinite_feedback_skips_the_teacher_alone(monkeypatch):
     step = mpl_step()
     step(batch(0), 0)
-    before = _snapshot(step)
+    before = learned_state(step)
     monkeypatch.setattr(feedback, "loss_diff", lambda old, new, sign=1: (old - new) * NAN)
     metrics = step(batch(1), 1)
-    after = _snapshot(step)
+    after = learned_state(step)
     assert float(metrics["nonfinite"]) == 1.0 and torch.isfinite(metrics["student/loss"])
     assert not _same(before["student"], after["student"])  # its losses were finite: it stepped
     assert _same(before["teacher"], after["teacher"])
@@ -198,12 +189,12 @@ def test_every_replica_skips_where_any_replica_flags():
         return torch.ones_like(flag)
 
     step(batch(0), 0)
-    before = _snapshot(step)
+    before = learned_state(step)
     step.cross_replica_any = another_replica_flags
     metrics = step(batch(1), 1)
     assert seen == [0.0, 0.0]  # asked twice: before the student's step, before the teacher's
     assert float(metrics["nonfinite"]) == 1.0
-    assert all(_same(before[k], v) for k, v in _snapshot(step).items())
+    assert all(_same(before[k], v) for k, v in learned_state(step).items())
 
 
 def test_the_supervised_step_skips_a_nonfinite_loss():

@@ -282,13 +282,9 @@ def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
     seen = []
     original_step = loop.MPLStep.forward
 
-    def state(step):
-        opts = (step.student_opt, step.teacher_opt)
-        nets = (step.student, step.teacher)  # weights and BatchNorm running statistics
-        return ([t.detach().clone() for n in nets for t in n.state_dict().values()
-                 if t.is_floating_point()]
-                + [s["momentum_buffer"].clone() for o in opts for s in o.state.values()]
-                + [step.baseline.value.clone()])
+    from tests.step_state import flat, learned_state
+
+    state = lambda step: flat(learned_state(step))  # noqa: E731
 
     def spy(self, batch, step=0):
         before = state(self)
