@@ -48,7 +48,11 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_step_never_synchronises_with_the_host(name):
-    step = make_step(CONFIGS[name])
+    from mpl_fast.train.ema import ModelEMA, StepWithEMA
+
+    inner = make_step(CONFIGS[name])
+    # as the trainer runs it: the EMA update after the step, its decay taken on the device
+    step = StepWithEMA(inner, ModelEMA(inner.student, 0.99), inner.student)
     step(batch(0), 0)  # first call: lazy state (momentum buffers, kernels)
     b = batch(1)
     torch.cuda.synchronize()
@@ -103,28 +107,32 @@ def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses():
 
 
 def test_a_graphed_step_skips_a_nonfinite_batch_on_the_device():
-    """The step replayed from its graph skips a batch whose losses are not finite (fused SGD's
-    found_inf, no host read): weights, BatchNorm statistics, momentum and the baseline stay as
-    they were; the next finite batch steps again."""
+    """The step replayed from its graph, the EMA update with it, skips a batch whose losses are
+    not finite (fused SGD's found_inf, no host read): weights, BatchNorm statistics and counts,
+    momentum, the baseline and the EMA stay as they were; the next finite batch steps again."""
+    from mpl_fast.train.ema import ModelEMA, StepWithEMA
     from mpl_fast.train.graphed import GraphedStep
 
     step = make_step(MPLConfig(pseudo_labels="argmax", uda_weight=1.0))
-    graphed = GraphedStep(step, warmup_steps=2)
+    ema = ModelEMA(step.student, 0.99)
+    graphed = GraphedStep(StepWithEMA(step, ema, step.student), warmup_steps=2)
     for i in range(3):  # 2 eager warm-up steps, then the capture
         graphed(batch(40 + i), i)
-    assert graphed.graph is not None
+    assert graphed.graph is not None and int(ema.updates) == 3
 
-    from tests.step_state import flat, learned_state
+    from tests.step_state import ema_state, flat, learned_state
 
-    state = lambda: flat(learned_state(step))  # noqa: E731
+    state = lambda: flat(learned_state(step)) + ema_state(ema)  # noqa: E731
 
     before = state()
     bad = batch(50)
     bad.x_us = bad.x_us * float("nan")
     assert float(graphed(bad, 3)["nonfinite"]) == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, state()))
+    assert int(ema.updates) == 3  # the skipped replay did not count
     assert float(graphed(batch(51), 4)["nonfinite"]) == 0.0
     assert not all(torch.equal(a, b) for a, b in zip(before, state()))
+    assert int(ema.updates) == 4
 
 
 def _solid_colour_tree(tmp_path, hw):

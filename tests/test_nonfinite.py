@@ -139,17 +139,19 @@ def test_running_stats_are_put_back_where_a_step_is_skipped():
     bn = net[1]
     kept = nonfinite.RunningStats(net)
     net(batch(6).x_us * NAN)  # a training-mode forward: NaN running statistics
-    assert not torch.isfinite(bn.running_mean).all()
+    assert not torch.isfinite(bn.running_mean).all() and int(bn.num_batches_tracked) == 1
     kept.restore_where(torch.tensor(1.0))
     fresh = nn.BatchNorm1d(8).double()
     assert torch.equal(bn.running_mean, fresh.running_mean)
     assert torch.equal(bn.running_var, fresh.running_var)
+    assert int(bn.num_batches_tracked) == 0  # the batch counted nowhere
     kept = nonfinite.RunningStats(net)
     net(batch(7).x_us)
+    net(batch(8).x_us)
     moved = [bn.running_mean.clone(), bn.running_var.clone()]
-    kept.restore_where(torch.tensor(0.0))  # kept step: as the forward left them
+    kept.restore_where(torch.tensor(0.0))  # kept step: as the forwards left them
     assert torch.equal(bn.running_mean, moved[0]) and torch.equal(bn.running_var, moved[1])
-    assert not torch.equal(moved[0], fresh.running_mean)
+    assert not torch.equal(moved[0], fresh.running_mean) and int(bn.num_batches_tracked) == 2
     nonfinite.RunningStats(nn.Linear(2, 2)).restore_where(torch.tensor(1.0))  # no BN: nothing
 
 

@@ -60,13 +60,13 @@ def test_phase_times_prefer_the_step_phases_to_the_loop_ranges_holding_them():
             _ev("aten::conv", t + 150, t + 160, device_us=200),
             _ev("mpl/feedback", t + 400, t + 500, cpu_us=3),
             _ev("aten::dot", t + 450, t + 460, device_us=7),
-            _ev("train/ema_and_schedules", t + 900, t + 950, cpu_us=1),
+            _ev("train/schedules", t + 900, t + 950, cpu_us=1),
             _ev("aten::_foreach_lerp_", t + 910, t + 920, device_us=40),
         ]
     events.append(_ev("aten::item", 5000, 5001, device_us=1))
     assert phase_times(events, device_time=True, outer=LOOP_RANGES) == {
         "data": 0.06, "step": 0.01, "teacher_forward": 0.4, "feedback": 0.014,
-        "ema_and_schedules": 0.08, "other": 0.001}
+        "schedules": 0.08, "other": 0.001}
     # without the loop's ranges, what is outside the phases is "other"
     assert phase_times(events, device_time=True)["other"] == 0.06 + 0.01 + 0.08 + 0.001
 
@@ -99,10 +99,10 @@ def test_phase_times_count_a_graph_replays_kernels_where_it_was_launched():
         # a compiled graph's GPU-side span, not flagged as a user annotation: its activity says
         ev("## Call CompiledFxGraph ##", 2000, 6000, id=778, linked=0, device_us=4000,
            device=CUDA),
-        ev("train/ema_and_schedules", 900, 950, id=3, linked=0),
+        ev("train/schedules", 900, 950, id=3, linked=0),
     ]
     assert phase_times(events, device_time=True, outer=LOOP_RANGES) == {
-        "step": 6.3, "ema_and_schedules": 0.0, "other": 0.05}
+        "step": 6.3, "schedules": 0.0, "other": 0.05}
     # CPU time is the host ops' alone
     assert phase_times(events, device_time=False, outer=LOOP_RANGES)["step"] == 0.0
 
@@ -157,7 +157,7 @@ def test_a_run_profiles_the_steps_of_its_window(tmp_path, monkeypatch, capsys):
     # the loop's ranges hold nearly all of it (op times on a shared machine: a loose bound)
     assert ms["other"] < 0.25 * sum(ms.values()), ms
     host = summary["host_ms_per_step"]
-    loop_parts = ("data", "step", "ema_and_schedules", "log", "eval", "checkpoint")
+    loop_parts = ("data", "step", "schedules", "log", "eval", "checkpoint")
     assert set(MPL_PHASES + list(loop_parts)) <= set(host), host
     assert host["step"] >= sum(host[p] for p in MPL_PHASES)  # the step's range holds its phases
     assert sum(host[p] for p in loop_parts) <= summary["wall_ms_per_step"] * 1.02
@@ -165,7 +165,7 @@ def test_a_run_profiles_the_steps_of_its_window(tmp_path, monkeypatch, capsys):
         assert host[p] >= 0.9 * ms[p], (p, host[p], ms[p])
     assert 0 < sum(ms.values()) <= 1.2 * summary["wall_ms_per_step"]  # op time within the wall's
     names = _trace_names(prof / "trace.json.gz")
-    for rng in PHASES + ("train/data", "train/step", "train/ema_and_schedules", "train/log"):
+    for rng in PHASES + ("train/data", "train/step", "train/schedules", "train/log"):
         assert names.get(rng) == 3, (rng, names.get(rng))
     assert names.get("train/eval") == 1 and names.get("train/checkpoint") in (1, 2)  # best.pt
     top = summary["top_ops"]

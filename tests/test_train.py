@@ -17,6 +17,7 @@ from mpl_fast import cli
 from mpl_fast.train import checkpoint, config as cfg, optim, schedules
 from mpl_fast.train.ema import ModelEMA
 from mpl_fast.train.loop import Run, TrainError, train
+from tests import seeds
 
 TINY = ["data.batch_size=8", "data.mu=2", "train.log_every=1", "train.eval_every=10",
         "train.checkpoint_every=10", "train.finetune_steps=0", "optim.student_wait_steps=3",
@@ -111,6 +112,41 @@ def test_ema_decay_schedule_and_buffers():
     assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 1.8))
     assert torch.allclose(ema.module[1].running_var, torch.ones(2))  # lerp of equal values
     assert int(ema.module[1].num_batches_tracked) == 7  # integer buffers are copied
+
+
+def test_ema_follows_its_decay_on_the_device_and_skips_what_the_step_skipped():
+    """Against a float64 EMA with the decay min(decay, (t + 1) / (t + 10)) taken on the host:
+    a skipped step (a device flag of 1) changes neither the average nor its count t, so the
+    next update uses the decay the skipped one would have used."""
+    torch.manual_seed(seeds.fresh("ema"))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = ModelEMA(model, decay=0.6)  # (t + 1) / (t + 10) passes 0.6 at t = 13
+    want = {k: v.double().clone() for k, v in ema.module.state_dict().items()
+            if v.is_floating_point()}
+    t = 0
+    skips = [0, 1, 0, 0, 1, 1] + [0] * 14
+    for i, skip in enumerate(skips):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.add_(torch.randn(4))
+            model[1].num_batches_tracked.fill_(i)
+        ema.update(model, torch.tensor(float(skip)))
+        if not skip:
+            d = min(0.6, (t + 1) / (t + 10))
+            for k, v in model.state_dict().items():
+                if k in want:
+                    want[k] = d * want[k] + (1 - d) * v.double()
+            t += 1
+        assert int(ema.updates) == t
+        for k, v in ema.module.state_dict().items():
+            if k in want:
+                assert torch.allclose(v.double(), want[k], rtol=1e-5, atol=1e-5), (i, k)
+        # integer buffers are copied (on a skipped step the model's were put back by the step)
+        assert int(ema.module[1].num_batches_tracked) == i
+    assert t == 17 and t > 13  # the decay's cap was reached
+    ema.update(model)  # without a flag: an update
+    assert int(ema.updates) == 18
 
 
 def _metrics(path):
@@ -258,9 +294,9 @@ def test_supervised_runs_draw_labeled_batches_alone_and_resume_exactly(tmp_path,
 @pytest.mark.parametrize("graph", [False, "emulate"])
 def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
     """A step whose losses are not finite is skipped on the device (no host read of a loss):
-    weights, BatchNorm statistics, momentum and the feedback's baseline stay as they were,
-    graphed or not; the run
-    counts it, and stops after max_nonfinite_skips consecutive ones."""
+    weights, BatchNorm statistics and counts, momentum, the feedback's baseline and the EMA of
+    the student stay as they were, graphed or not; the run counts it, and stops after
+    max_nonfinite_skips consecutive ones."""
     config = cfg.load("digits", TINY + ["train.steps=6", "train.max_nonfinite_skips=3",
                                         "train.device=cpu", f"train.cuda_graph={graph}"])
     run_dir = tmp_path / "nan"
@@ -280,11 +316,13 @@ def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
 
     stream_mod.InMemoryStream.next = poisoned
     seen = []
-    original_step = loop.MPLStep.forward
+    # the trainer's step: the MPL step and the EMA update after it (what a graph captures)
+    original_step = loop.StepWithEMA.__call__
 
-    from tests.step_state import flat, learned_state
+    from tests.step_state import ema_state, flat, learned_state
 
-    state = lambda step: flat(learned_state(step))  # noqa: E731
+    state = lambda trainer_step: (flat(learned_state(trainer_step.step_fn))  # noqa: E731
+                                  + ema_state(trainer_step.ema))
 
     def spy(self, batch, step=0):
         before = state(self)
@@ -294,12 +332,12 @@ def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
             torch.equal(a, b) for a, b in zip(before, after))))
         return metrics
 
-    loop.MPLStep.forward = spy
+    loop.StepWithEMA.__call__ = spy
     try:
         summary = train(config, run_dir)
     finally:
         stream_mod.InMemoryStream.next = original_next
-        loop.MPLStep.forward = original_step
+        loop.StepWithEMA.__call__ = original_step
     # the second step skipped and changed nothing; every other step changed the weights
     assert seen[1] == (1.0, True)
     assert [flag for flag, _ in seen] == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
@@ -966,9 +1004,9 @@ def test_a_warning_of_every_step_is_shown_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
     real_update = ModelEMA.update
 
-    def warning_update(self, model):
+    def warning_update(self, model, skip=None):
         warnings.warn("a warning of every step", UserWarning)
-        return real_update(self, model)
+        return real_update(self, model, skip)
     monkeypatch.setattr(ModelEMA, "update", warning_update)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")

@@ -65,26 +65,30 @@ def _zero_new_momentum(optimizer: torch.optim.SGD):
 
 
 class RunningStats:
-    """A network's BatchNorm running statistics as they were before a step's forwards, put back
-    where the step is skipped: a batch whose losses are not finite often has non-finite
-    activations too, which would stay in the running statistics (and every later evaluation)
-    for good. A few launches a step whatever the number of layers: one concatenation to keep,
-    one to compare and one multi-tensor copy back."""
+    """A network's BatchNorm running statistics (and batch counts) as they were before a step's
+    forwards, put back where the step is skipped: a batch whose losses are not finite often has
+    non-finite activations too, which would stay in the running statistics (and every later
+    evaluation) for good. A few launches a step whatever the number of layers: per kind (the
+    float statistics, the int64 counts) one concatenation to keep, one to compare and one
+    multi-tensor copy back."""
 
     def __init__(self, network: torch.nn.Module):
-        self.stats = [b for m in network.modules()
-                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                      for b in (m.running_mean, m.running_var) if b is not None]
-        self.before = self._flat() if self.stats else None
+        norms = [m for m in network.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.kinds = [[b for m in norms for b in (m.running_mean, m.running_var)
+                       if b is not None],
+                      [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None]]
+        self.kinds = [buffers for buffers in self.kinds if buffers]
+        self.before = [self._flat(buffers) for buffers in self.kinds]
 
-    def _flat(self) -> torch.Tensor:
-        return torch.cat([s.detach().reshape(-1) for s in self.stats])
+    @staticmethod
+    def _flat(buffers) -> torch.Tensor:
+        return torch.cat([b.detach().reshape(-1) for b in buffers])
 
     def restore_where(self, skip: torch.Tensor):
         """Back to the kept values where skip is 1 (no host read); as they are where it is 0."""
-        if not self.stats:
-            return
-        kept = torch.where(skip > 0, self.before, self._flat())
-        torch._foreach_copy_(self.stats, [part.view_as(s) for part, s in
-                                          zip(kept.split([s.numel() for s in self.stats]),
-                                              self.stats)])
+        for buffers, before in zip(self.kinds, self.before):
+            kept = torch.where(skip > 0, before, self._flat(buffers))
+            torch._foreach_copy_(buffers, [part.view_as(b) for part, b in
+                                           zip(kept.split([b.numel() for b in buffers]),
+                                               buffers)])

@@ -20,7 +20,7 @@ from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.data_wait import DataWait
-from mpl_fast.train.ema import ModelEMA
+from mpl_fast.train.ema import ModelEMA, StepWithEMA
 from mpl_fast.train.evaluate import Shard, accuracies, accuracy
 from mpl_fast.train.run_log import RunLogger, plot_curves, where_it_ran
 from mpl_fast.train.skipped_steps import SkippedSteps
@@ -150,9 +150,11 @@ class Run:
         # graphed or not; the loop counts the skips on the device too (SkippedSteps)
         self.step_fn.skip_nonfinite = True
         self.step_fn.cross_replica_any = self.dist.any if self.dist.enabled else None
-        # train_step is what the loop calls: the step itself, or the step replayed as a CUDA graph
-        self.train_step = (GraphedStep(self.step_fn, emulate=self.graph_mode == "emulate")
-                           if self.graph_mode else self.step_fn)
+        # train_step is what the loop calls: the step and the EMA update after it, or both
+        # replayed as one CUDA graph
+        with_ema = StepWithEMA(self.step_fn, self.ema, self.student)
+        self.train_step = (GraphedStep(with_ema, emulate=self.graph_mode == "emulate")
+                           if self.graph_mode else with_ema)
         self.step, self.best = 0, -1.0
         self.skips = SkippedSteps(self.device)
 
@@ -413,13 +415,12 @@ def train(config, out_dir, resume=False, overwrite=False):
                     metrics = run.train_step(batch, run.step)
             except BatchShapeChanged as err:
                 raise TrainError(str(err)) from err
-            with record_function("train/ema_and_schedules"):
-                # the schedules and the EMA follow the step count, skipped steps included
+            with record_function("train/schedules"):
+                # the schedules follow the step count, skipped steps included
                 run.skips.add(metrics["nonfinite"])
                 for sched in (run.student_sched, run.teacher_sched):
                     if sched is not None:
                         sched.step()
-                run.ema.update(run.student)
             run.step += 1
             if run.step % t["eval_every"] == 0 or run.step == t["steps"]:
                 eval_began = time.perf_counter()

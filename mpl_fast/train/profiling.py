@@ -18,7 +18,7 @@ from mpl_fast.train.run_log import where_it_ran
 # The training loop's own ranges (mpl_fast.train.loop). A step's work outside the MPL phases
 # counts as "step": all of it when the step is one CUDA graph replay (the phases are host ranges
 # that a replay does not run), or a supervised step.
-LOOP_RANGES = ("train/data", "train/step", "train/ema_and_schedules", "train/eval", "train/log",
+LOOP_RANGES = ("train/data", "train/step", "train/schedules", "train/eval", "train/log",
                "train/checkpoint")
 TOP_OPS = 20
 OUTPUTS = ("trace.json.gz", "summary.json", "ops.txt")  # in DIR/profile/
