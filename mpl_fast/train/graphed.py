@@ -5,7 +5,8 @@ host's launch cost. What a graph needs, and where it comes from here:
 - fixed input addresses: each batch is copied into static buffers allocated at capture;
 - no host values baked in: learning rates are device tensors the schedulers fill in place
   (`optim.sgd(..., lr=tensor)`), and the step's own host-side schedule values (the UDA ramp) are
-  written into device scalars before each replay (`step_fn.prepare_replay(step)`);
+  written into device scalars before each replay (`step_fn.prepare_replay(step)`); the EMA's
+  decay is computed on the device (mpl_fast.train.ema);
 - no host synchronisation inside the step: a step whose losses are not finite is skipped by
   a flag on the device (mpl_fast.mpl.nonfinite), so a graphed run skips it as a plain run does;
 - warm-up: the first steps run eagerly on a side stream (lazy allocations, autotuning), as
