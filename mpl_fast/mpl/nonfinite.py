@@ -75,10 +75,9 @@ class RunningStats:
     def __init__(self, network: torch.nn.Module):
         norms = [m for m in network.modules()
                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        self.kinds = [[b for m in norms for b in (m.running_mean, m.running_var)
-                       if b is not None],
-                      [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None]]
-        self.kinds = [buffers for buffers in self.kinds if buffers]
+        kinds = ([b for m in norms for b in (m.running_mean, m.running_var) if b is not None],
+                 [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None])
+        self.kinds = [buffers for buffers in kinds if buffers]
         self.before = [self._flat(buffers) for buffers in self.kinds]
 
     @staticmethod

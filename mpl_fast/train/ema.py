@@ -59,11 +59,10 @@ class StepWithEMA:
         self.ema.update(self.student, metrics.get("nonfinite"))
         return metrics
 
-    # what mpl_fast.train.graphed.GraphedStep asks of the step it captures
-    def prepare_replay(self, step: int):
-        prepare = getattr(self.step_fn, "prepare_replay", None)
-        if prepare is not None:
-            prepare(step)
+    # what mpl_fast.train.graphed.GraphedStep asks of the step it captures: the method's step's
+    @property
+    def prepare_replay(self):
+        return getattr(self.step_fn, "prepare_replay", None)
 
     @property
     def generator(self):
