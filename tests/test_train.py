@@ -885,6 +885,32 @@ def test_graphed_step_refuses_a_batch_of_another_shape():
         graphed(make(5), 2)
 
 
+def test_an_emulated_replay_sees_the_captured_step_and_what_prepare_replay_wrote():
+    """A real replay reruns the capture's work, host values of its step argument included; only
+    what prepare_replay writes into device tensors moves on. The emulation must behave so, or it
+    would pass a step whose host-side schedule a graph freezes."""
+    from mpl_fast.mpl import MPLBatch
+    from mpl_fast.train.graphed import GraphedStep
+
+    class Step:
+        def __init__(self):
+            self.moved = torch.zeros(())
+
+        def prepare_replay(self, i):
+            self.moved.fill_(i)
+
+        def __call__(self, batch, i):
+            return {"host": torch.tensor(float(i)), "device": self.moved + 0}
+
+    graphed = GraphedStep(Step(), warmup_steps=1, emulate=True)
+    batch = MPLBatch(torch.randn(2, 2), torch.zeros(2, dtype=torch.long), torch.randn(3, 2),
+                     torch.randn(3, 2))
+    # warm-up at 0, "capture" at 1, replays; read at once: a replay overwrites the outputs
+    seen = [{k: float(v) for k, v in graphed(batch, i).items()} for i in range(5)]
+    assert [out["host"] for out in seen] == [0, 1, 1, 1, 1]
+    assert [out["device"] for out in seen] == [0, 1, 2, 3, 4]
+
+
 def test_checkpoint_blocks_limits_the_wrapped_blocks_and_is_validated(tmp_path):
     from mpl_fast.models.checkpointing import CheckpointedBlock
 

@@ -12,7 +12,9 @@ host's launch cost. What a graph needs, and where it comes from here:
 - warm-up: the first steps run eagerly on a side stream (lazy allocations, autotuning), as
   torch.cuda.graph requires.
 `emulate=True` runs the same static-buffer path without a graph (on any device), so everything
-except the capture itself is tested on a CPU.
+except the capture itself is tested on a CPU: each "replay" gets the step argument the capture
+got, as a real replay would, so a host value derived from it that prepare_replay does not move on
+shows there too.
 """
 import dataclasses
 from typing import Callable, Dict
@@ -35,6 +37,7 @@ class GraphedStep:
         self.static_batch = None
         self.static_out: Dict[str, torch.Tensor] = None
         self.graph = None
+        self.capture_step = None  # emulate: the step argument the "capture" saw
 
     def _prepare(self, step):
         prepare = getattr(self.step_fn, "prepare_replay", None)
@@ -70,8 +73,12 @@ class GraphedStep:
             return out
         self._copy_in(batch)
         if self.emulate:
-            # The graph's outputs are overwritten by every replay: emulate that aliasing too.
-            out = self.step_fn(self.static_batch, step)
+            # A replay runs what the capture recorded, host values of its step argument included
+            # (only prepare_replay's device scalars move on), and its outputs are overwritten by
+            # every replay: emulate both.
+            if self.capture_step is None:
+                self.capture_step = step
+            out = self.step_fn(self.static_batch, self.capture_step)
             if self.static_out is None:
                 self.static_out = {k: v.clone() for k, v in out.items()}
             for k, v in out.items():
