@@ -10,8 +10,8 @@ for 15360 rows of 1000 classes).
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (aligned, persistent_programs, row_alignment,
-                                             tile_for)
+from mpl_fast.kernels.softmax_common import (FP_FUSION, aligned, persistent_programs,
+                                             row_alignment, tile_for)
 
 PROGRAMS_PER_SM = 4
 
@@ -62,4 +62,5 @@ def scale_rows_forward(grad, scale, max_programs=None):
     _scale_rows_kernel[(min(tiles, max_programs),)](
         grad, grad.stride(0), scale, scale.stride(0) if scale.dim() else 0, n, c, tiles,
         ROWS=tile.rows, BLOCK=tile.block, PER_ROW=scale.dim() > 0,
-        ALIGN=row_alignment(c, grad.stride(0)), num_warps=tile.num_warps)
+        ALIGN=row_alignment(c, grad.stride(0)), num_warps=tile.num_warps,
+        enable_fp_fusion=FP_FUSION)

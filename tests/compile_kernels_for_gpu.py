@@ -51,7 +51,8 @@ class LaunchRecorder:
 
 def signature_of(kernel, args, kwargs):
     """Triton's (signature, constexprs, options) for one recorded launch."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg",
+                                         "enable_fp_fusion") if k in kwargs}
     values = dict(zip(kernel.arg_names, args))
     values.update(kwargs)
     signature, constexprs = {}, {}

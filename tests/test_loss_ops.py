@@ -437,9 +437,10 @@ def test_a_register_cap_reaches_the_launch_only_when_set():
         sc.launch(kernel, sc.tile_for(1000), 3, x.device, x, 7, ROWS=1)
         sc.launch(kernel, sc.tile_for(32000), 3, x.device, x, 7, ROWS=1)
     assert sc.MAX_REGISTERS == 0  # the sweep's setting undone
-    assert kernel.launches == [((3,), {"ROWS": 1, "num_warps": 2}),
-                               ((3,), {"ROWS": 1, "num_warps": 2, "maxnreg": 40}),
-                               ((3,), {"ROWS": 1, "num_warps": 8, "maxnreg": 40})]
+    fusion = {"enable_fp_fusion": True}  # asked for by name (see softmax_common.FP_FUSION)
+    assert kernel.launches == [((3,), {"ROWS": 1, "num_warps": 2, **fusion}),
+                               ((3,), {"ROWS": 1, "num_warps": 2, **fusion, "maxnreg": 40}),
+                               ((3,), {"ROWS": 1, "num_warps": 8, **fusion, "maxnreg": 40})]
 
 
 def test_a_persistent_grid_holds_only_the_programs_an_sm_has_room_for(monkeypatch):
