@@ -84,6 +84,9 @@ DEFAULTS = {
         "finetune_lr": 0.01,
         "amp": "auto",  # auto (bf16 on GPU) | bf16 | off
         "channels_last": "auto",
+        # true: cuDNN times its convolution algorithms for the run's shapes once and keeps the
+        # fastest (torch.backends.cudnn.benchmark; false leaves torch's setting as it is)
+        "cudnn_benchmark": False,
         "max_nonfinite_skips": 10,
         "eval_batch_size": 512,
         "sync_bn": False,  # under torchrun: SyncBatchNorm (GPU)
@@ -110,7 +113,8 @@ CHOICES = {
 # Keys that say where and how a run executes, not what it learns: a checkpoint resumes, or is
 # evaluated, under other values (another machine, its data copied elsewhere, no compiler)
 EXECUTION_KEYS = frozenset({
-    "train.device", "train.cuda_graph", "train.channels_last", "model.compile", "data.root",
+    "train.device", "train.cuda_graph", "train.channels_last", "train.cudnn_benchmark",
+    "model.compile", "data.root",
     "data.test_root", "data.num_threads", "data.decode_device", "data.augment_device",
     "data.steps_per_run", "data.hw_decoder_load", "data.unlabeled_pipelines"})
 

@@ -77,6 +77,8 @@ class Run:
         gpu = self.device.type == "cuda"
         self.amp = torch.bfloat16 if (t["amp"] == "bf16" or (t["amp"] == "auto" and gpu)) else None
         self.channels_last = t["channels_last"] is True or (t["channels_last"] == "auto" and gpu)
+        if t["cudnn_benchmark"]:
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(t["seed"])
         random.seed(t["seed"])
         np.random.seed(t["seed"])
