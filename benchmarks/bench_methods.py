@@ -31,6 +31,7 @@ import datetime
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -154,7 +155,7 @@ def plot(path, curves, title, teachers=None):
                         label=f"{LABELS[method]}: its teacher")
     ax.set_xlabel("step")
     ax.set_ylabel("top-1 (EMA student; dashed: teacher)" if teachers else "EMA student top-1")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 72)), fontsize=10)  # long card lists wrap
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -173,6 +174,18 @@ def _card(summary, method, records):
     return None
 
 
+def _cards_label(cards):
+    """The title's cards (method -> card or None): the one card all runs share, or, for runs of
+    one comparison finished on different machines, which methods ran on which."""
+    by_card = {}
+    for method, card in cards.items():
+        if card:
+            by_card.setdefault(card, []).append(method)
+    if len(by_card) <= 1:
+        return next(iter(by_card), "card not recorded")
+    return "; ".join(f"{', '.join(methods)}: {card}" for card, methods in by_card.items())
+
+
 def plot_runs(out, methods, name, config, path, results):
     """--plot-only: the figure from runs already in OUT, nothing trained or recorded; the title
     gives the first run's saved settings and the cards the runs finished on (RESULTS/methods.jsonl
@@ -182,7 +195,7 @@ def plot_runs(out, methods, name, config, path, results):
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"--plot-only: no folder {path.parent} for the figure")
-    curves, teachers, cards = {}, {}, []
+    curves, teachers, cards = {}, {}, {}
     listed = Path(results) / "methods.jsonl"
     records = read_jsonl(listed) if listed.is_file() else []
     for method in methods:
@@ -192,8 +205,8 @@ def plot_runs(out, methods, name, config, path, results):
         curves[method], teachers[method], _, _ = _from_metrics(run_dir)
         summary = run_dir / "summary.json"
         if summary.is_file():
-            cards.append(_card(json.loads(summary.read_text()), method, records))
-    card = ", ".join(dict.fromkeys(c for c in cards if c)) or "card not recorded"
+            cards[method] = _card(json.loads(summary.read_text()), method, records)
+    card = _cards_label(cards)
     if (out / methods[0] / "config.yaml").is_file():  # the runs' settings, not --set's now
         config = _saved_config(out / methods[0])
     plot(path, curves, _title(name, config, card), teachers)

@@ -961,3 +961,18 @@ def test_bench_methods_names_the_card_of_a_run_from_before_summaries_held_it():
     assert card({**old, "device": "NVIDIA H100"}, "mpl", records) == "NVIDIA H100"
     assert card({**old, "steps": 9000}, "mpl", records) is None
     assert card(old, "supervised", records) is None
+
+
+def test_bench_methods_title_says_which_method_ran_on_which_card():
+    """--plot-only over runs finished on different machines (#8's supervised run on the CPU
+    beside the H200's) names each run's card; one shared card is named once."""
+    import runpy
+    from pathlib import Path
+
+    label = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                               "bench_methods.py"))["_cards_label"]
+    assert label({"uda": "NVIDIA H200", "mpl": "NVIDIA H200"}) == "NVIDIA H200"
+    assert label({"supervised": "cpu", "uda": "NVIDIA H200", "mpl": "NVIDIA H200"}) == (
+        "supervised: cpu; uda, mpl: NVIDIA H200")
+    assert label({"supervised": None, "mpl": "NVIDIA H200"}) == "NVIDIA H200"
+    assert label({"supervised": None}) == "card not recorded"
