@@ -4,7 +4,7 @@
                         [--image-size S] [--estimator E] [--weak-no-grad]
                         [--ce-old-forward separate|joint] [--no-graph]
                         [--compile MODE] [--checkpoint WHICH] [--checkpoint-blocks N]
-                        [--max-batch] [--cudnn-benchmark] ...
+                        [--max-batch] [--cudnn-benchmark] [--work-only] ...
 
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
 channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one
@@ -18,7 +18,10 @@ without compile, which shows what the graph alone gives. Median ms/step, teacher
 a per-phase breakdown of one eager step of ours (on a GPU the summed kernel time of each phase,
 backward kernels included, from the profiler; see mpl_fast.train.profiling.phase_times), each
 variant's summed kernel time (kernel_ms: its work without launch gaps), ratios; one JSON object
-per configuration appended to benchmarks/results/step.jsonl.
+per configuration appended to benchmarks/results/step.jsonl. Each record also counts the work
+of ours, the reference and the floor (conv and matmul GFLOPs of one eager step, the same on any
+card and however compiled: what a step must compute, against which its time can be read);
+--work-only counts that alone, without timing, on any device (step_work.jsonl).
 Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
 model.checkpoint does in the trainer (--checkpoint-blocks N: only the first N); the record's activation_mem_gib is the step's peak above
 what stays allocated between steps (weights, optimizer state, the batch), so runs with and
@@ -100,6 +103,14 @@ def networks(args, device):
     t = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
     s = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
     return t, s
+
+
+def plain_networks(args, device):
+    """Fresh networks and torch's SGD for a step written in this file (reference or floor)."""
+    teacher, student = networks(args, device)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    return teacher, student, t_opt, s_opt
 
 
 def our_step(args, device, use_graph=False):
@@ -236,6 +247,53 @@ def phase_breakdown(step_fn, device, host=False):
     return (phases, host_times(events, PHASES)) if host else phases
 
 
+def gflops(fn):
+    """Conv and matmul GFLOPs of one call of fn, its backwards included (torch's
+    FlopCounterMode: 2 a multiply-add; elementwise and normalisation work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def step_work(args, device, batch, reference=True):
+    """GFLOPs of one eager step of ours as configured (weak view, CE_old's forward, the forwards
+    that checkpointing runs again), of the floor and of the reference, on fresh networks
+    (uncompiled: compilation changes how, not what, a step computes)."""
+    step = our_step(argparse.Namespace(**{**vars(args), "compile": "none"}), device)
+    work = {"ours": gflops(lambda: step(batch, 0))}
+    del step
+    amp = device.type == "cuda"
+    for name, fn in [("floor", supervised_floor)] + ([("reference", reference_step)]
+                                                       if reference else []):
+        nets_and_opts = plain_networks(args, device)
+        work[name] = gflops(lambda: fn(*nets_and_opts, batch, amp))  # called at once
+    return {k: round(v, 3) for k, v in work.items()}
+
+
+def work_fields(work):
+    """The record's work figures: GFLOPs by variant, the reference's work over ours (the speedup
+    that doing less work alone allows, with kernels as fast as the reference's) and ours over
+    the floor's."""
+    if work is None:  # not counted
+        return dict.fromkeys(("gflops_by_variant", "work_ratio_vs_reference", "work_vs_floor"))
+    return {"gflops_by_variant": work,
+            "work_ratio_vs_reference": (round(work["reference"] / work["ours"], 3)
+                                        if "reference" in work else None),
+            "work_vs_floor": round(work["ours"] / work["floor"], 3)}
+
+
+def work_line(work):
+    fields = work_fields(work)
+    ratio = (f" (the reference does {fields['work_ratio_vs_reference']}x ours)"
+             if "reference" in work else "")
+    return ("work (conv and matmul GFLOPs of one eager step): "
+            + ", ".join(f"{k} {v:.4g}" for k, v in work.items()) + ratio
+            + f"; ours {fields['work_vs_floor']}x the floor's")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mpl-fast bench step", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="wrn28_2",
@@ -277,6 +335,9 @@ def main(argv=None):
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True for every variant (cuDNN times its "
                    "convolution algorithms for these shapes once, then uses the fastest)")
+    p.add_argument("--work-only", action="store_true",
+                   help="count each variant's work (conv and matmul GFLOPs of one eager step) "
+                   "without timing anything, on any device: appended to step_work.jsonl")
     p.add_argument("--steps", type=int, default=30,
                    help="steps timed per variant (median; default: %(default)s)")
     p.add_argument("--warmup", type=int, default=10,
@@ -284,7 +345,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results",
-                   help="where step.jsonl is appended (default: %(default)s)")
+                   help="where step.jsonl (step_work.jsonl with --work-only) is appended "
+                   "(default: %(default)s)")
     args = p.parse_args(argv)
     if min(args.batch_size, args.mu, args.image_size, args.steps) < 1:
         p.error("--batch-size, --mu, --image-size and --steps must be >= 1")
@@ -296,10 +358,12 @@ def main(argv=None):
     gpu = device.type == "cuda"
     if args.max_batch and not gpu:
         p.error("--max-batch needs a CUDA device (it probes for out-of-memory)")
+    if args.work_only and args.max_batch:
+        p.error("--work-only times nothing and probes nothing: leave out --max-batch")
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = args.cudnn_benchmark  # global: ours and every reference
     try:
-        return _measure(args, device, gpu)
+        return (_count_work if args.work_only else _measure)(args, device, gpu)
     finally:
         torch.backends.cudnn.benchmark = previous
 
@@ -346,9 +410,7 @@ def _measure_ours(args, device, batch, use_graph):
 def _measure_variant(fn, compiled, graph, args, device, batch):
     """(ms and peak memory, summed kernel ms) of a step written in this file on fresh networks:
     compiled with --reference-compile and/or captured in a CUDA graph."""
-    teacher, student = networks(args, device)
-    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    s_opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    teacher, student, t_opt, s_opt = plain_networks(args, device)
     if compiled:
         teacher = torch.compile(teacher, mode=args.reference_compile)
         student = torch.compile(student, mode=args.reference_compile)
@@ -374,6 +436,28 @@ def _compiling(name, mode):
           f"{', autotuning for minutes' if 'autotune' in mode else ''})...", flush=True)
 
 
+def _config_fields(args):
+    return {"model": args.model, "batch_size": args.batch_size, "mu": args.mu,
+            "image_size": args.image_size, "num_classes": args.num_classes,
+            "estimator": args.estimator, "weak_no_grad": args.weak_no_grad,
+            "ce_old_forward": args.ce_old_forward}
+
+
+def _count_work(args, device, gpu):
+    """--work-only: each variant's GFLOPs a step, nothing timed."""
+    batch = make_batch(args, device, torch.Generator().manual_seed(0))
+    work = step_work(args, device, batch, reference=not args.no_reference)
+    record = {**_config_fields(args), "checkpoint": args.checkpoint,
+              "checkpoint_blocks": args.checkpoint_blocks,
+              "device": torch.cuda.get_device_name(device) if gpu else device.type,
+              "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              **work_fields(work)}
+    append_jsonl(Path(args.out) / "step_work.jsonl", [record])
+    print(f"{args.model} B={args.batch_size} mu={args.mu} size {args.image_size}: "
+          + work_line(work))
+    return 0
+
+
 def _measure(args, device, gpu):
     batch = make_batch(args, device, torch.Generator().manual_seed(0))
     use_graph = gpu and not args.no_graph
@@ -397,6 +481,12 @@ def _measure(args, device, gpu):
             _compiling(name, args.reference_compile)
         rows[name], kernel_ms[name] = _measure_variant(fn, compiled, graph, args, device, batch)
         _progress(name, rows[name])
+    gc.collect()
+    try:
+        work = step_work(args, device, batch, reference="reference" in rows)
+    except Exception as err:  # noqa: BLE001 - a count beside the timings must not cost them
+        print(f"work not counted: {type(err).__name__}: {err}", flush=True)
+        work = None
     max_batch = None
     if args.max_batch:
         gc.collect()
@@ -405,9 +495,7 @@ def _measure(args, device, gpu):
     ms = {k: v[0] for k, v in rows.items()}
     teacher_images = args.batch_size * (1 + 2 * args.mu)
     record = {
-        "model": args.model, "batch_size": args.batch_size, "mu": args.mu,
-        "image_size": args.image_size, "estimator": args.estimator,
-        "weak_no_grad": args.weak_no_grad, "ce_old_forward": args.ce_old_forward,
+        **_config_fields(args),
         "graph": use_graph,
         "compile": args.compile, "checkpoint": args.checkpoint,
         "checkpoint_blocks": args.checkpoint_blocks, "cudnn_benchmark": args.cudnn_benchmark,
@@ -438,6 +526,7 @@ def _measure(args, device, gpu):
         # un-graphed step is bound by its launches (since 2026-11-27)
         "host_phases_ms": host_phases,
         "kernel_ms": kernel_ms,
+        **work_fields(work),  # since 2026-11-28
     }
     out = Path(args.out)
     append_jsonl(out / "step.jsonl", [record])
@@ -449,6 +538,8 @@ def _measure(args, device, gpu):
           + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
     print("host time in the phases (ours, eager): "
           + ", ".join(f"{k} {v:.2f} ms" for k, v in host_phases.items()))
+    if work is not None:
+        print(work_line(work))
     ratios = [f"{record['speedup_vs_reference']}x vs eager reference"] if "reference" in ms else []
     if "graphed_reference" in ms:
         ratios.append(f"{ms['graphed_reference'] / ms['ours']:.3f}x vs graphed reference")

@@ -427,6 +427,73 @@ def test_largest_batch_search_finds_the_limit_with_few_probes():
     assert largest_batch(lambda b: True, 64, cap=500) == 500
 
 
+def test_bench_step_counts_what_each_variant_computes(tmp_path, capsys, monkeypatch):
+    """--work-only counts each variant's conv and matmul GFLOPs without timing: the gradient-free
+    weak view saves exactly the teacher's backward on the mu*B weak images, the reference does
+    exactly one student forward on the labeled batch more than the floor, checkpointing adds
+    the forwards it runs again; the timed record counts the same."""
+    import argparse
+
+    import torch
+
+    from benchmarks import bench_step
+
+    b, mu = 2, 3
+    common = ["bench", "step", "--model", "wrn28_2", "--batch-size", str(b), "--mu", str(mu),
+              "--image-size", "8", "--device", "cpu", "--out", str(tmp_path)]
+    for extra in ([], ["--weak-no-grad"], ["--checkpoint", "both"]):
+        assert cli.main([*common, "--work-only", *extra]) == 0
+    assert not (tmp_path / "step.jsonl").exists()  # nothing timed
+    monkeypatch.setenv("MPL_FAST_BACKEND", "triton")  # the loss kernels a GPU runs, interpreted
+    assert cli.main([*common, "--work-only", "--weak-no-grad"]) == 0
+    plain, weak_no_grad, checkpointed, triton = [
+        json.loads(line)["gflops_by_variant"]
+        for line in (tmp_path / "step_work.jsonl").read_text().splitlines()]
+    assert triton == weak_no_grad
+    args = argparse.Namespace(model="wrn28_2", num_classes=10)
+    net = bench_step.networks(args, torch.device("cpu"))[0]
+    x = torch.randn(b * mu, 3, 8, 8)
+    forward = bench_step.gflops(lambda: net(x))
+    teacher_backward = bench_step.gflops(lambda: net(x).sum().backward()) - forward
+    assert teacher_backward > forward > 0
+    assert plain["ours"] - weak_no_grad["ours"] == pytest.approx(teacher_backward, abs=2e-3)
+    student_forward_l = bench_step.gflops(lambda: net(x[:b]))
+    assert plain["reference"] - plain["floor"] == pytest.approx(student_forward_l, abs=2e-3)
+    assert checkpointed["ours"] > plain["ours"]
+    assert {k: v for k, v in checkpointed.items() if k != "ours"} == {
+        k: v for k, v in plain.items() if k != "ours"}
+    record = json.loads((tmp_path / "step_work.jsonl").read_text().splitlines()[1])
+    assert record["weak_no_grad"] and record["device"] == "cpu"
+    assert record["work_ratio_vs_reference"] == pytest.approx(
+        weak_no_grad["reference"] / weak_no_grad["ours"], abs=1e-3)
+    assert record["work_vs_floor"] == pytest.approx(
+        weak_no_grad["ours"] / weak_no_grad["floor"], abs=1e-3)
+    capsys.readouterr()
+    assert cli.main([*common, "--weak-no-grad", "--steps", "1", "--warmup", "0"]) == 0
+    timed = json.loads((tmp_path / "step.jsonl").read_text())
+    assert timed["gflops_by_variant"] == weak_no_grad
+    assert timed["work_ratio_vs_reference"] == record["work_ratio_vs_reference"]
+    assert any(line.startswith("work (conv and matmul GFLOPs")
+               for line in capsys.readouterr().out.splitlines())
+
+
+def test_bench_step_keeps_its_timings_when_the_work_count_fails(tmp_path, capsys, monkeypatch):
+    """The count runs after every variant is timed; should it fail (a mode FlopCounterMode cannot
+    follow), the record is still written, its work fields empty, and the run says why."""
+    from benchmarks import bench_step
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot count this")
+    monkeypatch.setattr(bench_step, "step_work", broken)
+    assert bench_step.main(["--model", "small_cnn", "--batch-size", "2", "--mu", "1",
+                            "--image-size", "8", "--steps", "1", "--warmup", "0", "--device",
+                            "cpu", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "step.jsonl").read_text())
+    assert record["ms_per_step"] > 0 and record["reference_ms_per_step"] > 0
+    assert record["gflops_by_variant"] is None and record["work_ratio_vs_reference"] is None
+    assert "work not counted: RuntimeError: cannot count this" in capsys.readouterr().out
+
+
 def test_bench_step_checkpointing_is_recorded_and_refused_without_blocks(tmp_path, capsys):
     common = ["bench", "step", "--batch-size", "2", "--mu", "1", "--image-size", "8", "--steps",
               "1", "--warmup", "0", "--no-reference", "--device", "cpu", "--out", str(tmp_path)]
