@@ -28,7 +28,7 @@ what stays allocated between steps (weights, optimizer state, the batch), so run
 without checkpointing compare activations. --max-batch also searches the largest labeled batch
 (mu fixed) at which one eager, uncompiled step of ours fits on the card.
 On a CPU it runs without graphs (and without compile unless --compile) as a smoke test; its
-numbers mean nothing.
+times mean nothing (its work counts are the same as on a GPU).
 """
 import argparse
 import datetime
