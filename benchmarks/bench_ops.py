@@ -255,7 +255,7 @@ def record(meta, name, n, c, dtype, tile, mine, base, nbytes, bandwidth):
                 tile=softmax_common.tile_spec(tile), rows_per_program=launch.rows,
                 block=launch.block, num_warps=launch.num_warps, stages=launch.stages,
                 row_stages=launch.row_stages, max_registers=launch.max_registers,
-                ms=r4(mine[0]), eager_ms=r4(base["eager"][0]), compile_ms=r4(comp[0]),
+                evict=launch.evict, ms=r4(mine[0]), eager_ms=r4(base["eager"][0]), compile_ms=r4(comp[0]),
                 graph_ms=r4(mine[1]), eager_graph_ms=r4(base["eager"][1]),
                 compile_graph_ms=r4(comp[1]),
                 speedup_vs_eager=round(pick(base["eager"]) / t_ours, 2),
@@ -330,7 +330,8 @@ def main(argv=None):
                         "streamed row's chunks in flight, 1 to 4; :rROW_STAGES: one-tile rows by "
                         "persistent programs with that many tiles in flight, 1 to 4; "
                         ":mREGISTERS: at most that many registers a thread, 16 to 255, 0 for no "
-                        "cap; default: the shipped one, %(default)s)")
+                        "cap; :e: L2 eviction hints on a streamed row's two passes; default: the "
+                        "shipped one, %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s; off CUDA only host times)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")

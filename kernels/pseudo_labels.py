@@ -1,6 +1,7 @@
 """Triton kernel of pseudo_labels: softmax(logits / T), its max, the confidence mask and the
 argmax of each row. A row that fits in one tile (C <= 4096) is read once; a longer row is
-streamed twice (statistics, then probs), the second time mostly from cache."""
+streamed twice (statistics, then probs), the second time from the L2 cache where it still holds
+the row (softmax_common.EVICTION_HINTS asks it to)."""
 import torch
 import triton
 import triton.language as tl
@@ -15,25 +16,26 @@ def _pseudo_labels_kernel(logits_ptr, logits_stride, probs_ptr, probs_stride, ma
                           mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
                           LANES: tl.constexpr, STAGES: tl.constexpr, ROW_STAGES: tl.constexpr,
-                          ALIGN: tl.constexpr):
+                          ALIGN: tl.constexpr, EVICT: tl.constexpr):
     if ROW_STAGES > 1:  # persistent: the next tiles' rows load while this one is reduced
         for tile in tl.range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0),
                              num_stages=ROW_STAGES):
             _pseudo_labels_tile(tile, logits_ptr, logits_stride, probs_ptr, probs_stride,
                                 max_prob_ptr, mask_ptr, labels_ptr, N, C, inv_temperature,
-                                threshold, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+                                threshold, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN, EVICT)
     else:
         _pseudo_labels_tile(tl.program_id(0), logits_ptr, logits_stride, probs_ptr,
                             probs_stride, max_prob_ptr, mask_ptr, labels_ptr, N, C,
                             inv_temperature, threshold, ROWS, BLOCK, SINGLE, LANES, STAGES,
-                            ALIGN)
+                            ALIGN, EVICT)
 
 
 @triton.jit
 def _pseudo_labels_tile(tile, logits_ptr, logits_stride, probs_ptr, probs_stride, max_prob_ptr,
                         mask_ptr, labels_ptr, N, C, inv_temperature, threshold,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                        LANES: tl.constexpr, STAGES: tl.constexpr, ALIGN: tl.constexpr):
+                        LANES: tl.constexpr, STAGES: tl.constexpr, ALIGN: tl.constexpr,
+                        EVICT: tl.constexpr):
     """One tile of ROWS rows."""
     C = aligned(C, ALIGN)
     logits_stride = aligned(logits_stride, ALIGN)
@@ -64,7 +66,8 @@ def _pseudo_labels_tile(tile, logits_ptr, logits_stride, probs_ptr, probs_stride
         for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
-            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+            x = tl.load(x_rows + c, mask=ok, other=-float("inf"),  # kept for the second pass
+                        eviction_policy="evict_last" if EVICT else "").to(tl.float32)
             if LANES:  # strict: a lane keeps its first maximum
                 best_lane = tl.where(x > m_lane, c, best_lane)
                 m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x, inv_temperature)
@@ -81,9 +84,10 @@ def _pseudo_labels_tile(tile, logits_ptr, logits_stride, probs_ptr, probs_stride
         for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
-            x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+            x = tl.load(x_rows + c, mask=ok, other=-float("inf"),  # its last use
+                        eviction_policy="evict_first" if EVICT else "").to(tl.float32)
             tl.store(p_rows + c, tl.exp((x - m_safe[:, None]) * inv_temperature) * inv_s[:, None],
-                     mask=ok)
+                     mask=ok, eviction_policy="evict_first" if EVICT else "")
     max_prob = tl.exp((m - m_safe) * inv_temperature) * inv_s
     tl.store(max_prob_ptr + rows, max_prob, mask=row_ok)
     tl.store(mask_ptr + rows, (max_prob >= threshold).to(tl.float32), mask=row_ok)
@@ -108,5 +112,5 @@ def pseudo_labels_forward(logits, temperature, threshold):
         1.0 / float(temperature), float(threshold),
         ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
         LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
-        ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)))
+        ALIGN=row_alignment(c, logits.stride(0), probs.stride(0)), EVICT=tile.evict)
     return probs, max_prob, mask, labels

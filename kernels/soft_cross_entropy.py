@@ -25,12 +25,14 @@ from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine, lane
 
 
 @triton.jit
-def _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD: tl.constexpr, SMOOTH: tl.constexpr):
-    """Logits (fp32, -inf outside the row) and, for soft targets, the smoothed targets."""
-    x = tl.load(x_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+def _load_chunk(x_rows, t_rows, c, ok, keep, off, HARD: tl.constexpr, SMOOTH: tl.constexpr,
+                POLICY: tl.constexpr):
+    """Logits (fp32, -inf outside the row) and, for soft targets, the smoothed targets; POLICY:
+    the L2 eviction hint of the loads (softmax_common.EVICTION_HINTS)."""
+    x = tl.load(x_rows + c, mask=ok, other=-float("inf"), eviction_policy=POLICY).to(tl.float32)
     t = x  # hard targets are built from the index where needed
     if not HARD:
-        t = tl.load(t_rows + c, mask=ok, other=0.0).to(tl.float32)
+        t = tl.load(t_rows + c, mask=ok, other=0.0, eviction_policy=POLICY).to(tl.float32)
         if SMOOTH:
             t = tl.where(ok, keep * t + off, 0.0)
     return x, t
@@ -58,19 +60,19 @@ def _soft_cross_entropy_kernel(
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
-        ROW_STAGES: tl.constexpr, ALIGN: tl.constexpr):
+        ROW_STAGES: tl.constexpr, ALIGN: tl.constexpr, EVICT: tl.constexpr):
     if ROW_STAGES > 1:  # persistent: the next tiles' rows load while this one is reduced
         for tile in tl.range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0),
                              num_stages=ROW_STAGES):
             _soft_cross_entropy_tile(
                 tile, logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride, mask_ptr,
                 loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale, HARD,
-                SMOOTH, HAS_MASK, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+                SMOOTH, HAS_MASK, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN, EVICT)
     else:
         _soft_cross_entropy_tile(
             tl.program_id(0), logits_ptr, logits_stride, index_ptr, probs_ptr, probs_stride,
             mask_ptr, loss_ptr, grad_ptr, grad_stride, N, C, label_smoothing, grad_scale, HARD,
-            SMOOTH, HAS_MASK, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+            SMOOTH, HAS_MASK, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN, EVICT)
 
 
 @triton.jit
@@ -80,7 +82,7 @@ def _soft_cross_entropy_tile(
         HARD: tl.constexpr, SMOOTH: tl.constexpr, HAS_MASK: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
-        ALIGN: tl.constexpr):
+        ALIGN: tl.constexpr, EVICT: tl.constexpr):
     """One tile of ROWS rows."""
     C = aligned(C, ALIGN)
     logits_stride = aligned(logits_stride, ALIGN)
@@ -116,7 +118,7 @@ def _soft_cross_entropy_tile(
         read = todo[:, None] & (cols < C)  # where the values count
         # loaded whatever the mask (not waiting for it); a masked row's values are dropped
         x, t = _load_chunk(x_rows, t_rows, cols, row_ok[:, None] & (cols < C), keep, off, HARD,
-                           SMOOTH)
+                           SMOOTH, "")
         # two reductions across the warps, not four: the max with the two target sums, then
         # the sum of exp
         if HARD:  # the target's logit (from the registers) and the row's sum (smoothing)
@@ -142,7 +144,9 @@ def _soft_cross_entropy_tile(
         for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             read = todo[:, None] & (c < C)
-            x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
+            # kept in L2 for the gradient's pass
+            x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH,
+                               "evict_last" if EVICT and COMPUTE_GRAD else "")
             if LANES:
                 m_lane, s_lane = lane_softmax_update(m_lane, s_lane, x, 1.0)
             else:
@@ -198,12 +202,14 @@ def _soft_cross_entropy_tile(
             for start in tl.range(0, C, BLOCK, num_stages=STAGES):
                 c = start + cols
                 read = todo[:, None] & (c < C)
-                x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH)
+                x, t = _load_chunk(x_rows, t_rows, c, read, keep, off, HARD, SMOOTH,
+                                   "evict_first" if EVICT else "")  # their last use
                 softmax = tl.exp((x - m_safe[:, None]) - log_s[:, None])
                 g = _grad_chunk(softmax, t, c, y, sum_t, mk, read, keep, off, grad_scale, HARD,
                                 SMOOTH, HAS_MASK)
                 tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & (c < C))
+                         mask=row_ok[:, None] & (c < C),
+                         eviction_policy="evict_first" if EVICT else "")
 
 
 def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_smoothing,
@@ -240,5 +246,5 @@ def soft_cross_entropy_forward(logits, target_index, target_probs, mask, label_s
         HARD=hard, SMOOTH=label_smoothing > 0, HAS_MASK=mask is not None,
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
         LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
-        ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride))
+        ALIGN=row_alignment(c, logits.stride(0), probs_stride, grad_stride), EVICT=tile.evict)
     return loss, grad

@@ -22,6 +22,15 @@ resident_programs, read from the compiled kernel after its first launch), at mos
 PERSISTENT_PROGRAMS_PER_SM: a program that found no room would start only once another had
 looped over all its tiles, doubling the time.
 
+A streamed row is read twice when a gradient or probabilities are written: its statistics, then
+the values. At 32000 classes the rows that the programs on the GPU hold at once (4-8 programs an
+SM, 64-128 KiB a row) pass the L2 cache (50 MiB on the H100/H200) together with the written
+rows, so the second read comes from memory again: 1.5x the traffic the op must move for the
+cross-entropy and pseudo_labels, 5/3 for UDA, which reads two rows twice. EVICTION_HINTS asks the
+cache to keep what is read again (evict_last on the first pass's loads) and to drop first what
+is not (evict_first on the second pass's loads and on the stores): `--tiles 256:4096:8:512:e`
+times it. The hints change no value (tested), only what the L2 keeps.
+
 MAX_REGISTERS caps a kernel's registers a thread (ptxas' maxnreg; 0: the compiler's choice).
 Rows of 1000 classes are latency-bound, so the programs an SM holds at once matter: the bf16
 cross-entropy with its gradient takes 55 registers, so an SM holds 18 programs of two warps
@@ -66,6 +75,7 @@ STREAM_STAGES = 1  # streamed rows: chunks in flight a program (1: no pipelining
 ROW_STAGES = 1  # one-tile rows: tiles in flight a persistent program (1: a program a tile; not
 #                 measured)
 MAX_REGISTERS = 0  # registers a thread at most (0: no cap; not measured)
+EVICTION_HINTS = False  # streamed rows: L2 eviction hints on the two passes (not measured)
 PERSISTENT_PROGRAMS_PER_SM = 16  # 16 programs of 1-2 warps: a quarter to half of an SM's warps
 PERSISTENT_PROGRAMS_OFF_CUDA = 64  # a persistent grid in the interpreter
 
@@ -191,10 +201,11 @@ def row_alignment(num_classes: int, *row_strides: int) -> int:
 def current_tile() -> tuple:
     """The module's tile settings, in tile_settings' argument order."""
     return (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES,
-            ROW_STAGES, MAX_REGISTERS)
+            ROW_STAGES, MAX_REGISTERS, EVICTION_HINTS)
 
 
-TILE_SPEC = "ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES][:mREGISTERS]"
+TILE_SPEC = ("ELEMENTS:MAX_BLOCK:MAX_WARPS[:PER_WARP][:lanes][:sSTAGES][:rROW_STAGES]"
+             "[:mREGISTERS][:e]")
 
 
 def parse_tile_spec(spec: str) -> tuple:
@@ -202,15 +213,15 @@ def parse_tile_spec(spec: str) -> tuple:
     MAX_WARPS and PER_WARP (elements a warp holds) are powers of two; lanes: a streamed row's
     statistics per lane; STAGES and ROW_STAGES (1 to 4): a streamed row's chunks, a persistent
     program's one-tile rows in flight; REGISTERS (16 to 255, or 0 for none): a thread's register
-    cap. What is left out is the shipped setting; options follow the numbers, each at most once.
+    cap; e: L2 eviction hints on a streamed row's two passes. What is left out is the shipped setting; options follow the numbers, each at most once.
     Raises ValueError naming the spec."""
     parts = spec.split(":")
     numbers = list(itertools.takewhile(str.isdigit, parts))
     options = parts[len(numbers):]
-    kinds = [o[:1] for o in options]  # "l" for lanes
+    kinds = [o[:1] for o in options]  # "l" for lanes, "e" for the eviction hints
     values = {o[0]: int(o[1:]) for o in options if re.fullmatch(r"[sr][1-4]|m\d{1,3}", o)}
     if (len(numbers) not in (3, 4) or len(set(kinds)) != len(kinds)
-            or len(values) + ("lanes" in options) != len(options)
+            or len(values) + ("lanes" in options) + ("e" in options) != len(options)
             or not all(int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in numbers)
             or values.get("m", 0) not in (0, *range(16, 256))):
         raise ValueError(f"tile {spec!r}: expected {TILE_SPEC}, powers of two, stages 1 to 4, "
@@ -219,27 +230,28 @@ def parse_tile_spec(spec: str) -> tuple:
     return (*numbers[:3], "lanes" in options,
             numbers[3] if len(numbers) == 4 else ELEMENTS_PER_WARP,
             values.get("s", STREAM_STAGES), values.get("r", ROW_STAGES),
-            values.get("m", MAX_REGISTERS))
+            values.get("m", MAX_REGISTERS), "e" in options)
 
 
 def tile_spec(tile: tuple) -> str:
-    """Settings in current_tile's order -> 'E:B:W:P[:lanes][:sS][:rR][:mM]' (options named only
-    when they do something, as earlier records were written)."""
-    elements, max_block, max_warps, lanes, per_warp, stages, row_stages, registers = tile
+    """Settings in current_tile's order -> 'E:B:W:P[:lanes][:sS][:rR][:mM][:e]' (options named
+    only when they do something, as earlier records were written)."""
+    elements, max_block, max_warps, lanes, per_warp, stages, row_stages, registers, evict = tile
     return (f"{elements}:{max_block}:{max_warps}:{per_warp}" + (":lanes" if lanes else "")
             + (f":s{stages}" if stages != 1 else "")
             + (f":r{row_stages}" if row_stages != 1 else "")
-            + (f":m{registers}" if registers else ""))
+            + (f":m{registers}" if registers else "") + (":e" if evict else ""))
 
 
 @contextlib.contextmanager
 def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = False,
-                  elements_per_warp=None, stages=None, row_stages=None, max_registers=None):
+                  elements_per_warp=None, stages=None, row_stages=None, max_registers=None,
+                  evict=None):
     """Launch with another tile inside the block (a benchmark sweep, a register report); the
-    shipped settings come back after it. elements_per_warp, stages, row_stages or
-    max_registers None keeps the shipped one (max_registers 0: no cap)."""
+    shipped settings come back after it. elements_per_warp, stages, row_stages, max_registers
+    or evict None keeps the shipped one (max_registers 0: no cap)."""
     global TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP, STREAM_STAGES
-    global ROW_STAGES, MAX_REGISTERS
+    global ROW_STAGES, MAX_REGISTERS, EVICTION_HINTS
     shipped = current_tile()
     TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS = elements, max_block, max_warps, lanes
     if elements_per_warp is not None:
@@ -250,11 +262,13 @@ def tile_settings(elements: int, max_block: int, max_warps: int, lanes: bool = F
         ROW_STAGES = row_stages
     if max_registers is not None:
         MAX_REGISTERS = max_registers
+    if evict is not None:
+        EVICTION_HINTS = evict
     try:
         yield
     finally:
         (TILE_ELEMENTS, MAX_BLOCK, MAX_WARPS, LANE_STATS, ELEMENTS_PER_WARP,
-         STREAM_STAGES, ROW_STAGES, MAX_REGISTERS) = shipped
+         STREAM_STAGES, ROW_STAGES, MAX_REGISTERS, EVICTION_HINTS) = shipped
 
 
 class Tile(NamedTuple):
@@ -266,6 +280,7 @@ class Tile(NamedTuple):
     stages: int     # a streamed row's chunks in flight (1 for a one-tile row)
     row_stages: int  # a persistent program's tiles in flight (1: a program a tile, streamed rows)
     max_registers: int  # registers a thread at most (0: the compiler's choice)
+    evict: bool     # L2 eviction hints on a streamed row's two passes (False for a one-tile row)
 
 
 def tile_for(num_classes: int) -> Tile:
@@ -277,7 +292,7 @@ def tile_for(num_classes: int) -> Tile:
     single = num_classes <= block
     return Tile(rows, block, min(MAX_WARPS, max(1, elements // ELEMENTS_PER_WARP)),
                 single, LANE_STATS and not single, 1 if single else STREAM_STAGES,
-                ROW_STAGES if single else 1, MAX_REGISTERS)
+                ROW_STAGES if single else 1, MAX_REGISTERS, EVICTION_HINTS and not single)
 
 
 class SmLimits(NamedTuple):

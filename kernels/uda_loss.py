@@ -40,18 +40,19 @@ def _uda_loss_kernel(weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
                      grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                      COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                      SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
-                     ROW_STAGES: tl.constexpr, ALIGN: tl.constexpr):
+                     ROW_STAGES: tl.constexpr, ALIGN: tl.constexpr, EVICT: tl.constexpr):
     if ROW_STAGES > 1:  # persistent: the next tiles' rows load while this one is reduced
         for tile in tl.range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0),
                              num_stages=ROW_STAGES):
             _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_ptr,
                            mask_ptr, grad_ptr, grad_stride, N, C, inv_temperature, threshold,
-                           grad_scale, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN)
+                           grad_scale, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES, ALIGN,
+                           EVICT)
     else:
         _uda_loss_tile(tl.program_id(0), weak_ptr, weak_stride, strong_ptr, strong_stride,
                        loss_ptr, mask_ptr, grad_ptr, grad_stride, N, C, inv_temperature,
                        threshold, grad_scale, COMPUTE_GRAD, ROWS, BLOCK, SINGLE, LANES, STAGES,
-                       ALIGN)
+                       ALIGN, EVICT)
 
 
 @triton.jit
@@ -59,7 +60,7 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
                    grad_ptr, grad_stride, N, C, inv_temperature, threshold, grad_scale,
                    COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                    SINGLE: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
-                   ALIGN: tl.constexpr):
+                   ALIGN: tl.constexpr, EVICT: tl.constexpr):
     """One tile of ROWS rows."""
     C = aligned(C, ALIGN)
     weak_stride = aligned(weak_stride, ALIGN)
@@ -105,8 +106,13 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
         for start in tl.range(0, C, BLOCK, num_stages=STAGES):
             c = start + cols
             ok = row_ok[:, None] & (c < C)
-            w = tl.load(w_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
-            x = tl.load(s_rows + c, mask=ok, other=-float("inf")).to(tl.float32)
+            # kept in L2 for the gradient's pass
+            w = tl.load(w_rows + c, mask=ok, other=-float("inf"),
+                        eviction_policy="evict_last" if EVICT and COMPUTE_GRAD else "").to(
+                            tl.float32)
+            x = tl.load(s_rows + c, mask=ok, other=-float("inf"),
+                        eviction_policy="evict_last" if EVICT and COMPUTE_GRAD else "").to(
+                            tl.float32)
             if LANES:
                 mw_l, sw_l, qs_l = _lane_weak_update(mw_l, sw_l, qs_l, w, x - ref[:, None],
                                                      inv_temperature)
@@ -153,14 +159,17 @@ def _uda_loss_tile(tile, weak_ptr, weak_stride, strong_ptr, strong_stride, loss_
                 c = start + cols
                 ok = row_ok[:, None] & (c < C)
                 read = keep[:, None] & (c < C)
-                w = tl.load(w_rows + c, mask=read, other=-float("inf")).to(tl.float32)
-                x = tl.load(s_rows + c, mask=read, other=-float("inf")).to(tl.float32)
+                w = tl.load(w_rows + c, mask=read, other=-float("inf"),  # their last use
+                            eviction_policy="evict_first" if EVICT else "").to(tl.float32)
+                x = tl.load(s_rows + c, mask=read, other=-float("inf"),
+                            eviction_policy="evict_first" if EVICT else "").to(tl.float32)
                 q = tl.exp((w - mw_safe[:, None]) * inv_temperature) * inv_sw[:, None]
                 # exp((x - max) - log(ss)), not exp(x - (max + log(ss))): torch's log_softmax's
                 # rounding
                 g = (tl.exp((x - strong_max[:, None]) - log_ss[:, None]) - q) * row_scale
                 g = tl.where(read, g, 0.0)
-                tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
+                tl.store(g_rows + c, g.to(grad_ptr.dtype.element_ty), mask=ok,
+                         eviction_policy="evict_first" if EVICT else "")
 
 
 def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_scale=1.0):
@@ -184,5 +193,5 @@ def uda_loss_forward(weak, strong, temperature, threshold, compute_grad, grad_sc
         n, c, 1.0 / float(temperature), float(threshold), float(grad_scale),
         COMPUTE_GRAD=compute_grad, ROWS=tile.rows, BLOCK=tile.block, SINGLE=tile.single,
         LANES=tile.lanes, STAGES=tile.stages, ROW_STAGES=tile.row_stages,
-        ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride))
+        ALIGN=row_alignment(c, weak.stride(0), strong.stride(0), grad_stride), EVICT=tile.evict)
     return loss, mask, grad

@@ -150,6 +150,24 @@ def ptx_access_widths(ptx: str):
     return widths
 
 
+def ptx_eviction_hints(ptx: str):
+    """{'load': {policy: count}, 'store': {policy: count}} of the global loads and stores that
+    carry an L2 eviction hint (softmax_common.EVICTION_HINTS): a fractional L2 policy
+    (`createpolicy.fractional.L2::evict_last|first`) handed to the access by `L2::cache_hint`,
+    named by the access's L1 qualifier (`L1::evict_last|first`)."""
+    hints = {"load": {}, "store": {}}
+    policies = set(re.findall(r"createpolicy\.fractional\.L2::(evict_\w+)", ptx))
+    for op, qualifiers, _ in PTX_ACCESS.findall(ptx):
+        if not op or "L2::cache_hint" not in qualifiers:
+            continue
+        policy = re.search(r"L1::(evict_\w+)", qualifiers)
+        name = policy.group(1) if policy else "unnamed"
+        kind = hints["load" if op == "ld" else "store"]
+        kind[name] = kind.get(name, 0) + 1
+    hints["policies"] = sorted(policies)
+    return hints
+
+
 def record_launches(num_classes, dtypes):
     """Drive every launcher over its options; returns [(kernel, args, kwargs), ...]."""
     from mpl_fast.kernels import pseudo_labels, scale_rows, soft_cross_entropy, uda_loss
@@ -170,6 +188,11 @@ def record_launches(num_classes, dtypes):
             ((False, 1), (True, 1), (False, PIPELINED_STAGES)), num_classes, dtypes):
         with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, lanes,
                               stages=stages):
+            _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c, dtype)
+    # streamed rows with L2 eviction hints on their two passes (EVICTION_HINTS; one-tile rows
+    # take none, so their launches repeat the variants above)
+    for c, dtype in itertools.product(num_classes, dtypes):
+        with sc.tile_settings(sc.TILE_ELEMENTS, sc.MAX_BLOCK, sc.MAX_WARPS, evict=True):
             _launch_all(pseudo_labels, soft_cross_entropy, uda_loss, scale_rows, n, c, dtype)
     # one-tile rows by persistent, pipelined programs (ROW_STAGES; softmax_common.ROW_STAGES),
     # in bf16 at the class counts given among PERSISTENT_CLASSES (the other dtypes compile the
@@ -267,7 +290,8 @@ def compile_all(args, shard, shards):
                   # what an H100/H200 SM holds at once of this variant (occupancy)
                   "programs_per_sm": resident_programs(usage["REG"], options["num_warps"],
                                                        compiled.metadata.shared),
-                  **ptx_access_widths(compiled.asm["ptx"])}
+                  **ptx_access_widths(compiled.asm["ptx"]),
+                  "hints": ptx_eviction_hints(compiled.asm["ptx"])}
         if args.sass_every and (len(seen) - 1) % args.sass_every == 0:
             # the same widths read from the machine code (a second per variant: a sample only)
             record["sass"] = global_access_widths(compiled.asm["cubin"])

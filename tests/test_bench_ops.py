@@ -35,12 +35,14 @@ def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
     def settings():
         return (softmax_common.TILE_ELEMENTS, softmax_common.MAX_BLOCK, softmax_common.MAX_WARPS,
                 softmax_common.LANE_STATS, softmax_common.STREAM_STAGES,
-                softmax_common.ROW_STAGES, softmax_common.MAX_REGISTERS)
+                softmax_common.ROW_STAGES, softmax_common.MAX_REGISTERS,
+                softmax_common.EVICTION_HINTS)
 
     shipped = settings()
     assert cli.main(["bench", "ops", "--shapes", "5x300", "--dtypes", "bfloat16", "--no-compile",
                      "--tiles", "1024:4096:8,2048:128:4:256,1024:128:4:lanes,1024:128:4:s3,"
-                     "1024:4096:8:r2,1024:128:4:r3,1024:4096:8:r2:m40,1024:4096:8:m0",
+                     "1024:4096:8:r2,1024:128:4:r3,1024:4096:8:r2:m40,1024:4096:8:m0,"
+                     "1024:128:4:e,1024:4096:8:e",
                      "--device", "cpu", "--out", str(tmp_path)]
                     ) == 0
     rows = [json.loads(line) for line in (tmp_path / "ops.jsonl").read_text().splitlines()]
@@ -48,20 +50,24 @@ def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
         (op, t) for op in ("soft_cross_entropy", "uda_loss", "pseudo_labels")
         for t in ("1024:4096:8:512", "2048:128:4:256", "1024:128:4:512:lanes",
                   "1024:128:4:512:s3", "1024:4096:8:512:r2", "1024:128:4:512:r3",
-                  "1024:4096:8:512:r2:m40", "1024:4096:8:512"))
+                  "1024:4096:8:512:r2:m40", "1024:4096:8:512", "1024:128:4:512:e",
+                  "1024:4096:8:512:e"))
     # the launch each tile made at 300 classes (rows a program, block, warps, chunks in flight:
     # one for a one-tile row, the tile's for a streamed one; tiles in flight a persistent
     # program: the tile's for one-tile rows, one for streamed ones; the register cap, 0 for
-    # none: ":m0" is the uncapped tile, recorded under its name)
+    # none: ":m0" is the uncapped tile, recorded under its name; the eviction hints, for
+    # streamed rows only)
     launch = {r["tile"]: (r["rows_per_program"], r["block"], r["num_warps"], r["stages"],
-                          r["row_stages"], r["max_registers"]) for r in rows}
-    assert launch == {"1024:4096:8:512": (2, 512, 2, 1, 1, 0),
-                      "2048:128:4:256": (16, 128, 4, 1, 1, 0),
-                      "1024:128:4:512:lanes": (8, 128, 2, 1, 1, 0),
-                      "1024:128:4:512:s3": (8, 128, 2, 3, 1, 0),
-                      "1024:4096:8:512:r2": (2, 512, 2, 1, 2, 0),
-                      "1024:128:4:512:r3": (8, 128, 2, 1, 1, 0),
-                      "1024:4096:8:512:r2:m40": (2, 512, 2, 1, 2, 40)}
+                          r["row_stages"], r["max_registers"], r["evict"]) for r in rows}
+    assert launch == {"1024:4096:8:512": (2, 512, 2, 1, 1, 0, False),
+                      "2048:128:4:256": (16, 128, 4, 1, 1, 0, False),
+                      "1024:128:4:512:lanes": (8, 128, 2, 1, 1, 0, False),
+                      "1024:128:4:512:s3": (8, 128, 2, 3, 1, 0, False),
+                      "1024:4096:8:512:r2": (2, 512, 2, 1, 2, 0, False),
+                      "1024:128:4:512:r3": (8, 128, 2, 1, 1, 0, False),
+                      "1024:4096:8:512:r2:m40": (2, 512, 2, 1, 2, 40, False),
+                      "1024:128:4:512:e": (8, 128, 2, 1, 1, 0, True),
+                      "1024:4096:8:512:e": (2, 512, 2, 1, 1, 0, False)}
     assert settings() == shipped
     capsys.readouterr()
     for bad in ("1024:4096", "1000:4096:8", "a:b:c", "1024:4096:8:rows", "1024:4096:8:lanes:x",
@@ -69,7 +75,7 @@ def test_bench_ops_sweeps_tiles_and_restores_the_shipped_one(tmp_path, capsys):
                 "1024:4096:8:s0", "1024:4096:s2", "1024:4096:8:r2:r3", "1024:4096:8:x2",
                 "1024:4096:8:r", "1024:4096:8:lanes:lanes", "1024:4096:8:m8",
                 "1024:4096:8:m256", "1024:4096:8:m", "1024:4096:8:m40:m32", "1024:4096:8:mx",
-                "1024:4096:8:m1000"):
+                "1024:4096:8:m1000", "1024:4096:8:e:e", "1024:4096:8:e2", "1024:4096:8:ex"):
         with pytest.raises(SystemExit):
             cli.main(["bench", "ops", "--tiles", bad, "--device", "cpu", "--out", str(tmp_path)])
         assert "--tiles" in capsys.readouterr().err
@@ -665,7 +671,7 @@ def test_bench_ops_ratios_never_mix_gpu_and_host_times():
 
     record = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
                                 "bench_ops.py"))["record"]
-    tile = (1024, 4096, 8, False, 512, 1, 1, 0)
+    tile = (1024, 4096, 8, False, 512, 1, 1, 0, False)
     # ours could not be captured: every ratio from host times
     r = record({}, "op", 2, 3, torch.float32, tile, (0.5, None),
                {"eager": (0.4, 0.02), "compile": (0.3, 0.01)}, 1e6, 1e12)

@@ -5,7 +5,8 @@ rejects; this compiles every variant the launchers can produce (3 dtypes x tiles
 switches) to a cubin, and checks that none spills registers beyond a word or two, that long rows
 are read and written 16 bytes an instruction, that the pipelined loops (a streamed row's
 chunks, softmax_common.STREAM_STAGES; a persistent program's tiles, ROW_STAGES) load through
-asynchronous copies, and that a register cap (MAX_REGISTERS) holds.
+asynchronous copies, that a register cap (MAX_REGISTERS) holds, and that the L2 eviction hints
+(EVICTION_HINTS) reach the streamed rows' loads and stores and no other variant's.
 """
 import importlib
 import json
@@ -73,16 +74,30 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         first_ptr = {next(iter(r["signature"].values())) for r in rs}
         assert first_ptr == {"*fp32", "*bf16", "*fp16"}, name
     # 2 x 2 x 2 x 2 switches of soft_cross_entropy per dtype and tile (4096 single and chunked),
-    # the chunked tile also with per-lane statistics and with its chunks pipelined; and the
-    # persistent programs over one-tile rows and the register-capped kernels, in bf16 at 10 and
-    # 1000 classes
-    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 7 + 16 * 2 + 16 * 2
+    # the chunked tile also with per-lane statistics, with its chunks pipelined and with the
+    # eviction hints; and the persistent programs over one-tile rows and the register-capped
+    # kernels, in bf16 at 10 and 1000 classes
+    assert len(by_kernel["_soft_cross_entropy_kernel"]) == 16 * 3 * 8 + 16 * 2 + 16 * 2
     pipelined = SCRIPT_MODULE.PIPELINED_STAGES
     for name in ("_pseudo_labels_kernel", "_soft_cross_entropy_kernel", "_uda_loss_kernel"):
-        streams = {tuple(r["constexprs"][k] for k in ("SINGLE", "LANES", "STAGES", "ROW_STAGES"))
+        streams = {tuple(r["constexprs"][k] for k in ("SINGLE", "LANES", "STAGES", "ROW_STAGES",
+                                                      "EVICT"))
                    for r in by_kernel[name]}
-        assert streams == {(True, False, 1, 1), (False, False, 1, 1), (False, True, 1, 1),
-                           (False, False, pipelined, 1), (True, False, 1, pipelined)}, name
+        assert streams == {(True, False, 1, 1, False), (False, False, 1, 1, False),
+                           (False, True, 1, 1, False), (False, False, pipelined, 1, False),
+                           (True, False, 1, pipelined, False), (False, False, 1, 1, True)}, name
+        for r in by_kernel[name]:
+            # a streamed row's first pass asks the L2 to keep what the second reads again, the
+            # second to drop first what it reads and writes; where no second pass reads the row
+            # (no gradient), and in every other variant, no access carries a hint
+            hints = r["hints"]
+            if r["constexprs"]["EVICT"] and r["constexprs"].get("COMPUTE_GRAD", True):
+                assert hints["policies"] == ["evict_first", "evict_last"], r
+                assert hints["load"].get("evict_last", 0) >= 1, r
+                assert hints["load"].get("evict_first", 0) >= 1, r
+                assert set(hints["store"]) == {"evict_first"}, r
+            else:
+                assert hints == {"load": {}, "store": {}, "policies": []}, r
         for r in by_kernel[name]:
             copies = r["async"]
             if r["constexprs"]["STAGES"] > 1 or r["constexprs"]["ROW_STAGES"] > 1:
@@ -160,3 +175,22 @@ def test_ptx_access_widths_reads_vector_scalar_and_async_accesses():
     """
     assert SCRIPT_MODULE.ptx_access_widths(ptx) == {
         "load": {128: 2, 16: 1, 64: 1}, "store": {64: 1, 32: 1}, "async": {64: 1, 128: 1}}
+
+
+def test_ptx_eviction_hints_counts_hinted_accesses_by_policy():
+    # as triton 3.9 emits them for sm_90: a fractional L2 policy handed to each hinted access
+    ptx = """
+    createpolicy.fractional.L2::evict_last.b64 %rd2, 1.0;
+    createpolicy.fractional.L2::evict_first.b64 %rd9, 1.0;
+    @%p1 ld.global.L1::evict_last.L2::cache_hint.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ], %rd2;
+    @%p1 ld.global.L1::evict_last.L2::cache_hint.b16 { %rs1 }, [ %rd3 + 0 ], %rd2;
+    @%p2 ld.global.L1::evict_first.L2::cache_hint.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd4 + 0 ], %rd9;
+    @%p3 st.global.L1::evict_first.L2::cache_hint.v4.b32 [ %rd6 + 0 ], { %r9, %r10, %r11, %r12 }, %rd9;
+    @%p1 ld.global.L1::evict_last.b64 { %rd4 }, [ %rd5 + 0 ];
+    @%p4 st.global.b32 [ %rd7 + 0 ], { %r11 };
+    """
+    assert SCRIPT_MODULE.ptx_eviction_hints(ptx) == {
+        "load": {"evict_last": 2, "evict_first": 1}, "store": {"evict_first": 1},
+        "policies": ["evict_first", "evict_last"]}
+    assert SCRIPT_MODULE.ptx_eviction_hints("@%p4 st.global.b32 [ %rd7 + 0 ], { %r11 };") == {
+        "load": {}, "store": {}, "policies": []}

@@ -20,8 +20,9 @@ def _backends(pipelined=False):
     """torch; the Triton kernels as shipped; "triton-lanes", the same kernels with a streamed
     row's statistics kept per lane (softmax_common.LANE_STATS); and, for the tests of every row
     length (pipelined=True) on a GPU, the launch settings a sweep may ship: "triton-staged", a
-    streamed row's chunks software-pipelined (STREAM_STAGES 2), and "triton-persistent",
-    one-tile rows by persistent programs with 2 tiles in flight (ROW_STAGES 2); the interpreter
+    streamed row's chunks software-pipelined (STREAM_STAGES 2), "triton-persistent",
+    one-tile rows by persistent programs with 2 tiles in flight (ROW_STAGES 2), and
+    "triton-evict", streamed rows with L2 eviction hints (EVICTION_HINTS); the interpreter
     runs pipelined loops as plain ones (the persistent programs' loop itself is tested on the CPU
     below). The register cap has a test of its own (test_register_capped_kernels_...)."""
     out = [("torch", "cpu"), ("triton", "cpu"), ("triton-lanes", "cpu")]
@@ -30,6 +31,7 @@ def _backends(pipelined=False):
     if pipelined:
         out.append(pytest.param("triton-staged", "cuda", marks=pytest.mark.gpu))
         out.append(pytest.param("triton-persistent", "cuda", marks=pytest.mark.gpu))
+        out.append(pytest.param("triton-evict", "cuda", marks=pytest.mark.gpu))
     return out
 
 
@@ -44,6 +46,8 @@ def use(monkeypatch):
             monkeypatch.setattr(softmax_common, "STREAM_STAGES", 2)
         if name == "triton-persistent":
             monkeypatch.setattr(softmax_common, "ROW_STAGES", 2)
+        if name == "triton-evict":
+            monkeypatch.setattr(softmax_common, "EVICTION_HINTS", True)
     return set_backend
 
 
@@ -318,6 +322,42 @@ def test_persistent_programs_give_the_shipped_results_bit_for_bit(use, monkeypat
     persistent = run()
     assert 0.2 < float(shipped[2].mean()) < 0.8  # the UDA mask keeps some rows, not all
     for a, b in zip(shipped, persistent):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eviction_hints_give_the_shipped_results_bit_for_bit(use, monkeypatch, device, dtype):
+    """L2 eviction hints on a streamed row's two passes (EVICTION_HINTS) say what the cache
+    keeps, not what is computed: the three ops with hard and soft targets, their gradients and
+    masks, bit for bit as without them, on rows streamed in several chunks (the last partial)
+    and an odd row count."""
+    from mpl_fast.kernels import softmax_common
+
+    use("triton")
+    n, c = (5, 9001) if device == "cpu" else (37, 32000)
+    assert not softmax_common.tile_for(c).single
+    x = _logits(n, c, dtype, device, 95)
+    weak = _logits(n, c, dtype, device, 96, scale=6.0)
+    g = seeds.generator(97)
+    y = torch.randint(0, c, (n,), generator=g).to(device)
+    soft = torch.softmax(torch.randn(n, c, generator=g), 1).to(dtype).to(device)
+    mask = (torch.rand(n, generator=g) > 0.3).float().to(device)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        ce = ops.soft_cross_entropy(xg, y, label_smoothing=0.1, mask=mask, reduction="none")
+        ce_soft = ops.soft_cross_entropy(xg, soft, reduction="none")
+        uda, uda_mask = ops.uda_loss(weak, xg, temperature=0.7, threshold=0.0,
+                                     reduction="none")
+        (ce.sum() + ce_soft.sum() + 0.5 * uda.sum()).backward()
+        return [ce, ce_soft, uda, uda_mask, xg.grad, *ops.pseudo_labels(weak, temperature=0.7)]
+
+    shipped = run()
+    monkeypatch.setattr(softmax_common, "EVICTION_HINTS", True)
+    assert softmax_common.tile_for(c).evict and not softmax_common.tile_for(1000).evict
+    hinted = run()
+    for a, b in zip(shipped, hinted):
         assert torch.equal(a, b)
 
 
@@ -993,6 +1033,7 @@ def test_streamed_rows_with_infinities_and_wide_ranges(use, backend, device, dty
     rows, mask64 = loss_truth.uda_rows(x, s64, 0.7, 0.0)
     rows.sum().backward()
     assert torch.equal(mask.cpu().double(), mask64)
+    loss_u, rows = loss_u.detach(), rows.detach()
     assert abs(float(loss_u) * 6 - float(rows.sum())) <= tol * max(1.0, float(rows.abs().sum()))
     assert torch.isfinite(sg.grad).all()
     assert torch.allclose(sg.grad.cpu().double(), s64.grad, atol=tol, rtol=0)
