@@ -25,8 +25,9 @@ looped over all its tiles, doubling the time.
 A streamed row is read twice when a gradient or probabilities are written: its statistics, then
 the values. At 32000 classes the rows that the programs on the GPU hold at once (4-8 programs an
 SM, 64-128 KiB a row) pass the L2 cache (50 MiB on the H100/H200) together with the written
-rows, so the second read comes from memory again: 1.5x the traffic the op must move for the
-cross-entropy and pseudo_labels, 5/3 for UDA, which reads two rows twice. EVICTION_HINTS asks the
+rows, so the second read may come from memory again: up to 1.5x the traffic the op must move
+for the cross-entropy and pseudo_labels, 5/3 for UDA, which reads two rows twice (pseudo_labels'
+timings say its second read mostly hit the cache; the others' do not say). EVICTION_HINTS asks the
 cache to keep what is read again (evict_last on the first pass's loads) and to drop first what
 is not (evict_first on the second pass's loads and on the stores): `--tiles 256:4096:8:512:e`
 times it. The hints change no value (tested), only what the L2 keeps.
@@ -213,8 +214,9 @@ def parse_tile_spec(spec: str) -> tuple:
     MAX_WARPS and PER_WARP (elements a warp holds) are powers of two; lanes: a streamed row's
     statistics per lane; STAGES and ROW_STAGES (1 to 4): a streamed row's chunks, a persistent
     program's one-tile rows in flight; REGISTERS (16 to 255, or 0 for none): a thread's register
-    cap; e: L2 eviction hints on a streamed row's two passes. What is left out is the shipped setting; options follow the numbers, each at most once.
-    Raises ValueError naming the spec."""
+    cap; e: L2 eviction hints on a streamed row's two passes. What is left out is the shipped
+    setting; options follow the numbers, each at most once. Raises ValueError naming the
+    spec."""
     parts = spec.split(":")
     numbers = list(itertools.takewhile(str.isdigit, parts))
     options = parts[len(numbers):]
