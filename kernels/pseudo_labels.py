@@ -1,7 +1,7 @@
 """Triton kernel of pseudo_labels: softmax(logits / T), its max, the confidence mask and the
 argmax of each row. A row that fits in one tile (C <= 4096) is read once; a longer row is
 streamed twice (statistics, then probs), the second time from the L2 cache where it still holds
-the row (softmax_common.EVICTION_HINTS asks it to)."""
+the row (softmax_common.EVICTION_HINTS, off until a GPU times it, asks the cache to keep it)."""
 import torch
 import triton
 import triton.language as tl
