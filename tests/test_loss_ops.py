@@ -734,6 +734,15 @@ def test_uda_all_masked_and_empty(use, backend, device):
     (lambda: ops.pseudo_labels(torch.zeros(3, 1)), "logits"),
     (lambda: ops.uda_loss(torch.zeros(3, 4), torch.zeros(3, 5)), "logits_weak"),
     (lambda: ops.uda_loss(torch.zeros(3, 4), torch.zeros(3, 4), temperature=0), "temperature"),
+    # non-finite settings: NaN would pass a plain `<= 0` test, an infinite temperature makes a
+    # -inf logit's probability NaN, and a NaN threshold masks every row without a word
+    (lambda: ops.pseudo_labels(torch.zeros(3, 4), temperature=float("nan")), "temperature"),
+    (lambda: ops.pseudo_labels(torch.zeros(3, 4), temperature=float("inf")), "temperature"),
+    (lambda: ops.pseudo_labels(torch.zeros(3, 4), threshold=float("nan")), "threshold"),
+    (lambda: ops.uda_loss(torch.zeros(3, 4), torch.zeros(3, 4), temperature=float("inf")),
+     "temperature"),
+    (lambda: ops.uda_loss(torch.zeros(3, 4), torch.zeros(3, 4), threshold=float("nan")),
+     "threshold"),
 ])
 def test_bad_input(call, name):
     with pytest.raises(ValueError, match=name):

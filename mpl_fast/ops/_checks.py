@@ -21,8 +21,15 @@ def logits_2d(name, t):
 
 
 def positive(name, v):
-    if not v > 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
+    # `not v > 0` also refuses NaN; an infinite temperature makes -inf logits NaN
+    if not 0 < v < float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {v}")
+
+
+def a_number(name, v):
+    # a NaN threshold would silently mask every row
+    if v != v:
+        raise ValueError(f"{name} must be a number, got {v}")
 
 
 def in_unit_interval(name, v):

@@ -53,7 +53,7 @@ def pseudo_labels(logits: torch.Tensor, temperature: float = 1.0, threshold: flo
     Args:
         logits: N x C (N >= 0, C >= 2), float32, bfloat16 or float16 (float64 on the CPU),
             rows contiguous or strided.
-        temperature: > 0; probs = softmax(logits / temperature).
+        temperature: finite, > 0; probs = softmax(logits / temperature).
         threshold: mask = (max_prob >= threshold).
         mode: "argmax" (labels = argmax of probs) or "sample" (a categorical draw from probs,
             as an exponential race: argmax(probs / E), E ~ Exp(1), which needs no host
@@ -66,10 +66,11 @@ def pseudo_labels(logits: torch.Tensor, temperature: float = 1.0, threshold: flo
 
     Raises:
         ValueError naming the argument: logits not 2-D, not floating point or of fewer than 2
-        classes, temperature <= 0, an unknown mode.
+        classes, a temperature not finite and > 0, a NaN threshold, an unknown mode.
     """
     _checks.logits_2d("logits", logits)
     _checks.positive("temperature", temperature)
+    _checks.a_number("threshold", threshold)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     # no gradient, so in plain eager mode the body runs directly (see backend.plain_eager)

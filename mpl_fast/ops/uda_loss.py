@@ -100,7 +100,7 @@ def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature
             gradient.
         logits_strong: N x C, same shape and device; the only input that gets a gradient.
             Either may be float32, bfloat16 or float16 (float64 on the CPU), rows strided.
-        temperature: > 0.
+        temperature: finite, > 0.
         threshold: a row counts where the targets' max probability >= threshold.
         reduction: "mean" (divides by N: masked rows stay in the divisor, as the UDA code
             does; 0 for N = 0), "sum" or "none" (the N row losses).
@@ -112,8 +112,8 @@ def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature
 
     Raises:
         ValueError naming the argument: logits not 2-D, not floating point or of fewer than 2
-        classes, the two of different shapes or devices, temperature <= 0, an unknown
-        reduction.
+        classes, the two of different shapes or devices, a temperature not finite
+        and > 0, a NaN threshold, an unknown reduction.
     """
     _checks.logits_2d("logits_weak", logits_weak)
     _checks.logits_2d("logits_strong", logits_strong)
@@ -124,6 +124,7 @@ def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature
         raise ValueError(f"logits_weak is on {logits_weak.device} but logits_strong is on "
                          f"{logits_strong.device}")
     _checks.positive("temperature", temperature)
+    _checks.a_number("threshold", threshold)
     _checks.reduction(reduction)
     compute_grad = torch.is_grad_enabled() and logits_strong.requires_grad
     args = (logits_weak.detach(), logits_strong, float(temperature), float(threshold), reduction,
