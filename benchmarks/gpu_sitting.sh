@@ -124,14 +124,18 @@ stage_ops_ncu() {
 # 64 warps, where pseudo_labels at 32 fills all 32 program slots; capped, it spills 8 bytes a
 # thread, UDA 40 at :m40 and 144 at :m32), and at 32000 L2 eviction hints on a streamed row's two
 # passes, alone and with two chunks in flight (:e, :s2:e; the rows in flight pass the L2 with the
-# rows written, so a row's second read may come from memory again: kernels/softmax_common.py).
+# rows written, so a row's second read may come from memory again: kernels/softmax_common.py),
+# and fewer rows in flight for that second read to find in L2: 8192-column chunks over 16 warps
+# (2 programs an SM instead of 4-6: 264 rows on 132 SMs, 17 MB of bf16 rows for the
+# cross-entropy and 34 for UDA, against 34 and 84 MB shipped) and over 32 (1 program: 8 and 17
+# MB), with about the shipped tile's bytes in flight an SM (16-32 KiB), and the first with :e.
 # The launch each tile made at each C is in its record.
 stage_ops_tiles() {
   mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
     --tiles 256:4096:8:512,256:4096:8:512:r2,256:4096:8:512:r3,256:4096:8:512:m40,256:4096:8:512:m32,256:4096:8:512:r2:m40,128:4096:8:512,512:4096:8:512,256:4096:8:128,1024:4096:8:1024,2048:4096:8:1024,1024:4096:8:256 \
     --out "$DIR/results" &&
     mpl-fast bench ops --shapes 4096x32000 --no-compile \
-      --tiles 256:4096:8:512,256:4096:8:512:e,256:4096:8:512:s2,256:4096:8:512:s2:e,256:4096:8:512:s3,256:2048:4:512:s3,256:4096:4:512,32768:32768:32:1024 \
+      --tiles 256:4096:8:512,256:4096:8:512:e,256:8192:16:512,256:8192:32:256,256:4096:8:512:s2,256:4096:8:512:s2:e,256:8192:16:512:e,256:4096:8:512:s3,256:2048:4:512:s3,256:4096:4:512,32768:32768:32:1024 \
       --out "$DIR/results"
 }
 

@@ -23,14 +23,16 @@ PERSISTENT_PROGRAMS_PER_SM: a program that found no room would start only once a
 looped over all its tiles, doubling the time.
 
 A streamed row is read twice when a gradient or probabilities are written: its statistics, then
-the values. At 32000 classes the rows that the programs on the GPU hold at once (4-8 programs an
+the values. At 32000 classes the rows that the programs on the GPU hold at once (4-6 programs an
 SM, 64-128 KiB a row) pass the L2 cache (50 MiB on the H100/H200) together with the written
 rows, so the second read may come from memory again: up to 1.5x the traffic the op must move
 for the cross-entropy and pseudo_labels, 5/3 for UDA, which reads two rows twice (pseudo_labels'
 timings say its second read mostly hit the cache; the others' do not say). EVICTION_HINTS asks the
 cache to keep what is read again (evict_last on the first pass's loads) and to drop first what
 is not (evict_first on the second pass's loads and on the stores): `--tiles 256:4096:8:512:e`
-times it. The hints change no value (tested), only what the L2 keeps.
+times it. The hints change no value (tested), only what the L2 keeps. A wider tile holds fewer
+rows at once for the same bytes in flight: `--tiles 256:8192:16:512` (8192-column chunks over 16
+warps, 2 programs an SM) and `256:8192:32:256` (1) time that.
 
 MAX_REGISTERS caps a kernel's registers a thread (ptxas' maxnreg; 0: the compiler's choice).
 Rows of 1000 classes are latency-bound, so the programs an SM holds at once matter: the bf16

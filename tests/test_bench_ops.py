@@ -249,6 +249,22 @@ def _sitting_env(tmp_path, **extra):
             "SITTING_TRITON_CACHE": str(tmp_path / "triton"), **extra}
 
 
+def test_gpu_sitting_sweeps_only_tiles_the_benchmark_takes():
+    """A tile the benchmark refuses would end the sitting's sweep call at its first launch, device
+    time spent for nothing: every `--tiles` spec in the script parses, and is written the way
+    the records name it (tile_spec), so that the sweep's records can be found by it."""
+    import re
+
+    from mpl_fast.kernels import softmax_common
+
+    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh").read_text()
+    lists = re.findall(r"--tiles ([^\s\\]+)", script)
+    specs = [spec for tiles in lists for spec in tiles.split(",")]
+    assert len(lists) >= 3 and "256:8192:16:512" in specs  # the ncu stage's two and the sweep's
+    for spec in specs:
+        assert softmax_common.tile_spec(softmax_common.parse_tile_spec(spec)) == spec
+
+
 def test_gpu_sitting_script_refuses_unknown_stages_before_running_any(tmp_path):
     import subprocess
 
