@@ -127,8 +127,8 @@ stage_ops_ncu() {
 # rows written, so a row's second read may come from memory again: kernels/softmax_common.py),
 # and fewer rows in flight for that second read to find in L2: 8192-column chunks over 16 warps
 # (2 programs an SM instead of 4-6: 264 rows on 132 SMs, 17 MB of bf16 rows for the
-# cross-entropy and 34 for UDA, against 34 and 84 MB shipped) and over 32 (1 program: 8 and 17
-# MB), with about the shipped tile's bytes in flight an SM (16-32 KiB), and the first with :e.
+# cross-entropy and 34 for UDA, against 34 and 84 MB shipped) and over 32 (1-2 programs: 8-17
+# and 17 MB), with about the shipped tile's bytes in flight an SM (16-32 KiB), and the first with :e.
 # The launch each tile made at each C is in its record.
 stage_ops_tiles() {
   mpl-fast bench ops --shapes 15360x10,15360x1000 --no-compile \
