@@ -32,7 +32,7 @@ cache to keep what is read again (evict_last on the first pass's loads) and to d
 is not (evict_first on the second pass's loads and on the stores): `--tiles 256:4096:8:512:e`
 times it. The hints change no value (tested), only what the L2 keeps. A wider tile holds fewer
 rows at once for the same bytes in flight: `--tiles 256:8192:16:512` (8192-column chunks over 16
-warps, 2 programs an SM) and `256:8192:32:256` (1) time that.
+warps, 2 programs an SM) and `256:8192:32:256` (1-2) time that.
 
 MAX_REGISTERS caps a kernel's registers a thread (ptxas' maxnreg; 0: the compiler's choice).
 Rows of 1000 classes are latency-bound, so the programs an SM holds at once matter: the bf16
