@@ -257,7 +257,8 @@ def test_gpu_sitting_sweeps_only_tiles_the_benchmark_takes():
 
     from mpl_fast.kernels import softmax_common
 
-    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh").read_text()
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sitting.sh"
+    script = script.read_text()
     lists = re.findall(r"--tiles ([^\s\\]+)", script)
     specs = [spec for tiles in lists for spec in tiles.split(",")]
     assert len(lists) >= 3 and "256:8192:16:512" in specs  # the ncu stage's two and the sweep's
