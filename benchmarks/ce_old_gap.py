@@ -23,6 +23,7 @@ statistics.
 import argparse
 import copy
 import datetime
+import math
 import statistics
 import sys
 import time
@@ -53,8 +54,8 @@ def parse_args(argv):
         p.error("--warmup-steps must be >= 0")
     if args.trials < 2:
         p.error("--trials must be >= 2")  # a spread needs two values
-    if not args.lr > 0:
-        p.error("--lr must be > 0")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be finite and > 0, got {args.lr}")
     from mpl_fast.train.run_log import check_results_folder
 
     check_results_folder(p, "--out", args.out)

@@ -1,5 +1,6 @@
 """The `mpl-fast` command line."""
 import argparse
+import math
 import os
 import sys
 
@@ -61,8 +62,10 @@ def _two_moons(args):
 
     if args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
-    if not args.uda_noise >= 0:
-        raise CliError(f"--uda-noise must be >= 0, got {args.uda_noise}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CliError(f"--lr must be finite and > 0, got {args.lr}")
+    if not (math.isfinite(args.uda_noise) and args.uda_noise >= 0):
+        raise CliError(f"--uda-noise must be finite and >= 0, got {args.uda_noise}")
     seeds = _seed_range(args.seed)
     config = _mpl_config(args.preset, args.set)
     out = Path(args.out)

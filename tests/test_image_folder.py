@@ -882,6 +882,19 @@ def test_ce_old_gap_script_measures_the_normalisation_gap(tree, tmp_path, capsys
     assert not (tmp_path / "r2").exists()
 
 
+@pytest.mark.parametrize("lr", ["0", "-0.1", "nan", "inf"])
+def test_ce_old_gap_refuses_a_learning_rate_that_is_no_step(tmp_path, capsys, lr):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ce_old_gap.py"
+    parse_args = runpy.run_path(str(script))["parse_args"]
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--root", str(tmp_path), "--lr", lr, "--out", str(tmp_path / "r")])
+    assert stop.value.code == 2 and "--lr must be finite and > 0" in capsys.readouterr().err
+    assert parse_args(["--root", str(tmp_path), "--lr", "0.5"]).lr == 0.5
+
+
 def test_bench_methods_mpl_joint_differs_from_mpl_in_ce_old_forward_alone():
     import runpy
     from pathlib import Path

@@ -383,6 +383,9 @@ def test_autocast_bf16_step_close_to_fp32():
     dict(pseudo_labels="soft"),  # zero-gradient score term
     dict(feedback_sign=0), dict(baseline_decay=1.0), dict(fd_eps=0.0), dict(estimator="x"),
     dict(ce_old_forward="both"),
+    # a NaN passes every range test; an infinite weight, temperature or step is no setting
+    dict(grad_clip=float("nan")), dict(mpl_weight=float("inf")), dict(fd_eps=float("inf")),
+    dict(pseudo_label_temperature=float("inf")), dict(uda_weight=float("nan")),
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="mpl\\."):

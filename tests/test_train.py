@@ -41,7 +41,14 @@ def test_config_presets_and_errors(tmp_path):
                      # folder settings on the embedded data would be ignored silently
                      (["data.root=/data/cifar10"], "data.root"),
                      (["data.image_size=32"], "data.image_size"),
-                     (["data.labeled_percent=10"], "data.labeled_percent")):
+                     (["data.labeled_percent=10"], "data.labeled_percent"),
+                     # YAML's .nan and .inf are numbers; a NaN passes every range test
+                     (["optim.momentum=.nan"], "optim.momentum"),
+                     (["optim.teacher_lr=.inf"], "optim.teacher_lr"),
+                     (["mpl.grad_clip=.nan"], "mpl.grad_clip"),
+                     (["mpl.uda_weight=.inf"], "mpl.uda_weight"),
+                     (["data.hw_decoder_load=.nan"], "data.hw_decoder_load"),
+                     (["train.finetune_lr=-.inf"], "train.finetune_lr")):
         with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
             cfg.load("digits", bad)
     folder = cfg.load("digits", ["data.name=image_folder", "data.root=/data/cifar10",

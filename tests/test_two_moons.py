@@ -47,11 +47,13 @@ def test_two_moons_bad_input_exits_nonzero(tmp_path, capsys):
     for args in (["--steps", "0"], ["--set", "estimator=bogus"], ["--set", "nokey=1"],
                  ["--set", "noequals"], ["--preset", "nope"], ["--seed", "3-1"], ["--seed", "x"],
                  ["--seed", "-1"], ["--seed", "2-"], ["--uda-noise", "-0.1"],
-                 ["--uda-noise", "nan"]):
+                 ["--uda-noise", "nan"], ["--uda-noise", "inf"], ["--lr", "-1"], ["--lr", "0"],
+                 ["--lr", "nan"], ["--lr", "inf"], ["--set", "mpl_weight=.inf"],
+                 ["--set", "grad_clip=.nan"]):
         assert cli.main(["two-moons", "--out", str(tmp_path / "x"), *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, (args, err)
-        assert not (tmp_path / "x" / "metrics.json").exists()
+        assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_seed_range_writes_each_seed_and_a_summary_of_them(tmp_path):

@@ -1,5 +1,6 @@
 """MPL algorithm settings and the named presets (paper, official, kekmodel)."""
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, get_args
 
@@ -80,6 +81,8 @@ class MPLConfig:
             if not ok:
                 bad(field.name, f"must be {_TYPE_NAMES[kind]}{' or null' if optional else ''}, "
                     f"got {value!r}")
+            if kind is float and not math.isfinite(value):  # NaN would pass every range test
+                bad(field.name, f"must be finite, got {value}")
         if self.pseudo_labels not in PSEUDO_LABELS:
             bad("pseudo_labels", f"must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}")
         if self.pseudo_label_view not in ("strong", "weak"):

@@ -5,6 +5,7 @@ keys and bad values are refused with a one-line ConfigError naming the key.
 """
 import copy
 import dataclasses
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -157,6 +158,9 @@ def _merge(base, update, prefix=""):
 
 
 def _coerce(name, default, value):
+    # YAML reads .nan and .inf as numbers; no setting means either (a NaN passes every range test)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     if default is None or value is None:
         return value
     if isinstance(default, bool):
