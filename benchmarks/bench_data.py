@@ -97,8 +97,11 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results",
                         help="where data.jsonl is appended (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.mu < 1 or args.steps < 1:
-        parser.error("--batch-size, --mu and --steps must be >= 1")
+    if min(args.batch_size, args.mu, args.steps, args.threads) < 1:
+        parser.error("--batch-size, --mu, --steps and --threads must be >= 1")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu: this machine has no CUDA device (--device cpu runs every "
+                     "stage on the CPU)")
     check_results_folder(parser, "--out", args.out)
     if args.synthetic is not None and args.synthetic < 10:
         parser.error("--synthetic: at least 10 images (one per class)")

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from mpl_fast import ops
-from mpl_fast.train.run_log import append_jsonl, check_results_folder
+from mpl_fast.train.run_log import append_jsonl, check_device, check_results_folder
 
 SHAPES = [(15360, 10), (15360, 1000), (4096, 32000)]
 
@@ -354,7 +354,7 @@ def main(argv=None):
         except argparse.ArgumentTypeError as err:
             parser.error(f"--{option}: {err}")
     tiles, shapes, dtypes = parsed["tiles"], parsed["shapes"], parsed["dtypes"]
-    device = torch.device(args.device)
+    device = check_device(parser, "--device", args.device)
     if args.profiler_range:
         if device.type != "cuda":
             parser.error(f"--profiler-range marks CUDA profiler ranges: --device {device} is "

@@ -48,7 +48,7 @@ from mpl_fast.mpl.step import PHASES
 from mpl_fast.train.graphed import GraphedStep
 from mpl_fast.train.optim import sgd
 from mpl_fast.train.profiling import host_times, phase_times
-from mpl_fast.train.run_log import append_jsonl, check_results_folder
+from mpl_fast.train.run_log import append_jsonl, check_device, check_results_folder
 
 
 def timed(fn, steps, warmup, device):
@@ -350,11 +350,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.batch_size, args.mu, args.image_size, args.steps) < 1:
         p.error("--batch-size, --mu, --image-size and --steps must be >= 1")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.num_classes < 2:
+        p.error(f"--num-classes must be >= 2, got {args.num_classes}")
     check_results_folder(p, "--out", args.out)
     if args.checkpoint_blocks is not None and (args.checkpoint_blocks < 1
                                                or args.checkpoint == "none"):
         p.error("--checkpoint-blocks needs N >= 1 and --checkpoint teacher|student|both")
-    device = torch.device(args.device)
+    device = check_device(p, "--device", args.device)
     gpu = device.type == "cuda"
     if args.max_batch and not gpu:
         p.error("--max-batch needs a CUDA device (it probes for out-of-memory)")

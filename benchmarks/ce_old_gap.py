@@ -56,11 +56,10 @@ def parse_args(argv):
         p.error("--trials must be >= 2")  # a spread needs two values
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be finite and > 0, got {args.lr}")
-    from mpl_fast.train.run_log import check_results_folder
+    from mpl_fast.train.run_log import check_device, check_results_folder
 
     check_results_folder(p, "--out", args.out)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
+    check_device(p, "--device", args.device)
     return args
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
 from mpl_fast.mpl.reduced import ReducedTeacher
-from mpl_fast.train.run_log import append_jsonl, check_results_folder
+from mpl_fast.train.run_log import append_jsonl, check_device, check_results_folder
 
 
 def convnet(width, classes=10):
@@ -114,7 +114,8 @@ def measure(reduced, device, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--teacher", default="convnet-128", help="the large teacher")
     parser.add_argument("--student", default="convnet-32")
@@ -135,7 +136,7 @@ def main(argv=None):
         except ValueError as err:
             parser.error(f"--{flag}: {err}")
     check_results_folder(parser, "--out", args.out)
-    device = torch.device(args.device)
+    device = check_device(parser, "--device", args.device)
     rows = [measure(False, device, args), measure(True, device, args)]
     full, red = rows
     total = lambda r: r["state_bytes"] + r["peak_saved_activation_bytes"]  # noqa: E731

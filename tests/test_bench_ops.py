@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from mpl_fast import cli
 
@@ -153,6 +154,33 @@ def test_benchmarks_refuse_a_results_folder_they_cannot_write_before_measuring(t
     assert blocker.read_text() == "not a folder\n" and sorted(tmp_path.iterdir()) == [blocker]
 
 
+@pytest.mark.parametrize("command,bad", [
+    (["bench", "step"], ["--device", "tpu"]), (["bench", "step"], ["--device", "meta"]),
+    (["bench", "step"], ["--device", "cuda:99"]), (["bench", "ops"], ["--device", "xyz"]),
+    (["bench", "ops"], ["--device", "cuda:99"]), (["bench", "step"], ["--warmup", "-1"]),
+    (["bench", "step"], ["--num-classes", "1"]),
+    (["bench", "data", "--root", "."], ["--threads", "0"])])
+def test_benchmarks_refuse_a_device_or_a_count_they_cannot_run_in_one_line(tmp_path, capsys,
+                                                                          command, bad):
+    """A device torch does not know, or a CUDA device the machine lacks, used to end in a
+    traceback; a negative --warmup ran and recorded a measurement."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, *bad, "--out", str(tmp_path / "r")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: --" in err[-1] and bad[0] in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_data_refuses_gpu_pipelines_without_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "data", "--root", ".", "--device", "gpu", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--device gpu: this machine has no CUDA device" in capsys.readouterr().err
+
+
 def test_reduced_mpl_memory_benchmark_records_the_saving(tmp_path, capsys):
     """Reduced MPL's step holds less (no large teacher's weights, gradients, momentum or
     activations) with any pair of networks named on the command line; bad names and sizes stop
@@ -169,7 +197,8 @@ def test_reduced_mpl_memory_benchmark_records_the_saving(tmp_path, capsys):
     assert reduced["state_bytes"] < full["state_bytes"]
     assert reduced["peak_saved_activation_bytes"] < full["peak_saved_activation_bytes"]
     assert 0 < record["saving"] < 1
-    for bad in (["--teacher", "nope"], ["--mu", "0"], ["--classes", "1"]):
+    for bad in (["--teacher", "nope"], ["--mu", "0"], ["--classes", "1"], ["--device", "tpu"],
+                ["--device", "cuda:99"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "bad"), *bad])
         assert "error: --" in capsys.readouterr().err.strip().splitlines()[-1]

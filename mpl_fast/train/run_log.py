@@ -124,6 +124,24 @@ def check_results_folder(parser, flag, folder):
         parser.error(f"{flag} {folder}: cannot write there ({err.strerror or err})")
 
 
+def check_device(parser, flag, name):
+    """The torch device a benchmark's --device names, or argparse's one-line error for another
+    kind than cpu and cuda or a CUDA device this machine does not have (before anything runs)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"{flag} {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or not count:
+            parser.error(f"{flag} {name}: this machine has {count} CUDA device(s)")
+    return device
+
+
 def where_it_ran(device) -> dict:
     """The card (or "cpu"), torch and date of this session: what every record says it ran on."""
     import datetime
