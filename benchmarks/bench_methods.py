@@ -17,10 +17,11 @@ of the session that finished it, final top-1 of the EMA student, student and tea
 seconds, images/s, the share of the loop spent waiting for data, the last logged h, UDA mask
 ratio and pseudo-label accuracy, their statistics over the run (`feedback`), the resolved MPL
 settings, and the EMA-student and teacher top-1 curves), and OUT/methods.png draws the curves
-so far (teachers dashed). With --resume a method continues from OUT/<method>/last.pt (runs can span several
-sittings); a method whose run already reached its last step is not trained again. A run saved
-with other settings than the ones given now (anything but where it runs and how often it is
-evaluated, logged or saved) is refused, so one comparison never mixes configurations.
+so far (teachers dashed). With --resume a method continues from OUT/<method>/last.pt (runs can
+span several sittings); a method whose run already reached its last step is not trained again.
+A run saved with other settings than the ones given now (anything but where it runs and how
+often it is evaluated, logged or saved) is refused, so one comparison never mixes
+configurations.
 --plot-only FIG trains and records nothing: it draws FIG from the runs already in OUT (e.g. runs
 of one comparison finished in different GPU sittings, gathered in one folder), titled with the
 config and the card(s) they finished on (their summaries, or their records in RESULTS).
@@ -192,9 +193,15 @@ def plot_runs(out, methods, name, config, path, results):
     for runs whose summary does not)."""
     from mpl_fast.train.run_log import read_jsonl
 
+    import matplotlib.figure
+
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"--plot-only: no folder {path.parent} for the figure")
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:  # before reading any run
+        raise ValueError(f"--plot-only {path}: name a figure file ending in one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
     curves, teachers, cards = {}, {}, {}
     listed = Path(results) / "methods.jsonl"
     records = read_jsonl(listed) if listed.is_file() else []
@@ -237,7 +244,8 @@ def main(argv=None):
     p.add_argument("--results", default="benchmarks/results",
                    help="where methods.jsonl is appended (default: %(default)s)")
     p.add_argument("--plot-only", metavar="FIG",
-                   help="train nothing: draw FIG (PNG) from the runs already in --out")
+                   help="train nothing: draw FIG (.png, .svg, .pdf, ...) from the runs "
+                   "already in --out")
     args = p.parse_args(argv)
     if args.plot_only and (args.resume or args.overwrite):
         p.error("--plot-only trains nothing: it takes no --resume or --overwrite")
@@ -248,6 +256,9 @@ def main(argv=None):
     if unknown or not methods:
         raise ValueError(f"--methods: expected a subset of {','.join(METHODS)}, "
                          f"got {args.methods!r}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:  # the second run would find the first's folder after a whole training
+        raise ValueError(f"--methods names {', '.join(twice)} twice")
     # Resolve every config before training anything, so a bad key fails in the first second.
     configs = {m: cfg.load(args.config, [*args.set, *METHODS[m]]) for m in methods}
     if args.plot_only:

@@ -553,7 +553,9 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert cli.main([*args, "--plot-only", str(other), "--set", "train.steps=99"]) == 0
     assert other.read_bytes() == fig.read_bytes()
     for bad, says in ((["--out", str(tmp_path / "none")], "no run of supervised"),
-                      (["--plot-only", str(tmp_path / "no" / "f.png")], "no folder")):
+                      (["--plot-only", str(tmp_path / "no" / "f.png")], "no folder"),
+                      (["--plot-only", str(tmp_path / "f.txt")], "ending in one of"),
+                      (["--plot-only", str(tmp_path / "f")], "ending in one of")):
         assert cli.main([*args, "--plot-only", str(fig), *bad]) == 2
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err
@@ -593,7 +595,8 @@ def test_bench_methods_trains_three_methods_at_one_budget(tree, tmp_path, capsys
     assert cli.main([*args, "--resume", "--methods", "supervised",
                      "--set", "data.labeled_per_class=1"]) == 2
     assert "(data.labeled_per_class)" in capsys.readouterr().err
-    for bad in (["--methods", "uda,bogus"], ["--set", "data.nokey=1"]):
+    for bad in (["--methods", "uda,bogus"], ["--set", "data.nokey=1"],
+                ["--overwrite", "--methods", "mpl,uda,mpl"]):  # not trained twice
         assert cli.main([*args, *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, err
