@@ -69,7 +69,8 @@ def parse_variant(spec):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mpl-fast bench data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mpl-fast bench data",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="an image-folder tree (root/<class>/*.jpg)")
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
                         help="first write N synthetic 500x375 JPEGs under --root (a new folder)")

@@ -405,7 +405,8 @@ def main(argv=None):
                         row["kernels"] = dict(ours=mine_kernels, **theirs_kernels)
                         row.update(own_kernel_share(name, mine_kernels, nbytes, bandwidth))
                     rows.append(row)
-                    append_jsonl(out / "ops.jsonl", [row])  # as it goes: a cut-off run keeps its rows
+                    # as it goes: a cut-off run keeps its rows
+                    append_jsonl(out / "ops.jsonl", [row])
                     print_row(row)
                     if args.kernels:
                         own = row["own_kernel_bandwidth_fraction"]

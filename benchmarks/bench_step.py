@@ -7,28 +7,27 @@
                         [--max-batch] [--cudnn-benchmark] [--work-only] ...
 
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
-channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one
-CUDA graph); (a) a plain PyTorch MPL step written here as a user would (autocast bf16,
-channels_last, torch SGD, kekmodel-style losses), eager; (b) the same step with both networks under
-torch.compile(mode="max-autotune-no-cudagraphs", or --reference-compile) and the whole step in
-one CUDA graph; (c) a
-supervised step of the same shapes (the floor), captured in a CUDA graph when ours is, so that
-the two compare like with like; and, when ours is graphed, (d) the plain step of (a) graphed
-without compile, which shows what the graph alone gives. Median ms/step, teacher images/s, peak memory,
-a per-phase breakdown of one eager step of ours (on a GPU the summed kernel time of each phase,
-backward kernels included, from the profiler; see mpl_fast.train.profiling.phase_times), each
-variant's summed kernel time (kernel_ms: its work without launch gaps), ratios; one JSON object
-per configuration appended to benchmarks/results/step.jsonl. Each record also counts the work
-of ours, the reference and the floor (conv and matmul GFLOPs of one eager step, the same on any
-card and however compiled: what a step must compute, against which its time can be read);
---work-only counts that alone, without timing, on any device (step_work.jsonl).
-Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as
-model.checkpoint does in the trainer (--checkpoint-blocks N: only the first N); the record's activation_mem_gib is the step's peak above
-what stays allocated between steps (weights, optimizer state, the batch), so runs with and
-without checkpointing compare activations. --max-batch also searches the largest labeled batch
-(mu fixed) at which one eager, uncompiled step of ours fits on the card.
-On a CPU it runs without graphs (and without compile unless --compile) as a smoke test; its
-times mean nothing (its work counts are the same as on a GPU).
+channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one CUDA
+graph); (a) a plain PyTorch MPL step written here as a user would (autocast bf16, channels_last,
+torch SGD, kekmodel-style losses), eager; (b) the same step with both networks under
+torch.compile(mode="max-autotune-no-cudagraphs", or --reference-compile) and the whole step in one
+CUDA graph; (c) a supervised step of the same shapes (the floor), captured in a CUDA graph when ours
+is, so that the two compare like with like; and, when ours is graphed, (d) the plain step of (a)
+graphed without compile, which shows what the graph alone gives. Median ms/step, teacher images/s,
+peak memory, a per-phase breakdown of one eager step of ours (on a GPU the summed kernel time of
+each phase, backward kernels included, from the profiler; see mpl_fast.train.profiling.phase_times),
+each variant's summed kernel time (kernel_ms: its work without launch gaps), ratios; one JSON object
+per configuration appended to benchmarks/results/step.jsonl. Each record also counts the work of
+ours, the reference and the floor (conv and matmul GFLOPs of one eager step, the same on any card
+and however compiled: what a step must compute, against which its time can be read); --work-only
+counts that alone, without timing, on any device (step_work.jsonl).
+Memory: --checkpoint teacher|student|both checkpoints our networks' blocks as model.checkpoint does
+in the trainer (--checkpoint-blocks N: only the first N); the record's activation_mem_gib is the
+step's peak above what stays allocated between steps (weights, optimizer state, the batch), so runs
+with and without checkpointing compare activations. --max-batch also searches the largest labeled
+batch (mu fixed) at which one eager, uncompiled step of ours fits on the card.
+On a CPU it runs without graphs (and without compile unless --compile) as a smoke test; its times
+mean nothing (its work counts are the same as on a GPU).
 """
 import argparse
 import datetime
@@ -100,8 +99,8 @@ def make_batch(args, device, gen):
 
 def networks(args, device):
     torch.manual_seed(0)
-    t = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
-    s = build_model(args.model, args.num_classes, 3).to(device).to(memory_format=torch.channels_last)
+    t, s = (build_model(args.model, args.num_classes, 3).to(device)
+            .to(memory_format=torch.channels_last) for _ in range(2))
     return t, s
 
 
@@ -222,7 +221,8 @@ def supervised_floor(teacher, student, t_opt, s_opt, batch, amp):
     xt = torch.cat([batch.x_l, batch.x_uw, batch.x_us])
     xs = torch.cat([batch.x_l, batch.x_us])
     for net, opt, x in ((teacher, t_opt, xt), (student, s_opt, xs)):
-        y = batch.y_l.repeat((x.shape[0] + batch.y_l.shape[0] - 1) // batch.y_l.shape[0])[:x.shape[0]]
+        repeats = (x.shape[0] + batch.y_l.shape[0] - 1) // batch.y_l.shape[0]
+        y = batch.y_l.repeat(repeats)[:x.shape[0]]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
@@ -312,7 +312,8 @@ def main(argv=None):
                    help="our student's CE_old: from a labeled forward of its own without autograd "
                         "(the paper preset) or from its training forward on x_us + x_l, as the "
                         "reference does (default: %(default)s)")
-    p.add_argument("--no-graph", action="store_true", help="do not capture our step in a CUDA graph")
+    p.add_argument("--no-graph", action="store_true",
+                   help="do not capture our step in a CUDA graph")
     p.add_argument("--compile", default="none",
                    choices=["none", "default", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile our networks' forward, as model.compile does in the trainer "
@@ -515,7 +516,8 @@ def _measure(args, device, gpu):
         "floor_graph": use_graph,
         "graphed_reference_ms_per_step": (round(ms["graphed_reference"], 3)
                                           if "graphed_reference" in ms else None),
-        "speedup_vs_reference": round(ms["reference"] / ms["ours"], 3) if "reference" in ms else None,
+        "speedup_vs_reference": (round(ms["reference"] / ms["ours"], 3)
+                                 if "reference" in ms else None),
         "speedup_vs_compiled_reference": (round(ms["compiled_reference"] / ms["ours"], 3)
                                           if "compiled_reference" in ms else None),
         "overhead_vs_floor": round(ms["ours"] / ms["floor"], 3),

@@ -142,7 +142,8 @@ def main(argv=None):
     total = lambda r: r["state_bytes"] + r["peak_saved_activation_bytes"]  # noqa: E731
     record = {
         "benchmark": "reduced_mpl_memory", "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name() if device.type == "cuda"
+                   else platform.processor() or "cpu"),
         "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
         "image_size": args.image_size, "batch_size": args.batch_size, "mu": args.mu,
         "classes": args.classes, "rows": rows,

@@ -26,7 +26,8 @@ def _mpl_config(preset_name, overrides):
     from mpl_fast.train.config import ConfigError, parse_override
 
     if preset_name not in PRESETS:
-        raise CliError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        raise CliError(f"unknown preset {preset_name!r}; "
+                       f"choose one of {', '.join(sorted(PRESETS))}")
     fields = set(MPLConfig.__dataclass_fields__)
     changes = {}
     for item in overrides:
@@ -232,7 +233,8 @@ def build_parser():
                        "curves.png and profile/ (with --profile). A DIR that holds a run needs "
                        "--resume or --overwrite.")
     p.add_argument("--config", default="digits",
-                   help="preset name (digits, digits_supervised, ...) or YAML file (default: %(default)s)")
+                   help="preset name (digits, digits_supervised, ...) or YAML file "
+                   "(default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.teacher_lr=0.1 (repeatable)")
     p.add_argument("--out", help="output folder (default: runs/<config>)")
@@ -309,7 +311,8 @@ def build_parser():
                    help="one seed, or an inclusive range: each seed then goes to OUT/seed_S/ and "
                    "OUT/summary.json holds the mean and min accuracy per method (default: 0)")
     p.add_argument("--out", default="runs/two_moons", help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3000, help="steps per method (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3000,
+                   help="steps per method (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: %(default)s)")
     p.add_argument("--preset", default="paper", help="MPL preset (default: %(default)s)")
     p.add_argument("--uda-noise", type=float, default=0.0, metavar="SIGMA",

@@ -423,7 +423,8 @@ def test_gpu_sitting_carries_compiled_kernels_from_one_sitting_to_the_next(tmp_p
 
     def members(data):
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            return {n: tar.extractfile(n).read() for n in tar.getnames() if tar.getmember(n).isfile()}
+            return {n: tar.extractfile(n).read() for n in tar.getnames()
+                    if tar.getmember(n).isfile()}
 
     stdout, back = sitting("tests")
     assert (triton / "k1" / "soft_ce.cubin").read_bytes() == b"carried"

@@ -49,7 +49,8 @@ def test_every_relative_link_leads_to_a_file_and_section_that_exist(doc):
 
 def test_the_anchor_rule_matches_githubs_for_the_headings_we_link():
     assert github_anchor(" CIFAR-10-4K on an H200") == "cifar-10-4k-on-an-h200"
-    assert github_anchor(" How good are a run's pseudo labels?") == "how-good-are-a-runs-pseudo-labels"
+    assert (github_anchor(" How good are a run's pseudo labels?")
+            == "how-good-are-a-runs-pseudo-labels")
     assert github_anchor(" The whole step as one CUDA graph") == "the-whole-step-as-one-cuda-graph"
 
 

@@ -1,6 +1,7 @@
 """The MPL step and the data pipeline on a GPU: no host synchronisation inside the step, a
 step captured in a CUDA graph (with eager or compiled networks) gives the eager step's losses,
-and DALI's GPU ('mixed') stream gives the CPU stream's batches. All `gpu`-marked: skipped without a CUDA device."""
+and DALI's GPU ('mixed') stream gives the CPU stream's batches. All `gpu`-marked: skipped without
+a CUDA device."""
 import numpy as np
 import pytest
 import torch

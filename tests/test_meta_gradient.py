@@ -375,7 +375,8 @@ def test_autocast_bf16_step_close_to_fp32():
                        autocast_dtype=dtype)
         results.append(step(b32))
     for key in ("teacher/loss", "student/loss", "student/ce_new"):
-        assert abs(float(results[0][key]) - float(results[1][key])) < 0.05 * abs(float(results[0][key])) + 1e-2
+        first, second = float(results[0][key]), float(results[1][key])
+        assert abs(first - second) < 0.05 * abs(first) + 1e-2
 
 
 @pytest.mark.parametrize("bad", [

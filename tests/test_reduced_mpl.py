@@ -260,7 +260,8 @@ def test_logits_of_a_named_model_with_its_weights(big_run, tmp_path, capsys):
                tmp_path / "wrapped.pt")
     want = (root / "logits" / "train.logits").read_bytes()
     for name in ("bare", "wrapped"):  # over the default config's data: the big run's images
-        assert cli.main(["logits", "--model", "small_cnn", "--weights", str(tmp_path / f"{name}.pt"),
+        assert cli.main(["logits", "--model", "small_cnn",
+                         "--weights", str(tmp_path / f"{name}.pt"),
                          "--out", str(tmp_path / name)]) == 0
         assert (tmp_path / name / "train.logits").read_bytes() == want
         meta = json.loads((tmp_path / name / "train.logits.json").read_text())

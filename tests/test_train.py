@@ -31,7 +31,8 @@ def test_config_presets_and_errors(tmp_path):
     assert c["data"]["hw_decoder_load"] == 0.5
     assert c["train"]["steps"] == 7 and c["optim"]["teacher_lr"] == 0.1
     for bad, key in ((["train.stepz=1"], "train.stepz"), (["train.steps=0"], "train.steps"),
-                     (["data.batch_size=x"], "data.batch_size"), (["mpl.estimator=x"], "mpl.estimator"),
+                     (["data.batch_size=x"], "data.batch_size"),
+                     (["mpl.estimator=x"], "mpl.estimator"),
                      (["method=x"], "method"), (["train.ema_decay=1.5"], "train.ema_decay"),
                      (["data.decode_device=tpu"], "data.decode_device"),
                      (["data.augment_device=cpu"], "data.augment_device"),
@@ -596,7 +597,10 @@ def _weights(path):
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
     env = _subprocess_env(OMP_NUM_THREADS="1")
-    run = lambda cmd: subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)  # noqa: E731
+
+    def run(cmd):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+
     run(_ddp_cmd(tmp_path / "one", 20, 1))
     run(_ddp_cmd(tmp_path / "two", 20, 2))
     one, two = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
@@ -852,7 +856,8 @@ def test_checkpoints_move_between_graphed_and_plain_runs(tmp_path):
     back = Run(cfg.load("digits", base), tmp_path / "c")
     back.load_state_dict(graphed.state_dict(), "graphed")
     for run, kind in ((graphed, torch.Tensor), (back, float)):
-        for opt, ref in ((run.student_opt, plain.student_opt), (run.teacher_opt, plain.teacher_opt)):
+        for opt, ref in ((run.student_opt, plain.student_opt),
+                         (run.teacher_opt, plain.teacher_opt)):
             for group, ref_group in zip(opt.param_groups, ref.param_groups):
                 assert isinstance(group["lr"], kind)
                 assert float(group["lr"]) == pytest.approx(ref_group["lr"])
@@ -974,7 +979,8 @@ def test_accuracies_of_several_models_in_one_pass():
     for name, model in (("good", good), ("bad", bad)):
         pred = model(x).topk(5, dim=1).indices
         assert both[name]["top1"] == pytest.approx((pred[:, 0] == y).float().mean().item())
-        assert both[name]["top5"] == pytest.approx((pred == y[:, None]).any(1).float().mean().item())
+        top5 = (pred == y[:, None]).any(1).float().mean().item()
+        assert both[name]["top5"] == pytest.approx(top5)
         assert accuracy(model, batches()) == both[name]
     assert good.training and not bad.training  # each model's mode comes back
     assert accuracies({"good": good}, iter(())) == {"good": {"top1": 0.0, "top5": 0.0}}

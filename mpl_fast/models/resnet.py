@@ -11,7 +11,8 @@ class _Bottleneck(nn.Module):
             nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
             nn.ReLU(inplace=True), nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
         nn.init.zeros_(self.body[-1].weight)  # each block starts as the identity
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                   nn.BatchNorm2d(cout))
                      if stride != 1 or cin != cout else nn.Identity())
         self.act = nn.ReLU(inplace=True)
 

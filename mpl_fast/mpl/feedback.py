@@ -63,7 +63,8 @@ def second_order_term(student_logits_at, params: List[torch.Tensor], delta: List
     d CE_l(theta'(T)) / dT = -lr * d/dT <v, grad_theta CE(t(T), S(x_us; theta))>, v = grad CE_l at
     theta', with the Hessian-vector product as a central finite difference at theta:
 
-        term = lr * |v| / (2 eps) * mean_rows sum_c t_c(T) * (logp(theta + eps u) - logp(theta - eps u))_c
+        term = lr * |v| / (2 eps)
+               * mean_rows sum_c t_c(T) * (logp(theta + eps u) - logp(theta - eps u))_c
 
     (u = v / |v|, so eps is a step length in parameter space). params hold theta' on entry and
     on exit; delta = theta - theta'. Perturbation and restore run in place with

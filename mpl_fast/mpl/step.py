@@ -250,7 +250,8 @@ class MPLStep(nn.Module):
                 grads_new = (self._replica_mean(feedback.grads_or_zeros(ce_new, params))
                              if c.estimator == "dot" else None)
                 if self.cross_replica_mean is not None:
-                    ce_old, ce_new = self.cross_replica_mean(ce_old), self.cross_replica_mean(ce_new)
+                    ce_old = self.cross_replica_mean(ce_old)
+                    ce_new = self.cross_replica_mean(ce_new)
                 if c.estimator == "dot":
                     h = feedback.dot(lr_s, grads_new, grads_u, c.feedback_sign)
                 else:

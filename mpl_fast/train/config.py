@@ -205,8 +205,8 @@ def load(name_or_file="digits", overrides=()):
             raise ConfigError(f"config file {path} not found")
         _merge(config, _read_yaml(path.read_text(), str(path)))
     else:
-        raise ConfigError(f"unknown config {name_or_file!r}: a preset ({', '.join(preset_names())}) "
-                          "or a YAML file")
+        raise ConfigError(f"unknown config {name_or_file!r}: "
+                          f"a preset ({', '.join(preset_names())}) or a YAML file")
     apply_overrides(config, overrides)
     return config
 
@@ -281,7 +281,8 @@ def validate(config):
                 raise ConfigError(f"data.{key} is read from files (data.name=image_folder or "
                                   f"cifar_batches); data.name=digits is embedded and has none")
     if not 0.0 < config["data"]["test_fraction"] < 1.0:
-        raise ConfigError(f"data.test_fraction must be in (0, 1), got {config['data']['test_fraction']}")
+        raise ConfigError("data.test_fraction must be in (0, 1), "
+                          f"got {config['data']['test_fraction']}")
     if not 0.0 <= config["train"]["ema_decay"] < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config['train']['ema_decay']}")
     t = config["train"]

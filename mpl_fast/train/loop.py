@@ -124,7 +124,8 @@ class Run:
                                      lr_on_device=bool(self.graph_mode))
         self.student_sched = torch.optim.lr_scheduler.LambdaLR(
             self.student_opt, schedules.wait_warmup_cosine(
-                o["student_wait_steps"] if config["method"] == "mpl" else 0, o["warmup_steps"], steps))
+                o["student_wait_steps"] if config["method"] == "mpl" else 0,
+                o["warmup_steps"], steps))
         self.ema = ModelEMA(self.student, t["ema_decay"])
         compile_net(self.student, m["compile"])  # after the EMA's copy, which stays eager
         self.teacher = self.teacher_opt = self.teacher_sched = self.teacher_test_logits = None
