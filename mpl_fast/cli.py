@@ -45,14 +45,16 @@ def _mpl_config(preset_name, overrides):
 
 
 def _seed_range(text):
-    """'S' or 'A-B' (inclusive) -> list of seeds, for --seed."""
+    """'S' or 'A-B' (inclusive) -> the seeds (a range), for --seed."""
     try:
         lo, sep, hi = text.partition("-")
-        seeds = list(range(int(lo), int(hi if sep else lo) + 1))
+        seeds = range(int(lo), int(hi if sep else lo) + 1)
     except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0:
-        raise CliError(f"--seed expects a seed S or a range A-B with 0 <= A <= B, got {text!r}")
+        seeds = range(0)
+    # numpy and scikit-learn take seeds up to 2**32 - 1 (make_moons' random_state)
+    if not seeds or seeds[0] < 0 or seeds[-1] >= 2**32:
+        raise CliError("--seed expects a seed S or a range A-B with 0 <= A <= B < 2**32, "
+                       f"got {text!r}")
     return seeds
 
 

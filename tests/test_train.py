@@ -49,7 +49,10 @@ def test_config_presets_and_errors(tmp_path):
                      (["mpl.grad_clip=.nan"], "mpl.grad_clip"),
                      (["mpl.uda_weight=.inf"], "mpl.uda_weight"),
                      (["data.hw_decoder_load=.nan"], "data.hw_decoder_load"),
-                     (["train.finetune_lr=-.inf"], "train.finetune_lr")):
+                     (["train.finetune_lr=-.inf"], "train.finetune_lr"),
+                     # numpy's seeds: a traceback after the run's folder was made
+                     (["train.seed=-1"], "train.seed"), (["train.seed=4294967296"], "train.seed"),
+                     (["data.split_seed=-3"], "data.split_seed")):
         with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
             cfg.load("digits", bad)
     folder = cfg.load("digits", ["data.name=image_folder", "data.root=/data/cifar10",

@@ -49,7 +49,9 @@ def test_two_moons_bad_input_exits_nonzero(tmp_path, capsys):
                  ["--seed", "-1"], ["--seed", "2-"], ["--uda-noise", "-0.1"],
                  ["--uda-noise", "nan"], ["--uda-noise", "inf"], ["--lr", "-1"], ["--lr", "0"],
                  ["--lr", "nan"], ["--lr", "inf"], ["--set", "mpl_weight=.inf"],
-                 ["--set", "grad_clip=.nan"]):
+                 ["--set", "grad_clip=.nan"],
+                 # make_moons' seeds end at 2**32 - 1 (a traceback after creating --out)
+                 ["--seed", "4294967296"], ["--seed", "4294967290-4294967296"]):
         assert cli.main(["two-moons", "--out", str(tmp_path / "x"), *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("mpl-fast: error:") and err.count("\n") == 1, (args, err)

@@ -127,6 +127,8 @@ NON_NEGATIVE = ("optim.teacher_lr", "optim.student_lr", "optim.momentum", "optim
                 "optim.warmup_steps", "optim.student_wait_steps", "train.finetune_steps",
                 "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength",
                 "train.profile_steps", "train.profile_from")
+# numpy's global seed (and the digits split's RandomState) take 0 to 2**32 - 1
+SEEDS = ("train.seed", "data.split_seed")
 
 
 def preset_names():
@@ -259,6 +261,9 @@ def validate(config):
     for key in NON_NEGATIVE:
         if get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(config, key)}")
+    for key in SEEDS:
+        if not 0 <= get(config, key) < 2**32:
+            raise ConfigError(f"{key} must be in [0, 2**32 - 1], got {get(config, key)}")
     blocks = config["model"]["checkpoint_blocks"]
     if blocks is not None:
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
