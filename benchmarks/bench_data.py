@@ -100,6 +100,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if min(args.batch_size, args.mu, args.steps, args.threads) < 1:
         parser.error("--batch-size, --mu, --steps and --threads must be >= 1")
+    if args.image_size is not None and args.image_size < 1:  # 0 read as "the default" before
+        parser.error(f"--image-size must be >= 1, got {args.image_size}")
     if args.device == "gpu" and not torch.cuda.is_available():
         parser.error("--device gpu: this machine has no CUDA device (--device cpu runs every "
                      "stage on the CPU)")
@@ -123,7 +125,7 @@ def main(argv=None):
 
     with Image.open(index.files[0]) as im:
         small = max(im.size) <= 64
-    size = args.image_size or (32 if small else 224)
+    size = args.image_size if args.image_size is not None else (32 if small else 224)
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     per_class = max(1, min(len(index) // len(index.classes) // 10, 400))
     labeled = balanced_split(index, per_class=per_class)

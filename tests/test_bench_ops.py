@@ -159,7 +159,9 @@ def test_benchmarks_refuse_a_results_folder_they_cannot_write_before_measuring(t
     (["bench", "step"], ["--device", "cuda:99"]), (["bench", "ops"], ["--device", "xyz"]),
     (["bench", "ops"], ["--device", "cuda:99"]), (["bench", "step"], ["--warmup", "-1"]),
     (["bench", "step"], ["--num-classes", "1"]),
-    (["bench", "data", "--root", "."], ["--threads", "0"])])
+    (["bench", "data", "--root", "."], ["--threads", "0"]),
+    (["bench", "data", "--root", "."], ["--image-size", "0"]),  # ran at the default size
+    (["bench", "data", "--root", "."], ["--image-size", "-5"])])
 def test_benchmarks_refuse_a_device_or_a_count_they_cannot_run_in_one_line(tmp_path, capsys,
                                                                           command, bad):
     """A device torch does not know, or a CUDA device the machine lacks, used to end in a

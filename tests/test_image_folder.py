@@ -58,6 +58,46 @@ def test_bad_input(tree, tmp_path):
                        "text.jpg": "not a JPEG or PNG file", "notes.txt": "not an image file name"}
 
 
+def test_an_image_whose_header_cannot_be_read_stops_the_size_check_in_one_line(tree, tmp_path):
+    """The index checks a file's first and last bytes only; the size check that follows reads
+    each header (PIL) and used to end in PIL's traceback on a file corrupt in between."""
+    from mpl_fast.data.image_folder import all_of_size
+
+    bad = tmp_path / "bad"
+    (bad / "a").mkdir(parents=True)
+    good = (tree / "ant" / "ant_0.JPEG").read_bytes()
+    (bad / "a" / "ok.jpg").write_bytes(good)
+    # read before ok.jpg (which is 48 x 40: the check stops at the first other size)
+    (bad / "a" / "aa.jpg").write_bytes(good[:4] + b"\x55" * (len(good) - 6) + good[-2:])
+    index = index_folder(bad)
+    assert len(index) == 2 and not index.skipped  # it passes the index check
+    with pytest.raises(DataError, match="cannot read the image header of .*aa.jpg"):
+        all_of_size(index, 40)
+    assert all_of_size(index_folder(tree), 40) is False  # 48 x 40: another size, no error
+
+
+def test_a_dali_failure_is_told_by_its_operator_and_cause():
+    """DALI's error starts with "Critical error in pipeline:", the cause comes lines later; the
+    one-line DataError must carry the cause."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+
+    from mpl_fast.data.dali_stream import dali_failure
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def empty_range():
+        return fn.random.uniform(range=[0.0, 0.0], shape=[2])
+
+    pipe = empty_range()
+    with pytest.raises(RuntimeError) as caught:
+        pipe.build()
+        pipe.run()
+    said = dali_failure(caught.value)
+    assert "\n" not in said and not said.startswith("Critical error"), said
+    assert "random.uniform" in said and "range" in said.lower(), said
+    assert dali_failure(RuntimeError("")) == "RuntimeError"
+
+
 def test_splits(tree, tmp_path):
     index = index_folder(tree)
     a, b = balanced_split(index, per_class=3, seed=1), balanced_split(index, per_class=3, seed=1)

@@ -52,9 +52,31 @@ def test_config_presets_and_errors(tmp_path):
                      (["train.finetune_lr=-.inf"], "train.finetune_lr"),
                      # numpy's seeds: a traceback after the run's folder was made
                      (["train.seed=-1"], "train.seed"), (["train.seed=4294967296"], "train.seed"),
-                     (["data.split_seed=-3"], "data.split_seed")):
+                     (["data.split_seed=-3"], "data.split_seed"),
+                     # each used to fail later: in numpy, torch, DALI or a comparison with None
+                     (["data.pad=8"], "data.pad"), (["data.labeled_per_class=null"],
+                                                    "data.labeled_per_class"),
+                     (["train.steps=null"], "train.steps"), (["optim.momentum=1"], "optim.momentum"),
+                     (["model.bn_momentum=1.5"], "model.bn_momentum"),
+                     (["model.bn_momentum=x"], "model.bn_momentum"),
+                     (["data.num_threads=0"], "data.num_threads")):
         with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
             cfg.load("digits", bad)
+    folder_data = ["data.root=/data/cifar10"]  # image_size 32, cutout 16
+    for bad, key in ((["data.image_size=0"], "data.image_size"),
+                     (["data.cutout=32"], "data.cutout"),
+                     (["data.image_size=16"], "data.cutout"),
+                     (["data.labeled_percent=0"], "data.labeled_percent"),
+                     (["data.labeled_percent=101"], "data.labeled_percent"),
+                     (["data.labeled_percent=x"], "data.labeled_percent"),
+                     (["data.randaugment_m=-1"], "data.randaugment_m"),
+                     (["data.randaugment_n=-1"], "data.randaugment_n"),
+                     (["data.split_list=5"], "data.split_list")):
+        with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
+            cfg.load("cifar10_4k_short", [*folder_data, *bad])
+    edge = cfg.load("cifar10_4k_short", [*folder_data, "data.cutout=31", "model.bn_momentum=1",
+                                         "data.labeled_percent=100", "data.randaugment_m=30"])
+    assert edge["data"]["cutout"] == 31 and edge["data"]["labeled_percent"] == 100.0
     folder = cfg.load("digits", ["data.name=image_folder", "data.root=/data/cifar10",
                                  "data.image_size=32", "data.labeled_percent=10"])
     assert folder["data"]["root"] == "/data/cifar10" and folder["data"]["image_size"] == 32

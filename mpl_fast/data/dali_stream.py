@@ -68,6 +68,18 @@ class StreamSpec:
     unlabeled_pipelines: int = 1  # pipelines making the unlabeled batch side by side
 
 
+def dali_failure(err: Exception) -> str:
+    """One line of a DALI run's error: the operator and what it met. DALI's first line is only
+    "Critical error in pipeline:", the operator's traceback and its message follow."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    operator = next((line.rstrip(",") for line in lines if line.startswith("Error in")), None)
+    said = lines.index("encountered:") + 1 if "encountered:" in lines else None
+    cause = lines[said] if said is not None and said < len(lines) else next(
+        (line for line in lines if not line.startswith("Critical error")),
+        type(err).__name__)
+    return f"{operator}: {cause}" if operator and operator != cause else cause
+
+
 def resume_seed(seed: int, step: int) -> int:
     """The seed a random source restarts from at `step` when its state cannot be restored:
     deterministic, and apart from the seeds of nearby steps."""
@@ -140,8 +152,7 @@ class DaliStream:
         try:
             return pipe.run()
         except RuntimeError as err:
-            raise DataError("the DALI pipeline failed to decode an image that passed the index "
-                            f"check ({str(err).splitlines()[0]})") from err
+            raise DataError(f"the DALI pipeline failed: {dali_failure(err)}") from err
 
     def _labeled_run(self):
         """k steps' (images, class labels on the device, training-set rows on the host)."""

@@ -85,9 +85,13 @@ def all_of_size(index, size: int) -> bool:
     from PIL import Image
 
     for path in index.files:
-        with Image.open(path) as im:  # reads the header only
-            if im.size != (size, size):
-                return False
+        try:
+            with Image.open(path) as im:  # reads the header only
+                if im.size != (size, size):
+                    return False
+        except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read the image header of {path} ({err.__class__.__name__};"
+                            " the index checks only a file's first and last bytes)") from err
     return True
 
 

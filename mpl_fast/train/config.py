@@ -122,11 +122,17 @@ EXECUTION_KEYS = frozenset({
 POSITIVE = ("data.batch_size", "data.mu", "data.labeled_per_class", "train.steps",
             "train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.eval_batch_size", "train.max_nonfinite_skips", "data.steps_per_run",
-            "data.unlabeled_pipelines", "model.reduced_hidden")
+            "data.unlabeled_pipelines", "model.reduced_hidden", "data.num_threads")
 NON_NEGATIVE = ("optim.teacher_lr", "optim.student_lr", "optim.momentum", "optim.weight_decay",
                 "optim.warmup_steps", "optim.student_wait_steps", "train.finetune_steps",
                 "train.finetune_lr", "data.pad", "data.cutout", "data.strong_strength",
-                "train.profile_steps", "train.profile_from")
+                "data.randaugment_n", "data.randaugment_m", "train.profile_steps",
+                "train.profile_from")
+# keys null by default: an example of the kind of value each takes otherwise
+NULLABLE_KINDS = {"data.root": "", "data.test_root": "", "data.split_list": "",
+                  "model.teacher_logits": "", "data.image_size": 0, "data.labeled_percent": 0.0,
+                  "model.bn_momentum": 0.0}
+DIGITS_SIDE = 8  # the embedded digits are 8 x 8: their padding (reflect) must stay below that
 # numpy's global seed (and the digits split's RandomState) take 0 to 2**32 - 1
 SEEDS = ("train.seed", "data.split_seed")
 
@@ -163,6 +169,11 @@ def _coerce(name, default, value):
     # YAML reads .nan and .inf as numbers; no setting means either (a NaN passes every range test)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
+    if value is None and get(DEFAULTS, name) is not None:  # null is no value of its own there
+        raise ConfigError(f"{name} cannot be null, it takes a value like "
+                          f"{get(DEFAULTS, name)!r}")
+    if default is None:  # a null default: the kind of value the key takes, where it has one
+        default = NULLABLE_KINDS.get(name)
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -261,6 +272,11 @@ def validate(config):
     for key in NON_NEGATIVE:
         if get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(config, key)}")
+    if not config["optim"]["momentum"] < 1.0:  # 1 and above: the steps never decay
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {config['optim']['momentum']}")
+    bn_momentum = config["model"]["bn_momentum"]
+    if bn_momentum is not None and not 0.0 <= bn_momentum <= 1.0:  # torch's BN: a weight
+        raise ConfigError(f"model.bn_momentum must be null or in [0, 1], got {bn_momentum}")
     for key in SEEDS:
         if not 0 <= get(config, key) < 2**32:
             raise ConfigError(f"{key} must be in [0, 2**32 - 1], got {get(config, key)}")
@@ -280,6 +296,17 @@ def validate(config):
         placement(True, d["decode_device"], d["augment_device"], hw)
     except ValueError as err:
         raise ConfigError(f"data.{err}") from err
+    if d["image_size"] is not None and not d["image_size"] >= 1:
+        raise ConfigError(f"data.image_size must be >= 1, got {d['image_size']}")
+    if d["image_size"] is not None and d["cutout"] >= d["image_size"]:
+        raise ConfigError(f"data.cutout must be below data.image_size ({d['image_size']}), "
+                          f"got {d['cutout']}")
+    percent = d["labeled_percent"]
+    if percent is not None and not 0 < percent <= 100:
+        raise ConfigError(f"data.labeled_percent must be in (0, 100], got {percent}")
+    if d["name"] == "digits" and d["pad"] >= DIGITS_SIDE:
+        raise ConfigError(f"data.pad must be below the digits' side ({DIGITS_SIDE}), "
+                          f"got {d['pad']}")
     if d["name"] == "digits":  # embedded: a folder setting would be ignored without a word
         for key in FOLDER_ONLY:
             if d[key] is not None:
