@@ -324,6 +324,24 @@ def test_supervised_runs_draw_labeled_batches_alone_and_resume_exactly(tmp_path,
         assert torch.equal(value, cut["student"][key]), key
 
 
+def test_resuming_a_run_past_its_steps_is_refused_and_changes_nothing(tmp_path, capsys):
+    """A run at step 4 resumed with --steps 2 trained nothing, evaluated and finetuned again and
+    rewrote config.yaml with 2 steps; now it stops in one line, its files as they were."""
+    from mpl_fast import cli
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--out", str(run_dir), *[f"--set={s}" for s in TINY]]
+    assert cli.main([*args, "--steps", "4"]) == 0
+    before = {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()}
+    capsys.readouterr()
+    assert cli.main([*args, "--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at step 4, past train.steps=2" in err, err
+    assert {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()} == before
+    assert cli.main([*args, "--steps", "5", "--resume"]) == 0  # more steps continue it
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
+
+
 @pytest.mark.parametrize("graph", [False, "emulate"])
 def test_nonfinite_loss_is_skipped_and_never_reaches_weights(tmp_path, graph):
     """A step whose losses are not finite is skipped on the device (no host read of a loss):

@@ -385,6 +385,9 @@ def train(config, out_dir, resume=False, overwrite=False):
         if not last.exists():
             raise TrainError(f"--resume: no checkpoint at {last}")
         run.load_state_dict(checkpoint.load(last), last)
+        if run.step > t["steps"]:  # nothing to train, and config.yaml would say fewer steps
+            raise TrainError(f"--resume: {out} is at step {run.step}, past train.steps="
+                             f"{t['steps']} (--steps {run.step} or more continues it)")
     main = run.dist.main
     if main:
         if not resume:
