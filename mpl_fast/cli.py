@@ -334,6 +334,12 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
+        from mpl_fast.ops.backend import requested
+
+        try:  # every command runs the ops: an unknown name stops it before any work
+            requested()
+        except ValueError as err:
+            raise CliError(str(err)) from err
         return args.run(args) or 0
     except CliError as err:
         print(f"mpl-fast: error: {err}", file=sys.stderr)

@@ -32,3 +32,28 @@ def test_the_trainer_imports_scikit_learn_only_for_the_data_sets_that_need_it():
             "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_backend_the_ops_cannot_run_stops_a_command_before_any_work(tmp_path, monkeypatch,
+                                                                       capsys):
+    """MPL_FAST_BACKEND was read at the first loss: an unknown name, or Triton on the CPU
+    without its interpreter, ended in a traceback after the run's folder was written."""
+    from mpl_fast import cli
+
+    out = tmp_path / "run"
+    cases = [({"MPL_FAST_BACKEND": "bogus"}, ["train"], "'bogus' is not one of"),
+             ({"MPL_FAST_BACKEND": "bogus"}, ["two-moons"], "'bogus' is not one of"),
+             ({"MPL_FAST_BACKEND": "triton", "TRITON_INTERPRET": "0"}, ["train"],
+              "triton cannot run on cpu tensors"),
+             ({"MPL_FAST_BACKEND": "cuda", "TRITON_INTERPRET": "0"}, ["train"],
+              "cuda cannot run on cpu tensors")]
+    for env, command, says in cases:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert cli.main([*command, "--out", str(out), "--steps", "2",
+                         *(["--device", "cpu"] if command == ["train"] else [])]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+        assert not out.exists()
+        monkeypatch.delenv("MPL_FAST_BACKEND")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")

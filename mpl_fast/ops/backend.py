@@ -28,9 +28,24 @@ def triton_interpreted():
 
 def triton_usable(t: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU tensors only through the interpreter."""
-    if t.device.type == "cuda":
-        return True
-    return t.device.type == "cpu" and triton_interpreted()
+    return _triton_runs_on(t.device.type)
+
+
+def _triton_runs_on(device_type: str) -> bool:
+    return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
+
+
+def _cannot_run(name: str, device_type: str) -> str:
+    return (f"MPL_FAST_BACKEND={name} cannot run on {device_type} tensors "
+            "(Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+def check(device: torch.device) -> None:
+    """Raise ValueError (before any work) where MPL_FAST_BACKEND names no backend, or one whose
+    loss kernels cannot run on `device`'s tensors."""
+    name = requested()
+    if name in ("triton", "cuda") and not _triton_runs_on(device.type):
+        raise ValueError(_cannot_run(name, device.type))
 
 
 def loss_backend(t: torch.Tensor) -> str:
@@ -40,9 +55,7 @@ def loss_backend(t: torch.Tensor) -> str:
         return "torch"
     if name in ("triton", "cuda"):
         if not triton_usable(t):
-            raise RuntimeError(
-                f"MPL_FAST_BACKEND={name} cannot run on {t.device.type} tensors "
-                "(Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)")
+            raise RuntimeError(_cannot_run(name, t.device.type))
         return "triton"
     return "triton" if triton_usable(t) else "torch"  # e.g. meta tensors: torch
 

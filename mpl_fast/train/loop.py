@@ -18,6 +18,7 @@ from mpl_fast.models.checkpointing import checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
+from mpl_fast.ops import backend
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.data_wait import DataWait
 from mpl_fast.train.ema import ModelEMA, StepWithEMA
@@ -69,6 +70,10 @@ class Run:
         self.config, self.out = config, Path(out_dir)
         d, m, o, t = config["data"], config["model"], config["optim"], config["train"]
         self.device = resolve_device(t["device"])
+        try:  # an unknown MPL_FAST_BACKEND, or Triton's on the CPU: at the first loss otherwise
+            backend.check(self.device)
+        except ValueError as err:
+            raise TrainError(str(err)) from err
         self.dist = distributed.init(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
