@@ -67,6 +67,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.batches < 1:
         p.error(f"--batches must be >= 1, got {args.batches}")
+    from mpl_fast.train.run_log import check_results_folder
+
+    check_results_folder(p, "--out", args.out)  # a file there failed after the measurement
     return args
 
 

@@ -81,6 +81,18 @@ def test_the_script_on_a_run_appends_one_record(tmp_path, capsys):
     assert record["sampled_label_accuracy"] <= record["top_probability"]
 
 
+def test_the_script_refuses_a_results_folder_it_cannot_write_before_measuring(tmp_path,
+                                                                               capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x\n")
+    with pytest.raises(SystemExit) as exit_:  # argparse's error, before the checkpoint is read
+        main([str(tmp_path / "no_run"), "--out", str(blocker)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"--out {blocker}: cannot write there" in err[-1], err
+    assert blocker.read_text() == "x\n"
+
+
 def test_the_script_refuses_a_run_without_a_teacher_in_one_line(tmp_path, capsys):
     train(cfg.load("digits_supervised", [k for k in TINY if not k.startswith("model.teacher")]),
           tmp_path / "sup")
