@@ -407,6 +407,36 @@ def test_config_names_the_key_of_a_value_of_the_wrong_type(key, value, message):
     assert MPLConfig(baseline_decay=None, mpl_weight=2).mpl_weight == 2  # ints are numbers
 
 
+def test_the_step_refuses_networks_and_batches_that_would_train_wrong_or_fail_obscurely():
+    """Optimizers passed in swapped order trained silently wrong; one network as both was
+    accepted; views of different sizes failed inside torch.split."""
+    teacher, student = mlp(1), mlp(2)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="teacher_opt holds parameters that are not the teacher"):
+        MPLStep(teacher, student, s_opt, t_opt)
+    with pytest.raises(ValueError, match="student_opt holds parameters that are not the student"):
+        MPLStep(teacher, student, t_opt, torch.optim.SGD(teacher.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="share parameters"):
+        MPLStep(teacher, teacher, t_opt, t_opt)
+    # an optimizer over part of its network (a frozen layer) is the user's choice
+    MPLStep(teacher, student, t_opt, torch.optim.SGD(student[0].parameters(), lr=0.1))
+    step = MPLStep(teacher, student, t_opt, s_opt, MPLConfig(uda_weight=1.0))
+    good = batch(3)
+    before = [p.detach().clone() for p in [*teacher.parameters(), *student.parameters()]]
+    bad = [MPLBatch(good.x_l, good.y_l, good.x_uw, good.x_us[:-1]),
+           MPLBatch(good.x_l, good.y_l[:-1], good.x_uw, good.x_us),
+           MPLBatch(good.x_l, good.y_l, good.x_uw, good.x_us, teacher_uw=good.x_uw)]
+    for b, says in zip(bad, ("x_uw and x_us", "y_l must hold one label a row",
+                             "teacher_uw and teacher_us")):
+        with pytest.raises(ValueError, match=says):
+            step(b)
+    after = [*teacher.parameters(), *student.parameters()]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))  # refused before any update
+    step(good)  # and the good batch trains
+    assert not torch.equal(before[0], next(teacher.parameters()))
+
+
 def test_teacher_supervised_weight_zero_leaves_only_the_meta_gradient():
     b = batch(17)
     teacher, student = mlp(18), mlp(118)

@@ -44,10 +44,30 @@ class MPLBatch:
     teacher_us: Optional[torch.Tensor] = None
     y_u: Optional[torch.Tensor] = None
 
+    def check(self):
+        """ValueError naming what does not fit: the two views of the unlabeled images (and the
+        teacher's own inputs, where given) must be alike, one label a labeled row. Shapes only:
+        nothing is read from the device."""
+        pairs = [("x_uw", self.x_uw, "x_us", self.x_us)]
+        if self.teacher_uw is not None or self.teacher_us is not None:
+            pairs.append(("teacher_uw", self.teacher_uw, "teacher_us", self.teacher_us))
+        for a, x, b, y in pairs:
+            if x is None or y is None or x.shape != y.shape:
+                raise ValueError(f"MPLBatch: {a} and {b} are two views of the same unlabeled "
+                                 f"images and must be alike, got shapes "
+                                 f"{_shape(x)} and {_shape(y)}")
+        if self.y_l.dim() != 1 or self.y_l.shape[0] != self.x_l.shape[0]:
+            raise ValueError(f"MPLBatch: y_l must hold one label a row of x_l "
+                             f"({self.x_l.shape[0]} rows), got shape {_shape(self.y_l)}")
+
     def teacher_inputs(self):
         pick = lambda t, x: x if t is None else t  # noqa: E731
         return (pick(self.teacher_l, self.x_l), pick(self.teacher_uw, self.x_uw),
                 pick(self.teacher_us, self.x_us))
+
+
+def _shape(t):
+    return None if t is None else list(t.shape)
 
 
 def pseudo_label_accuracy(labels, probs, truth) -> torch.Tensor:
@@ -68,6 +88,21 @@ def as_metric(value) -> torch.Tensor:
     return value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
+def _check_networks(teacher, student, teacher_opt, student_opt):
+    """ValueError where the step would train silently wrong: one network as both, or an
+    optimizer holding the other network's parameters (the two passed in swapped order)."""
+    own = {"teacher": {id(p) for p in teacher.parameters()},
+           "student": {id(p) for p in student.parameters()}}
+    if own["teacher"] & own["student"]:
+        raise ValueError("MPLStep: the teacher and the student share parameters; MPL trains two "
+                         "networks")
+    for name, opt in (("teacher", teacher_opt), ("student", student_opt)):
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        if not held <= own[name]:
+            raise ValueError(f"MPLStep: {name}_opt holds parameters that are not the {name}'s "
+                             "(teacher_opt and student_opt swapped?)")
+
+
 class MPLStep(nn.Module):
     """Teacher/student MPL update. State (the moving baseline) is in the state dict."""
 
@@ -76,6 +111,7 @@ class MPLStep(nn.Module):
                  config: MPLConfig = MPLConfig(), autocast_dtype: Optional[torch.dtype] = None,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
+        _check_networks(teacher, student, teacher_opt, student_opt)
         self.teacher, self.student = teacher, student
         self.teacher_opt, self.student_opt = teacher_opt, student_opt
         self.config = config
@@ -166,6 +202,7 @@ class MPLStep(nn.Module):
 
     # -- the step ---------------------------------------------------------------------------
     def forward(self, batch: MPLBatch, step: int = 0) -> Dict[str, torch.Tensor]:
+        batch.check()
         c = self.config
         dev = batch.x_l.device
         y_l = batch.y_l
