@@ -86,6 +86,21 @@ def test_config_presets_and_errors(tmp_path):
     f.write_text("train: [1, 2\n")
     with pytest.raises(cfg.ConfigError, match="YAML"):
         cfg.load(str(f))
+    # a key given twice: PyYAML kept the last one without a word; merge keys may still repeat
+    f.write_text("train:\n  steps: 3\n  seed: 1\n  steps: 4\n")
+    with pytest.raises(cfg.ConfigError, match="key 'steps' given twice \\(line 4\\)"):
+        cfg.load(str(f))
+    f.write_text("train:\n  steps: 3\nmpl:\n  uda_weight: 1.0\ntrain:\n  seed: 2\n")
+    with pytest.raises(cfg.ConfigError, match="key 'train' given twice"):
+        cfg.load(str(f))
+    f.write_text("optim: &o\n  momentum: 0.8\n  nesterov: false\n"
+                 "train:\n  steps: 3\n")
+    assert cfg.load(str(f))["optim"]["momentum"] == 0.8  # anchors still read
+    f.write_text("train:\n  <<: {steps: 3, seed: 1}\n  steps: 5\n")  # a merge, overridden
+    assert [cfg.load(str(f))["train"][k] for k in ("steps", "seed")] == [5, 1]
+    f.write_bytes(b"\xff\xfe\x00 not text")  # was a UnicodeDecodeError traceback
+    with pytest.raises(cfg.ConfigError, match="cannot read it as UTF-8 text"):
+        cfg.load(str(f))
     with pytest.raises(cfg.ConfigError, match="unknown config"):
         cfg.load("nonexistent_preset")
 

@@ -142,9 +142,36 @@ def preset_names():
                   if p.name.endswith(".yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently: `steps: 3` and later `steps: 4` in one section trained 4 steps without a word)."""
+
+
+def _mapping_without_repeats(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys it brings may repeat
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            repeated = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: the loader's own error says so
+            break
+        if repeated:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (line {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _mapping_without_repeats)
+
+
 def _read_yaml(text, origin):
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(data, dict):
@@ -216,7 +243,12 @@ def load(name_or_file="digits", overrides=()):
     elif path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        _merge(config, _read_yaml(path.read_text(), str(path)))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path}: cannot read it as UTF-8 text "
+                              f"({err.__class__.__name__})") from err
+        _merge(config, _read_yaml(text, str(path)))
     else:
         raise ConfigError(f"unknown config {name_or_file!r}: "
                           f"a preset ({', '.join(preset_names())}) or a YAML file")
