@@ -15,12 +15,6 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what the user can do next: printed as one line, exit status 130."""
 
 
-def _not_built(name):
-    def run(args):
-        raise CliError(f"`mpl-fast {name}` is not built yet")
-    return run
-
-
 def _mpl_config(preset_name, overrides):
     from mpl_fast.mpl import PRESETS, MPLConfig
     from mpl_fast.train.config import ConfigError, parse_override

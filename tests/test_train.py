@@ -59,7 +59,8 @@ def test_config_presets_and_errors(tmp_path):
                      (["train.steps=null"], "train.steps"), (["optim.momentum=1"], "optim.momentum"),
                      (["model.bn_momentum=1.5"], "model.bn_momentum"),
                      (["model.bn_momentum=x"], "model.bn_momentum"),
-                     (["data.num_threads=0"], "data.num_threads")):
+                     (["data.num_threads=0"], "data.num_threads"),
+                     (["train.steps=[1, 2"], "train.steps")):  # was YAML's ParserError
         with pytest.raises(cfg.ConfigError, match=key.replace(".", "\\.")):
             cfg.load("digits", bad)
     folder_data = ["data.root=/data/cifar10"]  # image_size 32, cutout 16

@@ -277,7 +277,11 @@ def parse_override(item):
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-    return key, yaml.safe_load(value) if value else None
+    try:
+        return key, yaml.safe_load(value) if value else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                          f"({str(err).splitlines()[0]})") from err
 
 
 def apply_overrides(config, overrides):
