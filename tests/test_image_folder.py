@@ -383,6 +383,33 @@ def test_train_on_an_image_folder(tree, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no folder behind
 
 
+def test_a_checkpoint_whose_data_moved_says_how_to_point_at_it(tree, tmp_path, capsys):
+    """eval (and logits, pseudo_label_quality) read the run's saved data.root: where the data
+    moved, the one-line error says which --set points at it, and that --set works."""
+    pytest.importorskip("nvidia.dali")
+    import shutil
+
+    from mpl_fast import cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tree, data / "train")
+    shutil.copytree(tree, data / "test")
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--steps", "1",
+                     "--set", "data.name=image_folder", "--set", f"data.root={data}",
+                     "--set", "data.image_size=16", "--set", "data.labeled_per_class=2",
+                     "--set", "data.batch_size=4", "--set", "data.mu=1", "--set", "data.cutout=4",
+                     "--set", "data.num_threads=1", "--set", "train.device=cpu"]) == 0
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"data.root {data} does not exist here: --set data.root=DIR" in err, err
+    assert err.count("\n") == 1
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run"),
+                     "--set", f"data.root={tmp_path / 'moved'}"]) == 0
+    assert "teacher_top1" in capsys.readouterr().out
+
+
 def test_reduced_mpl_on_an_image_folder(tree, tmp_path):
     """`mpl-fast logits` over an image folder sees every file once, in the index's order (each
     image is its file's colour), and a Reduced-MPL run's batches carry the stored rows of the

@@ -320,6 +320,11 @@ def run_from_checkpoint(path, overrides=()):
     config = cfg_mod.from_saved(state["config"])
     config["train"].update(device="auto", cuda_graph=False)
     cfg_mod.apply_overrides(config, overrides)
+    d = config["data"]
+    for key in ("root", "test_root"):  # a run's data moved since: say how to point at it
+        if d["name"] != "digits" and d[key] is not None and not Path(d[key]).is_dir():
+            raise TrainError(f"data.{key} {d[key]} does not exist here: --set data.{key}=DIR "
+                             f"where the data of {path}'s run now lives")
     run = Run(config, path.parent)
     if "ema" in state:
         run.load_state_dict(state, path)
