@@ -340,6 +340,18 @@ def test_supervised_runs_draw_labeled_batches_alone_and_resume_exactly(tmp_path,
         assert torch.equal(value, cut["student"][key]), key
 
 
+def test_a_batch_that_does_not_split_over_the_processes_is_a_data_error():
+    """Under torchrun, data.batch_size=7 over 2 processes ended in a ValueError traceback on each
+    rank; a DataError is what the trainer turns into one line."""
+    from mpl_fast.data.sources import build_data
+    from mpl_fast.data.splits import DataError
+
+    d = cfg.load("digits", ["data.batch_size=7"])["data"]
+    with pytest.raises(DataError, match="data.batch_size=7 must divide by the world size 2"):
+        build_data(d, 1, torch.device("cpu"), rank=1, world=2)
+    assert build_data(d, 1, torch.device("cpu"), rank=0, world=1) is not None
+
+
 def test_resuming_a_run_past_its_steps_is_refused_and_changes_nothing(tmp_path, capsys):
     """A run at step 4 resumed with --steps 2 trained nothing, evaluated and finetuned again and
     rewrote config.yaml with 2 steps; now it stops in one line, its files as they were."""

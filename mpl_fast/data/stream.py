@@ -5,6 +5,7 @@ batch and keeps its own slice, so N ranks see exactly what one process would."""
 import torch
 
 from mpl_fast.data import augment
+from mpl_fast.data.splits import DataError
 from mpl_fast.mpl.step import MPLBatch
 
 
@@ -30,7 +31,7 @@ class InMemoryStream:
                  hflip: bool = False, cutout: int = 3, strength: float = 0.5,
                  rank: int = 0, world: int = 1):
         if batch_size % world:
-            raise ValueError(f"data.batch_size={batch_size} must divide by the world size {world}")
+            raise DataError(f"data.batch_size={batch_size} must divide by the world size {world}")
         self.split, self.batch_size, self.mu = split, batch_size, mu
         self.aug = dict(pad=pad, hflip=hflip)
         self.strong_aug = dict(strength=strength, cutout_size=cutout)
