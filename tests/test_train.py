@@ -352,6 +352,18 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_data_error():
     assert build_data(d, 1, torch.device("cpu"), rank=0, world=1) is not None
 
 
+def test_sync_bn_under_torchrun_on_cpus_is_refused_before_the_networks(tmp_path, monkeypatch):
+    """On CPUs (gloo), SyncBatchNorm failed inside DDP's constructor with a traceback a rank."""
+    from mpl_fast.train import distributed, loop
+
+    monkeypatch.setattr(loop.distributed, "init", lambda device_type: distributed.Context(0, 2))
+    config = cfg.load("digits", TINY + ["train.sync_bn=true", "train.device=cpu",
+                                        "data.batch_size=8"])
+    with pytest.raises(loop.TrainError, match="train.sync_bn needs CUDA devices"):
+        loop.Run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_a_run_past_its_steps_is_refused_and_changes_nothing(tmp_path, capsys):
     """A run at step 4 resumed with --steps 2 trained nothing, evaluated and finetuned again and
     rewrote config.yaml with 2 steps; now it stops in one line, its files as they were."""

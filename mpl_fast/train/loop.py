@@ -121,6 +121,9 @@ class Run:
                              "its static-buffer path without a graph, on any device)")
         if self.graph_mode and self.dist.enabled:
             raise TrainError("train.cuda_graph is not supported under torchrun yet")
+        if t["sync_bn"] and self.dist.enabled and not gpu:  # DDP's ValueError otherwise
+            raise TrainError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPU "
+                             "modules only)")
         scale = d["batch_size"] / 256 if o["scale_lr_by_batch"] else 1.0
         steps = t["steps"]
         self.student = make(m["student"], "student")
