@@ -52,7 +52,17 @@ def _seed_range(text):
     return seeds
 
 
+def _one_process(command):
+    """Refuse a command torchrun started in several processes: each would write the same files
+    (logits' stores, two-moons' figures, a benchmark's records) at once."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise CliError(f"`mpl-fast {command}` runs in one process, not under torchrun "
+                       f"(WORLD_SIZE={world}); train and eval take torchrun")
+
+
 def _two_moons(args):
+    _one_process("two-moons")
     from pathlib import Path
 
     from mpl_fast.train import two_moons
@@ -96,6 +106,7 @@ def _two_moons(args):
 
 
 def _bench(args):
+    _one_process(f"bench {args.what}")
     import runpy
     from pathlib import Path
 
@@ -183,6 +194,7 @@ def _eval(args):
 
 
 def _logits(args):
+    _one_process("logits")
     from mpl_fast.train import checkpoint, config as cfg, teacher_logits
     from mpl_fast.train.loop import TrainError
 

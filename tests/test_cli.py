@@ -57,3 +57,18 @@ def test_a_backend_the_ops_cannot_run_stops_a_command_before_any_work(tmp_path, 
         assert not out.exists()
         monkeypatch.delenv("MPL_FAST_BACKEND")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_commands_that_write_shared_files_refuse_torchrun(tmp_path, monkeypatch, capsys):
+    """Under torchrun every process ran `logits` (a race on its stores: 'No such file or
+    directory'), two-moons and the benchmarks (each writing the same files)."""
+    from mpl_fast import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["logits", "--checkpoint", str(tmp_path / "x"), "--out", str(tmp_path / "o")],
+                    ["two-moons", "--out", str(tmp_path / "o")],
+                    ["bench", "ops", "--out", str(tmp_path / "o")]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert "runs in one process, not under torchrun" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
