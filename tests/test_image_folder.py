@@ -383,6 +383,26 @@ def test_train_on_an_image_folder(tree, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no folder behind
 
 
+def test_a_missing_test_split_is_named_as_such(tree, tmp_path):
+    """root/train without root/test was reported as 'data root root/test does not exist'."""
+    pytest.importorskip("nvidia.dali")
+    import shutil
+
+    from mpl_fast.train import config as cfg
+    from mpl_fast.train.loop import Run, TrainError
+
+    root = tmp_path / "data"
+    shutil.copytree(tree, root / "train")
+    data = ["data.name=image_folder", f"data.root={root}", "data.image_size=16",
+            "data.labeled_per_class=2", "data.cutout=4", "train.device=cpu"]
+    with pytest.raises(TrainError, match=r"the test split \(root/test\) .*data.test_root=DIR"):
+        Run(cfg.load("digits", data), tmp_path / "run")
+    with pytest.raises(TrainError, match=r"data.test_root .*nowhere does not exist"):
+        Run(cfg.load("digits", [*data, f"data.test_root={tmp_path / 'nowhere'}"]), tmp_path / "r")
+    Run(cfg.load("digits", [*data, f"data.test_root={root / 'train'}"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r").exists()
+
+
 def test_a_checkpoint_whose_data_moved_says_how_to_point_at_it(tree, tmp_path, capsys):
     """eval (and logits, pseudo_label_quality) read the run's saved data.root: where the data
     moved, the one-line error says which --set points at it, and that --set works."""

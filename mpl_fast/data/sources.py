@@ -81,6 +81,10 @@ class FolderData:
             train_root = root / "train" if (root / "train").is_dir() else root
             test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
             self.index = index_folder(train_root)
+            if not test_root.is_dir():  # index_folder would call it a missing data root
+                given = "data.test_root" if d["test_root"] else "the test split (root/test)"
+                raise DataError(f"{given} {test_root} does not exist or is not a folder: put the "
+                                f"test images there, or give data.test_root=DIR")
             self.test_index = index_folder(test_root)
             if self.test_index.classes != self.index.classes:
                 raise DataError(f"the class folders of {test_root} differ from those of "
