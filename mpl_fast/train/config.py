@@ -332,11 +332,12 @@ def validate(config):
         placement(True, d["decode_device"], d["augment_device"], hw)
     except ValueError as err:
         raise ConfigError(f"data.{err}") from err
-    if d["image_size"] is not None and not d["image_size"] >= 1:
-        raise ConfigError(f"data.image_size must be >= 1, got {d['image_size']}")
-    if d["image_size"] is not None and d["cutout"] >= d["image_size"]:
-        raise ConfigError(f"data.cutout must be below data.image_size ({d['image_size']}), "
-                          f"got {d['cutout']}")
+    if d["image_size"] is not None:
+        if not d["image_size"] >= 1:
+            raise ConfigError(f"data.image_size must be >= 1, got {d['image_size']}")
+        if d["cutout"] >= d["image_size"]:
+            raise ConfigError(f"data.cutout must be below data.image_size ({d['image_size']}), "
+                              f"got {d['cutout']}")
     percent = d["labeled_percent"]
     if percent is not None and not 0 < percent <= 100:
         raise ConfigError(f"data.labeled_percent must be in (0, 100], got {percent}")
