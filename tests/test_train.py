@@ -682,10 +682,12 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
     env = _subprocess_env(OMP_NUM_THREADS="1")
 
     def run(cmd):
-        subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+        return subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env,
+                              text=True)
 
-    run(_ddp_cmd(tmp_path / "one", 20, 1))
-    run(_ddp_cmd(tmp_path / "two", 20, 2))
+    finetune = ("--set", "train.finetune_steps=6")
+    run(_ddp_cmd(tmp_path / "one", 20, 1, *finetune))
+    two_done = run(_ddp_cmd(tmp_path / "two", 20, 2, *finetune))
     one, two = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
     rows = _metrics(tmp_path / "one" / "metrics.jsonl")
     assert any(r.get("lr/student", 0) > 0 and r.get("h", 0) != 0 for r in rows)  # both learn
@@ -702,6 +704,17 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
         assert a.keys() == b.keys() and len(a) == 6
         for k in a:
             assert b[k] == pytest.approx(a[k], abs=1.5 / 539), k
+    # the finetuning is data-parallel too: both replicas take their slice of each labeled batch
+    # (rank 0 alone used to finetune on its half batch while the other waited at a barrier), so
+    # two processes reach one process's finetuned weights; rank 0 alone shows its progress
+    tuned = [checkpoint.load(tmp_path / run / "finetuned.pt")["student"] for run in ("one", "two")]
+    for k in tuned[0]:
+        assert torch.allclose(tuned[0][k].float(), tuned[1][k].float(), atol=1e-5), k
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text())
+                 for run in ("one", "two")]
+    assert summaries[1]["finetuned_student_top1"] == pytest.approx(
+        summaries[0]["finetuned_student_top1"], abs=1.5 / 539)
+    assert two_done.stderr.count("finetune 6/6 steps") == 1
     # two processes, stopped at step 10 and resumed to 20
     run(_ddp_cmd(tmp_path / "resumed", 10, 2))
     run(_ddp_cmd(tmp_path / "resumed", 20, 2, "--resume"))

@@ -22,8 +22,8 @@ from mpl_fast.ops import backend
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.data_wait import DataWait
 from mpl_fast.train.ema import ModelEMA, StepWithEMA
-from mpl_fast.train.evaluate import Shard, accuracies, accuracy
-from mpl_fast.train.run_log import RunLogger, plot_curves, where_it_ran
+from mpl_fast.train.evaluate import Shard, accuracies
+from mpl_fast.train.run_log import ProgressLines, RunLogger, plot_curves, where_it_ran
 from mpl_fast.train.skipped_steps import SkippedSteps
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
 from mpl_fast.train.profiling import RunProfiler, clear_profile
@@ -109,12 +109,6 @@ class Run:
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
             return net
 
-        def parallel(net):
-            if not self.dist.enabled:
-                return net
-            return nn.parallel.DistributedDataParallel(
-                net, device_ids=[self.device.index] if gpu else None)
-
         self.graph_mode = t["cuda_graph"]
         if self.graph_mode is True and not gpu:
             raise TrainError("train.cuda_graph needs a CUDA device (train.cuda_graph=emulate runs "
@@ -149,14 +143,15 @@ class Run:
             self.teacher_sched = torch.optim.lr_scheduler.LambdaLR(
                 self.teacher_opt, schedules.warmup_cosine(o["warmup_steps"], steps))
             self.mpl_gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 2)
-            self.step_fn = MPLStep(parallel(self.teacher), parallel(self.student),
+            self.step_fn = MPLStep(self.parallel(self.teacher), self.parallel(self.student),
                                    self.teacher_opt, self.student_opt, mpl_config,
                                    autocast_dtype=self.amp, generator=self.mpl_gen)
             self.step_fn.cross_replica_mean = self.dist.mean if self.dist.enabled else None
         else:
             self.mpl_gen = None
             ls = config["mpl"]["student_label_smoothing"] or 0.0
-            self.step_fn = SupervisedStep(parallel(self.student), self.student_opt, ls, self.amp)
+            self.step_fn = SupervisedStep(self.parallel(self.student), self.student_opt, ls,
+                                          self.amp)
         # a step whose losses are not finite is skipped on the device, by every replica alike,
         # graphed or not; the loop counts the skips on the device too (SkippedSteps)
         self.step_fn.skip_nonfinite = True
@@ -168,6 +163,13 @@ class Run:
                            if self.graph_mode else with_ema)
         self.step, self.best = 0, -1.0
         self.skips = SkippedSteps(self.device)
+
+    def parallel(self, net):
+        """net under DDP where the run has several processes (net itself otherwise)."""
+        if not self.dist.enabled:
+            return net
+        return nn.parallel.DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _reduced_teacher(self, m):
         """Reduced MPL: an MLP over the stored logits of a large teacher, which the data source
@@ -491,7 +493,7 @@ def train(config, out_dir, resume=False, overwrite=False):
         share = data_wait.session_share()
         if share is not None:
             summary["data_wait_share"] = round(share, 3)
-        if t["finetune_steps"] > 0 and main:
+        if t["finetune_steps"] > 0:  # every replica: it is data-parallel as training is
             summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"])
     finally:
         profiler.close(completed=False)  # a failed run's window is not written
@@ -507,7 +509,10 @@ def train(config, out_dir, resume=False, overwrite=False):
 
 
 def finetune(run, steps, lr):
-    """Finetune a copy of the EMA student on the labels alone; returns its top-1."""
+    """Finetune a copy of the EMA student on the labels alone; returns its top-1 (on every
+    replica). Under torchrun it is data-parallel as training is: each replica takes its slice of
+    the global labeled batch, starting from rank 0's copy (DDP broadcasts its weights and BN
+    statistics), and rank 0 writes finetuned.pt. Progress goes to stderr every 5 seconds."""
     import copy
 
     model = copy.deepcopy(run.ema.module).train()
@@ -515,11 +520,15 @@ def finetune(run, steps, lr):
         p.requires_grad_(True)
     opt = optim.sgd(model, lr, run.config["optim"]["momentum"], run.config["optim"]["nesterov"],
                     run.config["optim"]["weight_decay"])
-    step = SupervisedStep(model, opt, autocast_dtype=run.amp)
-    for _ in range(steps):
+    step = SupervisedStep(run.parallel(model), opt, autocast_dtype=run.amp)
+    progress = ProgressLines("finetune", unit="steps") if run.dist.main else None
+    for done in range(1, steps + 1):
         step(run.to_device(run.data.next_labeled()))
-    acc = accuracy(model, run.data.eval_batches(run.config["train"]["eval_batch_size"], run.device),
-                   channels_last=run.channels_last, autocast_dtype=run.amp)
-    checkpoint.save({"format": FORMAT, "config": run.config, "student": model.state_dict()},
-                    run.out / "finetuned.pt")
-    return acc["top1"]
+        if progress is not None:
+            progress(done, steps)
+    top1 = run.evaluate({"finetuned": model})["eval/finetuned_top1"]
+    if run.dist.main:
+        checkpoint.save({"format": FORMAT, "config": run.config, "student": model.state_dict()},
+                        run.out / "finetuned.pt")
+    run.dist.barrier()
+    return top1
