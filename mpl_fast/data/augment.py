@@ -14,7 +14,10 @@ def pad_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     rows = (oy[:, None] + torch.arange(h))[:, :, None]
     cols = (ox[:, None] + torch.arange(w))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    crops = padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    # a copy in the plain layout: with one channel .contiguous() would keep the permuted strides,
+    # which conv's backward reads as channels_last (DDP then warns of gradient strides)
+    return crops.clone(memory_format=torch.contiguous_format)
 
 
 def flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
