@@ -364,6 +364,30 @@ def test_sync_bn_under_torchrun_on_cpus_is_refused_before_the_networks(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_more_processes_on_a_node_than_its_gpus_is_one_line_before_any_rendezvous(
+        tmp_path, monkeypatch, capsys):
+    """torchrun --nproc_per_node=4 on a node showing 2 GPUs: local ranks 2 and 3 failed in
+    torch.cuda.set_device ("invalid device ordinal", a traceback each), after the others had
+    joined the process group; now each says it in one line, before any rendezvous."""
+    import torch.distributed as dist
+
+    from mpl_fast import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--device", "cuda", *[f"--set={s}" for s in TINY]]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "local rank 3 has no GPU of its own: this node shows 2" in err
+    assert "--nproc_per_node=2" in err
+    assert not dist.is_initialized() and not out.exists()
+
+
 def test_resuming_a_run_past_its_steps_is_refused_and_changes_nothing(tmp_path, capsys):
     """A run at step 4 resumed with --steps 2 trained nothing, evaluated and finetuned again and
     rewrote config.yaml with 2 steps; now it stops in one line, its files as they were."""

@@ -55,12 +55,21 @@ class Context:
 
 
 def init(device_type: str) -> Context:
+    """The run's place among torchrun's processes (one process: Context()). ValueError where a
+    process would have no GPU of its own: more processes on this node than it shows GPUs (CUDA's
+    "invalid device ordinal" traceback a rank otherwise), checked before any rendezvous."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Context()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if device_type == "cuda" else 0
+    if device_type == "cuda" and local_rank >= gpus:
+        raise ValueError(f"local rank {local_rank} has no GPU of its own: this node shows {gpus} "
+                         f"(torchrun --nproc_per_node={gpus} at most, or check "
+                         "CUDA_VISIBLE_DEVICES)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shutdown():

@@ -74,7 +74,10 @@ class Run:
             backend.check(self.device)
         except ValueError as err:
             raise TrainError(str(err)) from err
-        self.dist = distributed.init(self.device.type)
+        try:
+            self.dist = distributed.init(self.device.type)
+        except ValueError as err:
+            raise TrainError(str(err)) from err
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
