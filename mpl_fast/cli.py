@@ -179,13 +179,16 @@ def _eval(args):
 
     try:
         run, state, path = run_from_checkpoint(args.checkpoint, args.set)
-        progress = ProgressLines("eval:", "test images")
+        # under torchrun the replicas share the evaluation; rank 0 alone reports it
+        progress = ProgressLines("eval:", "test images") if run.dist.main else None
         if "ema" in state:  # last.pt, best.pt: the whole run's state
             result = run.evaluate(progress=progress)
         else:  # finetuned.pt: the finetuned student alone
             result = run.evaluate({"finetuned_student": run.student}, progress=progress)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
+    if not run.dist.main:
+        return 0
     step = f", step {state['step']}" if "step" in state else ""
     print(f"{path}{step}")
     for key, value in result.items():

@@ -687,12 +687,16 @@ DDP = TINY + ["model.teacher=mlp", "model.student=mlp", "mpl.pseudo_labels=argma
              "mpl.uda_weight=0.0"]
 
 
+def _launcher(nproc):
+    """The command line that starts `mpl-fast` in nproc processes (torchrun for more than one)."""
+    return ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={nproc}", "-m", "mpl_fast.cli"] if nproc > 1
+            else [sys.executable, "-m", "mpl_fast.cli"])
+
+
 def _ddp_cmd(out, steps, nproc, *extra):
     sets = sum((["--set", s] for s in DDP), [])
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={nproc}", "-m", "mpl_fast.cli"] if nproc > 1
-                else [sys.executable, "-m", "mpl_fast.cli"])
-    return [*launcher, "train", "--out", str(out), "--steps", str(steps), "--device", "cpu",
+    return [*_launcher(nproc), "train", "--out", str(out), "--steps", str(steps), "--device", "cpu",
             *sets, *extra]
 
 
@@ -763,6 +767,15 @@ def test_ddp_evaluation_is_of_rank_0s_models_the_ones_its_checkpoint_holds(tmp_p
     run, _, _ = run_from_checkpoint(out / "last.pt", ["train.device=cpu"])
     alone = run.evaluate()
     assert {k: logged[k] for k in alone} == alone
+    # `mpl-fast eval` under torchrun: the replicas share the evaluation and rank 0 alone reports
+    # it (every rank printed its table, the lines interleaved), the same table as one process
+    evals = [subprocess.run([*_launcher(nproc), "eval", "--checkpoint", str(out), "--set",
+                             "train.device=cpu"], check=True, capture_output=True, timeout=600,
+                            env=env, text=True)
+             for nproc in (1, 2)]
+    assert evals[1].stdout == evals[0].stdout and evals[0].stdout.count("\n") == 7
+    # its progress is the pass's, not rank 0's half of it
+    assert evals[1].stderr.count("eval: 539/539 test images") == 1
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None, progre
     """{name: {"top1", "top5"}} for a dict of models, in one pass over `batches` (an iterable of
     (images, labels) on the models' device): each batch is decoded once for all the models, and
     the counts stay on the device until the end (one host synchronisation, not two a batch).
-    progress(images done) is called after each batch this replica evaluates. With a Shard, every
+    progress(images done) is called after each batch, with the images of the pass so far (under a
+    Shard, every replica's: the pass's progress, not this replica's share). With a Shard, every
     replica iterates the same batches but runs the models on its own share of them (a world-th
     of the forwards), and the counts are summed across replicas: every replica gets the whole
     set's accuracies."""
@@ -28,10 +29,13 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None, progre
     for m in models.values():
         m.eval()
     counts = {name: None for name in models}  # [top1, top5] hits, on the device
-    n = 0
+    n = seen = 0  # images evaluated here; images of the pass so far (every replica's)
     try:
         for i, (xb, yb) in enumerate(batches):
+            seen += len(yb)
             if shard is not None and i % shard.world != shard.rank:
+                if progress is not None:
+                    progress(seen)
                 continue
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -45,7 +49,7 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None, progre
                 counts[name] = hits if counts[name] is None else counts[name] + hits
             n += len(yb)
             if progress is not None:
-                progress(n)
+                progress(seen)
     finally:
         for name, m in models.items():
             m.train(was_training[name])
