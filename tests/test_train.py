@@ -262,7 +262,8 @@ def test_exact_resume_after_sigkill_and_kill_during_save(tmp_path):
 
 
 def test_run_outputs_and_summary(tmp_path):
-    config = cfg.load("digits", TINY + ["train.steps=20", "train.finetune_steps=5"])
+    config = cfg.load("digits", TINY + ["train.steps=20", "train.finetune_steps=5",
+                                        "train.log_every=2"])
     summary = train(config, tmp_path)
     for name in ("config.yaml", "split.json", "metrics.jsonl", "summary.json", "curves.png",
                  "last.pt", "best.pt", "finetuned.pt"):
@@ -271,10 +272,19 @@ def test_run_outputs_and_summary(tmp_path):
     for key in ("student_top1", "ema_student_top1", "teacher_top1", "finetuned_student_top1"):
         assert 0.0 <= summary[key] <= 1.0
     rows = _metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert [r["step"] for r in rows] == list(range(2, 21, 2))
     assert {"teacher/loss", "student/loss", "h", "uda/mask_ratio", "lr/student"} <= set(rows[0])
     assert rows[0]["lr/student"] == 0.0  # the student waits
-    # digits knows every image's class: how often the pseudo labels are right, every step
+    # the finetuning's loss, every log_every steps and at its last, on its own TensorBoard axis
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tuned = events.Scalars("finetune/loss")
+    assert [e.step for e in tuned] == [2, 4, 5]
+    assert all(0.0 < e.value < 10.0 for e in tuned)
+    assert [e.step for e in events.Scalars("student/loss")] == list(range(2, 21, 2))
+    # digits knows every image's class: how often the pseudo labels are right, every logged step
     assert all(0.0 <= r["pseudo/accuracy"] <= 1.0 for r in rows)
     assert summary["device"] == "cpu" and summary["torch"] == torch.__version__
     assert any("eval/ema_student_top1" in r for r in rows)

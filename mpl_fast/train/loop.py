@@ -497,7 +497,8 @@ def train(config, out_dir, resume=False, overwrite=False):
         if share is not None:
             summary["data_wait_share"] = round(share, 3)
         if t["finetune_steps"] > 0:  # every replica: it is data-parallel as training is
-            summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"])
+            summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"],
+                                                         logger)
     finally:
         profiler.close(completed=False)  # a failed run's window is not written
         logger.close()
@@ -511,11 +512,12 @@ def train(config, out_dir, resume=False, overwrite=False):
     return summary
 
 
-def finetune(run, steps, lr):
+def finetune(run, steps, lr, logger=None):
     """Finetune a copy of the EMA student on the labels alone; returns its top-1 (on every
     replica). Under torchrun it is data-parallel as training is: each replica takes its slice of
     the global labeled batch, starting from rank 0's copy (DDP broadcasts its weights and BN
-    statistics), and rank 0 writes finetuned.pt. Progress goes to stderr every 5 seconds."""
+    statistics), and rank 0 writes finetuned.pt. Every train.log_every steps its loss goes to the
+    logger (TensorBoard's finetune/loss), and progress to stderr every 5 seconds."""
     import copy
 
     model = copy.deepcopy(run.ema.module).train()
@@ -525,10 +527,15 @@ def finetune(run, steps, lr):
                     run.config["optim"]["weight_decay"])
     step = SupervisedStep(run.parallel(model), opt, autocast_dtype=run.amp)
     progress = ProgressLines("finetune", unit="steps") if run.dist.main else None
+    log_every, shown = run.config["train"]["log_every"], ""
     for done in range(1, steps + 1):
-        step(run.to_device(run.data.next_labeled()))
+        metrics = step(run.to_device(run.data.next_labeled()))
+        if logger is not None and (done % log_every == 0 or done == steps):
+            loss = float(metrics["student/loss"])  # a host synchronisation, as a log step's
+            logger.log_finetune(done, loss)
+            shown = f"loss {loss:.3g}"
         if progress is not None:
-            progress(done, steps)
+            progress(done, steps, shown)
     top1 = run.evaluate({"finetuned": model})["eval/finetuned_top1"]
     if run.dist.main:
         checkpoint.save({"format": FORMAT, "config": run.config, "student": model.state_dict()},

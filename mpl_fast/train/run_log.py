@@ -77,6 +77,12 @@ class RunLogger:
                 f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval/")),
                 file=sys.stderr, flush=True)
 
+    def log_finetune(self, step: int, loss: float):
+        """The finetuning's loss at its step, into TensorBoard (`finetune/loss`, its own step
+        axis); metrics.jsonl keeps the training steps alone."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_scalar("finetune/loss", loss, step)
+
     def close(self):
         if self.progress is not None:
             self.progress.stop()
@@ -92,13 +98,15 @@ class ProgressLines:
         self.what, self.unit, self.every = what, unit, every
         self.began = self.shown = time.monotonic()
 
-    def __call__(self, done, total):
+    def __call__(self, done, total, detail=""):
+        """detail: a few words to add at the end of the line (the latest loss, say)."""
         now = time.monotonic()
         if now - self.shown < self.every and done < total:
             return
         rate = done / max(now - self.began, 1e-9)
         print(f"{self.what} {done}/{total} {self.unit}, {rate:.0f}/s, "
-              f"{(total - done) / max(rate, 1e-9):.0f} s left", file=sys.stderr, flush=True)
+              f"{(total - done) / max(rate, 1e-9):.0f} s left" + (f", {detail}" if detail else ""),
+              file=sys.stderr, flush=True)
         self.shown = now
 
 
