@@ -2,9 +2,11 @@
 import argparse
 import math
 import os
+import signal
 import sys
 
 from mpl_fast import __version__
+from mpl_fast.train.stop_signal import Stopped
 
 
 class CliError(Exception):
@@ -357,6 +359,11 @@ def main(argv=None):
         print(f"mpl-fast: {err if isinstance(err, Interrupted) else 'interrupted'}",
               file=sys.stderr)
         return 130
+    except Stopped as err:  # train, bench methods: SIGTERM, with a checkpoint of the last step
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"mpl-fast: {err}: the same command with --resume continues from there",
+                  file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -230,6 +230,56 @@ def _wait_for_step(path, step, proc, timeout=300):
 
 
 @pytest.mark.slow
+def test_sigterm_saves_the_step_it_stops_at_and_resume_goes_on_exactly(tmp_path):
+    """A cluster's preemption (SIGTERM, then SIGKILL after a grace period) used to end the run at
+    once, losing the steps since the last periodic checkpoint. Now the step under way finishes,
+    last.pt is written at it, one line says so (exit status 143), and --resume continues as if
+    the run had never stopped."""
+    steps = 30
+    env = _subprocess_env()
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, steps), check=True, capture_output=True, timeout=600, env=env)
+    want = _metrics(ref / "metrics.jsonl")
+
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(_train_cmd(run, steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    _wait_for_step(run / "metrics.jsonl", 12, proc)  # past the step-10 checkpoint
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    stopped_at = checkpoint.load(run / "last.pt")["step"]
+    assert 12 <= stopped_at < steps and stopped_at % 10 != 0  # not a periodic checkpoint's step
+    assert _metrics(run / "metrics.jsonl")[-1]["step"] == stopped_at
+    assert err.splitlines()[-1] == (f"mpl-fast: stopped by SIGTERM at step {stopped_at}; "
+                                    f"{run / 'last.pt'} holds it: the same command with "
+                                    "--resume continues from there")
+    assert not (run / "summary.json").exists()
+    subprocess.run(_train_cmd(run, steps, "--resume"), check=True, capture_output=True,
+                   timeout=600, env=env)
+    assert _metrics(run / "metrics.jsonl") == want
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_replica_at_one_step(tmp_path):
+    """torchrun forwards SIGTERM to each process; the replicas agree on the step to stop at (one
+    leaving early would leave the others waiting in an all-reduce), rank 0 writes last.pt there
+    and alone says so."""
+    env = _subprocess_env(OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen(_ddp_cmd(out, 5000, 2, "--set", "train.checkpoint_every=5000",
+                                     "--set", "train.eval_every=5000"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    _wait_for_step(out / "metrics.jsonl", 15, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)  # a replica left behind would hang here
+    stopped_at = checkpoint.load(out / "last.pt")["step"]
+    assert 15 <= stopped_at < 5000
+    assert _metrics(out / "metrics.jsonl")[-1]["step"] == stopped_at
+    assert err.count(f"mpl-fast: stopped by SIGTERM at step {stopped_at}; ") == 1
+
+
+@pytest.mark.slow
 def test_exact_resume_after_sigkill_and_kill_during_save(tmp_path):
     steps = 30
     env = _subprocess_env()

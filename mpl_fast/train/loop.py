@@ -25,6 +25,7 @@ from mpl_fast.train.ema import ModelEMA, StepWithEMA
 from mpl_fast.train.evaluate import Shard, accuracies
 from mpl_fast.train.run_log import ProgressLines, RunLogger, plot_curves, where_it_ran
 from mpl_fast.train.skipped_steps import SkippedSteps
+from mpl_fast.train.stop_signal import StopSignal, Stopped
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep
 from mpl_fast.train.profiling import RunProfiler, clear_profile
 from mpl_fast.train.supervised import SupervisedStep
@@ -424,6 +425,7 @@ def train(config, out_dir, resume=False, overwrite=False):
     profiler = RunProfiler(out, t["profile_steps"], t["profile_from"], run.device, run.step,
                            run.images_per_step, graphed=run.graph_mode is True,
                            rank=run.dist.rank, world=run.dist.world)
+    stop = StopSignal()
     try:
         while run.step < t["steps"]:
             began = time.perf_counter()
@@ -479,6 +481,10 @@ def train(config, out_dir, resume=False, overwrite=False):
                 with record_function("train/checkpoint"):
                     run.save("last.pt")
                 aside += time.perf_counter() - save_began
+            if stop.agreed(run.dist, run.device, synced_step=logging or saving):
+                if not saving:
+                    run.save("last.pt")
+                raise Stopped(run.step, out / "last.pt")
             data_wait.add(fetched, time.perf_counter() - began - aside)
             profiler.step()
         profiler.close()  # the final evaluation and finetuning are not the loop's steps
@@ -500,6 +506,7 @@ def train(config, out_dir, resume=False, overwrite=False):
             summary["finetuned_student_top1"] = finetune(run, t["finetune_steps"], t["finetune_lr"],
                                                          logger)
     finally:
+        stop.close()
         profiler.close(completed=False)  # a failed run's window is not written
         logger.close()
     run.dist.barrier()
