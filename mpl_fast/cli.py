@@ -244,7 +244,8 @@ def build_parser():
                        "file. Writes DIR/config.yaml, metrics.jsonl, tensorboard/, last.pt, "
                        "best.pt, finetuned.pt (with train.finetune_steps), summary.json, "
                        "curves.png and profile/ (with --profile). A DIR that holds a run needs "
-                       "--resume or --overwrite.")
+                       "--resume or --overwrite. SIGTERM stops a run after the step under way, "
+                       "with last.pt saved at it (exit status 143).")
     p.add_argument("--config", default="digits",
                    help="preset name (digits, digits_supervised, ...) or YAML file "
                    "(default: %(default)s)")
