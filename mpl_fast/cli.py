@@ -17,6 +17,11 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what the user can do next: printed as one line, exit status 130."""
 
 
+def _rank_0() -> bool:
+    """Whether this process reports for the run: the only one, or torchrun's rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _mpl_config(preset_name, overrides):
     from mpl_fast.mpl import PRESETS, MPLConfig
     from mpl_fast.train.config import ConfigError, parse_override
@@ -150,7 +155,7 @@ def _train(args):
         raise _interrupted_run(out) from None
     finally:
         distributed.shutdown()
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _rank_0():
         return 0
     line = (f"done: {summary['steps']} steps, {method_label(config)}  top-1 student "
             f"{summary['student_top1']:.4f}  EMA student {summary['ema_student_top1']:.4f}")
@@ -356,12 +361,13 @@ def main(argv=None):
     except CliError as err:
         print(f"mpl-fast: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
-        print(f"mpl-fast: {err if isinstance(err, Interrupted) else 'interrupted'}",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:  # under torchrun every process gets Ctrl-C: one line
+        if _rank_0():
+            print(f"mpl-fast: {err if isinstance(err, Interrupted) else 'interrupted'}",
+                  file=sys.stderr)
         return 130
     except Stopped as err:  # train, bench methods: SIGTERM, with a checkpoint of the last step
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _rank_0():
             print(f"mpl-fast: {err}: the same command with --resume continues from there",
                   file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -72,3 +72,25 @@ def test_commands_that_write_shared_files_refuse_torchrun(tmp_path, monkeypatch,
         err = capsys.readouterr().err
         assert "runs in one process, not under torchrun" in err and err.count("\n") == 1, err
         assert not (tmp_path / "o").exists()
+
+
+def test_under_torchrun_rank_0_alone_says_why_a_run_stopped(monkeypatch, capsys):
+    """Ctrl-C reaches every process torchrun started, and each printed its line (8 alike on a
+    node of 8 GPUs); a stop on SIGTERM, which torchrun passes on to each, is said once too. The
+    exit statuses stay on every rank."""
+    from mpl_fast import cli
+    from mpl_fast.train.stop_signal import Stopped
+
+    for raised, status in ((KeyboardInterrupt(), 130), (cli.Interrupted("interrupted; X"), 130),
+                           (Stopped(7, "run/last.pt"), 143)):
+        def stopped(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(cli, "_eval", stopped)
+        for rank, lines in (("1", 0), ("0", 1)):
+            monkeypatch.setenv("RANK", rank)
+            assert cli.main(["eval", "--checkpoint", "x"]) == status
+            err = capsys.readouterr().err
+            assert err.count("\n") == lines and err.startswith("mpl-fast: " if lines else ""), err
+    assert err == ("mpl-fast: stopped by SIGTERM at step 7; run/last.pt holds it: the same "
+                   "command with --resume continues from there\n")
