@@ -709,6 +709,22 @@ def test_bench_methods_refuses_a_missing_data_root_before_training(tmp_path, cap
     assert captured.err.count("\n") == 1
 
 
+def test_a_folder_source_names_the_settings_it_lacks_and_how_to_give_them():
+    """The image presets give no data.root (where the data lives is the user's): the line said
+    'needs data.root and data.image_size' where only the root was missing."""
+    from mpl_fast.data.sources import check_data_root
+    from mpl_fast.train import config as cfg
+
+    d = cfg.load("imagenet_10pct")["data"]
+    with pytest.raises(DataError) as err:
+        check_data_root(d)
+    assert str(err.value) == "data.name=image_folder needs data.root: --set data.root=DIR"
+    with pytest.raises(DataError) as err:
+        check_data_root({**d, "image_size": None})
+    assert str(err.value) == ("data.name=image_folder needs data.root and data.image_size: "
+                              "--set data.root=DIR --set data.image_size=PIXELS")
+
+
 def test_bench_data_writes_a_synthetic_imagenet_sized_tree_once(tmp_path, capsys):
     pytest.importorskip("nvidia.dali")
     import json

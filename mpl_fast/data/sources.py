@@ -58,8 +58,10 @@ def check_data_root(d):
 
     if d["name"] == "digits":
         return
-    if d["root"] is None or d["image_size"] is None:
-        raise DataError(f"data.name={d['name']} needs data.root and data.image_size")
+    missing = [f"data.{key}" for key in ("root", "image_size") if d[key] is None]
+    if missing:  # the presets on images give no root: where the data lives is the user's
+        raise DataError(f"data.name={d['name']} needs {' and '.join(missing)}: " + " ".join(
+            f"--set {key}={'DIR' if key == 'data.root' else 'PIXELS'}" for key in missing))
     if not Path(d["root"]).is_dir():
         raise DataError(f"data root {d['root']} does not exist or is not a folder")
 
