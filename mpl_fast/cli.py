@@ -182,7 +182,7 @@ def _interrupted_run(out):
 def _eval(args):
     from mpl_fast.train import checkpoint, config as cfg
     from mpl_fast.train.loop import TrainError, run_from_checkpoint
-    from mpl_fast.train.run_log import ProgressLines
+    from mpl_fast.progress import ProgressLines
 
     try:
         run, state, path = run_from_checkpoint(args.checkpoint, args.set)

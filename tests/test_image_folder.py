@@ -35,6 +35,14 @@ def test_index_labels_match_folders(tree):
         assert f.split("/")[-2] == CLASSES[y]
 
 
+def test_indexing_reports_its_progress_class_by_class(tree):
+    """ImageNet's 1.28M files take a minute or more to index, in which a run said nothing."""
+    calls = []
+    index_folder(tree, lambda done, total, detail: calls.append((done, total, detail)))
+    assert calls == [(c + 1, len(CLASSES), f"{(c + 1) * PER_CLASS} images")
+                     for c in range(len(CLASSES))]
+
+
 def test_bad_input(tree, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         index_folder(tmp_path / "missing")

@@ -66,6 +66,15 @@ def check_data_root(d):
         raise DataError(f"data root {d['root']} does not exist or is not a folder")
 
 
+def _indexing_lines(root, rank):
+    """Lines while a tree is indexed, from rank 0 alone and only where it takes a while."""
+    if rank != 0:
+        return None
+    from mpl_fast.progress import ProgressLines
+
+    return ProgressLines(f"indexing {root}:", "class folders", silent_if_quick=True)
+
+
 class FolderData:
     """Through DALI: a JPEG tree (root/train and root/test, or data.root and data.test_root),
     or CIFAR python batches (data.name=cifar_batches, data.root the batches folder)."""
@@ -82,12 +91,12 @@ class FolderData:
         else:
             train_root = root / "train" if (root / "train").is_dir() else root
             test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
-            self.index = index_folder(train_root)
+            self.index = index_folder(train_root, _indexing_lines(train_root, rank))
             if not test_root.is_dir():  # index_folder would call it a missing data root
                 given = "data.test_root" if d["test_root"] else "the test split (root/test)"
                 raise DataError(f"{given} {test_root} does not exist or is not a folder: put the "
                                 f"test images there, or give data.test_root=DIR")
-            self.test_index = index_folder(test_root)
+            self.test_index = index_folder(test_root, _indexing_lines(test_root, rank))
             if self.test_index.classes != self.index.classes:
                 raise DataError(f"the class folders of {test_root} differ from those of "
                                 f"{train_root}")

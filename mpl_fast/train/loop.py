@@ -19,11 +19,12 @@ from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
 from mpl_fast.ops import backend
+from mpl_fast.progress import ProgressLines
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
 from mpl_fast.train.data_wait import DataWait
 from mpl_fast.train.ema import ModelEMA, StepWithEMA
 from mpl_fast.train.evaluate import Shard, accuracies
-from mpl_fast.train.run_log import ProgressLines, RunLogger, plot_curves, where_it_ran
+from mpl_fast.train.run_log import RunLogger, plot_curves, where_it_ran
 from mpl_fast.train.skipped_steps import SkippedSteps
 from mpl_fast.train.stop_signal import StopSignal, Stopped
 from mpl_fast.train.graphed import BatchShapeChanged, GraphedStep

@@ -90,26 +90,6 @@ class RunLogger:
             self.tb.close()
 
 
-class ProgressLines:
-    """Progress of long work on stderr: `<what> <done>/<total> <unit>, <rate>/s, <s> s left`,
-    a line every `every` seconds and one at the end."""
-
-    def __init__(self, what, unit="images", every=5.0):
-        self.what, self.unit, self.every = what, unit, every
-        self.began = self.shown = time.monotonic()
-
-    def __call__(self, done, total, detail=""):
-        """detail: a few words to add at the end of the line (the latest loss, say)."""
-        now = time.monotonic()
-        if now - self.shown < self.every and done < total:
-            return
-        rate = done / max(now - self.began, 1e-9)
-        print(f"{self.what} {done}/{total} {self.unit}, {rate:.0f}/s, "
-              f"{(total - done) / max(rate, 1e-9):.0f} s left" + (f", {detail}" if detail else ""),
-              file=sys.stderr, flush=True)
-        self.shown = now
-
-
 def check_results_folder(parser, flag, folder):
     """Prove the folder a benchmark appends its records to writable before the measurement: a
     bad --out stops in the first second with argparse's one-line error instead of after minutes

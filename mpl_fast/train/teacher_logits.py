@@ -14,7 +14,7 @@ from mpl_fast.data.logit_store import SPLITS, store_path, write_folder
 from mpl_fast.models.registry import NAMES
 from mpl_fast.train import config as cfg_mod
 from mpl_fast.train.loop import Run, TrainError, run_from_checkpoint
-from mpl_fast.train.run_log import ProgressLines
+from mpl_fast.progress import ProgressLines
 
 NETWORKS = ("ema_student", "student", "teacher")
 
@@ -123,7 +123,7 @@ def write(out, source, batch_size=None, overwrite=False, progress=False):
     """Write OUT/train.logits and OUT/test.logits (each with its .json), both or neither, from
     `source()`, a call of from_checkpoint or from_model made once OUT is known to be free.
     Returns (network name, {split: {"rows", "top1"}}): the network's top-1 on each split,
-    measured on the way. progress: lines on stderr (run_log.ProgressLines)."""
+    measured on the way. progress: lines on stderr (mpl_fast.progress)."""
     out = Path(out)
     existing = [store_path(out, split) for split in SPLITS if store_path(out, split).exists()]
     if existing and not overwrite:
