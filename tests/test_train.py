@@ -260,6 +260,24 @@ def test_sigterm_saves_the_step_it_stops_at_and_resume_goes_on_exactly(tmp_path)
     assert _metrics(run / "metrics.jsonl") == want
 
 
+def test_sigterm_keeps_its_usual_handling_outside_the_training_loop(tmp_path, monkeypatch):
+    """Only the loop's steps have anything to save; during the final evaluation and finetuning
+    (last.pt already at the last step) SIGTERM ends the run at once, as without mpl-fast."""
+    from mpl_fast.train import loop
+
+    before = signal.getsignal(signal.SIGTERM)
+    during = []
+    real_finetune = loop.finetune
+
+    def finetune(*args, **kwargs):
+        during.append(signal.getsignal(signal.SIGTERM))
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "finetune", finetune)
+    train(cfg.load("digits", TINY + ["train.steps=2", "train.finetune_steps=1"]), tmp_path)
+    assert during == [before] and signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_replica_at_one_step(tmp_path):
     """torchrun forwards SIGTERM to each process; the replicas agree on the step to stop at (one

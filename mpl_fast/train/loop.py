@@ -489,6 +489,7 @@ def train(config, out_dir, resume=False, overwrite=False):
             data_wait.add(fetched, time.perf_counter() - began - aside)
             profiler.step()
         profiler.close()  # the final evaluation and finetuning are not the loop's steps
+        stop.close()  # nothing left to save: SIGTERM ends the final evaluation and finetuning
         final = last_eval if last_eval is not None else run.evaluate()  # the last step's
         summary = {"steps": run.step, "method": config["method"],
                    "student_top1": final["eval/student_top1"],

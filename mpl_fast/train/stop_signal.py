@@ -49,6 +49,7 @@ class StopSignal:
         return bool(dist.any(flag).item())
 
     def close(self):
+        """The handler from before back (again: a no-op)."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
