@@ -66,13 +66,47 @@ def check_data_root(d):
         raise DataError(f"data root {d['root']} does not exist or is not a folder")
 
 
-def _indexing_lines(root, rank):
-    """Lines while a tree is indexed, from rank 0 alone and only where it takes a while."""
-    if rank != 0:
-        return None
+def _index_trees(d, root):
+    """(train index, test index) of a JPEG tree, with lines while a tree takes a while."""
+    from pathlib import Path
+
     from mpl_fast.progress import ProgressLines
 
-    return ProgressLines(f"indexing {root}:", "class folders", silent_if_quick=True)
+    def lines(tree):
+        return ProgressLines(f"indexing {tree}:", "class folders", silent_if_quick=True)
+
+    train_root = root / "train" if (root / "train").is_dir() else root
+    test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
+    index = index_folder(train_root, lines(train_root))
+    if not test_root.is_dir():  # index_folder would call it a missing data root
+        given = "data.test_root" if d["test_root"] else "the test split (root/test)"
+        raise DataError(f"{given} {test_root} does not exist or is not a folder: put the "
+                        f"test images there, or give data.test_root=DIR")
+    test_index = index_folder(test_root, lines(test_root))
+    if test_index.classes != index.classes:
+        raise DataError(f"the class folders of {test_root} differ from those of {train_root}")
+    return index, test_index
+
+
+def from_rank_0(make, world):
+    """make() on rank 0 alone and its result handed to every process of the run (one
+    broadcast); a DataError it raises is raised on every process, which would otherwise wait
+    for rank 0 forever. One process: make()."""
+    import torch.distributed as dist
+
+    if world <= 1 or not dist.is_initialized():
+        return make()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("made", make())
+        except DataError as err:
+            box[0] = ("failed", str(err))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "failed":
+        raise DataError(value)
+    return value
 
 
 class FolderData:
@@ -88,18 +122,8 @@ class FolderData:
             from mpl_fast.data import cifar_batches
 
             self.index, self.test_index = cifar_batches.load(root)
-        else:
-            train_root = root / "train" if (root / "train").is_dir() else root
-            test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
-            self.index = index_folder(train_root, _indexing_lines(train_root, rank))
-            if not test_root.is_dir():  # index_folder would call it a missing data root
-                given = "data.test_root" if d["test_root"] else "the test split (root/test)"
-                raise DataError(f"{given} {test_root} does not exist or is not a folder: put the "
-                                f"test images there, or give data.test_root=DIR")
-            self.test_index = index_folder(test_root, _indexing_lines(test_root, rank))
-            if self.test_index.classes != self.index.classes:
-                raise DataError(f"the class folders of {test_root} differ from those of "
-                                f"{train_root}")
+        else:  # under torchrun rank 0 alone walks the trees (1.28M files for ImageNet)
+            self.index, self.test_index = from_rank_0(lambda: _index_trees(d, root), world)
         if d["split_list"] and d["name"] == "cifar_batches":
             raise DataError("data.split_list names files; CIFAR python batches have none")
         if d["split_list"]:
