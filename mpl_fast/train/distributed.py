@@ -62,7 +62,7 @@ def init(device_type: str) -> Context:
     if world <= 1:
         return Context()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    gpus = torch.cuda.device_count() if device_type == "cuda" else 0
+    gpus = torch.cuda.device_count()
     if device_type == "cuda" and local_rank >= gpus:
         raise ValueError(f"local rank {local_rank} has no GPU of its own: this node shows {gpus} "
                          f"(torchrun --nproc_per_node={gpus} at most, or check "
