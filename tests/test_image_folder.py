@@ -391,11 +391,13 @@ def test_train_on_an_image_folder(tree, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no folder behind
 
 
-def test_a_missing_test_split_is_named_as_such(tree, tmp_path):
-    """root/train without root/test was reported as 'data root root/test does not exist'."""
+def test_a_missing_test_split_is_named_as_such(tree, tmp_path, monkeypatch):
+    """root/train without root/test was reported as 'data root root/test does not exist'. It is
+    found before the train tree is indexed (ImageNet's: a minute or more)."""
     pytest.importorskip("nvidia.dali")
     import shutil
 
+    from mpl_fast.data import sources
     from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import Run, TrainError
 
@@ -403,8 +405,13 @@ def test_a_missing_test_split_is_named_as_such(tree, tmp_path):
     shutil.copytree(tree, root / "train")
     data = ["data.name=image_folder", f"data.root={root}", "data.image_size=16",
             "data.labeled_per_class=2", "data.cutout=4", "train.device=cpu"]
+    indexed = []
+    real_index_folder = sources.index_folder
+    monkeypatch.setattr(sources, "index_folder",
+                        lambda folder, *a: indexed.append(folder) or real_index_folder(folder, *a))
     with pytest.raises(TrainError, match=r"the test split \(root/test\) .*data.test_root=DIR"):
         Run(cfg.load("digits", data), tmp_path / "run")
+    assert indexed == []
     with pytest.raises(TrainError, match=r"data.test_root .*nowhere does not exist"):
         Run(cfg.load("digits", [*data, f"data.test_root={tmp_path / 'nowhere'}"]), tmp_path / "r")
     Run(cfg.load("digits", [*data, f"data.test_root={root / 'train'}"]), tmp_path / "run")

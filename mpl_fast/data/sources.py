@@ -77,11 +77,12 @@ def _index_trees(d, root):
 
     train_root = root / "train" if (root / "train").is_dir() else root
     test_root = Path(d["test_root"]) if d["test_root"] else root / "test"
-    index = index_folder(train_root, lines(train_root))
-    if not test_root.is_dir():  # index_folder would call it a missing data root
+    # before the train tree's minute of indexing; index_folder would call it a missing data root
+    if not test_root.is_dir():
         given = "data.test_root" if d["test_root"] else "the test split (root/test)"
         raise DataError(f"{given} {test_root} does not exist or is not a folder: put the "
                         f"test images there, or give data.test_root=DIR")
+    index = index_folder(train_root, lines(train_root))
     test_index = index_folder(test_root, lines(test_root))
     if test_index.classes != index.classes:
         raise DataError(f"the class folders of {test_root} differ from those of {train_root}")
