@@ -25,10 +25,10 @@ class StopSignal:
     """Catches SIGTERM while open (in the main thread; elsewhere it catches nothing)."""
 
     def __init__(self):
-        self.received = False
-        self._previous = None
+        self.received = self._installed = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
 
     def _handle(self, signum, frame):
         if self.received:  # the second one: the default's immediate end
@@ -50,6 +50,8 @@ class StopSignal:
 
     def close(self):
         """The handler from before back (again: a no-op)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:
+            # None: a handler not set from Python, which cannot be put back: the default then
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+            self._installed = False
