@@ -256,10 +256,11 @@ class Run:
         b = self.step_fn.baseline
         return {"baseline": b.state_dict() if b is not None else None}
 
-    def save(self, name):
-        """Rank 0 writes; the other replicas wait until the file is in place."""
+    def save(self, name, state=None):
+        """DIR/name with the run's state (or `state`): rank 0 writes, the other replicas wait
+        until the file is in place."""
         if self.dist.main:
-            checkpoint.save(self.state_dict(), self.out / name)
+            checkpoint.save(self.state_dict() if state is None else state, self.out / name)
         self.dist.barrier()
 
     # -- evaluation --------------------------------------------------------------------------
@@ -546,8 +547,6 @@ def finetune(run, steps, lr, logger=None):
         if progress is not None:
             progress(done, steps, shown)
     top1 = run.evaluate({"finetuned": model})["eval/finetuned_top1"]
-    if run.dist.main:
-        checkpoint.save({"format": FORMAT, "config": run.config, "student": model.state_dict()},
-                        run.out / "finetuned.pt")
-    run.dist.barrier()
+    run.save("finetuned.pt", {"format": FORMAT, "config": run.config,
+                              "student": model.state_dict()})
     return top1
