@@ -1172,7 +1172,7 @@ def test_checkpoint_blocks_limits_the_wrapped_blocks_and_is_validated(tmp_path):
 
 
 def test_accuracies_of_several_models_in_one_pass():
-    from mpl_fast.train.evaluate import accuracies, accuracy
+    from mpl_fast.train.evaluate import accuracies
 
     torch.manual_seed(0)
     x, y = torch.randn(50, 6), torch.randint(0, 7, (50,))
@@ -1192,7 +1192,7 @@ def test_accuracies_of_several_models_in_one_pass():
         assert both[name]["top1"] == pytest.approx((pred[:, 0] == y).float().mean().item())
         top5 = (pred == y[:, None]).any(1).float().mean().item()
         assert both[name]["top5"] == pytest.approx(top5)
-        assert accuracy(model, batches()) == both[name]
+        assert accuracies({name: model}, batches())[name] == both[name]  # alone, the same
     assert good.training and not bad.training  # each model's mode comes back
     assert accuracies({"good": good}, iter(())) == {"good": {"top1": 0.0, "top5": 0.0}}
 

@@ -67,8 +67,3 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None, progre
         top1, top5 = c.tolist() if c is not None else (0, 0)
         out[name] = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
     return out
-
-
-def accuracy(model, batches, channels_last=False, autocast_dtype=None):
-    """{"top1", "top5"} of one model (see accuracies)."""
-    return accuracies({"model": model}, batches, channels_last, autocast_dtype)["model"]
