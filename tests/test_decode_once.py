@@ -212,3 +212,43 @@ def test_images_decoded_once_go_to_the_augment_device_undecoded(augment):
             assert devices[op] == {augment}, (name, op)
         assert devices["CropMirrorNormalize"] == {"gpu"}
     assert "WarpAffine" in _op_devices(pipes["unlabeled"])
+
+
+@pytest.mark.parametrize("decode", ["cpu", "once"])
+def test_replicas_evaluate_disjoint_shares_of_the_test_set(tmp_path, monkeypatch, decode):
+    """Under torchrun each replica's evaluation stream decodes and hands out its share of the
+    test set alone (eval_share: every world-th batch), pixels and labels as one process has
+    them; with decode_device=once each replica decodes its share only."""
+    from mpl_fast.data import decode_once
+    from mpl_fast.data.sources import build_data, eval_share
+    from mpl_fast.train import config as cfg
+
+    root = tmp_path / "data"
+    _noise_tree(root / "train")
+    _noise_tree(root / "test", per_class=(4, 3, 4), seed=1)  # 11 images: batches 4, 4, 3
+    d = cfg.load("digits", ["data.name=image_folder", f"data.root={root}",
+                            "data.image_size=32", "data.labeled_per_class=2",
+                            "data.num_threads=1", f"data.decode_device={decode}"])["data"]
+    decoded = []
+    real = decode_once.decode_index
+    monkeypatch.setattr(decode_once, "decode_index",
+                        lambda index, *a, **k: (decoded.append(len(index)),
+                                                real(index, *a, **k))[1])
+
+    def batches(rank, world):
+        data = build_data(d, 1, torch.device("cpu"), rank=rank, world=world)
+        got = list(data.eval_batches(4, "cpu"))
+        return (torch.cat([x for x, _ in got]) if got else torch.zeros(0, 3, 32, 32),
+                [label for _, y in got for label in y.tolist()])
+    alone_x, alone_y = batches(0, 1)
+    assert alone_y == sorted(alone_y) and len(alone_y) == 11
+    for world in (2, 3, 4):
+        decoded.clear()
+        shares = [batches(rank, world) for rank in range(world)]
+        for rank, (x, y) in enumerate(shares):
+            rows = eval_share(11, 4, rank, world)
+            assert y == [alone_y[r] for r in rows], (world, rank)
+            assert torch.equal(x, alone_x[rows]), (world, rank)
+        assert sum(len(y) for _, y in shares) == 11
+        if decode == "once":  # each replica its test share (none: no pipeline, no decoding)
+            assert decoded == [len(y) for _, y in shares if y], (world, decoded)

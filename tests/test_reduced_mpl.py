@@ -215,6 +215,26 @@ def test_eval_command_evaluates_a_reduced_teacher_from_its_stored_logits(big_run
     assert float(line.split()[1]) == pytest.approx(summary["teacher_top1"], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_eval_under_torchrun_shares_the_stored_logits_as_one_process_reads_them(big_run):
+    """Under torchrun each replica evaluates the reduced teacher on its share of the stored test
+    logits, with the labels of those rows: the table one process prints (6 batches of 100 over
+    2 replicas)."""
+    import subprocess
+
+    from mpl_fast.train.loop import train
+    from tests.test_train import _launcher, _subprocess_env
+
+    root, _ = big_run
+    train(_reduced(root, ["train.steps=6"]), root / "shared")
+    tables = [subprocess.run([*_launcher(n), "eval", "--checkpoint", str(root / "shared"),
+                              "--set", "train.eval_batch_size=100"], check=True, text=True,
+                             capture_output=True, timeout=600,
+                             env=_subprocess_env(OMP_NUM_THREADS="1")).stdout
+              for n in (1, 2)]
+    assert tables[1] == tables[0] and "teacher_top1" in tables[0], tables
+
+
 @pytest.mark.parametrize("device,graphed", [
     ("cpu", "emulate"), pytest.param("cuda", True, marks=pytest.mark.gpu)])
 def test_reduced_run_in_the_graphed_step_path_trains_like_the_plain_one(big_run, monkeypatch,

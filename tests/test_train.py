@@ -1229,26 +1229,31 @@ class _Counted(nn.Module):
 
 @pytest.mark.parametrize("world", [2, 3, 5])
 def test_replicas_share_an_evaluation_and_each_gets_the_whole_sets_accuracy(world):
-    """Under torchrun each replica runs the models on every world-th batch from its rank on and
-    the counts are summed across replicas: every replica gets what one process gets alone, with a
-    world-th of the forwards (5 replicas over 4 batches: one replica evaluates nothing)."""
+    """Under torchrun each replica evaluates its share of the test set (eval_share: the batches
+    from its rank on, every world-th) and the counts are summed across replicas: every replica
+    gets what one process gets alone, each batch run once, the same batches as one process runs
+    (5 replicas over 4 batches: one replica evaluates nothing)."""
     import threading
 
+    from mpl_fast.data.sources import eval_share
     from mpl_fast.train.evaluate import Shard, accuracies
 
     torch.manual_seed(1)
     x, y = torch.randn(58, 6), torch.randint(0, 7, (58,))
     nets = {"a": nn.Linear(6, 7), "b": nn.Linear(6, 7)}
 
-    def batches():
-        return ((x[i:i + 16], y[i:i + 16]) for i in range(0, 58, 16))  # 16, 16, 16, 10
-    alone = accuracies(nets, batches())
+    def batches(rows):
+        return ((x[rows[i:i + 16]], y[rows[i:i + 16]]) for i in range(0, len(rows), 16))
+    alone_seen = []
+    alone = accuracies({name: _Counted(net, alone_seen) for name, net in nets.items()},
+                       batches(list(range(58))))
     reduce, results, seen = _ThreadAllReduce(world), [None] * world, [[] for _ in range(world)]
+    shares = [eval_share(58, 16, rank, world) for rank in range(world)]
 
     def replica(rank):
         models = {name: _Counted(net, seen[rank]) for name, net in nets.items()}
-        shard = Shard(rank, world, reduce.sum_for(rank), torch.device("cpu"))
-        results[rank] = accuracies(models, batches(), shard=shard)
+        shard = Shard(reduce.sum_for(rank), torch.device("cpu"))
+        results[rank] = accuracies(models, batches(shares[rank]), shard=shard)
     threads = [threading.Thread(target=replica, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
@@ -1256,10 +1261,30 @@ def test_replicas_share_an_evaluation_and_each_gets_the_whole_sets_accuracy(worl
         t.join(timeout=60)
     assert all(r == alone for r in results), (results, alone)
     assert 0 < alone["a"]["top1"] < alone["a"]["top5"] < 1  # counts that a share would change
+    assert sorted(sum(shares, [])) == list(range(58))  # every image once
     sizes = [16, 16, 16, 10]
-    for rank in range(world):  # both models ran on this replica's batches alone
+    for rank in range(world):  # batch i of the set on replica i % world, whole
         mine = [size for i, size in enumerate(sizes) if i % world == rank]
         assert sorted(seen[rank]) == sorted(mine * 2), (rank, seen[rank])
+        assert shares[rank] == [r for i in range(rank, 4, world)
+                                for r in range(16 * i, min(16 * i + 16, 58))]
+    assert sorted(sum(seen, [])) == sorted(alone_seen)
+
+
+def test_digits_replicas_each_get_their_share_of_the_test_set():
+    from mpl_fast.data.sources import build_data, eval_share
+
+    d = cfg.load("digits")["data"]
+    alone = build_data(d, 1, torch.device("cpu"))
+    xs, ys = (torch.cat(parts) for parts in zip(*alone.eval_batches(100, "cpu")))
+    assert torch.equal(ys, alone.labels("test")) and len(ys) == 539
+    for rank, sizes in enumerate(([100, 100, 100], [100, 100, 39])):  # batches 0, 2, 4; 1, 3, 5
+        data = build_data(d, 1, torch.device("cpu"), rank=rank, world=2)
+        got = list(data.eval_batches(100, "cpu"))
+        assert [len(y) for _, y in got] == sizes
+        rows = eval_share(539, 100, rank, 2)
+        assert torch.equal(torch.cat([x for x, _ in got]), xs[rows])
+        assert torch.equal(torch.cat([y for _, y in got]), ys[rows])
 
 
 def test_a_warning_of_every_step_is_shown_once(tmp_path, monkeypatch):

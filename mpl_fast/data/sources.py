@@ -1,12 +1,14 @@
 """The data a run trains on, behind one small interface the trainer uses:
 
-    next() -> MPLBatch, state_dict(), load_state_dict(), eval_batches() -> (x, y) batches,
+    next() -> MPLBatch, state_dict(), load_state_dict(), eval_batches() -> the (x, y) batches
+    of the test set this replica evaluates (eval_share: all of them in one process),
     num_classes, in_channels, image_size, describe() -> what to save with the run,
     ordered_batches(split) -> the (x, y) batches of a split in index order, unaugmented,
     labels(split) -> its class labels in that order, fingerprint(split) -> a hash of the
     split's images (names, or pixels where there are no files) and labels in that order.
 An MPL batch names its rows of the training set (batch.labeled_index, batch.unlabeled_index).
 """
+import dataclasses
 import hashlib
 import os
 
@@ -16,8 +18,26 @@ from mpl_fast.data.image_folder import (DataError, all_of_size, balanced_split, 
 from mpl_fast.data.stream import InMemoryStream
 
 
+def eval_share(n, batch_size, rank, world):
+    """The rows of an n-image test set that replica `rank` of `world` evaluates: its batches
+    rank, rank + world, ... of the set cut into batch_size. Under torchrun each replica decodes
+    and runs only those, and the batches are the ones one process would run (the same images
+    together, so the same results to the last bit)."""
+    return [row for start in range(rank * batch_size, n, world * batch_size)
+            for row in range(start, min(start + batch_size, n))]
+
+
+def _rows_of(index, rows):
+    """The index (FolderIndex or ArrayIndex) of `rows` of `index`, in that order."""
+    labels = [index.labels[i] for i in rows]
+    if hasattr(index, "images"):
+        return dataclasses.replace(index, images=index.images[rows], labels=labels)
+    return dataclasses.replace(index, files=[index.files[i] for i in rows], labels=labels)
+
+
 class DigitsData:
     def __init__(self, d, seed, rank=0, world=1):
+        self.rank, self.world = rank, world
         self.split = digits(d["labeled_per_class"], d["test_fraction"], d["split_seed"])
         self.stream = InMemoryStream(self.split, d["batch_size"], d["mu"], seed=seed,
                                      pad=d["pad"], hflip=d["hflip"], cutout=d["cutout"],
@@ -30,7 +50,10 @@ class DigitsData:
         self.load_state_dict = self.stream.load_state_dict
 
     def eval_batches(self, batch_size, device):
-        return self.ordered_batches("test", batch_size, device)
+        rows = eval_share(len(self.split.test_y), batch_size, self.rank, self.world)
+        x, y = self.split.test_x[rows], self.split.test_y[rows]
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
 
     def _images(self, split):
         return self.split.train_x if split == "train" else self.split.test_x
@@ -200,15 +223,24 @@ class FolderData:
         self.stream = None  # rebuilt with seeds derived from the step (see dali_stream)
 
     def eval_batches(self, batch_size, device):
-        """One pass over the test set, from a pipeline kept for the run's later evaluations."""
+        """One pass over this replica's share of the test set, from a pipeline kept for the
+        run's later evaluations (with decode_device=once, that share decoded once)."""
         from mpl_fast.data.dali_stream import EvalStream
+        from mpl_fast.data.decode_once import decode_index
 
         key = (batch_size, str(device))
         if key not in self._eval:
+            rows = eval_share(len(self.test_index), batch_size, self.rank, self.world)
+            if not rows:  # more replicas than test batches
+                return iter(())
+            index = _rows_of(self.test_index, rows)
+            if self.d["decode_device"] == "once":
+                index = decode_index(index, self.image_size, self.d["num_threads"],
+                                     quiet=self.rank != 0)
             self._eval[key] = EvalStream(
-                self._stream_index("test"), self.image_size, self.small, device, batch_size,
-                self.d["num_threads"], self.test_sized, self.d["decode_device"],
-                self.d["augment_device"], self.d["hw_decoder_load"])
+                index, self.image_size, self.small, device, batch_size, self.d["num_threads"],
+                self.test_sized, self.d["decode_device"], self.d["augment_device"],
+                self.d["hw_decoder_load"])
         return self._eval[key].batches()
 
     def ordered_batches(self, split, batch_size, device):

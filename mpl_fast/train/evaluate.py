@@ -6,10 +6,9 @@ import torch
 
 
 class Shard(NamedTuple):
-    """This replica's part of an evaluation under data parallelism: the batches rank, rank +
-    world, ...; sum_across sums a tensor over the replicas (an all-reduce every replica joins)."""
-    rank: int
-    world: int
+    """An evaluation shared among data-parallel replicas, each given its own batches (the data's
+    eval_share): sum_across sums a tensor over the replicas (an all-reduce every replica
+    joins)."""
     sum_across: Callable[[torch.Tensor], torch.Tensor]
     device: torch.device
 
@@ -20,23 +19,16 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None, progre
     """{name: {"top1", "top5"}} for a dict of models, in one pass over `batches` (an iterable of
     (images, labels) on the models' device): each batch is decoded once for all the models, and
     the counts stay on the device until the end (one host synchronisation, not two a batch).
-    progress(images done) is called after each batch, with the images of the pass so far (under a
-    Shard, every replica's: the pass's progress, not this replica's share). With a Shard, every
-    replica iterates the same batches but runs the models on its own share of them (a world-th
-    of the forwards), and the counts are summed across replicas: every replica gets the whole
-    set's accuracies."""
+    progress(images done) is called after each batch. With a Shard, `batches` are this
+    replica's share of the set and the counts are summed across replicas: every replica gets the
+    whole set's accuracies (a replica given no batch adds zeros)."""
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
     counts = {name: None for name in models}  # [top1, top5] hits, on the device
-    n = seen = 0  # images evaluated here; images of the pass so far (every replica's)
+    n = 0  # images evaluated here
     try:
-        for i, (xb, yb) in enumerate(batches):
-            seen += len(yb)
-            if shard is not None and i % shard.world != shard.rank:
-                if progress is not None:
-                    progress(seen)
-                continue
+        for xb, yb in batches:
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             for name, model in models.items():
@@ -49,7 +41,7 @@ def accuracies(models, batches, channels_last=False, autocast_dtype=None, progre
                 counts[name] = hits if counts[name] is None else counts[name] + hits
             n += len(yb)
             if progress is not None:
-                progress(seen)
+                progress(n)
     finally:
         for name, m in models.items():
             m.train(was_training[name])

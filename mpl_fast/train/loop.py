@@ -13,7 +13,7 @@ from torch.profiler import record_function
 
 from mpl_fast.data.dali_stream import resume_seed
 from mpl_fast.data.image_folder import DataError
-from mpl_fast.data.sources import build_data
+from mpl_fast.data.sources import build_data, eval_share
 from mpl_fast.models.checkpointing import checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
@@ -276,22 +276,24 @@ class Run:
             if self.teacher is not None and not reduced_teacher:
                 models["teacher"] = self.teacher
         batches = self.data.eval_batches(batch_size, self.device)
-        if progress is not None:
-            total = len(self.data.labels("test"))
-            progress_of_batches = lambda n: progress(n, total)  # noqa: E731
-        # under torchrun each replica runs the models on its share of the batches, all of them
-        # rank 0's models (the ones its checkpoints hold): its BN statistics everywhere
-        shard = None
+        labels = self.data.labels("test")
+        # under torchrun each replica decodes and runs the models on its share of the batches,
+        # all of them rank 0's models (the ones its checkpoints hold): its BN statistics everywhere
+        shard, rows = None, range(len(labels))
         if self.dist.enabled:
-            shard = Shard(self.dist.rank, self.dist.world, self.dist.sum, self.device)
+            shard = Shard(self.dist.sum, self.device)
+            rows = eval_share(len(labels), batch_size, self.dist.rank, self.dist.world)
             for model in models.values():
                 self.dist.broadcast_buffers(model)
+
+        def report(n):  # this replica's share scaled to the set: the pass's progress
+            progress(n * len(labels) // max(len(rows), 1), len(labels))
         accs = accuracies(models, batches, channels_last=self.channels_last,
-                          autocast_dtype=self.amp,
-                          progress=progress_of_batches if progress is not None else None,
-                          shard=shard)
+                          autocast_dtype=self.amp, shard=shard,
+                          progress=report if progress is not None else None)
         if reduced_teacher:  # its inputs: the large teacher's stored logits on the test split
-            logits, labels = self.teacher_test_logits, self.data.labels("test")
+            rows = torch.as_tensor(rows, dtype=torch.int64)
+            logits, labels = self.teacher_test_logits[rows], labels[rows]
             stored = ((logits[start:start + batch_size].to(self.device),
                        labels[start:start + batch_size].to(self.device))
                       for start in range(0, len(labels), batch_size))
