@@ -1,5 +1,5 @@
 """The README and docs/ link to each other by relative paths and section anchors: a moved or
-renamed section must not leave a link that leads nowhere."""
+renamed section must not leave a link that leads nowhere; and their Python examples run."""
 import re
 from pathlib import Path
 
@@ -73,3 +73,39 @@ def test_each_public_op_documents_every_argument(name):
     doc = inspect.getdoc(op) or ""
     missing = [p for p in inspect.signature(op).parameters if not re.search(rf"\b{p}\b", doc)]
     assert not missing, f"{name}'s docstring does not mention {missing}"
+
+
+def python_blocks(path):
+    """The ```python blocks of a document, in order."""
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M)
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if python_blocks(d)],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_python_example_of_a_document_runs(doc, capsys, monkeypatch):
+    """A user copies these into a trainer of their own: each document's blocks run in order in
+    one namespace (a later block may use an earlier one's names), on the CPU."""
+    monkeypatch.delenv("MPL_FAST_BACKEND", raising=False)
+    namespace = {"__name__": f"doc_{doc.stem}"}
+    for i, block in enumerate(python_blocks(doc)):
+        exec(compile(block, f"{doc.name} python block {i + 1}", "exec"), namespace)
+    assert namespace.keys() - {"__name__", "__builtins__"}  # the blocks defined what they use
+
+
+def test_the_step_example_trains_both_networks(capsys):
+    """The MPL step example of algorithm.md moves the teacher and the student, and reports the
+    metrics its printed line shows."""
+    import torch
+
+    (block,) = python_blocks(ROOT / "docs" / "algorithm.md")
+    setup, loop = block.split("for step_index", 1)  # the networks, then the steps
+    namespace = {}
+    exec(compile(setup, "algorithm.md setup", "exec"), namespace)
+    before = {name: [p.detach().clone() for p in namespace[name].parameters()]
+              for name in ("teacher", "student")}
+    exec(compile("for step_index" + loop, "algorithm.md steps", "exec"), namespace)
+    for name, old in before.items():
+        assert any(not torch.equal(a, b) for a, b in zip(old, namespace[name].parameters()))
+    shown = capsys.readouterr().out
+    for key in ("teacher/loss", "teacher/mpl", "student/ce_old", "h", "lr/student"):
+        assert f"'{key}'" in shown, key
