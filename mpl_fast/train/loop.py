@@ -292,11 +292,10 @@ class Run:
                           autocast_dtype=self.amp, shard=shard,
                           progress=report if progress is not None else None)
         if reduced_teacher:  # its inputs: the large teacher's stored logits on the test split
-            rows = torch.as_tensor(rows, dtype=torch.int64)
-            logits, labels = self.teacher_test_logits[rows], labels[rows]
-            stored = ((logits[start:start + batch_size].to(self.device),
-                       labels[start:start + batch_size].to(self.device))
-                      for start in range(0, len(labels), batch_size))
+            logits = self.teacher_test_logits  # read a batch at a time from the stored map
+            stored = ((logits[batch].to(self.device), labels[batch].to(self.device))
+                      for start in range(0, len(rows), batch_size)
+                      for batch in [torch.as_tensor(rows[start:start + batch_size])])
             accs.update(accuracies({"teacher": self.teacher}, stored, autocast_dtype=self.amp,
                                    shard=shard))
         for name, acc in accs.items():
