@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from mpl_fast.kernels.softmax_common import (aligned, lane_softmax_combine, lane_softmax_update,
-                                             launch, max_sum_sum, online_softmax_update,
+                                             launch, max_sum, max_sum_sum,
+                                             online_softmax_update,
                                              reference_logit, row_alignment, safe_max,
                                              tile_for, tile_rows)
 
@@ -121,13 +122,17 @@ def _soft_cross_entropy_tile(
                            SMOOTH, "")
         # two reductions across the warps, not four: the max with the two target sums, then
         # the sum of exp
-        if HARD:  # the target's logit (from the registers) and the row's sum (smoothing)
-            part_a = tl.where(cols == y[:, None], x, 0.0)
-            part_b = tl.where(read, x - ref[:, None], 0.0)
-        else:  # the target mass and the target-weighted logits
-            part_a = t
-            part_b = tl.where(t != 0.0, t * (x - ref[:, None]), 0.0)
-        m, row_a, row_b = tl.reduce((x, part_a, part_b), 1, max_sum_sum)
+        if HARD and not SMOOTH:  # the target's logit (from the registers) alone
+            m, row_a = tl.reduce((x, tl.where(cols == y[:, None], x, 0.0)), 1, max_sum)
+            row_b = tl.zeros([ROWS], tl.float32)
+        else:
+            if HARD:  # the target's logit and the row's sum (for the smoothing)
+                part_a = tl.where(cols == y[:, None], x, 0.0)
+                part_b = tl.where(read, x - ref[:, None], 0.0)
+            else:  # the target mass and the target-weighted logits
+                part_a = t
+                part_b = tl.where(t != 0.0, t * (x - ref[:, None]), 0.0)
+            m, row_a, row_b = tl.reduce((x, part_a, part_b), 1, max_sum_sum)
         e = tl.exp(x - safe_max(m)[:, None])  # kept: the gradient's softmax is e / s
         s = tl.sum(e, 1)
     else:

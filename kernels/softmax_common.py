@@ -141,6 +141,11 @@ def max_max(a0, b0, a1, b1):
 
 
 @triton.jit
+def max_sum(a0, b0, a1, b1):
+    return tl.maximum(a0, a1), b0 + b1
+
+
+@triton.jit
 def max_sum_sum(a0, b0, c0, a1, b1, c1):
     return tl.maximum(a0, a1), b0 + b1, c0 + c1
 
@@ -154,7 +159,7 @@ def sum_sum_sum(a0, b0, c0, a1, b1, c1):
 if os.environ.get("TRITON_INTERPRET") == "1":
     from mpl_fast.kernels.interpreter_reductions import install as _install
 
-    _install({max_max: ("max", "max"), max_sum_sum: ("max", "sum", "sum"),
+    _install({max_max: ("max", "max"), max_sum: ("max", "sum"), max_sum_sum: ("max", "sum", "sum"),
               sum_sum_sum: ("sum", "sum", "sum")})
 
 
