@@ -466,6 +466,24 @@ def test_more_processes_on_a_node_than_its_gpus_is_one_line_before_any_rendezvou
     assert not dist.is_initialized() and not out.exists()
 
 
+@pytest.mark.slow
+def test_resume_under_torchrun_without_the_checkpoint_says_where_it_must_be(tmp_path):
+    """Every process of a torchrun reads DIR/last.pt on resume, so on nodes that do not share
+    the run folder's filesystem the others have none: the line says so (in one process it
+    names the missing file alone)."""
+    (tmp_path / "empty").mkdir()
+    done = [subprocess.run([*_ddp_cmd(tmp_path / "empty", 4, n), "--resume"], text=True,
+                           capture_output=True, timeout=600,
+                           env=_subprocess_env(OMP_NUM_THREADS="1")) for n in (1, 2)]
+    lines = [[ln for ln in d.stderr.splitlines() if ln.startswith("mpl-fast: error:")]
+             for d in done]
+    assert done[0].returncode == 2 and done[1].returncode != 0
+    assert lines[0] == [f"mpl-fast: error: --resume: no checkpoint at {tmp_path}/empty/last.pt"]
+    assert len(lines[1]) == 2 and all(
+        "put the run folder on a filesystem all nodes share" in ln for ln in lines[1]), lines
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 def test_resuming_a_run_past_its_steps_is_refused_and_changes_nothing(tmp_path, capsys):
     """A run at step 4 resumed with --steps 2 trained nothing, evaluated and finetuned again and
     rewrote config.yaml with 2 steps; now it stops in one line, its files as they were."""

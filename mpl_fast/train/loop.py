@@ -405,7 +405,9 @@ def train(config, out_dir, resume=False, overwrite=False):
     if resume:
         last = out / "last.pt"
         if not last.exists():
-            raise TrainError(f"--resume: no checkpoint at {last}")
+            shared = (" (under torchrun every node reads it there: put the run folder on a "
+                      "filesystem all nodes share)" if run.dist.world > 1 else "")
+            raise TrainError(f"--resume: no checkpoint at {last}{shared}")
         run.load_state_dict(checkpoint.load(last), last)
         if run.step > t["steps"]:  # nothing to train, and config.yaml would say fewer steps
             raise TrainError(f"--resume: {out} is at step {run.step}, past train.steps="
