@@ -274,7 +274,8 @@ def build_parser():
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Top-1/top-5 of the student, EMA student and teacher of a "
                        "checkpoint (of the finetuned student, for finetuned.pt) on its run's "
-                       "test split.")
+                       "test split. Under torchrun the processes share the test split, each "
+                       "reading and decoding its own batches, and rank 0 prints the table.")
     p.add_argument("--checkpoint", required=True,
                    help="a last.pt, best.pt or finetuned.pt written by train, or a run folder "
                         "(its last.pt)")
