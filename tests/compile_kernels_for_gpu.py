@@ -291,7 +291,11 @@ def compile_all(args, shard, shards):
                   "programs_per_sm": resident_programs(usage["REG"], options["num_warps"],
                                                        compiled.metadata.shared),
                   **ptx_access_widths(compiled.asm["ptx"]),
-                  "hints": ptx_eviction_hints(compiled.asm["ptx"])}
+                  "hints": ptx_eviction_hints(compiled.asm["ptx"]),
+                  # the rounds of reductions across lanes and warps (their latency bounds the
+                  # 1000-class kernels): warp shuffles and barriers in the PTX
+                  "shuffles": compiled.asm["ptx"].count("shfl.sync"),
+                  "barriers": compiled.asm["ptx"].count("bar.sync")}
         if args.sass_every and (len(seen) - 1) % args.sass_every == 0:
             # the same widths read from the machine code (a second per variant: a sample only)
             record["sass"] = global_access_widths(compiled.asm["cubin"])

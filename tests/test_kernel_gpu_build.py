@@ -6,7 +6,8 @@ switches) to a cubin, and checks that none spills registers beyond a word or two
 are read and written 16 bytes an instruction, that the pipelined loops (a streamed row's
 chunks, softmax_common.STREAM_STAGES; a persistent program's tiles, ROW_STAGES) load through
 asynchronous copies, that a register cap (MAX_REGISTERS) holds, and that the L2 eviction hints
-(EVICTION_HINTS) reach the streamed rows' loads and stores and no other variant's.
+(EVICTION_HINTS) reach the streamed rows' loads and stores and no other variant's, and that
+the cross-entropy without smoothing spends fewer reduction rounds than with it.
 """
 import importlib
 import json
@@ -156,6 +157,20 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
             wide = r["load"].get("128", 0) + r["async"].get("128", 0)
             assert wide >= 1 and r["load"].get("16", 0) <= 2, r
             assert r["store"].get("16", 0) == 0, r
+    # a one-tile row's cross-entropy on class indices without smoothing reduces two quantities
+    # across the warps (the max and the target's logit), not the third only smoothing uses:
+    # fewer shuffles and no more barriers than the same kernel with smoothing
+    one_tile = {}
+    for r in by_kernel["_soft_cross_entropy_kernel"]:
+        c = r["constexprs"]
+        if c["HARD"] and c["SINGLE"] and c["ROW_STAGES"] == 1 and "maxnreg" not in r:
+            key = (json.dumps(r["signature"]), c["BLOCK"], c["HAS_MASK"], c["COMPUTE_GRAD"])
+            one_tile.setdefault(key, {})[c["SMOOTH"]] = r
+    assert len(one_tile) == 3 * 4 * 4, len(one_tile)  # dtypes x one-tile blocks x switches
+    for key, pair in one_tile.items():
+        plain, smooth = pair[False], pair[True]
+        assert plain["shuffles"] < smooth["shuffles"], (key, plain["shuffles"], smooth["shuffles"])
+        assert plain["barriers"] <= smooth["barriers"], key
 
 
 def test_ptx_access_widths_reads_vector_scalar_and_async_accesses():
