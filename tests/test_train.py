@@ -727,6 +727,27 @@ def test_cuda_rng_states_of_more_gpus_than_this_machine_has_are_restored_where_t
     assert calls == [("gpu0", 0), ("gpu1", 1)]
 
 
+def test_a_long_evaluation_inside_a_run_shows_progress_and_a_quick_one_does_not(
+        tmp_path, capsys, monkeypatch):
+    """A periodic, final or finetuned evaluation of ImageNet's 50000 test images takes a while:
+    lines every few seconds (here every batch, as if each took that long), none for one done in
+    an instant (the digits run's output stays as it was)."""
+    from mpl_fast import progress
+    from mpl_fast.train import loop
+
+    overrides = TINY + ["train.steps=10", "train.eval_every=5", "train.finetune_steps=2",
+                        "train.eval_batch_size=200"]
+    train(cfg.load("digits", overrides), tmp_path / "quick")
+    assert "eval:" not in capsys.readouterr().err
+    monkeypatch.setattr(loop, "ProgressLines", lambda what, unit, **kw: progress.ProgressLines(
+        what, unit, every=0.0, silent_if_quick=kw.get("silent_if_quick", False)))
+    train(cfg.load("digits", overrides), tmp_path / "slow")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("eval:")]
+    # steps 5 and 10, then the finetuned student: 539 test images in batches of 200
+    assert [ln.split(" test images")[0] for ln in lines] == [
+        f"eval: {n}/539" for n in (200, 400, 539)] * 3, lines
+
+
 def test_eval_command(tmp_path, capsys):
     summary = train(cfg.load("digits", TINY + ["train.steps=10", "train.finetune_steps=3"]),
                     tmp_path)

@@ -456,7 +456,7 @@ def train(config, out_dir, resume=False, overwrite=False):
             if run.step % t["eval_every"] == 0 or run.step == t["steps"]:
                 eval_began = time.perf_counter()
                 with record_function("train/eval"):
-                    last_eval = run.evaluate()
+                    last_eval = run.evaluate(progress=eval_lines(run))
                 metrics = {**metrics, **last_eval}
                 if metrics["eval/ema_student_top1"] > run.best:
                     run.best = metrics["eval/ema_student_top1"]
@@ -494,7 +494,8 @@ def train(config, out_dir, resume=False, overwrite=False):
             profiler.step()
         profiler.close()  # the final evaluation and finetuning are not the loop's steps
         stop.close()  # nothing left to save: SIGTERM ends the final evaluation and finetuning
-        final = last_eval if last_eval is not None else run.evaluate()  # the last step's
+        final = (last_eval if last_eval is not None  # the last step's
+                 else run.evaluate(progress=eval_lines(run)))
         summary = {"steps": run.step, "method": config["method"],
                    "student_top1": final["eval/student_top1"],
                    "ema_student_top1": final["eval/ema_student_top1"],
@@ -525,6 +526,13 @@ def train(config, out_dir, resume=False, overwrite=False):
     return summary
 
 
+def eval_lines(run):
+    """Progress lines for an evaluation inside a run, from rank 0: none for a quick one, a line
+    every few seconds for a long one (ImageNet's 50000 test images)."""
+    return (ProgressLines("eval:", "test images", silent_if_quick=True) if run.dist.main
+            else None)
+
+
 def finetune(run, steps, lr, logger=None):
     """Finetune a copy of the EMA student on the labels alone; returns its top-1 (on every
     replica). Under torchrun it is data-parallel as training is: each replica takes its slice of
@@ -549,7 +557,7 @@ def finetune(run, steps, lr, logger=None):
             shown = f"loss {loss:.3g}"
         if progress is not None:
             progress(done, steps, shown)
-    top1 = run.evaluate({"finetuned": model})["eval/finetuned_top1"]
+    top1 = run.evaluate({"finetuned": model}, progress=eval_lines(run))["eval/finetuned_top1"]
     run.save("finetuned.pt", {"format": FORMAT, "config": run.config,
                               "student": model.state_dict()})
     return top1
