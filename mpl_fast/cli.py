@@ -61,11 +61,11 @@ def _seed_range(text):
 
 def _one_process(command):
     """Refuse a command torchrun started in several processes: each would write the same files
-    (logits' stores, two-moons' figures, a benchmark's records) at once."""
+    (two-moons' figures, a benchmark's records) at once."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
         raise CliError(f"`mpl-fast {command}` runs in one process, not under torchrun "
-                       f"(WORLD_SIZE={world}); train and eval take torchrun")
+                       f"(WORLD_SIZE={world}); train, eval and logits take torchrun")
 
 
 def _two_moons(args):
@@ -204,8 +204,7 @@ def _eval(args):
 
 
 def _logits(args):
-    _one_process("logits")
-    from mpl_fast.train import checkpoint, config as cfg, teacher_logits
+    from mpl_fast.train import checkpoint, config as cfg, distributed, teacher_logits
     from mpl_fast.train.loop import TrainError
 
     if args.batch_size is not None and args.batch_size < 1:
@@ -230,6 +229,10 @@ def _logits(args):
                                                args.overwrite, progress=True)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
+    finally:
+        distributed.shutdown()
+    if not _rank_0():
+        return 0
     print(f"{network} logits -> {args.out}: " + ", ".join(
         f"{split} {r['rows']} rows (top-1 {r['top1']:.4f})" for split, r in report.items()))
     print(f"Reduced MPL: mpl-fast train --set model.teacher=reduced "
@@ -290,7 +293,9 @@ def build_parser():
                        "model named with its weights over the data of --config and --set. "
                        "Reduced MPL then trains with a small teacher over them: mpl-fast train "
                        "--set model.teacher=reduced --set model.teacher_logits=OUT --set "
-                       "mpl.uda_weight=0 (with the same data settings).")
+                       "mpl.uda_weight=0 (with the same data settings). Under torchrun the "
+                       "processes share the work, each running its batches, and rank 0 writes "
+                       "the stores.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint",
                        help="a last.pt, best.pt or finetuned.pt written by train, or a run "

@@ -252,3 +252,14 @@ def test_replicas_evaluate_disjoint_shares_of_the_test_set(tmp_path, monkeypatch
         assert sum(len(y) for _, y in shares) == 11
         if decode == "once":  # each replica its test share (none: no pipeline, no decoding)
             assert decoded == [len(y) for _, y in shares if y], (world, decoded)
+    # `mpl-fast logits` under torchrun: any rows of a split, in their order, as a whole pass
+    # has them (the training split's 15 images; decoded once, the split is decoded whole)
+    data = build_data(d, 1, torch.device("cpu"))
+    whole = list(data.ordered_batches("train", 4, "cpu"))
+    train_x, train_y = torch.cat([x for x, _ in whole]), torch.cat([y for _, y in whole])
+    for rows in (eval_share(15, 4, 1, 2), [14, 0, 3], []):
+        got = list(data.ordered_batches("train", 4, "cpu", rows))
+        assert sum(len(y) for _, y in got) == len(rows)
+        if rows:
+            assert torch.equal(torch.cat([x for x, _ in got]), train_x[rows])
+            assert torch.equal(torch.cat([y for _, y in got]), train_y[rows])

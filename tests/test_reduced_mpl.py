@@ -216,6 +216,37 @@ def test_eval_command_evaluates_a_reduced_teacher_from_its_stored_logits(big_run
 
 
 @pytest.mark.slow
+def test_logits_under_torchrun_share_the_work_and_store_what_one_process_stores(big_run, tmp_path):
+    """A large teacher over ImageNet's 1.28M images is hours on one GPU: under torchrun each
+    process runs the network on its share of each split (batches of 100: 1258 training rows in
+    13 batches, 539 test rows in 6, over 4 processes, the last with one and two batches) and
+    rank 0 writes the stores from their shards: byte for byte the stores one process writes,
+    the same report line, printed once, no shard left."""
+    import subprocess
+
+    from tests.test_train import _launcher, _subprocess_env
+
+    root, _ = big_run
+    done = {}
+    for n in (1, 4):
+        done[n] = subprocess.run(
+            [*_launcher(n), "logits", "--checkpoint", str(root / "big"), "--out",
+             str(tmp_path / f"p{n}"), "--batch-size", "100"], text=True, capture_output=True,
+            timeout=600, env=_subprocess_env(OMP_NUM_THREADS="1"))
+        assert done[n].returncode == 0, done[n].stderr[-3000:]
+    for split in ("train", "test"):
+        one, four = (tmp_path / f"p{n}" / f"{split}.logits" for n in (1, 4))
+        assert one.read_bytes() == four.read_bytes(), split
+        assert (json.loads(one.with_name(one.name + ".json").read_text())
+                == json.loads(four.with_name(four.name + ".json").read_text()))
+    assert done[4].stdout == done[1].stdout.replace("p1", "p4")
+    assert done[1].stdout.count("logits ->") == 1
+    assert "train 1258 rows" in done[1].stdout, done[1].stdout
+    assert sorted(p.name for p in (tmp_path / "p4").iterdir()) == [
+        "test.logits", "test.logits.json", "train.logits", "train.logits.json"]
+
+
+@pytest.mark.slow
 def test_eval_under_torchrun_shares_the_stored_logits_as_one_process_reads_them(big_run):
     """Under torchrun each replica evaluates the reduced teacher on its share of the stored test
     logits, with the labels of those rows: the table one process prints (6 batches of 100 over

@@ -3,7 +3,8 @@
     next() -> MPLBatch, state_dict(), load_state_dict(), eval_batches() -> the (x, y) batches
     of the test set this replica evaluates (eval_share: all of them in one process),
     num_classes, in_channels, image_size, describe() -> what to save with the run,
-    ordered_batches(split) -> the (x, y) batches of a split in index order, unaugmented,
+    ordered_batches(split, rows=None) -> the (x, y) batches of a split (or of its rows) in
+    index order, unaugmented,
     labels(split) -> its class labels in that order, fingerprint(split) -> a hash of the
     split's images (names, or pixels where there are no files) and labels in that order.
 An MPL batch names its rows of the training set (batch.labeled_index, batch.unlabeled_index).
@@ -50,16 +51,16 @@ class DigitsData:
         self.load_state_dict = self.stream.load_state_dict
 
     def eval_batches(self, batch_size, device):
-        rows = eval_share(len(self.split.test_y), batch_size, self.rank, self.world)
-        x, y = self.split.test_x[rows], self.split.test_y[rows]
-        for start in range(0, len(x), batch_size):
-            yield x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        return self.ordered_batches("test", batch_size, device, eval_share(
+            len(self.split.test_y), batch_size, self.rank, self.world))
 
     def _images(self, split):
         return self.split.train_x if split == "train" else self.split.test_x
 
-    def ordered_batches(self, split, batch_size, device):
+    def ordered_batches(self, split, batch_size, device, rows=None):
         x, y = self._images(split), self.labels(split)
+        if rows is not None:
+            x, y = x[rows], y[rows]
         for start in range(0, len(x), batch_size):
             yield x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
 
@@ -243,12 +244,16 @@ class FolderData:
                 self.d["hw_decoder_load"])
         return self._eval[key].batches()
 
-    def ordered_batches(self, split, batch_size, device):
-        """Every image of `split` once, in index order, as evaluation sees it (a pipeline of its
-        own: one pass)."""
+    def ordered_batches(self, split, batch_size, device, rows=None):
+        """Every image of `split` once (or its `rows`), in index order, as evaluation sees it (a
+        pipeline of its own: one pass)."""
         from mpl_fast.data.dali_stream import eval_batches
 
         index = self._stream_index(split)
+        if rows is not None:
+            if not rows:
+                return iter(())
+            index = _rows_of(index, rows)
         return eval_batches(index, self.image_size, self.small, device, batch_size,
                             self.d["num_threads"], self.sized if split == "train" else
                             self.test_sized, self.d["decode_device"], self.d["augment_device"],

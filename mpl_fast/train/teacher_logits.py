@@ -6,11 +6,14 @@ its weights (a state-dict file, or timm's pretrained weights) and run over the d
 Each image is seen as evaluation sees it (no augmentation), in the data's index order, so a
 store's row i belongs to image i of the split: the rows the data sources name in each batch.
 """
+import shutil
 from pathlib import Path
 
 import torch
 
-from mpl_fast.data.logit_store import SPLITS, store_path, write_folder
+from mpl_fast.data.logit_store import (SPLITS, LogitStore, store_path, write_folder,
+                                       write_logits)
+from mpl_fast.data.sources import eval_share
 from mpl_fast.models.registry import NAMES
 from mpl_fast.train import config as cfg_mod
 from mpl_fast.train.loop import Run, TrainError, run_from_checkpoint
@@ -119,6 +122,42 @@ def from_model(name, config="digits", overrides=(), weights=None, pretrained=Fal
                                           "weights": "pretrained" if pretrained else str(weights)}
 
 
+def _write_shared(out, dist, rows, shares, batch_size, logits, metas):
+    """write_folder under torchrun: each process stores its shares of the splits under
+    OUT/.shards (the run folder must be on a filesystem every node shares, as for checkpoints),
+    then rank 0 writes the stores from them in index order (all of them or none, as in one
+    process) and removes the shards; the others wait until the stores are in place."""
+    shards = out / ".shards"
+
+    def shard_path(split, rank):
+        return shards / f"{split}.rank{rank}.logits"
+    if dist.main:
+        shutil.rmtree(shards, ignore_errors=True)
+        shards.mkdir()
+    dist.barrier()
+    try:
+        for split in SPLITS:
+            if shares[split]:
+                write_logits(shard_path(split, dist.rank), len(shares[split]), logits(split))
+            else:  # more processes than batches: nothing here (the counts stay zero)
+                for _ in logits(split):
+                    pass
+        dist.barrier()
+        if dist.main:
+            def in_order(split):  # batch i of the split is batch i // world of rank i % world
+                parts = [LogitStore(shard_path(split, r))
+                         if eval_share(rows[split], batch_size, r, dist.world) else None
+                         for r in range(dist.world)]
+                for i in range(-(-rows[split] // batch_size)):
+                    j = i // dist.world * batch_size
+                    yield parts[i % dist.world][j:j + batch_size]
+            write_folder(out, {split: (rows[split], in_order(split)) for split in SPLITS}, metas)
+    finally:
+        if dist.main:
+            shutil.rmtree(shards, ignore_errors=True)
+    dist.barrier()
+
+
 def write(out, source, batch_size=None, overwrite=False, progress=False):
     """Write OUT/train.logits and OUT/test.logits (each with its .json), both or neither, from
     `source()`, a call of from_checkpoint or from_model made once OUT is known to be free.
@@ -132,35 +171,43 @@ def write(out, source, batch_size=None, overwrite=False, progress=False):
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a folder")
     run, name, model, meta = source()
+    dist = run.dist
     batch_size = batch_size or run.config["train"]["eval_batch_size"]
-    report = {}
-
     rows = {split: len(run.data.labels(split)) for split in SPLITS}
+    # under torchrun each process runs the network on its share of each split (eval_share: every
+    # world-th batch) and writes it aside; rank 0 then puts the shares together in index order
+    shares = {split: (eval_share(rows[split], batch_size, dist.rank, dist.world)
+                      if dist.enabled else None) for split in SPLITS}
+    counts = {}  # split -> [hits, rows] of this process
 
     @torch.no_grad()
     def logits(split):
-        total, hits, done = rows[split], 0, 0
-        lines = ProgressLines(f"logits: {split}") if progress else None
+        total, share = rows[split], shares[split]
+        mine, hits, done = total if share is None else len(share), 0, 0
+        lines = ProgressLines(f"logits: {split}") if progress and dist.main else None
         model.eval()
-        for x, y in run.data.ordered_batches(split, batch_size, run.device):
+        for x, y in run.data.ordered_batches(split, batch_size, run.device, share):
             if run.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(x.device.type, dtype=run.amp, enabled=run.amp is not None):
                 z = model(x).float()
             hits += int((z.argmax(1) == y).sum())
             done += len(y)
-            if lines is not None:
-                lines(done, total)
+            if lines is not None:  # rank 0's share scaled to the split
+                lines(done * total // max(mine, 1), total)
             yield z
-        report[split] = {"rows": done, "top1": hits / max(done, 1)}
+        counts[split] = [hits, done]
 
-    meta = {**meta, "data": run.config["data"]}
-    made = not out.exists()
+    metas = ({split: {**meta, "data": run.config["data"], "fingerprint": run.data.fingerprint(
+        split)} for split in SPLITS} if dist.main else None)
+    made = dist.main and not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_folder(out, {split: (rows[split], logits(split)) for split in SPLITS},
-                     {split: {**meta, "fingerprint": run.data.fingerprint(split)}
-                      for split in SPLITS})
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+        if dist.enabled:
+            _write_shared(out, dist, rows, shares, batch_size, logits, metas)
+        else:
+            write_folder(out, {split: (rows[split], logits(split)) for split in SPLITS}, metas)
     except OSError as err:
         raise TrainError(f"cannot write teacher logits to {out}: {err.strerror or err}") from err
     except ValueError as err:  # a split that yielded other than its images' count
@@ -168,4 +215,9 @@ def write(out, source, batch_size=None, overwrite=False, progress=False):
     finally:
         if made and out.is_dir() and not any(out.iterdir()):  # failed: no empty folder left
             out.rmdir()
+    local = torch.tensor([counts.get(split, [0, 0]) for split in SPLITS], dtype=torch.int64)
+    if dist.enabled:
+        local = dist.sum(local.to(run.device)).cpu()
+    report = {split: {"rows": int(done), "top1": int(hits) / max(int(done), 1)}
+              for split, (hits, done) in zip(SPLITS, local.tolist())}
     return name, report
