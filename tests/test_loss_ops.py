@@ -1029,8 +1029,11 @@ def test_streamed_rows_with_infinities_and_wide_ranges(use, backend, device, dty
 
     pl = ops.pseudo_labels(x.to(device), temperature=0.7)
     p64 = torch.softmax(x.double() / 0.7, 1)
-    assert torch.allclose(pl.probs.cpu().double(), p64, atol=1e-6)
-    assert torch.allclose(pl.max_prob.cpu().double(), p64.max(1).values, atol=1e-6)
+    # no worse than torch's own float32 softmax plus 1e-6 (row 4's logits reach ~1e4 / 0.7,
+    # where float32 itself strays by up to ~1e-4 for some draws of the rows)
+    own = (torch.softmax(x.float() / 0.7, 1).double() - p64).abs().max().item() + 1e-6
+    assert (pl.probs.cpu().double() - p64).abs().max() <= own
+    assert (pl.max_prob.cpu().double() - p64.max(1).values).abs().max() <= own
     assert pl.labels.tolist() == x.float().argmax(1).tolist()
 
     # UDA: the weak rows above as targets; the strong row -inf where its target weight is 0
