@@ -180,7 +180,7 @@ def _interrupted_run(out):
 
 
 def _eval(args):
-    from mpl_fast.train import checkpoint, config as cfg
+    from mpl_fast.train import checkpoint, config as cfg, distributed
     from mpl_fast.train.loop import TrainError, run_from_checkpoint
     from mpl_fast.progress import ProgressLines
 
@@ -194,6 +194,8 @@ def _eval(args):
             result = run.evaluate({"finetuned_student": run.student}, progress=progress)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
+    finally:  # under torchrun: gloo's threads left at exit abort the process now and then
+        distributed.shutdown()
     if not run.dist.main:
         return 0
     step = f", step {state['step']}" if "step" in state else ""

@@ -222,18 +222,13 @@ def test_logits_under_torchrun_share_the_work_and_store_what_one_process_stores(
     13 batches, 539 test rows in 6, over 4 processes, the last with one and two batches) and
     rank 0 writes the stores from their shards: byte for byte the stores one process writes,
     the same report line, printed once, no shard left."""
-    import subprocess
-
-    from tests.test_train import _launcher, _subprocess_env
+    from tests.test_train import _launcher, _run_ok, _subprocess_env
 
     root, _ = big_run
-    done = {}
-    for n in (1, 4):
-        done[n] = subprocess.run(
-            [*_launcher(n), "logits", "--checkpoint", str(root / "big"), "--out",
-             str(tmp_path / f"p{n}"), "--batch-size", "100"], text=True, capture_output=True,
-            timeout=600, env=_subprocess_env(OMP_NUM_THREADS="1"))
-        assert done[n].returncode == 0, done[n].stderr[-3000:]
+    done = {n: _run_ok([*_launcher(n), "logits", "--checkpoint", str(root / "big"), "--out",
+                        str(tmp_path / f"p{n}"), "--batch-size", "100"],
+                       _subprocess_env(OMP_NUM_THREADS="1"))
+            for n in (1, 4)}
     for split in ("train", "test"):
         one, four = (tmp_path / f"p{n}" / f"{split}.logits" for n in (1, 4))
         assert one.read_bytes() == four.read_bytes(), split
@@ -251,17 +246,13 @@ def test_eval_under_torchrun_shares_the_stored_logits_as_one_process_reads_them(
     """Under torchrun each replica evaluates the reduced teacher on its share of the stored test
     logits, with the labels of those rows: the table one process prints (6 batches of 100 over
     2 replicas)."""
-    import subprocess
-
     from mpl_fast.train.loop import train
-    from tests.test_train import _launcher, _subprocess_env
+    from tests.test_train import _launcher, _run_ok, _subprocess_env
 
     root, _ = big_run
     train(_reduced(root, ["train.steps=6"]), root / "shared")
-    tables = [subprocess.run([*_launcher(n), "eval", "--checkpoint", str(root / "shared"),
-                              "--set", "train.eval_batch_size=100"], check=True, text=True,
-                             capture_output=True, timeout=600,
-                             env=_subprocess_env(OMP_NUM_THREADS="1")).stdout
+    tables = [_run_ok([*_launcher(n), "eval", "--checkpoint", str(root / "shared"), "--set",
+                       "train.eval_batch_size=100"], _subprocess_env(OMP_NUM_THREADS="1")).stdout
               for n in (1, 2)]
     assert tables[1] == tables[0] and "teacher_top1" in tables[0], tables
 

@@ -211,6 +211,14 @@ def _subprocess_env(**extra):
     return dict(os.environ, MPL_FAST_BACKEND="torch", **extra)
 
 
+def _run_ok(cmd, env, **kwargs):
+    """subprocess.run(cmd) that must succeed; a failure shows the command's stderr (a torchrun
+    launch's tail names the rank and the error), not only its exit status."""
+    done = subprocess.run(cmd, capture_output=True, timeout=600, env=env, text=True, **kwargs)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-4000:]}"
+    return done
+
+
 def _train_cmd(out, steps, *extra):
     return [sys.executable, "-m", "mpl_fast.cli", "train", "--out", str(out), "--steps",
             str(steps), "--device", "cpu", *sum((["--set", s] for s in TINY), []), *extra]
@@ -827,8 +835,7 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume(tmp_path):
     env = _subprocess_env(OMP_NUM_THREADS="1")
 
     def run(cmd):
-        return subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env,
-                              text=True)
+        return _run_ok(cmd, env)
 
     finetune = ("--set", "train.finetune_steps=6")
     run(_ddp_cmd(tmp_path / "one", 20, 1, *finetune))
@@ -879,16 +886,15 @@ def test_ddp_evaluation_is_of_rank_0s_models_the_ones_its_checkpoint_holds(tmp_p
     out = tmp_path / "bn"
     cmd = _ddp_cmd(out, 6, 2, "--set", "model.teacher=small_cnn", "--set",
                    "model.student=small_cnn", "--set", "train.eval_every=6")
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    _run_ok(cmd, env)
     logged = [r for r in _metrics(out / "metrics.jsonl") if "eval/student_top1" in r][-1]
     run, _, _ = run_from_checkpoint(out / "last.pt", ["train.device=cpu"])
     alone = run.evaluate()
     assert {k: logged[k] for k in alone} == alone
     # `mpl-fast eval` under torchrun: the replicas share the evaluation and rank 0 alone reports
     # it (every rank printed its table, the lines interleaved), the same table as one process
-    evals = [subprocess.run([*_launcher(nproc), "eval", "--checkpoint", str(out), "--set",
-                             "train.device=cpu"], check=True, capture_output=True, timeout=600,
-                            env=env, text=True)
+    evals = [_run_ok([*_launcher(nproc), "eval", "--checkpoint", str(out), "--set",
+                      "train.device=cpu"], env)
              for nproc in (1, 2)]
     assert evals[1].stdout == evals[0].stdout and evals[0].stdout.count("\n") == 7
     # its progress is the pass's, not rank 0's half of it
@@ -901,8 +907,7 @@ def test_ddp_replicas_each_write_their_profile(tmp_path):
     a wait in an all-reduce shows on its own rank); rank 0 says where they went."""
     env = _subprocess_env(OMP_NUM_THREADS="1")
     out = tmp_path / "prof"
-    done = subprocess.run(_ddp_cmd(out, 5, 2, "--profile", "2", "--set", "train.profile_from=2"),
-                          check=True, capture_output=True, timeout=600, env=env, text=True)
+    done = _run_ok(_ddp_cmd(out, 5, 2, "--profile", "2", "--set", "train.profile_from=2"), env)
     summaries = [json.loads((out / "profile" / f"rank{r}" / "summary.json").read_text())
                  for r in (0, 1)]
     assert [s["steps"] for s in summaries] == [[3, 4], [3, 4]]
@@ -923,8 +928,7 @@ def test_ddp_with_the_gradient_estimators_matches_one_process(tmp_path, estimato
     env = _subprocess_env(OMP_NUM_THREADS="1")
     sets = sum((["--set", s] for s in estimator), [])
     for out, nproc in (("one", 1), ("two", 2)):
-        subprocess.run(_ddp_cmd(tmp_path / out, 12, nproc, *sets), check=True,
-                       capture_output=True, timeout=600, env=env)
+        _run_ok(_ddp_cmd(tmp_path / out, 12, nproc, *sets), env)
     one, two = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
     rows = _metrics(tmp_path / "one" / "metrics.jsonl")
     assert any(r.get("lr/student", 0) > 0 and r.get("h", 0) != 0 for r in rows)
