@@ -1,5 +1,6 @@
 """Data parallelism through torch.distributed: launched by torchrun (which sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), NCCL on GPUs, gloo on CPUs."""
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -68,10 +69,17 @@ def init(device_type: str) -> Context:
                          f"(torchrun --nproc_per_node={gpus} at most, or check "
                          "CUDA_VISIBLE_DEVICES)")
     if not dist.is_initialized():
+        # torch._dynamo imported after init_process_group (DDP's constructor imports it) keeps a
+        # gloo group alive past destroy_process_group (torch 2.13): its threads ran on into
+        # interpreter exit, where one of them now and then aborted the process ("terminate called
+        # without an active exception", SIGABRT) after the command had done its work. Imported
+        # first, the group and its threads go with shutdown().
+        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return Context(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shutdown():
+    """Destroy the process group, before the interpreter exits (see init)."""
     if dist.is_initialized():
         dist.destroy_process_group()
