@@ -194,7 +194,7 @@ def _eval(args):
             result = run.evaluate({"finetuned_student": run.student}, progress=progress)
     except (cfg.ConfigError, TrainError, checkpoint.CheckpointError) as err:
         raise CliError(str(err)) from err
-    finally:  # under torchrun: gloo's threads left at exit abort the process now and then
+    finally:
         distributed.shutdown()
     if not run.dist.main:
         return 0
@@ -353,6 +353,16 @@ def build_parser():
 
 
 def main(argv=None):
+    code = _command(argv)
+    # a torchrun process ends here, the work done, without the interpreter's teardown:
+    # mpl_fast.train.distributed.end_process says why
+    distributed = sys.modules.get("mpl_fast.train.distributed")
+    if distributed is not None and distributed.started():
+        distributed.end_process(code)
+    return code
+
+
+def _command(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

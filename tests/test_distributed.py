@@ -1,4 +1,5 @@
-"""mpl_fast.train.distributed under torchrun (gloo on CPU processes)."""
+"""mpl_fast.train.distributed under torchrun (gloo on CPU processes): how a process that started
+a process group ends."""
 import os
 import subprocess
 import sys
@@ -8,12 +9,14 @@ import pytest
 
 from tests.test_train import _run_ok
 
-# What a torchrun command does with its process group: init, a DDP-wrapped network (its
-# constructor imports torch._dynamo), an all-reduce, shutdown; then the names of the threads left.
+# A torchrun command's life with its process group: init, a DDP-wrapped network, an all-reduce,
+# the network's (and its reducer's) reference gone, shutdown; then the gloo threads left, a line
+# on stdout left unflushed and an atexit handler, and end_process. torch._dynamo is imported
+# first: imported after the group (DDP's constructor does), it keeps the group alive by itself.
 SCRIPT = r"""
-import os, sys
+import atexit, os, sys
 import torch
-assert "torch._dynamo" not in sys.modules  # as in `mpl-fast logits` and `eval`
+import torch._dynamo
 from mpl_fast.train import distributed
 ctx = distributed.init("cpu")
 net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
@@ -21,29 +24,46 @@ net(torch.randn(4, 3)).sum().backward()
 total = ctx.sum(torch.ones(()))
 del net
 distributed.shutdown()
-threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip()
-                 for t in os.listdir("/proc/self/task"))
-# one write a line: print's separate newline may land after the other rank's line
-sys.stdout.write(f"rank {ctx.rank} total {float(total):g} threads {','.join(threads)}\n")
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+atexit.register(lambda: sys.stdout.write("interpreter teardown\n"))
+# one write a line (another rank's line may land between a text and its newline)
+sys.stdout.write(f"rank {ctx.rank} total {float(total):g} gloo threads "
+                 f"{sum('gloo' in t for t in threads)}\n")
+distributed.end_process(0)
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
-def test_shutdown_ends_the_gloo_groups_threads(tmp_path):
-    """A gloo group that outlived destroy_process_group left its threads running into
-    interpreter exit, where one of them now and then aborted a finished `mpl-fast logits` or
-    `eval` (SIGABRT, 'terminate called without an active exception'): after shutdown() no
-    gloo thread is left."""
+def test_the_group_outlives_shutdown_and_the_process_ends_without_teardown(tmp_path):
+    """The gloo group was destroyed with the GIL held while a worker thread waited for the GIL
+    under the group's lock (`mpl-fast eval` under torchrun hung), or its threads met interpreter
+    exit (SIGABRT now and then after train, eval and logits). Now the group's object lives until
+    the process ends, and end_process ends it without the interpreter's teardown, output kept."""
     script = tmp_path / "group.py"
     script.write_text(SCRIPT)
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered stdout
+    env.update(OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     done = _run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", str(script)], env)
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert [line.split(" threads ")[0] for line in lines] == ["rank 0 total 2", "rank 1 total 2"]
-    for line in lines:
-        threads = line.split(" threads ")[1].split(",")
-        assert not [t for t in threads if "gloo" in t], line
+    # the tcp loop and the two workers of the group, still there after shutdown
+    assert lines == ["rank 0 total 2 gloo threads 3", "rank 1 total 2 gloo threads 3"], \
+        done.stdout
+    assert "interpreter teardown" not in done.stdout
+
+
+def test_a_command_ends_through_end_process_only_where_it_started_a_group(monkeypatch, capsys):
+    from mpl_fast import cli
+    from mpl_fast.train import distributed
+
+    ended = []
+    monkeypatch.setattr(distributed, "end_process", ended.append)
+    bad = ["logits", "--checkpoint", "x", "--out", "y", "--batch-size", "0"]  # a one-line error, status 2
+    assert cli.main(bad) == 2 and ended == []
+    monkeypatch.setattr(distributed, "_started", [object()])
+    cli.main(bad)
+    assert ended == [2]
+    assert capsys.readouterr().err.count("--batch-size must be >= 1") == 2

@@ -487,7 +487,9 @@ def test_resume_under_torchrun_without_the_checkpoint_says_where_it_must_be(tmp_
              for d in done]
     assert done[0].returncode == 2 and done[1].returncode != 0
     assert lines[0] == [f"mpl-fast: error: --resume: no checkpoint at {tmp_path}/empty/last.pt"]
-    assert len(lines[1]) == 2 and all(
+    # each process finds no checkpoint; torchrun stops the other once one has ended, which may
+    # be before it has said so
+    assert len(lines[1]) in (1, 2) and all(
         "put the run folder on a filesystem all nodes share" in ln for ln in lines[1]), lines
     assert list((tmp_path / "empty").iterdir()) == []
 

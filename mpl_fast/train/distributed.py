@@ -1,7 +1,7 @@
 """Data parallelism through torch.distributed: launched by torchrun (which sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), NCCL on GPUs, gloo on CPUs."""
-import importlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +55,16 @@ class Context:
         return self.sum(t) / self.world if self.enabled else t
 
 
+# The process group this process started, kept from destruction until the process ends. A gloo
+# worker thread drops a finished collective's tensors under the group's lock, and a tensor Python
+# also holds needs the GIL for that; so the group's destructor, run with the GIL held (by the
+# last reference to it going, e.g. DDP's reducer), could wait on that lock forever (seen: `eval`
+# under torchrun hung so), and a worker still dropping one at interpreter exit aborted the
+# process ("terminate called without an active exception", SIGABRT; seen now and then after
+# train, eval and logits had done their work).
+_started = []
+
+
 def init(device_type: str) -> Context:
     """The run's place among torchrun's processes (one process: Context()). ValueError where a
     process would have no GPU of its own: more processes on this node than it shows GPUs (CUDA's
@@ -69,17 +79,26 @@ def init(device_type: str) -> Context:
                          f"(torchrun --nproc_per_node={gpus} at most, or check "
                          "CUDA_VISIBLE_DEVICES)")
     if not dist.is_initialized():
-        # torch._dynamo imported after init_process_group (DDP's constructor imports it) keeps a
-        # gloo group alive past destroy_process_group (torch 2.13): its threads ran on into
-        # interpreter exit, where one of them now and then aborted the process ("terminate called
-        # without an active exception", SIGABRT) after the command had done its work. Imported
-        # first, the group and its threads go with shutdown().
-        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        _started.append(dist.group.WORLD)
     return Context(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shutdown():
-    """Destroy the process group, before the interpreter exits (see init)."""
+    """Destroy the process group (NCCL's communicators are closed cleanly); its object lives on
+    until end_process."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def started() -> bool:
+    """Whether this process started a process group (see end_process)."""
+    return bool(_started)
+
+
+def end_process(code: int):
+    """End a process that started a process group: stdout and stderr flushed, then os._exit
+    without the interpreter's teardown (see _started), once the command's files are closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
