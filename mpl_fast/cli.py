@@ -4,6 +4,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 
 from mpl_fast import __version__
 from mpl_fast.train.stop_signal import Stopped
@@ -353,9 +354,16 @@ def build_parser():
 
 
 def main(argv=None):
-    code = _command(argv)
-    # a torchrun process ends here, the work done, without the interpreter's teardown:
-    # mpl_fast.train.distributed.end_process says why
+    # a torchrun process ends here, without the interpreter's teardown
+    # (mpl_fast.train.distributed.end_process says why), its traceback first if it failed
+    try:
+        code = _command(argv)
+    except BaseException:
+        distributed = sys.modules.get("mpl_fast.train.distributed")
+        if distributed is not None and distributed.started():
+            traceback.print_exc()
+            distributed.end_process(1)
+        raise
     distributed = sys.modules.get("mpl_fast.train.distributed")
     if distributed is not None and distributed.started():
         distributed.end_process(code)

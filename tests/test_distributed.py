@@ -67,3 +67,23 @@ def test_a_command_ends_through_end_process_only_where_it_started_a_group(monkey
     cli.main(bad)
     assert ended == [2]
     assert capsys.readouterr().err.count("--batch-size must be >= 1") == 2
+
+
+def test_a_command_that_fails_under_torchrun_shows_its_traceback_then_ends(monkeypatch, capsys):
+    """A bug's traceback, then end_process(1): not the interpreter's teardown, where the group's
+    threads could abort the process after it."""
+    from mpl_fast import cli
+    from mpl_fast.train import distributed
+
+    def fails(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_logits", fails)
+    monkeypatch.setattr(distributed, "_started", [object()])
+    ended = []
+    monkeypatch.setattr(distributed, "end_process", ended.append)  # returns: the error goes on
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["logits", "--checkpoint", "x", "--out", "y"])
+    assert ended == [1]
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.rstrip().endswith("RuntimeError: a bug")
