@@ -61,7 +61,8 @@ def test_a_command_ends_through_end_process_only_where_it_started_a_group(monkey
 
     ended = []
     monkeypatch.setattr(distributed, "end_process", ended.append)
-    bad = ["logits", "--checkpoint", "x", "--out", "y", "--batch-size", "0"]  # a one-line error, status 2
+    # a one-line error, status 2
+    bad = ["logits", "--checkpoint", "x", "--out", "y", "--batch-size", "0"]
     assert cli.main(bad) == 2 and ended == []
     monkeypatch.setattr(distributed, "_started", [object()])
     cli.main(bad)
