@@ -354,20 +354,24 @@ def build_parser():
 
 
 def main(argv=None):
-    # a torchrun process ends here, without the interpreter's teardown
-    # (mpl_fast.train.distributed.end_process says why), its traceback first if it failed
     try:
         code = _command(argv)
     except BaseException:
-        distributed = sys.modules.get("mpl_fast.train.distributed")
-        if distributed is not None and distributed.started():
-            traceback.print_exc()
-            distributed.end_process(1)
+        _end_torchrun_process(1, failed=True)
         raise
+    _end_torchrun_process(code)
+    return code
+
+
+def _end_torchrun_process(code, failed=False):
+    """A process that started a process group (under torchrun) ends here, without the
+    interpreter's teardown (mpl_fast.train.distributed.end_process says why), its traceback
+    first if it failed; any other returns."""
     distributed = sys.modules.get("mpl_fast.train.distributed")
     if distributed is not None and distributed.started():
+        if failed:
+            traceback.print_exc()
         distributed.end_process(code)
-    return code
 
 
 def _command(argv):

@@ -11,8 +11,8 @@ The unlabeled batch may come from several pipelines at once (`unlabeled_pipeline
 its share of the rows from its own shard of the data: RandAugment routes every sample through
 conditional splits and merges (one branch an operation), and DALI pays those per sample in one
 thread of a pipeline's executor whatever num_threads is (on a CPU, 16 if/else around an identity
-cost about 1 µs a sample each, no less with more threads: benchmarks/dali_conditionals.py), so pipelines side by side are what
-spreads that work over cores.
+cost about 1 µs a sample each, no less with more threads: benchmarks/dali_conditionals.py), so
+pipelines side by side are what spreads that work over cores.
 
 Resume position: DALI readers cannot seek, so on resume the pipelines restart with seeds derived
 from (seed, step): the run continues with fresh, deterministic data order and augmentation, not
