@@ -10,8 +10,8 @@ for 15360 rows of 1000 classes).
 import triton
 import triton.language as tl
 
-from mpl_fast.kernels.softmax_common import (FP_FUSION, aligned, persistent_programs,
-                                             row_alignment, tile_for)
+from mpl_fast.kernels.softmax_common import (FP_FUSION, aligned, interpreter_quiet,
+                                             persistent_programs, row_alignment, tile_for)
 
 PROGRAMS_PER_SM = 4
 
@@ -59,8 +59,9 @@ def scale_rows_forward(grad, scale, max_programs=None):
     tiles = triton.cdiv(n, tile.rows)
     if max_programs is None:
         max_programs = persistent_programs(grad.device, PROGRAMS_PER_SM)
-    _scale_rows_kernel[(min(tiles, max_programs),)](
-        grad, grad.stride(0), scale, scale.stride(0) if scale.dim() else 0, n, c, tiles,
-        ROWS=tile.rows, BLOCK=tile.block, PER_ROW=scale.dim() > 0,
-        ALIGN=row_alignment(c, grad.stride(0)), num_warps=tile.num_warps,
-        enable_fp_fusion=FP_FUSION)
+    with interpreter_quiet():
+        _scale_rows_kernel[(min(tiles, max_programs),)](
+            grad, grad.stride(0), scale, scale.stride(0) if scale.dim() else 0, n, c, tiles,
+            ROWS=tile.rows, BLOCK=tile.block, PER_ROW=scale.dim() > 0,
+            ALIGN=row_alignment(c, grad.stride(0)), num_warps=tile.num_warps,
+            enable_fp_fusion=FP_FUSION)

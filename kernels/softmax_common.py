@@ -156,7 +156,9 @@ def sum_sum_sum(a0, b0, c0, a1, b1, c1):
 
 
 # (the interpreter folds these one element at a time in Python: see interpreter_reductions)
-if os.environ.get("TRITON_INTERPRET") == "1":
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton at import, likewise
+
+if INTERPRETING:
     from mpl_fast.kernels.interpreter_reductions import install as _install
 
     _install({max_max: ("max", "max"), max_sum: ("max", "sum"), max_sum_sum: ("max", "sum", "sum"),
@@ -379,6 +381,18 @@ def launch_options(tile: Tile) -> dict:
     return options
 
 
+def interpreter_quiet():
+    """Where Triton's interpreter runs a launch (numpy arrays for the kernel's blocks): no
+    RuntimeWarning for the lanes a mask or a tl.where drops, which log, divide or multiply 0 and
+    -inf before being dropped (the values are right; a user's interpreted call printed a dozen
+    warnings). numpy's error state is the launching thread's own and restored after it."""
+    if not INTERPRETING:
+        return contextlib.nullcontext()
+    import numpy as np
+
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+
+
 # (kernel, device, its compile-time arguments) -> programs of the compiled variant an SM holds
 _resident = {}
 
@@ -390,7 +404,8 @@ def launch(kernel, tile: Tile, n: int, device, *args, **constexprs) -> None:
     captured after warm-up steps gets the sized grid."""
     options = launch_options(tile)
     if tile.row_stages == 1 or device.type != "cuda":
-        kernel[grid(tile, n, device)](*args, **constexprs, **options)
+        with interpreter_quiet():
+            kernel[grid(tile, n, device)](*args, **constexprs, **options)
         return
     key = (kernel, device.index, tuple(constexprs.values()), tuple(options.values()),
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))

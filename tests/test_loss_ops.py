@@ -1115,3 +1115,37 @@ def test_large_logits_lose_no_more_precision_than_torch(use, backend, device, dt
         _no_worse_than_torch(loss.detach().cpu()[row], own.detach()[row], truth.detach()[row],
                              dtype)
     _no_worse_than_torch(sg.grad.cpu(), st.grad, s64.grad, dtype, extra)
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-lanes"])
+@pytest.mark.parametrize("c", [9, 5000])
+def test_interpreted_kernels_warn_nothing(use, backend, c):
+    """Under Triton's interpreter the lanes a mask drops log, divide and multiply 0 and -inf in
+    numpy: with -inf logits, masked rows and a backward that scales, no RuntimeWarning reaches
+    the caller (softmax_common.interpreter_quiet), and the values stay right."""
+    import warnings
+
+    use(backend)
+    x = _logits(6, c, torch.float32, "cpu", 17)
+    x[:, 0] = -float("inf")
+    x[2, 3:] = -float("inf")
+    y = torch.tensor([1, 2, 1, 4, 5, 6])
+    probs = torch.softmax(_logits(6, c, torch.float32, "cpu", 18), 1)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = ops.pseudo_labels(x, temperature=0.5, threshold=0.6)
+        xg = x.clone().requires_grad_()
+        hard = ops.soft_cross_entropy(xg, y, mask=mask)
+        soft = ops.soft_cross_entropy(xg, probs * torch.isfinite(x), reduction="sum")
+        uda, _ = ops.uda_loss(x, xg, temperature=0.4, threshold=0.5)
+        (2 * hard + 3 * soft + uda).backward()  # the backward's scale_rows runs (not by 1)
+    x64 = x.double().requires_grad_()
+    p64 = probs.double() * torch.isfinite(x)
+    want = (2 * (loss_truth.soft_ce_rows(x64, y) * mask).mean()
+            + 3 * loss_truth.soft_ce_rows(x64, p64).sum()
+            + loss_truth.uda_rows(x.double(), x64, 0.4, 0.5)[0].mean())
+    want.backward()
+    assert torch.equal(labels.labels, x.argmax(1))
+    assert torch.allclose(xg.grad.double(), x64.grad, atol=1e-5)
+    assert torch.allclose((2 * hard + 3 * soft + uda).double(), want, atol=1e-4)
