@@ -9,10 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# pyproject.toml's license is an SPDX string (PEP 639): older setuptools reject it with a
+# schema error, newer ones deprecate the table form it replaced (an error from 2027-02-18)
+MIN_SETUPTOOLS = 77
+
+
+def _check_setuptools(version: str) -> None:
+    if int(version.split(".")[0]) < MIN_SETUPTOOLS:
+        sys.exit(f"mpl-fast build needs setuptools>={MIN_SETUPTOOLS}, found {version}: "
+                 f"pip install 'setuptools>={MIN_SETUPTOOLS}', then install mpl-fast again")
 
 
 def _nvcc():
@@ -61,7 +71,9 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
 
 
-setup(
-    ext_modules=[CMakeExtension("mpl_fast._C")],
-    cmdclass={"build_ext": CMakeBuild},
-)
+if __name__ == "__main__":  # (as setuptools' build backend runs it; a test imports it)
+    _check_setuptools(setuptools.__version__)
+    setup(
+        ext_modules=[CMakeExtension("mpl_fast._C")],
+        cmdclass={"build_ext": CMakeBuild},
+    )

@@ -6,7 +6,8 @@
 #
 #   here (with network):  bash benchmarks/gpu_sitting.sh prepare
 #       downloads pure wheels the GPU machine lacks (pyyaml, matplotlib and its deps, for its
-#       Python 3.12) into .whl/ (ignored; carry it: carry [".whl"]). For DALI also run
+#       Python 3.12; a setuptools the build installs only if the machine's is older than
+#       setup.py needs) into .whl/ (ignored; carry it: carry [".whl"]). For DALI also run
 #       `bash ../shared/device/dali-wheels.sh` (.dali/p1 .. p5 and install.sh, ~60 MB each).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
 #       STAGE: build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial
@@ -40,10 +41,21 @@ prepare() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
+  # setup.py stops on a setuptools older than it needs (pyproject's SPDX license): one to
+  # install there if the machine's is older (stage_build)
+  python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "setuptools>=$MIN_SETUPTOOLS"
   du -sh .whl
 }
 
+export MIN_SETUPTOOLS=77  # setup.py's; exported: each stage runs in a shell of its own
+
 stage_build() {
+  local major="import setuptools as s, sys; major = int(s.__version__.split('.')[0])"
+  if ! python3 -c "$major; sys.exit(major < $MIN_SETUPTOOLS)"; then
+    echo "the machine's setuptools is older than $MIN_SETUPTOOLS: the one in .whl goes first"
+    python3 -m pip install -q --no-deps --no-index --find-links .whl --target /tmp/sitting-site \
+      "setuptools>=$MIN_SETUPTOOLS" || return 1
+  fi
   python3 -m pip install --no-build-isolation --no-deps --no-index -e . || return 1
   python3 -c "import mpl_fast.ops._extension as e; assert e.cuda_built(), 'no CUDA'; print('extension built with CUDA')" &&
     return 0

@@ -2,6 +2,7 @@
 through the Triton interpreter mean nothing; the figures come from GPU runs)."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,47 @@ def test_gpu_sitting_unpacks_carried_cifar10_once_for_later_calls(tmp_path):
     done = subprocess.run(["bash", str(script), "run", "gather"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0 and "CIFAR-10 here" in done.stdout, done.stderr
+
+
+def test_gpu_sitting_build_brings_its_own_setuptools_where_the_machines_is_too_old(tmp_path):
+    """setup.py stops on a setuptools older than its MIN_SETUPTOOLS: the build stage installs
+    the one `prepare` carried in .whl onto the sitting's path first where the machine's is
+    older, and leaves the machine's alone where it is not; the script's minimum is setup.py's."""
+    import runpy
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    minimum = runpy.run_path(str(root / "setup.py"), run_name="setup_under_test")["MIN_SETUPTOOLS"]
+    script = _sitting_script(tmp_path)
+    assert f"export MIN_SETUPTOOLS={minimum} " in script.read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    # a python3 whose setuptools is FAKE_SITE's (the version check runs for real) and that logs
+    # each pip call
+    (bin_dir / "python3").write_text(
+        '#!/bin/bash\n'
+        'if [ "$1" = -c ] && [[ "$2" == *setuptools* ]]; then\n'
+        f'  PYTHONPATH="$FAKE_SITE" exec {sys.executable} "$@"; fi\n'
+        '[ "$1" = -m ] && echo "$*" >> "$CALLS"\nexit 0\n')
+    (bin_dir / "python3").chmod(0o755)
+    for version, brought in ((f"{minimum - 2}.8.0", True), (f"{minimum}.0.3", False),
+                             (f"{minimum + 7}.2.1", False)):
+        site = tmp_path / version / "setuptools"
+        site.mkdir(parents=True)
+        (site / "__init__.py").write_text(f"__version__ = {version!r}\n")
+        log.write_text("")
+        env = _sitting_env(tmp_path, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                           FAKE_SITE=str(site.parent), CALLS=str(log))
+        done = subprocess.run(["bash", str(script), "run", "build"], capture_output=True,
+                              text=True, env=env)
+        assert "stage build: rc=0" in done.stdout, done.stdout + done.stderr
+        calls = log.read_text().splitlines()
+        assert calls[-1].startswith("-m pip install --no-build-isolation") and calls[-1].endswith(
+            "-e ."), calls
+        want = [f"-m pip install -q --no-deps --no-index --find-links .whl --target "
+                f"/tmp/sitting-site setuptools>={minimum}"] if brought else []
+        assert calls[:-1] == want, (version, calls)
 
 
 def test_gpu_sitting_spreads_the_gpu_tests_over_workers_when_xdist_is_carried(tmp_path):
