@@ -281,6 +281,15 @@ def _sitting_env(tmp_path, **extra):
             "SITTING_TRITON_CACHE": str(tmp_path / "triton"), **extra}
 
 
+def _fake_python3(tmp_path, body):
+    """A folder holding an executable `python3` of that bash body, to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text("#!/bin/bash\n" + body)
+    (bin_dir / "python3").chmod(0o755)
+    return bin_dir
+
+
 def test_gpu_sitting_sweeps_only_tiles_the_benchmark_takes():
     """A tile the benchmark refuses would end the sitting's sweep call at its first launch, device
     time spent for nothing: every `--tiles` spec in the script parses, and is written the way
@@ -350,17 +359,13 @@ def test_gpu_sitting_build_brings_its_own_setuptools_where_the_machines_is_too_o
     minimum = runpy.run_path(str(root / "setup.py"), run_name="setup_under_test")["MIN_SETUPTOOLS"]
     script = _sitting_script(tmp_path)
     assert f"export MIN_SETUPTOOLS={minimum} " in script.read_text()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     log = tmp_path / "calls"
     # a python3 whose setuptools is FAKE_SITE's (the version check runs for real) and that logs
     # each pip call
-    (bin_dir / "python3").write_text(
-        '#!/bin/bash\n'
-        'if [ "$1" = -c ] && [[ "$2" == *setuptools* ]]; then\n'
-        f'  PYTHONPATH="$FAKE_SITE" exec {sys.executable} "$@"; fi\n'
-        '[ "$1" = -m ] && echo "$*" >> "$CALLS"\nexit 0\n')
-    (bin_dir / "python3").chmod(0o755)
+    bin_dir = _fake_python3(tmp_path,
+                            'if [ "$1" = -c ] && [[ "$2" == *setuptools* ]]; then\n'
+                            f'  PYTHONPATH="$FAKE_SITE" exec {sys.executable} "$@"; fi\n'
+                            '[ "$1" = -m ] && echo "$*" >> "$CALLS"\nexit 0\n')
     for version, brought in ((f"{minimum - 2}.8.0", True), (f"{minimum}.0.3", False),
                              (f"{minimum + 7}.2.1", False)):
         site = tmp_path / version / "setuptools"
@@ -386,15 +391,12 @@ def test_gpu_sitting_spreads_the_gpu_tests_over_workers_when_xdist_is_carried(tm
     import subprocess
 
     script = _sitting_script(tmp_path)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     log = tmp_path / "pytest_args"
     # a python3 that has xdist or not (FAKE_XDIST) and logs how pytest was called
-    (bin_dir / "python3").write_text(
-        '#!/bin/bash\n'
+    bin_dir = _fake_python3(
+        tmp_path,
         'if [ "$1" = -c ]; then [[ "$2" == *xdist* ]] && exit $((1 - FAKE_XDIST)); exit 0; fi\n'
         'echo "$*" > "$ARGS_LOG"\necho "= 1 passed in 0.01s ="\n')
-    (bin_dir / "python3").chmod(0o755)
     for xdist, workers, want in ((1, None, ["-n", "8"]), (1, "4", ["-n", "4"]), (1, "1", None),
                                  (0, None, None)):
         env = _sitting_env(tmp_path, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -440,13 +442,11 @@ def test_gpu_sitting_carries_compiled_kernels_from_one_sitting_to_the_next(tmp_p
     (inductor / "cache").mkdir(parents=True)
     (inductor / "cache" / "timings").write_text("autotune")
     # the tests stage "compiles" one new kernel of NEW_BYTES (a python3 standing in for pytest)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text(
-        '#!/bin/bash\nif [ "$1" = -c ]; then exit 1; fi\n'
+    bin_dir = _fake_python3(
+        tmp_path,
+        'if [ "$1" = -c ]; then exit 1; fi\n'
         'd="$TRITON_CACHE_DIR/new$RANDOM$RANDOM"; mkdir -p "$d"; head -c "$NEW_BYTES" '
         '/dev/urandom > "$d/k.cubin"\necho "= 1 passed in 0.01s ="\n')
-    (bin_dir / "python3").chmod(0o755)
     out, runs = tmp_path / "out", tmp_path / "runs"
 
     def sitting(stage, **extra):
