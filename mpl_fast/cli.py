@@ -356,6 +356,9 @@ def build_parser():
 def main(argv=None):
     try:
         code = _command(argv)
+    except SystemExit as exit_:  # e.g. a parser's error after the group started: its own status
+        _end_torchrun_process(_exit_status(exit_))
+        raise
     except BaseException:
         _end_torchrun_process(1, failed=True)
         raise
@@ -363,15 +366,28 @@ def main(argv=None):
     return code
 
 
+def _exit_status(exit_):
+    """The status the interpreter would end with for this SystemExit (a message: printed, 1)."""
+    if exit_.code is None or isinstance(exit_.code, int):
+        return exit_.code or 0
+    if _torchrun_group_started():  # end_process skips the interpreter, which would print it
+        print(exit_.code, file=sys.stderr)
+    return 1
+
+
+def _torchrun_group_started():
+    distributed = sys.modules.get("mpl_fast.train.distributed")
+    return distributed is not None and distributed.started()
+
+
 def _end_torchrun_process(code, failed=False):
     """A process that started a process group (under torchrun) ends here, without the
     interpreter's teardown (mpl_fast.train.distributed.end_process says why), its traceback
     first if it failed; any other returns."""
-    distributed = sys.modules.get("mpl_fast.train.distributed")
-    if distributed is not None and distributed.started():
+    if _torchrun_group_started():
         if failed:
             traceback.print_exc()
-        distributed.end_process(code)
+        sys.modules["mpl_fast.train.distributed"].end_process(code)
 
 
 def _command(argv):

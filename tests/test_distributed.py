@@ -90,3 +90,38 @@ def test_a_command_that_fails_under_torchrun_shows_its_traceback_then_ends(monke
     assert ended == [1]
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.rstrip().endswith("RuntimeError: a bug")
+
+
+@pytest.mark.parametrize("status, code, message", [(None, 0, ""), (3, 3, ""),
+                                                   ("no data", 1, "no data\n")])
+def test_a_command_that_exits_under_torchrun_ends_with_its_own_status(
+        monkeypatch, capsys, status, code, message):
+    """A SystemExit after the group started (a parser's error, sys.exit) keeps its status, and
+    its message, which the skipped interpreter teardown would have printed, is printed."""
+    from mpl_fast import cli
+    from mpl_fast.train import distributed
+
+    def exits(args):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli, "_logits", exits)
+    monkeypatch.setattr(distributed, "_started", [object()])
+    ended = []
+    monkeypatch.setattr(distributed, "end_process", ended.append)
+    with pytest.raises(SystemExit):
+        cli.main(["logits", "--checkpoint", "x", "--out", "y"])
+    assert ended == [code]
+    assert capsys.readouterr().err == message
+
+
+def test_a_command_that_exits_without_a_group_leaves_its_message_to_the_interpreter(
+        monkeypatch, capsys):
+    from mpl_fast import cli
+
+    def exits(args):
+        raise SystemExit("no data")
+
+    monkeypatch.setattr(cli, "_logits", exits)
+    with pytest.raises(SystemExit, match="no data"):
+        cli.main(["logits", "--checkpoint", "x", "--out", "y"])
+    assert capsys.readouterr().err == ""  # printed once, by the interpreter, not here too
