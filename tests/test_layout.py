@@ -1,0 +1,90 @@
+"""The layout's one rule (DESIGN.md): data flows cli -> train -> (data, models, mpl) -> ops ->
+(kernels, csrc), and nothing below imports anything above it; read from the sources' imports,
+those inside functions included."""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a package's height in the flow; mpl_fast itself (its __version__) and progress (the progress
+# line, a leaf that imports nothing of ours) may be imported from anywhere
+HEIGHT = {"cli": 4, "train": 3, "data": 2, "models": 2, "mpl": 2, "ops": 1, "_C": 0,
+          "kernels": 0}
+ANYWHERE = {"", "progress", "__version__"}
+
+
+def _layer(module):
+    """The layer a dotted module name of ours belongs to, or None for anything else."""
+    parts = module.split(".")
+    if parts[0] == "kernels":
+        return "kernels"
+    if parts[0] != "mpl_fast":
+        return None
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _module_name(path):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path):
+    """Every module of ours a source file imports, as dotted names (`from a import b` gives a.b
+    too, which is a module when b is one)."""
+    name = _module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the file's package
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            found += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return [module for module in found if _layer(module) is not None]
+
+
+def upward_imports(path):
+    here = _layer(_module_name(path))
+    return [module for module in imported_modules(path)
+            if _layer(module) not in ANYWHERE and here not in ANYWHERE | {_layer(module)}
+            and HEIGHT[_layer(module)] > HEIGHT[here]]
+
+
+SOURCES = sorted([*ROOT.joinpath("mpl_fast").rglob("*.py"),
+                  *ROOT.joinpath("kernels").rglob("*.py")])
+
+
+def test_every_package_of_ours_has_a_place_in_the_flow():
+    layers = {_layer(_module_name(path)) for path in SOURCES}
+    assert layers - ANYWHERE == set(HEIGHT) - {"_C"}
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_imports_a_layer_above_its_own(path):
+    assert upward_imports(path) == []
+
+
+def test_progress_is_a_leaf():
+    assert imported_modules(ROOT / "mpl_fast" / "progress.py") == []
+
+
+def test_an_upward_import_is_found_wherever_it_is_written(tmp_path, monkeypatch):
+    """The rule's reader finds absolute, relative and function-local imports of a higher layer."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    ops = tmp_path / "mpl_fast" / "ops"
+    ops.mkdir(parents=True)
+    cases = {"from mpl_fast.train import loop": ["mpl_fast.train"],
+             "from ..mpl import step": ["mpl_fast.mpl"],
+             "def f():\n    import mpl_fast.cli": ["mpl_fast.cli"],
+             "from .. import data": ["mpl_fast.data"],
+             "from mpl_fast import __version__, progress\nimport kernels.uda_loss": []}
+    for source, expected in cases.items():
+        path = ops / "x.py"
+        path.write_text(source + "\n")
+        found = {".".join(m.split(".")[:2]) for m in upward_imports(path)}
+        assert found == set(expected), source
