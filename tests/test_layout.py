@@ -88,3 +88,39 @@ def test_an_upward_import_is_found_wherever_it_is_written(tmp_path, monkeypatch)
         path.write_text(source + "\n")
         found = {".".join(m.split(".")[:2]) for m in upward_imports(path)}
         assert found == set(expected), source
+
+
+TORCH_HEADERS = ("torch/", "ATen/", "c10/", "pybind11/", "Python.h")
+
+
+def included_headers(path, seen=None):
+    """Every header a C++/CUDA file includes, through the project's own headers beside it."""
+    seen = set() if seen is None else seen
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#include"):
+            continue
+        name = stripped.split(None, 1)[1].strip('<>"')
+        if name not in seen:
+            seen.add(name)
+            local = path.parent / name
+            if local.is_file():
+                included_headers(local, seen)
+    return seen
+
+
+CUDA_SOURCES = sorted(ROOT.joinpath("csrc").glob("*.cu"))
+
+
+@pytest.mark.parametrize("path", CUDA_SOURCES, ids=lambda p: p.name)
+def test_a_cu_file_includes_no_torch_header(path):
+    """.cu files stay free of torch's headers (DESIGN.md), so nvcc compiles them fast; the .cpp
+    glue beside them talks to torch."""
+    assert not [h for h in included_headers(path) if h.startswith(TORCH_HEADERS)]
+
+
+def test_the_header_reader_follows_local_headers(tmp_path):
+    (tmp_path / "a.h").write_text("#pragma once\n#include <ATen/ATen.h>\n")
+    (tmp_path / "k.cu").write_text('#include <vector>\n  #include "a.h"\n')
+    assert included_headers(tmp_path / "k.cu") == {"vector", "a.h", "ATen/ATen.h"}
+    assert CUDA_SOURCES  # the rule has something to hold
