@@ -124,3 +124,29 @@ def test_the_header_reader_follows_local_headers(tmp_path):
     (tmp_path / "k.cu").write_text('#include <vector>\n  #include "a.h"\n')
     assert included_headers(tmp_path / "k.cu") == {"vector", "a.h", "ATen/ATen.h"}
     assert CUDA_SOURCES  # the rule has something to hold
+
+
+def _registered_ops(path):
+    """The mpl_fast:: names a source registers with torch.library.custom_op."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "custom_op"
+                and node.args and isinstance(node.args[0], ast.Constant)):
+            names.append(node.args[0].value)
+    return names
+
+
+OP_FILES = [path for path in sorted(ROOT.joinpath("mpl_fast", "ops").glob("*.py"))
+            if _registered_ops(path)]
+
+
+@pytest.mark.parametrize("path", OP_FILES, ids=lambda p: p.name)
+def test_an_op_file_holds_one_op_of_its_name_and_its_kernel_sits_under_that_name(path):
+    """DESIGN.md: one file in mpl_fast/ops/ an op; its Triton kernel in kernels/, same name."""
+    assert _registered_ops(path) == [f"mpl_fast::{path.stem}"]
+    assert (ROOT / "kernels" / path.name).is_file()
+    assert f"kernels.{path.stem}" in {".".join(m.split(".")[-2:]) for m in imported_modules(path)}
+
+
+def test_the_three_loss_ops_are_found():
+    assert {p.stem for p in OP_FILES} >= {"pseudo_labels", "soft_cross_entropy", "uda_loss"}
