@@ -150,3 +150,39 @@ def test_an_op_file_holds_one_op_of_its_name_and_its_kernel_sits_under_that_name
 
 def test_the_three_loss_ops_are_found():
     assert {p.stem for p in OP_FILES} >= {"pseudo_labels", "soft_cross_entropy", "uda_loss"}
+
+
+IO_MODULES = {"argparse", "logging", "json", "yaml", "pathlib", "os", "sys", "shutil", "pickle",
+              "tqdm", "rich", "torch.utils.tensorboard"}
+IO_CALLS = {"print", "open", "input"}
+
+
+def io_used(path):
+    """What of I/O, logging and argument parsing a source uses: modules imported, calls made."""
+    used = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            used |= {a.name for a in node.names if a.name in IO_MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module in IO_MODULES:
+            used.add(node.module)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in IO_CALLS):
+            used.add(f"{node.func.id}()")
+        elif (isinstance(node, ast.Attribute) and node.attr in {"save", "load"}
+              and isinstance(node.value, ast.Name) and node.value.id == "torch"):
+            used.add(f"torch.{node.attr}")
+    return used
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.joinpath("mpl_fast", "mpl").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_the_algorithm_does_no_io_logging_or_argument_parsing(path):
+    """DESIGN.md: mpl_fast/mpl is plain objects a user drives from their own loop."""
+    assert io_used(path) == set()
+
+
+def test_the_io_reader_finds_what_it_looks_for(tmp_path):
+    path = tmp_path / "x.py"
+    path.write_text("import logging\nfrom pathlib import Path\nimport torch\n"
+                    "def f(x):\n    print(x)\n    torch.save(x, 'f')\n    return open('f')\n")
+    assert io_used(path) == {"logging", "pathlib", "print()", "torch.save", "open()"}
