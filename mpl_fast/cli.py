@@ -370,24 +370,26 @@ def _exit_status(exit_):
     """The status the interpreter would end with for this SystemExit (a message: printed, 1)."""
     if exit_.code is None or isinstance(exit_.code, int):
         return exit_.code or 0
-    if _torchrun_group_started():  # end_process skips the interpreter, which would print it
+    if _torchrun_group() is not None:  # end_process skips the interpreter, which would print it
         print(exit_.code, file=sys.stderr)
     return 1
 
 
-def _torchrun_group_started():
+def _torchrun_group():
+    """mpl_fast.train.distributed where this process started a process group, else None."""
     distributed = sys.modules.get("mpl_fast.train.distributed")
-    return distributed is not None and distributed.started()
+    return distributed if distributed is not None and distributed.started() else None
 
 
 def _end_torchrun_process(code, failed=False):
     """A process that started a process group (under torchrun) ends here, without the
     interpreter's teardown (mpl_fast.train.distributed.end_process says why), its traceback
     first if it failed; any other returns."""
-    if _torchrun_group_started():
+    distributed = _torchrun_group()
+    if distributed is not None:
         if failed:
             traceback.print_exc()
-        sys.modules["mpl_fast.train.distributed"].end_process(code)
+        distributed.end_process(code)
 
 
 def _command(argv):
