@@ -1,6 +1,7 @@
-"""The layout's one rule (DESIGN.md): data flows cli -> train -> (data, models, mpl) -> ops ->
-(kernels, csrc), and nothing below imports anything above it; read from the sources' imports,
-those inside functions included."""
+"""The layout's rules (DESIGN.md), read from the sources: data flows cli -> train -> (data,
+models, mpl) -> ops -> (kernels, csrc) and nothing below imports anything above it (imports
+inside functions included); .cu files include no torch header; each loss op's file and kernel
+share its name; the algorithm package does no I/O, logging or argument parsing."""
 import ast
 import sys
 from pathlib import Path
