@@ -16,13 +16,13 @@ One JSON line is appended to OUT/bn_recalibration.jsonl with the checkpoint, its
 versions and date.
 """
 import argparse
-import copy
 import sys
 from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import update_bn
 
+from mpl_fast.models.compiling import eager_copy
 from mpl_fast.progress import ProgressLines
 
 VIEWS = ("labeled", "weak", "strong")
@@ -30,8 +30,9 @@ VIEWS = ("labeled", "weak", "strong")
 
 def recomputed(model, batches, autocast_dtype=None):
     """A copy of model, in evaluation mode, whose BatchNorm running statistics are the average
-    over `batches` (input tensors) of their batch statistics; model itself is left as it was."""
-    copied = copy.deepcopy(model)
+    over `batches` (input tensors) of their batch statistics; model itself is left as it was
+    (one compiled in place too: the copy runs eagerly)."""
+    copied = eager_copy(model)
     device = next(copied.parameters()).device
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
@@ -83,7 +84,9 @@ def main(argv=None):
     from mpl_fast.train.run_log import append_jsonl, where_it_ran
 
     try:
-        run, state, path = run_from_checkpoint(args.checkpoint, args.set)
+        # tested eagerly (a GPU run's model.compile would only add compiling here), unless --set
+        # says otherwise
+        run, state, path = run_from_checkpoint(args.checkpoint, ["model.compile=none", *args.set])
         if "ema" not in state:
             raise TrainError(f"{path} holds the finetuned student alone: a last.pt or best.pt "
                              f"of a run")

@@ -90,6 +90,23 @@ def test_each_view_is_the_stream_s_own_in_its_order(tmp_path):
             assert torch.equal(views[view][i], x), (view, i)
 
 
+def test_a_run_compiled_in_training_is_recomputed_as_its_eager_twin(tmp_path):
+    """GPU runs compile their networks in place (model.compile): a copy of such a network would
+    still run the original's compiled forward, so nothing would be recomputed."""
+    from mpl_fast.train import checkpoint
+
+    train(cfg.load("digits", TINY), tmp_path / "mpl")
+    assert main([str(tmp_path / "mpl"), "--batches", "2", "--out", str(tmp_path / "eager")]) == 0
+    state = checkpoint.load(tmp_path / "mpl" / "last.pt")
+    state["config"]["model"]["compile"] = "default"
+    checkpoint.save(state, tmp_path / "mpl" / "last.pt")
+    assert main([str(tmp_path / "mpl"), "--batches", "2", "--out", str(tmp_path / "compiled")]) == 0
+    eager, compiled = ([json.loads(line) for line in (tmp_path / out / "bn_recalibration.jsonl")
+                        .read_text().splitlines()][0]["top1"] for out in ("eager", "compiled"))
+    assert compiled == eager
+    assert any(v != row["saved"] for row in eager.values() for v in row.values())
+
+
 def test_a_supervised_run_is_recomputed_on_its_labeled_view_alone(tmp_path, capsys):
     # the last of two settings of a key holds: finetuning here, for a finetuned.pt
     train(cfg.load("digits_supervised", TINY + ["train.finetune_steps=2"]), tmp_path / "sup")

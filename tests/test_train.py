@@ -163,6 +163,18 @@ def test_ema_decay_schedule_and_buffers():
     assert int(ema.module[1].num_batches_tracked) == 7  # integer buffers are copied
 
 
+def test_the_ema_of_a_network_compiled_in_place_runs_its_own_weights():
+    from mpl_fast.models.compiling import compile_net
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    compile_net(model, "default")
+    ema = ModelEMA(model, decay=0.99)
+    with torch.no_grad():
+        ema.module[0].weight.zero_()
+        ema.module[0].bias.fill_(3.0)
+    torch.testing.assert_close(ema(torch.randn(5, 2)), torch.full((5, 2), 3.0))
+
+
 def test_ema_follows_its_decay_on_the_device_and_skips_what_the_step_skipped():
     """Against a float64 EMA with the decay min(decay, (t + 1) / (t + 10)) taken on the host:
     a skipped step (a device flag of 1) changes neither the average nor its count t, so the

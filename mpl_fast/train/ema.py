@@ -1,10 +1,11 @@
 """Exponential moving average of a model's weights and BatchNorm buffers, updated on the device
 (no host value in it, so it runs inside the step's CUDA graph), and the step it follows."""
-import copy
 from typing import Optional
 
 import torch
 from torch import nn
+
+from mpl_fast.models.compiling import eager_copy
 
 
 class ModelEMA(nn.Module):
@@ -14,7 +15,8 @@ class ModelEMA(nn.Module):
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()
-        self.module = copy.deepcopy(model).eval()
+        # a model compiled in place (model.compile) would have its copy run the model itself
+        self.module = eager_copy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay = decay
