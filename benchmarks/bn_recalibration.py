@@ -15,7 +15,6 @@ a network back; which view's statistics test best says which inputs the saved on
 One JSON line is appended to OUT/bn_recalibration.jsonl with the checkpoint, its step, device,
 versions and date.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.optim.swa_utils import update_bn
 
 from mpl_fast.models.compiling import eager_copy
 from mpl_fast.progress import ProgressLines
+from mpl_fast.train import checkpoint_study as study
 
 VIEWS = ("labeled", "weak", "strong")
 
@@ -56,30 +56,11 @@ def view_batches(run, count):
     return views
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="bn_recalibration.py",
-                                description=__doc__.split("\n\n")[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a run folder (its last.pt) or a last.pt / best.pt")
-    p.add_argument("--batches", type=int, default=40,
-                   help="batches of the run's stream a view (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. data.root=DIR where the data now lives")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="where bn_recalibration.jsonl is appended (default: %(default)s)")
-    args = p.parse_args(argv)
-    if args.batches < 1:
-        p.error(f"--batches must be >= 1, got {args.batches}")
-    from mpl_fast.train.run_log import check_results_folder
-
-    check_results_folder(p, "--out", args.out)  # a file there failed after the measurement
-    return args
-
-
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    from mpl_fast.data.image_folder import DataError
-    from mpl_fast.train import checkpoint, config as cfg
+    args = study.parse_args(sys.argv[1:] if argv is None else argv, "bn_recalibration.py",
+                            __doc__, "bn_recalibration.jsonl", 40,
+                            "batches of the run's stream a view")
+    from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import TrainError, run_from_checkpoint
     from mpl_fast.train.run_log import append_jsonl, where_it_ran
 
@@ -101,7 +82,7 @@ def main(argv=None):
                 tested[f"{name}@{view}"] = recomputed(net, batches, run.amp)
         accs = run.evaluate(tested, progress=ProgressLines(f"{len(tested)} networks tested on",
                                                            unit="test images"))
-    except (cfg.ConfigError, TrainError, checkpoint.CheckpointError, DataError) as err:
+    except study.errors() as err:
         print(f"bn_recalibration: {err}", file=sys.stderr)
         return 2
     columns = ("saved",) + tuple(views)

@@ -15,11 +15,13 @@ true class: exact, no sampling noise), the mean top probability there, and the U
 view, uda_temperature, uda_threshold) with the top-1 of the rows it keeps. One JSON line is
 appended to OUT/pseudo_labels.jsonl with the checkpoint, its step, device, versions and date.
 """
-import argparse
 import sys
 from pathlib import Path
 
 import torch
+
+from mpl_fast.progress import ProgressLines
+from mpl_fast.train import checkpoint_study as study
 
 
 def label_quality(z_weak, z_strong, truth, *, temperature=1.0, uda_temperature=1.0,
@@ -53,30 +55,11 @@ def finish(sums):
     return out
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pseudo_label_quality.py",
-                                description=__doc__.split("\n\n")[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a run folder (its last.pt) or a last.pt / best.pt")
-    p.add_argument("--batches", type=int, default=20,
-                   help="unlabeled batches of the run's stream (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. data.root=DIR where the data now lives")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="where pseudo_labels.jsonl is appended (default: %(default)s)")
-    args = p.parse_args(argv)
-    if args.batches < 1:
-        p.error(f"--batches must be >= 1, got {args.batches}")
-    from mpl_fast.train.run_log import check_results_folder
-
-    check_results_folder(p, "--out", args.out)  # a file there failed after the measurement
-    return args
-
-
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    from mpl_fast.data.image_folder import DataError
-    from mpl_fast.train import checkpoint, config as cfg
+    args = study.parse_args(sys.argv[1:] if argv is None else argv, "pseudo_label_quality.py",
+                            __doc__, "pseudo_labels.jsonl", 20,
+                            "unlabeled batches of the run's stream")
+    from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import TrainError, run_from_checkpoint
     from mpl_fast.train.run_log import append_jsonl, where_it_ran
 
@@ -91,6 +74,8 @@ def main(argv=None):
         run.teacher.eval()
         with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp,
                                              enabled=run.amp is not None):
+            progress = ProgressLines("teacher on", unit="unlabeled batches",
+                                     silent_if_quick=True)
             for i in range(args.batches):
                 batch = run.to_device(run.data.next())  # y_u: the unlabeled rows' classes
                 _, t_uw, t_us = batch.teacher_inputs()
@@ -99,9 +84,8 @@ def main(argv=None):
                                      uda_temperature=c.uda_temperature,
                                      threshold=c.uda_threshold, view=c.pseudo_label_view)
                 sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
-                print(f"\rbatch {i + 1}/{args.batches}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-    except (cfg.ConfigError, TrainError, checkpoint.CheckpointError, DataError) as err:
+                progress(i + 1, args.batches)
+    except study.errors() as err:
         print(f"pseudo_label_quality: {err}", file=sys.stderr)
         return 2
     record = {"checkpoint": str(path), "step": state.get("step"),
