@@ -698,6 +698,11 @@ def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path, capsys, monkeypat
         "mpl without feedback (mpl.mpl_weight=0: UDA only) on digits")
     assert captured.out.startswith("done: 1 steps, mpl without feedback (mpl.mpl_weight=0: UDA "
                                    "only)  top-1 student")
+    # and without UDA either, the student learns from the teacher's pseudo labels alone
+    assert cli.main([*args, "--steps", "1", "--overwrite", "--set", "mpl.mpl_weight=0",
+                     "--set", "mpl.uda_weight=0"]) == 0
+    assert capsys.readouterr().err.splitlines()[0].startswith(
+        "mpl without feedback or UDA (mpl.mpl_weight=0, mpl.uda_weight=0: pseudo labels) on digits")
     # before the first checkpoint there is nothing to continue from
     stop_at["step"] = 4
     capsys.readouterr()
