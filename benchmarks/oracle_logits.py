@@ -7,12 +7,15 @@ Writes DIR/train.logits and DIR/test.logits (as `mpl-fast logits` does, both or 
 each image's true class as logits: M for its class, 0 for the others. Reduced MPL
 (`model.teacher=reduced`) starts its teacher out predicting exactly the stored logits, so over
 this store the student's pseudo labels are the images' true labels (a label sampled at
-temperature 1 is right with probability e^M / (e^M + C - 1): 0.9996 for M 10 and 10 classes),
+temperature 1 is wrong with probability (C - 1) / (e^M + C - 1): 2e-8 for M 20 and 10 classes),
 drawn for the same images and strong views as an MPL student's. Train with the run's settings
-plus `--set model.teacher=reduced --set model.teacher_logits=DIR --set mpl.mpl_weight=0`: the
-student then learns right labels on the strong views, the ceiling of what pseudo labels give a
-student at the run's budget (docs/cifar10.md). Give the same --config and data settings as the
-run: the store is tied to the images of each split and their order.
+plus `--set model.teacher=reduced --set model.teacher_logits=DIR --set mpl.mpl_weight=0 --set
+mpl.uda_weight=0 --set mpl.teacher_supervised_weight=0`: without a loss the teacher stays the
+store (trained on the labels with smoothing 0.15 it learns to spread 15% of its probability
+over the other classes, and its sampled labels with it), and the student learns right labels on
+the strong views: the ceiling of what pseudo labels give a student at the run's budget
+(docs/cifar10.md). Give the same --config and data settings as the run: the store is tied to
+the images of each split and their order.
 """
 import argparse
 import sys
@@ -36,7 +39,7 @@ def parse_args(argv):
                    "(default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the run's config overrides that choose its data, e.g. data.root=DIR")
-    p.add_argument("--margin", type=float, default=10.0,
+    p.add_argument("--margin", type=float, default=20.0,
                    help="the true class's logit, the others' being 0 (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace stores already in --out")
     args = p.parse_args(argv)

@@ -34,14 +34,18 @@ def test_the_store_makes_reduced_mpl_s_pseudo_labels_the_true_classes(tmp_path, 
         assert torch.equal(z.argmax(dim=1), data.labels(split))
         assert float(z.max()) == 12.0
         assert store.meta["fingerprint"] == data.fingerprint(split)
+    assert main(["--out", str(out), "--overwrite"]) == 0  # the default margin, 20
+    assert float(LogitStore(store_path(out, "train"))[torch.arange(3)].max()) == 20.0
+    # the teacher without a loss stays the store (with its labeled loss it would learn to spread
+    # probability over the other classes): sampled at temperature 1 from margin 20 over 10
+    # classes, a label is wrong with probability 2e-8
     sets = ["model.teacher=reduced", f"model.teacher_logits={out}", "mpl.mpl_weight=0",
-            "mpl.uda_weight=0", "train.steps=4", "train.log_every=1", "train.finetune_steps=0",
-            "data.batch_size=8", "data.mu=2"]
+            "mpl.uda_weight=0", "mpl.teacher_supervised_weight=0", "train.steps=20",
+            "train.log_every=1", "train.finetune_steps=0", "data.batch_size=8", "data.mu=2"]
     train(cfg.load("digits", sets), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
             .splitlines()]
-    # sampled at temperature 1 from margin 12 over 10 classes: wrong with probability 6e-5
-    assert [r["pseudo/accuracy"] for r in rows] == [1.0] * 4
+    assert [r["pseudo/accuracy"] for r in rows] == [1.0] * 20
     assert rows[-1]["eval/teacher_top1"] == 1.0
 
 
