@@ -34,8 +34,7 @@ def recomputed(model, batches, autocast_dtype=None):
     (one compiled in place too: the copy runs eagerly)."""
     copied = eager_copy(model)
     device = next(copied.parameters()).device
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None):
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         update_bn(batches, copied)
     return copied.eval()
 

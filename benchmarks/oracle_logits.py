@@ -52,8 +52,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mpl_fast.data.image_folder import DataError
     from mpl_fast.data.logit_store import store_path, write_folder
+    from mpl_fast.data.sources import build_data
     from mpl_fast.train import config as cfg
-    from mpl_fast.train.loop import Run, TrainError
+    from mpl_fast.train.loop import TrainError
 
     out = Path(args.out)
     splits = ("train", "test")
@@ -65,11 +66,10 @@ def main(argv=None):
                              "--overwrite replaces them")
         if out.exists() and not out.is_dir():
             raise TrainError(f"--out {out} is a file, not a folder")
-        # the run's data alone: a supervised run's source, nothing compiled or graphed
-        conf = cfg.load(args.config, [*args.set, "method=supervised", "model.compile=none",
-                                      "model.checkpoint=none", "model.checkpoint_blocks=null",
-                                      "model.teacher_logits=null", "train.cuda_graph=false"])
-        data = Run(conf, out).data
+        conf = cfg.load(args.config, args.set)
+        # the run's data source alone: its splits' labels and fingerprints are the same whatever
+        # the seed or device
+        data = build_data(conf["data"], 0, torch.device("cpu"))
         meta = {s: {"model": f"oracle (true classes, margin {args.margin:g})",
                     "data": conf["data"], "fingerprint": data.fingerprint(s)} for s in splits}
         labels = {s: data.labels(s) for s in splits}
