@@ -240,7 +240,9 @@ def _wait_for_step(path, step, proc, timeout=300):
     end = time.time() + timeout
     while time.time() < end:
         if path.exists():
-            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            # the complete lines alone: the run may be writing the last one as it is read
+            text = path.read_text()
+            lines = [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines() if x.strip()]
             if lines and lines[-1]["step"] >= step:
                 return
         if proc.poll() is not None:

@@ -371,11 +371,12 @@ def _clear_old_run(out: Path):
 def method_label(config) -> str:
     """The method as a run's lines name it: UDA only is MPL without its feedback, and without
     UDA too the student learns from pseudo labels alone."""
-    if config["method"] == "mpl" and cfg_mod.mpl_config(config).mpl_weight == 0:
-        if cfg_mod.mpl_config(config).uda_weight == 0:
-            return "mpl without feedback or UDA (mpl.mpl_weight=0, mpl.uda_weight=0: pseudo labels)"
-        return "mpl without feedback (mpl.mpl_weight=0: UDA only)"
-    return config["method"]
+    mpl = cfg_mod.mpl_config(config) if config["method"] == "mpl" else None
+    if mpl is None or mpl.mpl_weight != 0:
+        return config["method"]
+    if mpl.uda_weight == 0:
+        return "mpl without feedback or UDA (mpl.mpl_weight=0, mpl.uda_weight=0: pseudo labels)"
+    return "mpl without feedback (mpl.mpl_weight=0: UDA only)"
 
 
 def start_line(config, described, run, resume) -> str:
