@@ -51,32 +51,27 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mpl_fast.data.image_folder import DataError
-    from mpl_fast.data.logit_store import store_path, write_folder
+    from mpl_fast.data.logit_store import SPLITS, write_folder
     from mpl_fast.data.sources import build_data
     from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import TrainError
+    from mpl_fast.train.teacher_logits import check_store_folder
 
     out = Path(args.out)
-    splits = ("train", "test")
     made = not out.exists()
     try:
-        existing = [store_path(out, s) for s in splits if store_path(out, s).exists()]
-        if existing and not args.overwrite:
-            raise TrainError(f"{out} already holds teacher logits ({existing[0].name}): "
-                             "--overwrite replaces them")
-        if out.exists() and not out.is_dir():
-            raise TrainError(f"--out {out} is a file, not a folder")
+        check_store_folder(out, args.overwrite)
         conf = cfg.load(args.config, args.set)
         # the run's data source alone: its splits' labels and fingerprints are the same whatever
         # the seed or device
         data = build_data(conf["data"], 0, torch.device("cpu"))
         meta = {s: {"model": f"oracle (true classes, margin {args.margin:g})",
-                    "data": conf["data"], "fingerprint": data.fingerprint(s)} for s in splits}
-        labels = {s: data.labels(s) for s in splits}
+                    "data": conf["data"], "fingerprint": data.fingerprint(s)} for s in SPLITS}
+        labels = {s: data.labels(s) for s in SPLITS}
         out.mkdir(parents=True, exist_ok=True)
         write_folder(out, {s: (len(labels[s]), oracle_batches(labels[s], data.num_classes,
                                                               args.margin))
-                           for s in splits}, meta)
+                           for s in SPLITS}, meta)
     except (cfg.ConfigError, TrainError, DataError) as err:
         print(f"oracle_logits: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,5 @@
 """benchmarks/bn_recalibration.py: a run's networks tested with BatchNorm running statistics
 recomputed on each view of its stream."""
-import json
 import runpy
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from torch import nn
 
 from mpl_fast.train import config as cfg
 from mpl_fast.train.loop import run_from_checkpoint, train
+from mpl_fast.train.run_log import read_jsonl
 
 SCRIPT = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bn_recalibration.py"))
 recomputed, view_batches, main = SCRIPT["recomputed"], SCRIPT["view_batches"], SCRIPT["main"]
@@ -63,8 +63,7 @@ def test_the_script_on_an_mpl_run_appends_one_record(tmp_path, capsys):
     out = tmp_path / "results"
     assert main([str(tmp_path / "mpl"), "--batches", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    (record,) = [json.loads(line) for line in (out / "bn_recalibration.jsonl").read_text()
-                 .splitlines()]
+    (record,) = read_jsonl(out / "bn_recalibration.jsonl")
     assert record["step"] == 6 and record["method"] == "mpl" and record["batches"] == 3
     assert record["images_per_view"] == {"labeled": 3 * 8, "weak": 3 * 8 * 2,
                                          "strong": 3 * 8 * 2}
@@ -101,8 +100,8 @@ def test_a_run_compiled_in_training_is_recomputed_as_its_eager_twin(tmp_path):
     state["config"]["model"]["compile"] = "default"
     checkpoint.save(state, tmp_path / "mpl" / "last.pt")
     assert main([str(tmp_path / "mpl"), "--batches", "2", "--out", str(tmp_path / "compiled")]) == 0
-    eager, compiled = ([json.loads(line) for line in (tmp_path / out / "bn_recalibration.jsonl")
-                        .read_text().splitlines()][0]["top1"] for out in ("eager", "compiled"))
+    eager, compiled = (read_jsonl(tmp_path / out / "bn_recalibration.jsonl")[0]["top1"]
+                       for out in ("eager", "compiled"))
     assert compiled == eager
     assert any(v != row["saved"] for row in eager.values() for v in row.values())
 
@@ -112,8 +111,7 @@ def test_a_supervised_run_is_recomputed_on_its_labeled_view_alone(tmp_path, caps
     train(cfg.load("digits_supervised", TINY + ["train.finetune_steps=2"]), tmp_path / "sup")
     out = tmp_path / "results"
     assert main([str(tmp_path / "sup"), "--batches", "2", "--out", str(out)]) == 0
-    (record,) = [json.loads(line) for line in (out / "bn_recalibration.jsonl").read_text()
-                 .splitlines()]
+    (record,) = read_jsonl(out / "bn_recalibration.jsonl")
     assert record["images_per_view"] == {"labeled": 2 * 8}
     assert set(record["top1"]) == {"student", "ema_student"}
     assert list(record["top1"]["student"]) == ["saved", "labeled"]

@@ -1,5 +1,4 @@
 """benchmarks/oracle_logits.py: a logit store of the true classes, Reduced MPL's oracle teacher."""
-import json
 import runpy
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 from mpl_fast.data.logit_store import LogitStore, store_path
 from mpl_fast.train import config as cfg
 from mpl_fast.train.loop import Run, train
+from mpl_fast.train.run_log import read_jsonl
 
 SCRIPT = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "oracle_logits.py"))
 oracle_batches, main = SCRIPT["oracle_batches"], SCRIPT["main"]
@@ -43,8 +43,7 @@ def test_the_store_makes_reduced_mpl_s_pseudo_labels_the_true_classes(tmp_path, 
             "mpl.uda_weight=0", "mpl.teacher_supervised_weight=0", "train.steps=20",
             "train.log_every=1", "train.finetune_steps=0", "data.batch_size=8", "data.mu=2"]
     train(cfg.load("digits", sets), tmp_path / "run")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
-            .splitlines()]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["pseudo/accuracy"] for r in rows] == [1.0] * 20
     assert rows[-1]["eval/teacher_top1"] == 1.0
 

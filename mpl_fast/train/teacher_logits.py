@@ -158,18 +158,23 @@ def _write_shared(out, dist, rows, shares, batch_size, logits, metas):
     dist.barrier()
 
 
-def write(out, source, batch_size=None, overwrite=False, progress=False):
-    """Write OUT/train.logits and OUT/test.logits (each with its .json), both or neither, from
-    `source()`, a call of from_checkpoint or from_model made once OUT is known to be free.
-    Returns (network name, {split: {"rows", "top1"}}): the network's top-1 on each split,
-    measured on the way. progress: lines on stderr (mpl_fast.progress)."""
-    out = Path(out)
+def check_store_folder(out: Path, overwrite: bool):
+    """Stop before any work where --out already holds stores (unless overwrite) or is a file."""
     existing = [store_path(out, split) for split in SPLITS if store_path(out, split).exists()]
     if existing and not overwrite:
         raise TrainError(f"{out} already holds teacher logits ({existing[0].name}): --overwrite "
                          "replaces them")
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a folder")
+
+
+def write(out, source, batch_size=None, overwrite=False, progress=False):
+    """Write OUT/train.logits and OUT/test.logits (each with its .json), both or neither, from
+    `source()`, a call of from_checkpoint or from_model made once OUT is known to be free.
+    Returns (network name, {split: {"rows", "top1"}}): the network's top-1 on each split,
+    measured on the way. progress: lines on stderr (mpl_fast.progress)."""
+    out = Path(out)
+    check_store_folder(out, overwrite)
     run, name, model, meta = source()
     dist = run.dist
     batch_size = batch_size or run.config["train"]["eval_batch_size"]
