@@ -307,7 +307,9 @@ def main(argv=None):
     p.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
     p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"],
                    help="our step's feedback estimator (default: %(default)s)")
-    p.add_argument("--weak-no-grad", action="store_true", help="teacher weak view without autograd")
+    p.add_argument("--weak-no-grad", action="store_true",
+                   help="teacher weak view in a forward of its own without autograd (with a "
+                   "BatchNorm teacher it changes training: docs/cifar10.md)")
     p.add_argument("--ce-old-forward", default="separate", choices=["separate", "joint"],
                    help="our student's CE_old: from a labeled forward of its own without autograd "
                         "(the paper preset) or from its training forward on x_us + x_l, as the "

@@ -1,19 +1,23 @@
 """How good are the pseudo labels a run's student learns from?
 
     python benchmarks/pseudo_label_quality.py RUN_OR_CHECKPOINT [--batches N] [--set KEY=VALUE ...]
-                                              [--out DIR]
+                                              [--teacher-bn eval|joint|apart] [--out DIR]
 
 An MPL (or UDA-only) student sees no labels until it is finetuned: it learns from labels its
 teacher draws on the unlabeled images' strong views (the `paper` preset samples them from the
 teacher's softmax; `mpl.pseudo_labels: argmax` takes the top class). The unlabeled images of a
 labeled-subset split do have labels, which training never reads: this script draws N batches from
 the run's own data stream (the augmentations it trained with), runs the checkpoint's teacher on
-them (evaluation mode: its BatchNorm running statistics) and compares with those labels: the top-1
-of the teacher on the weak and the strong view, the expected accuracy of a label sampled from its
-softmax on the pseudo-label view at mpl.pseudo_label_temperature (the mean probability of the
-true class: exact, no sampling noise), the mean top probability there, and the UDA mask ratio (weak
-view, uda_temperature, uda_threshold) with the top-1 of the rows it keeps. One JSON line is
-appended to OUT/pseudo_labels.jsonl with the checkpoint, its step, device, versions and date.
+them and compares with those labels: the top-1 of the teacher on the weak and the strong view, the
+expected accuracy of a label sampled from its softmax on the pseudo-label view at
+mpl.pseudo_label_temperature (the mean probability of the true class: exact, no sampling noise),
+the mean top probability there, and the UDA mask ratio (weak view, uda_temperature,
+uda_threshold) with the top-1 of the rows it keeps. The teacher's BatchNorm layers normalise with
+their running statistics (--teacher-bn eval, the default) or, as a training step does, with the
+batch's statistics (running statistics left alone): of the labeled, weak and strong views
+together (joint), or of the labeled and strong views together and the weak view apart (apart, as
+with mpl.teacher_weak_no_grad). One JSON line is appended to OUT/pseudo_labels.jsonl with the
+checkpoint, its step, device, versions and date.
 """
 import sys
 from pathlib import Path
@@ -55,10 +59,39 @@ def finish(sums):
     return out
 
 
+# --teacher-bn: how the teacher's BatchNorm layers normalise (the record's `teacher_bn`)
+TEACHER_BN = {"eval": "eval (running statistics)",
+              "joint": "batch statistics, labeled, weak and strong views together",
+              "apart": "batch statistics, labeled and strong views together, weak view apart"}
+
+
+def teacher_logits(teacher, batch, bn):
+    """The teacher's logits on the weak and strong views, its BatchNorm layers as --teacher-bn
+    says (batch statistics: running statistics left as they are)."""
+    from mpl_fast.mpl.bn import frozen_bn_stats
+    from mpl_fast.mpl.step import teacher_views
+
+    if bn == "eval":
+        teacher.eval()
+        _, t_uw, t_us = batch.teacher_inputs()
+        return teacher(t_uw), teacher(t_us)
+    teacher.train()
+    with frozen_bn_stats(teacher):
+        _, z_uw, z_us = teacher_views(teacher, batch, weak_apart=bn == "apart")
+    return z_uw, z_us
+
+
+def _add_arguments(parser):
+    parser.add_argument("--teacher-bn", choices=sorted(TEACHER_BN), default="eval",
+                        help="the teacher's BatchNorm: running statistics (eval), or a training "
+                        "step's batch statistics with the weak view in the batch (joint) or apart "
+                        "(apart) (default: %(default)s)")
+
+
 def main(argv=None):
     args = study.parse_args(sys.argv[1:] if argv is None else argv, "pseudo_label_quality.py",
                             __doc__, "pseudo_labels.jsonl", 20,
-                            "unlabeled batches of the run's stream")
+                            "unlabeled batches of the run's stream", _add_arguments)
     from mpl_fast.train import config as cfg
     from mpl_fast.train.loop import TrainError, run_from_checkpoint
     from mpl_fast.train.run_log import append_jsonl, where_it_ran
@@ -71,15 +104,14 @@ def main(argv=None):
             raise TrainError(f"{path}: a reduced teacher labels stored logits, not images")
         c = cfg.mpl_config(run.config)
         sums = None
-        run.teacher.eval()
         with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp,
                                              enabled=run.amp is not None):
             progress = ProgressLines("teacher on", unit="unlabeled batches",
                                      silent_if_quick=True)
             for i in range(args.batches):
                 batch = run.to_device(run.data.next())  # y_u: the unlabeled rows' classes
-                _, t_uw, t_us = batch.teacher_inputs()
-                part = label_quality(run.teacher(t_uw), run.teacher(t_us), batch.y_u,
+                z_uw, z_us = teacher_logits(run.teacher, batch, args.teacher_bn)
+                part = label_quality(z_uw, z_us, batch.y_u,
                                      temperature=c.pseudo_label_temperature,
                                      uda_temperature=c.uda_temperature,
                                      threshold=c.uda_threshold, view=c.pseudo_label_view)
@@ -93,7 +125,7 @@ def main(argv=None):
               "pseudo_labels": c.pseudo_labels, "pseudo_label_view": c.pseudo_label_view,
               "pseudo_label_temperature": c.pseudo_label_temperature,
               "uda_temperature": c.uda_temperature, "uda_threshold": c.uda_threshold,
-              **finish(sums), "teacher_bn": "eval (running statistics)",
+              **finish(sums), "teacher_bn": TEACHER_BN[args.teacher_bn],
               **where_it_ran(run.device)}
     out = Path(args.out)
     append_jsonl(out / "pseudo_labels.jsonl", [record])

@@ -398,7 +398,8 @@ def test_config_rejects_bad_values(bad):
     ("mpl_weight", "2", "must be a number, got '2'"),
     ("uda_ramp_steps", 1.5, "must be an integer"),
     ("feedback_sign", True, "must be an integer"),
-    ("teacher_weak_no_grad", 1, "must be true or false"),
+    ("teacher_weak_no_grad", 1, "must be true, false or auto, got 1"),
+    ("teacher_weak_no_grad", "yes", "must be true, false or auto, got 'yes'"),
     ("estimator", 3, "must be a string"),
 ])
 def test_config_names_the_key_of_a_value_of_the_wrong_type(key, value, message):
@@ -467,6 +468,80 @@ def test_teacher_weak_view_without_autograd():
     step(b)
     for name, buf in step.teacher.named_buffers():
         assert torch.equal(buf, dict(expected.named_buffers())[name]), name
+
+
+def test_what_counts_as_a_network_with_batch_statistics():
+    """'auto' runs the teacher's weak view apart only where no layer looks across the batch or
+    keeps running statistics: batch-independent layers pass, anything with running statistics
+    does not (compiled or wrapped networks included)."""
+    from mpl_fast.mpl.bn import uses_batch_statistics
+    from mpl_fast.mpl.reduced import ReducedTeacher
+
+    class RunningVar(nn.Module):  # EvoNorm-B0's kind: not a BatchNorm, keeps running_var
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("running_var", torch.ones(8))
+
+    free = [mlp(1), nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)),
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)), nn.InstanceNorm2d(8),
+            ReducedTeacher(10)]
+    batched = [mlp(1, bn=True), nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)),
+               nn.SyncBatchNorm(8), nn.InstanceNorm2d(8, track_running_stats=True),
+               nn.Sequential(nn.Linear(4, 8), RunningVar()),
+               torch.compile(mlp(1, bn=True))]
+    assert [uses_batch_statistics(m) for m in free] == [False] * len(free)
+    assert [uses_batch_statistics(m) for m in batched] == [True] * len(batched)
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["bn_free", "bn"])
+def test_auto_weak_view_without_autograd_only_where_it_changes_nothing(bn):
+    """The default 'auto': a BatchNorm-free teacher gets the weak view without autograd (the
+    same teacher gradient as the joint forward's), a teacher with BatchNorm the joint forward
+    (the same gradient and running statistics as teacher_weak_no_grad false)."""
+    b = batch(23)
+    cfg = MPLConfig(pseudo_labels="argmax", baseline_decay=None, uda_weight=2.0,
+                    uda_temperature=0.7)
+    assert cfg.teacher_weak_no_grad == "auto"
+    steps = {}
+    for setting in ("auto", False, True):
+        steps[setting] = make_step(cfg.replace(teacher_weak_no_grad=setting),
+                                   teacher=mlp(24, bn=bn))
+        steps[setting](b)
+    assert steps["auto"].weak_no_grad is (not bn)
+    assert [steps[s].weak_no_grad for s in (False, True)] == [False, True]
+    same_as = steps[True] if not bn else steps[False]
+    assert torch.allclose(teacher_grad(steps["auto"]), teacher_grad(same_as), rtol=1e-10,
+                          atol=1e-12)
+    for (name, buf), other in zip(steps["auto"].teacher.named_buffers(),
+                                  same_as.teacher.buffers()):
+        assert torch.equal(buf, other), name
+    if bn:  # and not the same as the weak view apart, which a BN teacher computes otherwise
+        assert not torch.allclose(teacher_grad(steps["auto"]), teacher_grad(steps[True]))
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["bn_free", "bn"])
+@pytest.mark.parametrize("uda_weight, view, weak_forwards", [
+    (0.0, "strong", 0), (1.0, "strong", 1), (0.0, "weak", 1)])
+def test_a_weak_view_nothing_reads_is_not_computed(bn, uda_weight, view, weak_forwards):
+    """With the weak view apart, no UDA and pseudo labels from the strong view, the teacher
+    runs no forward on it at all, and the step is the one that ran it without autograd."""
+    b = batch(25)
+    cfg = MPLConfig(pseudo_labels="argmax", baseline_decay=None, uda_weight=uda_weight,
+                    pseudo_label_view=view, teacher_weak_no_grad=True)
+    steps = []
+    for skip in (True, False):
+        step = make_step(cfg, teacher=mlp(26, bn=bn))
+        step.weak_view_read = not skip or step.weak_view_read  # False: the weak forward runs
+        rows = []
+        step.teacher.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+        step(b)
+        steps.append((step, rows))
+    (skipped, rows), (ran, ran_rows) = steps
+    assert ran_rows == [B + U, U]
+    assert rows == [B + U] + [U] * weak_forwards
+    assert torch.allclose(teacher_grad(skipped), teacher_grad(ran), rtol=1e-10, atol=1e-12)
+    for buf, other in zip(skipped.teacher.buffers(), ran.teacher.buffers()):
+        assert torch.equal(buf, other)
 
 
 def test_moving_baseline_values_and_device():

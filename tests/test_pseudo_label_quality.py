@@ -11,6 +11,7 @@ from mpl_fast.train.loop import train
 
 SCRIPT = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "pseudo_label_quality.py"))
 label_quality, finish, main = SCRIPT["label_quality"], SCRIPT["finish"], SCRIPT["main"]
+teacher_logits, TEACHER_BN = SCRIPT["teacher_logits"], SCRIPT["TEACHER_BN"]
 TINY = ["data.batch_size=8", "data.mu=2", "train.log_every=1", "train.eval_every=100",
         "train.checkpoint_every=100", "train.finetune_steps=0", "train.eval_batch_size=128",
         "model.teacher=mlp", "model.student=mlp", "train.steps=6"]
@@ -79,6 +80,54 @@ def test_the_script_on_a_run_appends_one_record(tmp_path, capsys):
         assert 0.0 <= record[key] <= 1.0, key
     # the top probability bounds the expected accuracy of a sampled label from above
     assert record["sampled_label_accuracy"] <= record["top_probability"]
+    assert record["teacher_bn"] == TEACHER_BN["eval"]
+    # a teacher without BatchNorm (mlp) labels each image alike however its batch is made up:
+    # the same batches (the stream restarts at the checkpoint), the same figures
+    for bn in ("joint", "apart"):
+        assert main([str(tmp_path / "mpl"), "--batches", "3", "--out", str(out),
+                     "--teacher-bn", bn]) == 0
+    records = [json.loads(line) for line in (out / "pseudo_labels.jsonl").read_text()
+               .splitlines()]
+    assert [r["teacher_bn"] for r in records] == [TEACHER_BN[k] for k in ("eval", "joint", "apart")]
+    for other in records[1:]:
+        for key in ("weak_top1", "strong_top1", "sampled_label_accuracy", "top_probability",
+                    "uda_mask_ratio"):
+            assert other[key] == pytest.approx(record[key], abs=1e-6), key
+
+
+def test_teacher_logits_normalise_as_each_bn_setting_says():
+    """eval: running statistics; joint: one batch of the three views; apart: the labeled and
+    strong views in one batch, the weak view in its own; running statistics never move."""
+    from torch import nn
+
+    from mpl_fast.mpl import MPLBatch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():  # running statistics away from their start, so eval differs
+        net.train()
+        net(torch.randn(64, 4, dtype=torch.float64) * 3 + 1)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    x_l, x_uw = (torch.randn(n, 4, dtype=torch.float64) for n in (5, 7))
+    x_us = x_uw * 2 + 0.5  # the strong view: another distribution, so the batches differ
+    b = MPLBatch(x_l, torch.zeros(5, dtype=torch.int64), x_uw, x_us)
+    with torch.no_grad():
+        got = {bn: teacher_logits(net, b, bn) for bn in ("eval", "joint", "apart")}
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+        net.eval()
+        want_eval = (net(x_uw), net(x_us))
+        net.train()
+        stats = {k: v.clone() for k, v in net.state_dict().items()}
+        joint = net(torch.cat([x_l, x_uw, x_us]))
+        want_joint = (joint[5:12], joint[12:])
+        want_apart = (net(x_uw), net(torch.cat([x_l, x_us]))[5:])
+        net.load_state_dict(stats)
+    for bn, want in (("eval", want_eval), ("joint", want_joint), ("apart", want_apart)):
+        for g, w in zip(got[bn], want):
+            assert torch.allclose(g, w, rtol=1e-12, atol=1e-12), bn
+    assert not torch.allclose(got["apart"][0], got["joint"][0])
+    assert not torch.allclose(got["eval"][0], got["joint"][0])
 
 
 def test_the_script_refuses_a_results_folder_it_cannot_write_before_measuring(tmp_path,

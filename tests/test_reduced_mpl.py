@@ -112,6 +112,9 @@ def test_reduced_teacher_sees_the_stored_rows_of_its_batch_and_starts_as_the_lar
 
     root, report = big_run
     run = Run(_reduced(root, ["data.pad=0"]), root / "unused")  # views without shifts
+    # a teacher without BatchNorm: 'auto' takes the weak view apart, and with no UDA nothing
+    # reads it (the same rows as the strong view's: stored logits), so it is not computed
+    assert run.step_fn.weak_no_grad and not run.step_fn.weak_view_read
     store = LogitStore(root / "logits" / "train.logits")
     for _ in range(3):
         b = run.data.next()

@@ -705,6 +705,14 @@ def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path, capsys, monkeypat
                      "--set", "mpl.uda_weight=0"]) == 0
     assert capsys.readouterr().err.splitlines()[0].startswith(
         "mpl without feedback or UDA (mpl.mpl_weight=0, mpl.uda_weight=0: pseudo labels) on digits")
+    # the teacher's weak view as the step runs it ('auto', the default, keeps a BN teacher's
+    # joint forward: no mention above), and not at all where nothing reads it
+    weak_apart = ["--set", "mpl.teacher_weak_no_grad=true"]
+    for extra, says in (([], "apart, without autograd"),
+                        (["--set", "mpl.uda_weight=0"], "unread: not computed")):
+        assert cli.main([*args, "--steps", "1", "--overwrite", *weak_apart, *extra]) == 0
+        assert (f"batch 8 + 2x unlabeled (weak view {says}), 1 steps"
+                in capsys.readouterr().err.splitlines()[0])
     # before the first checkpoint there is nothing to continue from
     stop_at["step"] = 4
     capsys.readouterr()

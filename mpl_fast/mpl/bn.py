@@ -1,4 +1,5 @@
-"""Forwards that use batch statistics but leave BatchNorm running statistics untouched."""
+"""Forwards that use batch statistics but leave BatchNorm running statistics untouched, and
+whether a network has any."""
 import contextlib
 
 from torch import nn
@@ -18,3 +19,18 @@ def frozen_bn_stats(model: nn.Module):
     finally:
         for m in layers:
             m.track_running_stats = True
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """True where a forward's outputs may depend on which other images share its batch, or
+    where a forward moves running statistics: any BatchNorm layer (SyncBatchNorm and timm's
+    BatchNormAct2d are ones), and, to be safe, any layer holding a running_mean or running_var
+    buffer (InstanceNorm tracking them, EvoNorm-B0, frozen BatchNorm). Such a network's images
+    cannot be split between forwards without changing what it computes."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return True
+        if any(name in ("running_mean", "running_var")
+               for name, _ in m.named_buffers(recurse=False)):
+            return True
+    return False

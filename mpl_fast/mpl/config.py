@@ -2,12 +2,13 @@
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, get_args
+from typing import Optional, Union, get_args
 
 PSEUDO_LABELS = ("sample", "argmax", "soft")
 ESTIMATORS = ("loss_diff", "dot", "second_order")
 MPL_TERMS = ("score", "official_soft")
 CE_OLD_FORWARDS = ("separate", "joint")
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,11 @@ class MPLConfig:
     teacher_supervised_weight: weight of the teacher's own CE on labeled data (1 in the paper's
                      code; 0 leaves the teacher to the student's feedback and UDA alone).
     teacher_weak_no_grad: run the teacher's weak view in its own forward without autograd (less
-                     backward work). BN: that view is normalised with its own batch statistics
-                     instead of the joint batch's, and leaves the running statistics alone.
+                     backward work; skipped whole where nothing reads it: no UDA, pseudo labels
+                     from the strong view). BN: that view is normalised with its own batch
+                     statistics instead of the joint batch's, and leaves the running statistics
+                     alone. 'auto' (default): on where that changes nothing, a teacher without
+                     batch statistics (mpl_fast.mpl.bn.uses_batch_statistics), off otherwise.
     ce_old_forward:  where CE_old, the student's labeled loss before its step, comes from:
                      'separate' (a forward of x_l of its own with the old weights, without
                      autograd and not counted in the BN running statistics: normalised with the
@@ -58,7 +62,7 @@ class MPLConfig:
     uda_threshold: float = 0.0
     uda_ramp_steps: int = 0
     fd_eps: float = 1e-3
-    teacher_weak_no_grad: bool = False
+    teacher_weak_no_grad: Union[bool, str] = AUTO
     grad_clip: float = 0.0
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class MPLConfig:
 
         # Types first, so a value like 'none' (YAML's null is `null`) fails with its key named.
         for field in dataclasses.fields(self):
+            if field.name == "teacher_weak_no_grad":
+                continue  # true, false or 'auto': checked below
             value, optional = getattr(self, field.name), type(None) in get_args(field.type)
             kind = next(a for a in get_args(field.type) if a is not type(None)) if optional \
                 else field.type
@@ -83,6 +89,9 @@ class MPLConfig:
                     f"got {value!r}")
             if kind is float and not math.isfinite(value):  # NaN would pass every range test
                 bad(field.name, f"must be finite, got {value}")
+        if not (isinstance(self.teacher_weak_no_grad, bool) or self.teacher_weak_no_grad == AUTO):
+            bad("teacher_weak_no_grad", f"must be true, false or {AUTO}, got "
+                f"{self.teacher_weak_no_grad!r}")
         if self.pseudo_labels not in PSEUDO_LABELS:
             bad("pseudo_labels", f"must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}")
         if self.pseudo_label_view not in ("strong", "weak"):

@@ -17,8 +17,8 @@ from torch.profiler import record_function
 
 from mpl_fast import ops
 from mpl_fast.mpl import feedback, nonfinite
-from mpl_fast.mpl.bn import frozen_bn_stats
-from mpl_fast.mpl.config import MPLConfig
+from mpl_fast.mpl.bn import frozen_bn_stats, uses_batch_statistics
+from mpl_fast.mpl.config import AUTO, MPLConfig
 
 # the profiler ranges an MPLStep records, in order (see mpl_fast.train.profiling);
 # teacher_forward also holds the teacher's losses and the pseudo labels
@@ -88,6 +88,23 @@ def as_metric(value) -> torch.Tensor:
     return value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
+def teacher_views(teacher: nn.Module, batch: MPLBatch, weak_apart: bool, weak_read: bool = True):
+    """The teacher's logits (z_l, z_uw, z_us) as a step computes them: one forward of the three
+    inputs together, or (weak_apart) one of the labeled and strong inputs and the weak view in a
+    forward of its own without autograd, normalised with its own batch statistics and not
+    counted in the BN running statistics (those come from the labeled + strong forward, once a
+    step); z_uw is None there where nothing reads it (weak_read false)."""
+    t_l, t_uw, t_us = batch.teacher_inputs()
+    n_l, n_u = t_l.shape[0], t_us.shape[0]
+    if not weak_apart:
+        return teacher(torch.cat([t_l, t_uw, t_us])).split([n_l, n_u, n_u])
+    z_l, z_us = teacher(torch.cat([t_l, t_us])).split([n_l, n_u])
+    if not weak_read:
+        return z_l, None, z_us
+    with torch.no_grad(), frozen_bn_stats(teacher):
+        return z_l, teacher(t_uw), z_us
+
+
 def _check_networks(teacher, student, teacher_opt, student_opt):
     """ValueError where the step would train silently wrong: one network as both, or an
     optimizer holding the other network's parameters (the two passed in swapped order)."""
@@ -119,6 +136,13 @@ class MPLStep(nn.Module):
         self.generator = generator
         self.baseline = (feedback.MovingBaseline(config.baseline_decay)
                          if config.baseline_decay is not None else None)
+        # config.teacher_weak_no_grad resolved: 'auto' is on where it changes nothing (a teacher
+        # without batch statistics computes each image alike whichever forward it is in)
+        self.weak_no_grad = (not uses_batch_statistics(teacher)
+                             if config.teacher_weak_no_grad == AUTO
+                             else config.teacher_weak_no_grad)
+        # whether anything reads the teacher's weak view (UDA's targets, weak pseudo labels)
+        self.weak_view_read = config.uda_weight > 0 or config.pseudo_label_view == "weak"
         # True: an optimizer step whose losses are not finite is skipped on the device (no host
         # synchronisation; mpl_fast.mpl.nonfinite), and metrics["nonfinite"] says 1 for the step.
         # Needs fused optimizers. The trainer sets it.
@@ -163,20 +187,8 @@ class MPLStep(nn.Module):
         return pl.labels, pl.labels, pl.probs
 
     def teacher_forward(self, batch: MPLBatch):
-        t_l, t_uw, t_us = batch.teacher_inputs()
-        n_l, n_u = t_l.shape[0], t_us.shape[0]
-        if self.config.teacher_weak_no_grad:
-            # The weak view needs no gradient: a separate forward without autograd. It is
-            # normalised with its own batch statistics, and does not count in the BN running
-            # statistics (those come from the labeled + strong forward, once per step).
-            z = self.teacher(torch.cat([t_l, t_us]))
-            z_l, z_us = z.split([n_l, n_u])
-            with torch.no_grad(), frozen_bn_stats(self.teacher):
-                z_uw = self.teacher(t_uw)
-        else:
-            z = self.teacher(torch.cat([t_l, t_uw, t_us]))
-            z_l, z_uw, z_us = z.split([n_l, n_u, n_u])
-        return z_l, z_uw, z_us
+        """The teacher's logits on the labeled, weak and strong inputs (see teacher_views)."""
+        return teacher_views(self.teacher, batch, self.weak_no_grad, self.weak_view_read)
 
     def student_forward(self, batch: MPLBatch):
         """The student's logits on x_us (for its step) and on x_l (for CE_old), old weights."""

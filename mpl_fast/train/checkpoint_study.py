@@ -4,9 +4,11 @@ or checkpoint, N batches of its stream, --set, --out) and the errors they report
 import argparse
 
 
-def parse_args(argv, prog: str, doc: str, results_file: str, batches: int, batches_help: str):
-    """The study's arguments; its module docstring's third paragraph is the --help text. A bad
-    --batches or an --out it cannot write to stops here, before any checkpoint is read."""
+def parse_args(argv, prog: str, doc: str, results_file: str, batches: int, batches_help: str,
+               add_arguments=None):
+    """The study's arguments (add_arguments(parser) adds its own); its module docstring's third
+    paragraph is the --help text. A bad --batches or an --out it cannot write to stops here,
+    before any checkpoint is read."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder (its last.pt) or a last.pt / best.pt")
@@ -16,6 +18,8 @@ def parse_args(argv, prog: str, doc: str, results_file: str, batches: int, batch
                    help="config override, e.g. data.root=DIR where the data now lives")
     p.add_argument("--out", default="benchmarks/results",
                    help=f"where {results_file} is appended (default: %(default)s)")
+    if add_arguments is not None:
+        add_arguments(p)
     args = p.parse_args(argv)
     if args.batches < 1:
         p.error(f"--batches must be >= 1, got {args.batches}")

@@ -389,9 +389,13 @@ def start_line(config, described, run, resume) -> str:
     where = f"{run.device}" + (", bf16" if run.amp is not None else "") + \
         (f", {run.dist.world} processes" if run.dist.world > 1 else "")
     start = f"from step {run.step}" if resume else "from scratch"
+    # mpl.teacher_weak_no_grad as resolved ('auto' depends on the teacher)
+    weak = ("" if not getattr(run.step_fn, "weak_no_grad", False)
+            else " (weak view apart, without autograd)" if run.step_fn.weak_view_read
+            else " (weak view unread: not computed)")
     return (f"{method_label(config)} on {d['name']} ({described['labeled']} labeled of "
             f"{described['train']}, {described['test']} test), {nets}, batch {d['batch_size']}"
-            + (f" + {d['mu']}x unlabeled" if config["method"] == "mpl" else "")
+            + (f" + {d['mu']}x unlabeled{weak}" if config["method"] == "mpl" else "")
             + f", {t['steps']} steps {start} on {where} -> {run.out}")
 
 
