@@ -8,7 +8,8 @@
 
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
 channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one CUDA
-graph); (a) a plain PyTorch MPL step written here as a user would (autocast bf16, channels_last,
+graph; the teacher's weak view as the trainer runs it by default, apart without autograd for a
+teacher without BatchNorm only, or with --weak-no-grad for any teacher); (a) a plain PyTorch MPL step written here as a user would (autocast bf16, channels_last,
 torch SGD, kekmodel-style losses), eager; (b) the same step with both networks under
 torch.compile(mode="max-autotune-no-cudagraphs", or --reference-compile) and the whole step in one
 CUDA graph; (c) a supervised step of the same shapes (the floor), captured in a CUDA graph when ours
@@ -43,6 +44,7 @@ from mpl_fast.models.checkpointing import checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
+from mpl_fast.mpl.bn import uses_batch_statistics
 from mpl_fast.mpl.step import PHASES
 from mpl_fast.train.graphed import GraphedStep
 from mpl_fast.train.optim import sgd
@@ -308,8 +310,9 @@ def main(argv=None):
     p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"],
                    help="our step's feedback estimator (default: %(default)s)")
     p.add_argument("--weak-no-grad", action="store_true",
-                   help="teacher weak view in a forward of its own without autograd (with a "
-                   "BatchNorm teacher it changes training: docs/cifar10.md)")
+                   help="the teacher's weak view in a forward of its own without autograd, "
+                   "whatever the teacher (default: only for one without BatchNorm, as the "
+                   "trainer; with BatchNorm it changes training: docs/cifar10.md)")
     p.add_argument("--ce-old-forward", default="separate", choices=["separate", "joint"],
                    help="our student's CE_old: from a labeled forward of its own without autograd "
                         "(the paper preset) or from its training forward on x_us + x_l, as the "
@@ -367,6 +370,10 @@ def main(argv=None):
         p.error("--max-batch needs a CUDA device (it probes for out-of-memory)")
     if args.work_only and args.max_batch:
         p.error("--work-only times nothing and probes nothing: leave out --max-batch")
+    # ours as the trainer runs it (mpl.teacher_weak_no_grad: auto): the weak view apart for a
+    # teacher without BatchNorm, where it computes the same, even without --weak-no-grad
+    args.weak_no_grad = args.weak_no_grad or not uses_batch_statistics(
+        build_model(args.model, args.num_classes, 3))
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = args.cudnn_benchmark  # global: ours and every reference
     try:

@@ -559,7 +559,10 @@ def test_bench_step_counts_what_each_variant_computes(tmp_path, capsys, monkeypa
     assert checkpointed["ours"] > plain["ours"]
     assert {k: v for k, v in checkpointed.items() if k != "ours"} == {
         k: v for k, v in plain.items() if k != "ours"}
-    record = json.loads((tmp_path / "step_work.jsonl").read_text().splitlines()[1])
+    records = [json.loads(line) for line in (tmp_path / "step_work.jsonl").read_text()
+               .splitlines()]
+    assert not records[0]["weak_no_grad"]  # WRN-28-2 has BatchNorm: the joint forward
+    record = records[1]
     assert record["weak_no_grad"] and record["device"] == "cpu"
     assert record["work_ratio_vs_reference"] == pytest.approx(
         weak_no_grad["reference"] / weak_no_grad["ours"], abs=1e-3)
@@ -572,6 +575,20 @@ def test_bench_step_counts_what_each_variant_computes(tmp_path, capsys, monkeypa
     assert timed["work_ratio_vs_reference"] == record["work_ratio_vs_reference"]
     assert any(line.startswith("work (conv and matmul GFLOPs")
                for line in capsys.readouterr().out.splitlines())
+
+
+def test_bench_step_runs_ours_with_the_trainers_default_weak_view(tmp_path):
+    """Without --weak-no-grad, ours takes the weak view as mpl.teacher_weak_no_grad 'auto' does:
+    apart for a teacher without BatchNorm (the mlp: the same work as with the flag), in the
+    joint forward for one with it (the WRN case is in the test above)."""
+    common = ["bench", "step", "--model", "mlp", "--batch-size", "2", "--mu", "3",
+              "--image-size", "8", "--device", "cpu", "--work-only", "--out", str(tmp_path)]
+    for extra in ([], ["--weak-no-grad"]):
+        assert cli.main([*common, *extra]) == 0
+    default, flagged = [json.loads(line) for line in (tmp_path / "step_work.jsonl").read_text()
+                        .splitlines()]
+    assert default["weak_no_grad"] and flagged["weak_no_grad"]
+    assert default["gflops_by_variant"] == flagged["gflops_by_variant"]
 
 
 def test_bench_step_keeps_its_timings_when_the_work_count_fails(tmp_path, capsys, monkeypatch):
