@@ -9,8 +9,9 @@
 Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 autocast,
 channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one CUDA
 graph; the teacher's weak view as the trainer runs it by default, apart without autograd for a
-teacher without BatchNorm only, or with --weak-no-grad for any teacher); (a) a plain PyTorch MPL step written here as a user would (autocast bf16, channels_last,
-torch SGD, kekmodel-style losses), eager; (b) the same step with both networks under
+teacher without BatchNorm only, or with --weak-no-grad for any teacher); (a) a plain PyTorch MPL
+step written here as a user would (autocast bf16, channels_last, torch SGD, kekmodel-style
+losses), eager; (b) the same step with both networks under
 torch.compile(mode="max-autotune-no-cudagraphs", or --reference-compile) and the whole step in one
 CUDA graph; (c) a supervised step of the same shapes (the floor), captured in a CUDA graph when ours
 is, so that the two compare like with like; and, when ours is graphed, (d) the plain step of (a)
