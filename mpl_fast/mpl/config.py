@@ -9,6 +9,7 @@ ESTIMATORS = ("loss_diff", "dot", "second_order")
 MPL_TERMS = ("score", "official_soft")
 CE_OLD_FORWARDS = ("separate", "joint")
 AUTO = "auto"
+WEAK_JOINT = "joint"  # teacher_weak_no_grad: the weak view's rows constant in the joint forward
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class MPLConfig:
                      statistics instead of the joint batch's, and leaves the running statistics
                      alone. 'auto' (default): on where that changes nothing, a teacher without
                      batch statistics (mpl_fast.mpl.bn.uses_batch_statistics), off otherwise.
+                     'joint': the weak view stays in the joint forward (the same values and BN
+                     statistics as false) with its rows outside autograd (mpl_fast.mpl.
+                     constant_rows: about the backward work `true` saves; the teacher's gradient
+                     leaves out how the weak view's activations move the BN statistics). Same as
+                     true for a teacher without batch statistics.
     ce_old_forward:  where CE_old, the student's labeled loss before its step, comes from:
                      'separate' (a forward of x_l of its own with the old weights, without
                      autograd and not counted in the BN running statistics: normalised with the
@@ -72,7 +78,7 @@ class MPLConfig:
         # Types first, so a value like 'none' (YAML's null is `null`) fails with its key named.
         for field in dataclasses.fields(self):
             if field.name == "teacher_weak_no_grad":
-                continue  # true, false or 'auto': checked below
+                continue  # true, false, 'auto' or 'joint': checked below
             value, optional = getattr(self, field.name), type(None) in get_args(field.type)
             kind = next(a for a in get_args(field.type) if a is not type(None)) if optional \
                 else field.type
@@ -89,8 +95,9 @@ class MPLConfig:
                     f"got {value!r}")
             if kind is float and not math.isfinite(value):  # NaN would pass every range test
                 bad(field.name, f"must be finite, got {value}")
-        if not (isinstance(self.teacher_weak_no_grad, bool) or self.teacher_weak_no_grad == AUTO):
-            bad("teacher_weak_no_grad", f"must be true, false or {AUTO}, got "
+        if not (isinstance(self.teacher_weak_no_grad, bool)
+                or self.teacher_weak_no_grad in (AUTO, WEAK_JOINT)):
+            bad("teacher_weak_no_grad", f"must be true, false, {AUTO} or {WEAK_JOINT}, got "
                 f"{self.teacher_weak_no_grad!r}")
         if self.pseudo_labels not in PSEUDO_LABELS:
             bad("pseudo_labels", f"must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}")

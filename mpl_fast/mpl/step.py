@@ -18,7 +18,8 @@ from torch.profiler import record_function
 from mpl_fast import ops
 from mpl_fast.mpl import feedback, nonfinite
 from mpl_fast.mpl.bn import frozen_bn_stats, uses_batch_statistics
-from mpl_fast.mpl.config import AUTO, MPLConfig
+from mpl_fast.mpl.config import AUTO, WEAK_JOINT, MPLConfig
+from mpl_fast.mpl.constant_rows import check_network, constant_rows
 
 # the profiler ranges an MPLStep records, in order (see mpl_fast.train.profiling);
 # teacher_forward also holds the teacher's losses and the pseudo labels
@@ -88,15 +89,25 @@ def as_metric(value) -> torch.Tensor:
     return value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
-def teacher_views(teacher: nn.Module, batch: MPLBatch, weak_apart: bool, weak_read: bool = True):
-    """The teacher's logits (z_l, z_uw, z_us) as a step computes them: one forward of the three
-    inputs together, or (weak_apart) one of the labeled and strong inputs and the weak view in a
-    forward of its own without autograd, normalised with its own batch statistics and not
-    counted in the BN running statistics (those come from the labeled + strong forward, once a
-    step); z_uw is None there where nothing reads it (weak_read false)."""
+def teacher_views(teacher: nn.Module, batch: MPLBatch, weak_no_grad, weak_read: bool = True):
+    """The teacher's logits (z_l, z_uw, z_us) as a step computes them (weak_no_grad as
+    MPLStep resolves mpl.teacher_weak_no_grad):
+    - False: one forward of the three inputs together;
+    - True: one of the labeled and strong inputs, and the weak view in a forward of its own
+      without autograd, normalised with its own batch statistics and not counted in the BN
+      running statistics (those come from the labeled + strong forward, once a step); z_uw is
+      None there where nothing reads it (weak_read false);
+    - 'joint': one forward of the three, the weak view's rows last and outside autograd
+      (mpl_fast.mpl.constant_rows): the values and statistics of False, a backward without them.
+    """
     t_l, t_uw, t_us = batch.teacher_inputs()
     n_l, n_u = t_l.shape[0], t_us.shape[0]
-    if not weak_apart:
+    if weak_no_grad == WEAK_JOINT:
+        x = torch.cat([t_l, t_us, t_uw])
+        with constant_rows(x.shape[0], n_u):
+            z_l, z_us, z_uw = teacher(x).split([n_l, n_u, n_u])
+        return z_l, z_uw.detach(), z_us
+    if not weak_no_grad:
         return teacher(torch.cat([t_l, t_uw, t_us])).split([n_l, n_u, n_u])
     z_l, z_us = teacher(torch.cat([t_l, t_us])).split([n_l, n_u])
     if not weak_read:
@@ -137,10 +148,14 @@ class MPLStep(nn.Module):
         self.baseline = (feedback.MovingBaseline(config.baseline_decay)
                          if config.baseline_decay is not None else None)
         # config.teacher_weak_no_grad resolved: 'auto' is on where it changes nothing (a teacher
-        # without batch statistics computes each image alike whichever forward it is in)
-        self.weak_no_grad = (not uses_batch_statistics(teacher)
-                             if config.teacher_weak_no_grad == AUTO
-                             else config.teacher_weak_no_grad)
+        # without batch statistics computes each image alike whichever forward it is in), and
+        # so is 'joint' there, where the forward apart computes the same for less
+        batch_stats = uses_batch_statistics(teacher)
+        wanted = config.teacher_weak_no_grad
+        self.weak_no_grad = (not batch_stats if wanted == AUTO
+                             else wanted if wanted != WEAK_JOINT or batch_stats else True)
+        if self.weak_no_grad == WEAK_JOINT:
+            check_network(teacher, "mpl.teacher_weak_no_grad=joint")
         # whether anything reads the teacher's weak view (UDA's targets, weak pseudo labels)
         self.weak_view_read = config.uda_weight > 0 or config.pseudo_label_view == "weak"
         # True: an optimizer step whose losses are not finite is skipped on the device (no host

@@ -18,6 +18,7 @@ from mpl_fast.models.checkpointing import checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
+from mpl_fast.mpl.config import WEAK_JOINT
 from mpl_fast.ops import backend
 from mpl_fast.progress import ProgressLines
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
@@ -390,7 +391,9 @@ def start_line(config, described, run, resume) -> str:
         (f", {run.dist.world} processes" if run.dist.world > 1 else "")
     start = f"from step {run.step}" if resume else "from scratch"
     # mpl.teacher_weak_no_grad as resolved ('auto' depends on the teacher)
-    weak = ("" if not getattr(run.step_fn, "weak_no_grad", False)
+    resolved = getattr(run.step_fn, "weak_no_grad", False)
+    weak = ("" if not resolved
+            else " (weak view in the joint forward, without autograd)" if resolved == WEAK_JOINT
             else " (weak view apart, without autograd)" if run.step_fn.weak_view_read
             else " (weak view unread: not computed)")
     return (f"{method_label(config)} on {d['name']} ({described['labeled']} labeled of "
