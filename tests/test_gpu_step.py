@@ -43,6 +43,8 @@ CONFIGS = {
     "soft_second_order": MPLConfig(pseudo_labels="soft", estimator="second_order",
                                    baseline_decay=None),
     "weak_no_grad": MPLConfig(pseudo_labels="argmax", teacher_weak_no_grad=True, uda_weight=1.0),
+    "weak_joint": MPLConfig(pseudo_labels="argmax", teacher_weak_no_grad="joint",
+                            uda_weight=1.0),
     "joint_ce_old": MPLConfig(pseudo_labels="argmax", ce_old_forward="joint", uda_weight=1.0),
 }
 
@@ -86,14 +88,16 @@ def _colour(c, i):
     return (40 + 60 * c, 30 + 30 * i, 200 - 50 * c)
 
 
-def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses():
+@pytest.mark.parametrize("weak", [True, "joint"], ids=["weak_apart", "weak_joint"])
+def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses(weak):
     """#7's fastest path (model.compile + train.cuda_graph): inductor's kernels captured with
-    the rest of the step, the gradient-free weak view and frozen-BN forwards included (each a
-    variant dynamo compiles during the eager warm-up steps, none during capture)."""
+    the rest of the step, the gradient-free weak view (apart, or its rows constant in the joint
+    forward) and frozen-BN forwards included (each a variant dynamo compiles during the eager
+    warm-up steps, none during capture)."""
     from mpl_fast.models.compiling import compile_net
     from mpl_fast.train.graphed import GraphedStep
 
-    config = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, teacher_weak_no_grad=True)
+    config = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, teacher_weak_no_grad=weak)
     eager, inner = make_step(config), make_step(config)
     compile_net(inner.teacher, "default")
     compile_net(inner.student, "default")

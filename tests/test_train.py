@@ -709,7 +709,9 @@ def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path, capsys, monkeypat
     # joint forward: no mention above), and not at all where nothing reads it
     weak_apart = ["--set", "mpl.teacher_weak_no_grad=true"]
     for extra, says in (([], "apart, without autograd"),
-                        (["--set", "mpl.uda_weight=0"], "unread: not computed")):
+                        (["--set", "mpl.uda_weight=0"], "unread: not computed"),
+                        (["--set", "mpl.teacher_weak_no_grad=joint"],
+                         "in the joint forward, without autograd")):
         assert cli.main([*args, "--steps", "1", "--overwrite", *weak_apart, *extra]) == 0
         assert (f"batch 8 + 2x unlabeled (weak view {says}), 1 steps"
                 in capsys.readouterr().err.splitlines()[0])
@@ -1046,9 +1048,11 @@ def test_compiled_networks_train_like_eager_ones(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_networks_in_the_graphed_step_path_give_the_eager_losses(monkeypatch):
-    """model.compile + train.cuda_graph (emulated here) + the gradient-free weak view, at the
-    step level: dynamo compiles the frozen-BN and no-grad variants in the warm-up steps, and the
+@pytest.mark.parametrize("weak", [True, "joint"], ids=["weak_apart", "weak_joint"])
+def test_compiled_networks_in_the_graphed_step_path_give_the_eager_losses(monkeypatch, weak):
+    """model.compile + train.cuda_graph (emulated here) + the gradient-free weak view (apart, or
+    its rows constant in the joint forward: a torch-function mode dynamo traces), at the step
+    level: dynamo compiles the frozen-BN and no-grad variants in the warm-up steps, and the
     static-buffer steps after them give the eager step's losses (the gpu test does the same with
     a real capture)."""
     monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
@@ -1065,10 +1069,11 @@ def test_compiled_networks_in_the_graphed_step_path_give_the_eager_losses(monkey
             nets.append(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
         opts = [torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9) for n in nets]
-        config = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, teacher_weak_no_grad=True)
+        config = MPLConfig(pseudo_labels="argmax", uda_weight=1.0, teacher_weak_no_grad=weak)
         return MPLStep(nets[0], nets[1], opts[0], opts[1], config)
 
     eager, inner = make(), make()
+    torch._dynamo.reset()  # graphs compiled by an earlier test of the same code are not counted
     counters.clear()
     for net in (inner.teacher, inner.student):
         compile_net(net, "default")

@@ -108,6 +108,7 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
     "train.cuda_graph": (False, True, "emulate"),
+    "mpl.teacher_weak_no_grad": (False, True, "auto", "joint"),
     "data.decode_device": DECODE_DEVICES,
     "data.augment_device": DEVICES,
 }
@@ -205,6 +206,8 @@ def _coerce(name, default, value):
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool) and not (name in CHOICES and value in CHOICES[name]):
+            if name in CHOICES:  # a switch that also takes words (train.cuda_graph)
+                raise ConfigError(f"{name} must be one of {list(CHOICES[name])}, got {value!r}")
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if isinstance(default, int) and not isinstance(default, bool):
@@ -300,6 +303,8 @@ FOLDER_ONLY = ("root", "test_root", "image_size", "labeled_percent", "split_list
 
 def validate(config):
     for key, allowed in CHOICES.items():
+        if get(config, key) is None and get(DEFAULTS, key) is None:
+            continue  # an mpl key left to its preset
         if get(config, key) not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {get(config, key)!r}")
     for key in POSITIVE:
