@@ -591,6 +591,25 @@ def test_bench_step_runs_ours_with_the_trainers_default_weak_view(tmp_path):
     assert default["gflops_by_variant"] == flagged["gflops_by_variant"]
 
 
+def test_bench_step_weak_view_in_the_joint_forward_without_autograd(tmp_path, capsys):
+    """--weak-no-grad joint: a BatchNorm teacher's weak view in the joint forward with its rows
+    outside autograd, counted as the forward apart's work (and less than the joint forward's);
+    any other word after the flag is refused."""
+    common = ["bench", "step", "--model", "small_cnn", "--batch-size", "2", "--mu", "3",
+              "--image-size", "8", "--device", "cpu", "--work-only", "--out", str(tmp_path)]
+    for extra in ([], ["--weak-no-grad"], ["--weak-no-grad", "joint"]):
+        assert cli.main([*common, *extra]) == 0
+    joint_forward, apart, rows_constant = [
+        json.loads(line) for line in (tmp_path / "step_work.jsonl").read_text().splitlines()]
+    assert [r["weak_no_grad"] for r in (joint_forward, apart, rows_constant)] == [
+        False, True, "joint"]
+    assert rows_constant["gflops_by_variant"]["ours"] == apart["gflops_by_variant"]["ours"] \
+        < joint_forward["gflops_by_variant"]["ours"]
+    with pytest.raises(SystemExit):
+        cli.main([*common, "--weak-no-grad", "apart"])
+    assert "invalid choice: 'apart'" in capsys.readouterr().err
+
+
 def test_bench_step_keeps_its_timings_when_the_work_count_fails(tmp_path, capsys, monkeypatch):
     """The count runs after every variant is timed; should it fail (a mode FlopCounterMode cannot
     follow), the record is still written, its work fields empty, and the run says why."""
