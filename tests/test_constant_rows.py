@@ -13,14 +13,15 @@ from mpl_fast.mpl.constant_rows import check_network, constant_rows
 
 
 class Net(nn.Module):
-    """Every layer kind the mode handles: convolutions with and without bias, BatchNorm with and
-    without affine parameters (2d and 1d), a residual add, a linear head."""
+    """Every layer kind the mode handles: convolutions with and without bias (and with
+    padding='same', which runs as two halves joined), BatchNorm with and without affine
+    parameters (2d and 1d), a residual add, a linear head."""
 
     def __init__(self, classes=5):
         super().__init__()
         self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(6)
-        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.conv = nn.Conv2d(6, 6, 3, padding="same")
         self.bn2 = nn.BatchNorm2d(6, affine=False, momentum=None)  # cumulative average
         self.fc1 = nn.Linear(6, 7)
         self.bn3 = nn.BatchNorm1d(7)
@@ -87,6 +88,44 @@ def test_gradient_is_the_joint_forwards_where_the_constant_rows_repeat_the_other
     other = torch.cat([head, _images(7, seed=4)])
     assert not torch.allclose(_run(copy.deepcopy(net), other, 7)[1],
                               _run(copy.deepcopy(net), other, 0, head=7)[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_gradient_is_that_of_the_rows_own_statistics_moved_onto_the_whole_batchs(affine):
+    """The definition, written with torch's BatchNorm: the other rows normalised with their own
+    statistics, then scaled and shifted by constants onto the whole batch's normalisation."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(9, 4, 3, 3, generator=g, dtype=torch.float64) * 2 + 1
+    x[6:] = x[6:] * 3 - 2  # constant rows that do not look like the others
+    weight = torch.randn(4, generator=g, dtype=torch.float64) if affine else None
+    bias = torch.randn(4, generator=g, dtype=torch.float64) if affine else None
+    probe = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    eps = 1e-5
+
+    def grads(y_head, leaves):
+        return torch.autograd.grad((y_head * probe).sum(), leaves)
+
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    x_in, params = leaves[0], (leaves[1:] or [None, None])
+    with constant_rows(9, 3):
+        y = torch.nn.functional.batch_norm(x_in, None, None, *params, True, 0.1, eps)
+    got = grads(y[:6], leaves)
+
+    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    x_ref, ref_params = ref_leaves[0], (ref_leaves[1:] or [None, None])
+    with torch.no_grad():
+        var_all, mean_all = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        var_head, mean_head = torch.var_mean(x[:6], dim=(0, 2, 3), correction=0)
+        scale = ((var_head + eps) / (var_all + eps)).sqrt()
+        shift = (mean_head - mean_all) / (var_all + eps).sqrt()
+    w_ref = scale if weight is None else ref_params[0] * scale
+    b_ref = shift if weight is None else ref_params[0] * shift + ref_params[1]
+    y_ref = torch.nn.functional.batch_norm(x_ref[:6], None, None, w_ref, b_ref, True, 0.0, eps)
+    want = grads(y_ref, ref_leaves)
+    assert torch.allclose(y[:6], y_ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert not got[0][6:].any()
 
 
 def test_no_gradient_reaches_the_weights_through_the_constant_rows():
@@ -239,3 +278,26 @@ def test_bf16_autocast_stays_near_the_joint_forward():
             z_c = copy.deepcopy(net)(x)
     assert z_c.dtype == z.dtype
     assert torch.allclose(z_c.float(), z.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_on_a_gpu_the_gradient_is_the_cpus(channels_last):
+    """The CUDA path (the head's statistics from batch_norm_stats, cuDNN's convolutions) against
+    the float64 CPU one, and bf16 autocast near it."""
+    torch.manual_seed(13)
+    net = Net().double().train()
+    x = _images(11, seed=14)
+    _, want, want_buffers = _run(copy.deepcopy(net), x, 4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gpu = copy.deepcopy(net).float().cuda().to(memory_format=fmt)
+    x_gpu = x.float().cuda().contiguous(memory_format=fmt)
+    _, got, got_buffers = _run(gpu, x_gpu, 4)
+    assert torch.allclose(got.double().cpu(), want, rtol=1e-3, atol=1e-4)
+    for b, b_want in zip(got_buffers, want_buffers):
+        assert torch.allclose(b.double().cpu(), b_want.double(), rtol=1e-4, atol=1e-5)
+    gpu = copy.deepcopy(net).float().cuda().to(memory_format=fmt)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, got_bf16, _ = _run(gpu, x_gpu, 4)
+    assert (got_bf16.double().cpu() - want).norm() < 0.05 * want.norm()

@@ -3,11 +3,12 @@
 Why: a BatchNorm teacher's weak view must share the joint batch's statistics (normalised apart it
 gets its own, which at CPU scale cost the MPL student 18 points: docs/cifar10.md), but nothing
 reads a gradient through its logits; its rows need a backward only for the derivative of the
-batch statistics. Under `constant_rows(n)` the network computes exactly what the joint forward
+batch statistics. Under `constant_rows(rows, n)` a network computes exactly what the joint forward
 computes (the same kernels: one convolution, linear layer and BatchNorm of the whole batch each,
-the same batch statistics and running-statistics update), while its backward skips the last `n`
-rows in every convolution, linear layer and BatchNorm (the bulk of the work): each hands back
-zeros for them, so elementwise layers between them still see the whole batch.
+the same batch statistics and running-statistics update; a convolution with padding='same' or
+'valid' runs as two halves joined), while its backward skips the last `n` rows in every
+convolution, linear layer and BatchNorm (the bulk of the work): each hands back zeros for them,
+so elementwise layers between them still see the whole batch.
 
 The gradient is then that of a forward in which
 - a convolution or linear layer computes the constant rows from constants, and
@@ -21,9 +22,10 @@ Where the constant rows repeat the others (the same images, each once), that is 
 forward's gradient (tested); otherwise it leaves out only how the constant rows' activations move
 the statistics.
 
-Layers are recognised by the functions they call (F.conv1d/2d/3d, F.linear, F.batch_norm), so any
-network built from torch's layers (WRN, ResNet, timm's CNNs) needs no change; a layer that computes
-batch statistics some other way (SyncBatchNorm across processes) is refused by `check_network`.
+Layers are recognised by the functions they call (F.conv1d/2d/3d, F.linear, F.batch_norm) on a
+tensor whose first dimension is the batch's `rows`, so any network built from torch's layers
+(WRN, ResNet, timm's CNNs) needs no change, compiled or not; a layer that computes batch
+statistics some other way (SyncBatchNorm across processes) is refused by `check_network`.
 """
 import torch
 import torch.nn.functional as F
