@@ -77,7 +77,7 @@ def teacher_logits(teacher, batch, bn):
         return teacher(t_uw), teacher(t_us)
     teacher.train()
     with frozen_bn_stats(teacher):
-        _, z_uw, z_us = teacher_views(teacher, batch, weak_apart=bn == "apart")
+        _, z_uw, z_us = teacher_views(teacher, batch, weak_no_grad=bn == "apart")
     return z_uw, z_us
 
 
