@@ -375,10 +375,10 @@ def main(argv=None):
         p.error("--max-batch needs a CUDA device (it probes for out-of-memory)")
     if args.work_only and args.max_batch:
         p.error("--work-only times nothing and probes nothing: leave out --max-batch")
-    # ours as the trainer runs it (mpl.teacher_weak_no_grad: auto): the weak view apart for a
-    # teacher without BatchNorm, where it computes the same, even without --weak-no-grad
-    args.weak_no_grad = args.weak_no_grad or not uses_batch_statistics(
-        build_model(args.model, args.num_classes, 3))
+    # ours as the trainer runs it (mpl.teacher_weak_no_grad: auto, or joint): the weak view apart
+    # for a teacher without BatchNorm, where it computes the same, even without --weak-no-grad
+    if not uses_batch_statistics(build_model(args.model, args.num_classes, 3)):
+        args.weak_no_grad = True
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = args.cudnn_benchmark  # global: ours and every reference
     try:

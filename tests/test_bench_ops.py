@@ -579,16 +579,17 @@ def test_bench_step_counts_what_each_variant_computes(tmp_path, capsys, monkeypa
 
 def test_bench_step_runs_ours_with_the_trainers_default_weak_view(tmp_path):
     """Without --weak-no-grad, ours takes the weak view as mpl.teacher_weak_no_grad 'auto' does:
-    apart for a teacher without BatchNorm (the mlp: the same work as with the flag), in the
-    joint forward for one with it (the WRN case is in the test above)."""
+    apart for a teacher without BatchNorm (the mlp: the same work as with the flag, and as with
+    'joint', which takes the forward apart there too), in the joint forward for one with it (the
+    WRN case is in the test above)."""
     common = ["bench", "step", "--model", "mlp", "--batch-size", "2", "--mu", "3",
               "--image-size", "8", "--device", "cpu", "--work-only", "--out", str(tmp_path)]
-    for extra in ([], ["--weak-no-grad"]):
+    for extra in ([], ["--weak-no-grad"], ["--weak-no-grad", "joint"]):
         assert cli.main([*common, *extra]) == 0
-    default, flagged = [json.loads(line) for line in (tmp_path / "step_work.jsonl").read_text()
-                        .splitlines()]
-    assert default["weak_no_grad"] and flagged["weak_no_grad"]
-    assert default["gflops_by_variant"] == flagged["gflops_by_variant"]
+    records = [json.loads(line) for line in (tmp_path / "step_work.jsonl").read_text()
+               .splitlines()]
+    assert [r["weak_no_grad"] for r in records] == [True] * 3  # what the step ran
+    assert all(r["gflops_by_variant"] == records[0]["gflops_by_variant"] for r in records)
 
 
 def test_bench_step_weak_view_in_the_joint_forward_without_autograd(tmp_path, capsys):
