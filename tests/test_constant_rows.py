@@ -262,6 +262,10 @@ def test_config_takes_joint_and_names_the_choices():
     assert cfg.get(cfg.load("digits", [f"{key}=true", f"{key}=joint"]), key) == "joint"
     assert cfg.get(cfg.load("digits", [f"{key}=joint", f"{key}=false"]), key) is False
     assert cfg.get(cfg.load("digits"), key) is None  # the preset's value
+    for other in ("model.checkpoint=teacher", "model.checkpoint=both", "train.sync_bn=true"):
+        with pytest.raises(cfg.ConfigError, match=f"{key}=joint does not go with"):
+            cfg.load("digits", [f"{key}=joint", other])
+    cfg.load("digits", [f"{key}=joint", "model.checkpoint=student"])  # the student's own
     for before in ([], [f"{key}=true"]):
         with pytest.raises(cfg.ConfigError, match=key + r" must be one of \[False, True, 'auto', "
                            r"'joint'\], got 'apart'"):

@@ -366,7 +366,19 @@ def validate(config):
         raise ConfigError(f"train.profile_from must be >= {earliest} under train.cuda_graph (the "
                           f"graph is captured at step {GRAPH_WARMUP_STEPS + 1} of a session), "
                           f"got {t['profile_from']}")
-    _validate_reduced(config, mpl_config(config))  # MPL settings: validated by MPLConfig itself
+    mpl = mpl_config(config)  # MPL settings: validated by MPLConfig itself
+    _validate_reduced(config, mpl)
+    if config["method"] == "mpl" and mpl.teacher_weak_no_grad == "joint":
+        # the weak view's rows constant in the teacher's forward (mpl_fast.mpl.constant_rows):
+        # a checkpointed block's recomputation in backward, or SyncBatchNorm's statistics across
+        # processes, would run outside it
+        if config["model"]["checkpoint"] in ("teacher", "both"):
+            raise ConfigError("mpl.teacher_weak_no_grad=joint does not go with a checkpointed "
+                              "teacher: set model.checkpoint to none or student, or "
+                              "mpl.teacher_weak_no_grad to false")
+        if t["sync_bn"]:
+            raise ConfigError("mpl.teacher_weak_no_grad=joint does not go with train.sync_bn "
+                              "(SyncBatchNorm computes its statistics outside the step's reach)")
 
 
 REDUCED = "reduced"  # model.teacher: Reduced MPL's teacher
