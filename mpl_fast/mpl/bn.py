@@ -27,10 +27,11 @@ def uses_batch_statistics(model: nn.Module) -> bool:
     BatchNormAct2d are ones), and, to be safe, any layer holding a running_mean or running_var
     buffer (InstanceNorm tracking them, EvoNorm-B0, frozen BatchNorm). Such a network's images
     cannot be split between forwards without changing what it computes."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return True
-        if any(name in ("running_mean", "running_var")
-               for name, _ in m.named_buffers(recurse=False)):
-            return True
-    return False
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or keeps_running_statistics(m)
+               for m in model.modules())
+
+
+def keeps_running_statistics(module: nn.Module) -> bool:
+    """Whether the layer itself (not its children) holds a running_mean or running_var buffer."""
+    return any(name in ("running_mean", "running_var")
+               for name, _ in module.named_buffers(recurse=False))

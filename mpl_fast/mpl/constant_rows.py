@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mpl_fast.mpl.bn import keeps_running_statistics
+
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 
@@ -50,7 +52,7 @@ def check_network(model: nn.Module, what: str) -> None:
                              "its statistics across processes outside F.batch_norm")
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
-        if any(b in ("running_mean", "running_var") for b, _ in m.named_buffers(recurse=False)):
+        if keeps_running_statistics(m):
             raise ValueError(f"{what}: {name or 'the network'} ({type(m).__name__}) keeps batch "
                              "statistics outside BatchNorm; the weak view's rows cannot be made "
                              "constant in its joint forward")

@@ -150,10 +150,10 @@ class MPLStep(nn.Module):
         # config.teacher_weak_no_grad resolved: 'auto' is on where it changes nothing (a teacher
         # without batch statistics computes each image alike whichever forward it is in), and
         # so is 'joint' there, where the forward apart computes the same for less
-        batch_stats = uses_batch_statistics(teacher)
         wanted = config.teacher_weak_no_grad
-        self.weak_no_grad = (not batch_stats if wanted == AUTO
-                             else wanted if wanted != WEAK_JOINT or batch_stats else True)
+        if wanted in (AUTO, WEAK_JOINT) and not uses_batch_statistics(teacher):
+            wanted = True
+        self.weak_no_grad = False if wanted == AUTO else wanted
         if self.weak_no_grad == WEAK_JOINT:
             check_network(teacher, "mpl.teacher_weak_no_grad=joint")
         # whether anything reads the teacher's weak view (UDA's targets, weak pseudo labels)

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from mpl_fast.data.placement import DECODE_DEVICES, DEVICES, placement
-from mpl_fast.mpl.config import MPLConfig, preset as mpl_preset
+from mpl_fast.mpl.config import AUTO, WEAK_JOINT, MPLConfig, preset as mpl_preset
 from mpl_fast.train.graphed import WARMUP_STEPS as GRAPH_WARMUP_STEPS
 
 
@@ -108,7 +108,7 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
     "train.cuda_graph": (False, True, "emulate"),
-    "mpl.teacher_weak_no_grad": (False, True, "auto", "joint"),
+    "mpl.teacher_weak_no_grad": (False, True, AUTO, WEAK_JOINT),
     "data.decode_device": DECODE_DEVICES,
     "data.augment_device": DEVICES,
 }
@@ -368,7 +368,7 @@ def validate(config):
                           f"got {t['profile_from']}")
     mpl = mpl_config(config)  # MPL settings: validated by MPLConfig itself
     _validate_reduced(config, mpl)
-    if config["method"] == "mpl" and mpl.teacher_weak_no_grad == "joint":
+    if config["method"] == "mpl" and mpl.teacher_weak_no_grad == WEAK_JOINT:
         # the weak view's rows constant in the teacher's forward (mpl_fast.mpl.constant_rows):
         # a checkpointed block's recomputation in backward, or SyncBatchNorm's statistics across
         # processes, would run outside it
