@@ -1246,6 +1246,10 @@ def test_checkpoint_blocks_limits_the_wrapped_blocks_and_is_validated(tmp_path):
             cfg.load("digits", base + [bad])
     with pytest.raises(cfg.ConfigError, match="needs model\\.checkpoint"):
         cfg.load("digits", TINY + ["model.checkpoint_blocks=3"])
+    # a network without blocks (small_cnn, the default) would run without any checkpoint
+    with pytest.raises(TrainError, match=r"^model.checkpoint=student: the student \(small_cnn\) "
+                       "has no WRN or ResNet blocks to checkpoint"):
+        Run(cfg.load("digits", TINY + ["model.checkpoint=student"]), tmp_path / "c")
 
 
 def test_accuracies_of_several_models_in_one_pass():

@@ -5,7 +5,9 @@ second forward updates BatchNorm running statistics a second time (momentum appl
 num_batches_tracked counted twice). Here the recomputation runs with every BN momentum at 0 (the
 running statistics stay as they are: r <- 1 * r + 0 * batch) and without its batch counter, so
 the statistics are updated exactly once, while the recomputation takes the same code path (and
-saves the same tensors) as the original forward, as checkpointing requires.
+saves the same tensors) as the original forward, as checkpointing requires. For the same reason it
+runs under the torch-function modes the forward ran under (torch.utils.checkpoint re-enters none:
+the backward runs outside them), e.g. mpl_fast.mpl.constant_rows's.
 """
 import contextlib
 from typing import Iterable, Optional, Type
@@ -40,23 +42,70 @@ def _bn_not_counted(block: nn.Module, tracking):
 
 
 class CheckpointedBlock(nn.Module):
+    """`block`, checkpointed in training forwards. Its state dict holds the block's own keys (no
+    `block.` level), so a network's checkpoints load whichever blocks are wrapped: a run resumes
+    or is evaluated with model.checkpoint changed. Keys with the level (checkpoints written
+    before) still load."""
+
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
+        self._register_load_state_dict_pre_hook(_into_the_block)
+
+    def state_dict(self, *, destination=None, prefix="", keep_vars=False):
+        return self.block.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def forward(self, x):
         if not (self.training and torch.is_grad_enabled()):
             return self.block(x)
-        first_pass = []  # BN tracking flags of the original forward
+        if torch.compiler.is_compiling() and not _function_modes():
+            # traced as checkpoint's higher-order op: the compiled backward recomputes the block's
+            # ops but not its buffer updates (BN statistics counted once; tested)
+            return checkpoint(self.block, x, use_reentrant=False)
+        return _checkpoint_eagerly(self.block, x)
 
-        def run(inp):
-            if first_pass:  # the recomputation in backward: BN statistics already counted
-                with _bn_not_counted(self.block, first_pass[0]):
-                    return self.block(inp)
-            first_pass.append([m.track_running_stats for m in _bn_layers(self.block)])
-            return self.block(inp)
 
+def _into_the_block(state_dict, prefix, *_):
+    """The block's keys, saved without the wrapper's level, under it (in the copy that
+    load_state_dict hands its hooks)."""
+    for key in [k for k in state_dict if k.startswith(prefix)
+                and not k.startswith(prefix + "block.")]:
+        state_dict[prefix + "block." + key[len(prefix):]] = state_dict.pop(key)
+
+
+# Under torch.compile this runs eagerly (its inner frames compiled as frames of their own): a
+# torch-function mode active (constant_rows's) would be re-entered by no compiled recomputation,
+# and inside the traced higher-order op an autograd.Function's own backward is not used.
+@torch.compiler.disable(recursive=False)
+def _checkpoint_eagerly(block, x):
+    first_pass = []  # BN tracking flags of the original forward
+
+    def run(inp):
+        if first_pass:  # the recomputation in backward: BN statistics already counted
+            with _bn_not_counted(block, first_pass[0]):
+                return block(inp)
+        first_pass.append([m.track_running_stats for m in _bn_layers(block)])
+        return block(inp)
+
+    modes = _function_modes()
+    if not modes:
         return checkpoint(run, x, use_reentrant=False)
+    return checkpoint(run, x, use_reentrant=False,  # re-entered for the recomputation
+                      context_fn=lambda: (contextlib.nullcontext(), _entered(modes)))
+
+
+def _function_modes():
+    """The torch-function modes active now, outermost first (torch.utils.checkpoint re-enters
+    none in its recomputation: backward runs outside them)."""
+    return list(torch.overrides._get_current_function_mode_stack())
+
+
+@contextlib.contextmanager
+def _entered(modes):
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
 
 
 def default_block_types():

@@ -39,14 +39,9 @@ _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 def check_network(model: nn.Module, what: str) -> None:
     """ValueError where a layer would compute batch statistics outside F.batch_norm (so the
-    constant rows would get their gradient back, or the statistics would differ), or where
-    activation checkpointing would recompute a block in backward outside constant_rows."""
-    from mpl_fast.models.checkpointing import CheckpointedBlock
-
+    constant rows would get their gradient back, or the statistics would differ). Checkpointed
+    blocks (mpl_fast.models.checkpointing) recompute under the mode the forward ran under."""
     for name, m in model.named_modules():
-        if isinstance(m, CheckpointedBlock):
-            raise ValueError(f"{what}: not supported with activation checkpointing of that "
-                             f"network ({name} is checkpointed: model.checkpoint)")
         if isinstance(m, nn.SyncBatchNorm):
             raise ValueError(f"{what}: SyncBatchNorm ({name}) is not supported: it computes "
                              "its statistics across processes outside F.batch_norm")

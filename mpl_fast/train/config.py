@@ -113,10 +113,11 @@ CHOICES = {
     "data.augment_device": DEVICES,
 }
 # Keys that say where and how a run executes, not what it learns: a checkpoint resumes, or is
-# evaluated, under other values (another machine, its data copied elsewhere, no compiler)
+# evaluated, under other values (another machine, its data copied elsewhere, no compiler, blocks
+# checkpointed or not to fit another card's memory)
 EXECUTION_KEYS = frozenset({
     "train.device", "train.cuda_graph", "train.channels_last", "train.cudnn_benchmark",
-    "model.compile", "data.root",
+    "model.compile", "model.checkpoint", "model.checkpoint_blocks", "data.root",
     "data.test_root", "data.num_threads", "data.decode_device", "data.augment_device",
     "data.steps_per_run", "data.hw_decoder_load", "data.unlabeled_pipelines"})
 
@@ -370,12 +371,7 @@ def validate(config):
     _validate_reduced(config, mpl)
     if config["method"] == "mpl" and mpl.teacher_weak_no_grad == WEAK_JOINT:
         # the weak view's rows constant in the teacher's forward (mpl_fast.mpl.constant_rows):
-        # a checkpointed block's recomputation in backward, or SyncBatchNorm's statistics across
-        # processes, would run outside it
-        if config["model"]["checkpoint"] in ("teacher", "both"):
-            raise ConfigError("mpl.teacher_weak_no_grad=joint does not go with a checkpointed "
-                              "teacher: set model.checkpoint to none or student, or "
-                              "mpl.teacher_weak_no_grad to false")
+        # SyncBatchNorm's statistics across processes would be computed outside it
         if t["sync_bn"]:
             raise ConfigError("mpl.teacher_weak_no_grad=joint does not go with train.sync_bn "
                               "(SyncBatchNorm computes its statistics outside the step's reach)")

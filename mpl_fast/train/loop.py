@@ -108,8 +108,11 @@ class Run:
                                   image_size=self.data.image_size, **model_kw).to(self.device)
             except (ValueError, TypeError) as err:
                 raise TrainError(f"model: {err}") from err
-            if m["checkpoint"] in (role, "both"):
-                checkpoint_blocks(net, limit=m["checkpoint_blocks"])
+            if m["checkpoint"] in (role, "both") and not checkpoint_blocks(
+                    net, limit=m["checkpoint_blocks"]):  # silently nothing would be checkpointed
+                raise TrainError(f"model.checkpoint={m['checkpoint']}: the {role} ({name}) has no "
+                                 "WRN or ResNet blocks to checkpoint (wrn28_2, wrn28_8, resnet50 "
+                                 "have)")
             net = net.to(memory_format=torch.channels_last) if self.channels_last else net
             if self.dist.enabled and t["sync_bn"]:
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
