@@ -10,10 +10,11 @@
 #       setup.py needs) into .whl/ (ignored; carry it: carry [".whl"]). For DALI also run
 #       `bash ../shared/device/dali-wheels.sh` (.dali/p1 .. p5 and install.sh, ~60 MB each).
 #   there:                bash benchmarks/gpu_sitting.sh run [STAGE ...]
-#       STAGE: build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher memory-partial
-#       memory-compiled step-imagenet step-imagenet-compiled step-compiled-default step-compiled data methods
-#       reduced-memory placements gather (default: build tests ops ops-tiles step memory step-imagenet, in that order),
-#       each under its own limit and all under SITTING_SECONDS.
+#       STAGE: build tests tests-ops ops ops-ncu ops-tiles step memory memory-teacher
+#       memory-partial memory-compiled step-imagenet step-imagenet-compiled step-compiled-default
+#       step-compiled data methods reduced-memory placements gather (default: build tests ops
+#       ops-tiles step memory step-imagenet, in that order), each under its own limit and all
+#       under SITTING_SECONDS.
 #       Wheels and DALI parts carried in a call are kept under /tmp
 #       for the later calls on the same warm machine; DALI is installed once all five parts
 #       have come (one part a call: docs/gpu_checklist.md has the call-by-call plan).
