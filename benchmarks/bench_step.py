@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mpl_fast.models.checkpointing import checkpoint_blocks
+from mpl_fast.models.checkpointing import NO_BLOCKS, checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLBatch, MPLConfig, MPLStep
@@ -122,8 +122,7 @@ def our_step(args, device, use_graph=False):
     for role, net in (("teacher", teacher), ("student", student)):
         if args.checkpoint in (role, "both") and checkpoint_blocks(
                 net, limit=args.checkpoint_blocks) == 0:
-            raise ValueError(f"--checkpoint {args.checkpoint}: {args.model} has no WRN or ResNet "
-                             "blocks to checkpoint")
+            raise ValueError(f"--checkpoint {args.checkpoint}: {args.model} has {NO_BLOCKS}")
         compile_net(net, args.compile)
     cfg = MPLConfig(pseudo_labels="argmax", estimator=args.estimator, uda_weight=8.0,
                     uda_temperature=0.7, uda_threshold=0.6, teacher_label_smoothing=0.15,

@@ -655,7 +655,8 @@ def test_bench_step_checkpointing_is_recorded_and_refused_without_blocks(tmp_pat
         assert "--checkpoint-blocks needs" in capsys.readouterr().err
     assert not (tmp_path / "step.jsonl").exists()
     assert cli.main([*common, "--model", "small_cnn", "--checkpoint", "teacher"]) == 2
-    assert "small_cnn has no WRN or ResNet blocks" in capsys.readouterr().err
+    assert "small_cnn has no blocks to checkpoint (WRN or ResNet blocks, or a Sequential" \
+        in capsys.readouterr().err
     assert not (tmp_path / "step.jsonl").exists()  # nothing appended
     with pytest.raises(SystemExit):  # argparse: one line, exit 2
         cli.main([*common, "--model", "small_cnn", "--max-batch"])

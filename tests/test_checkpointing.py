@@ -259,3 +259,60 @@ def test_checkpointed_teacher_with_the_weak_rows_constant_in_the_mpl_step():
         assert s0[role].keys() == s1[role].keys()
         for name, t in s0[role].items():
             assert torch.allclose(t.float(), s1[role][name].float(), rtol=1e-4, atol=1e-5), name
+
+
+class _Residual(torch.nn.Module):
+    """A block as timm builds them: its own sub-modules (a conv and BatchNorm) and parameters."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+def _timm_like():
+    """Stages as Sequentials inside a Sequential (an EfficientNet's layout; a ResNet's layers or a
+    ViT's blocks are one level of it), a one-block stage, and plain runs of layers."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()),  # a stem
+        nn.Sequential(nn.Sequential(_Residual(6), _Residual(6)),
+                      nn.Sequential(_Residual(6)),
+                      nn.Sequential(_Residual(6), _Residual(6), _Residual(6))),
+        nn.Sequential(nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 1)),  # layers, not blocks
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
+
+
+def test_networks_without_our_blocks_checkpoint_their_repeated_blocks():
+    """Without WRN or ResNet blocks, the blocks of the innermost Sequentials of two or more
+    blocks of one kind are checkpointed (timm's ResNet-18, ConvNeXt-atto, EfficientNet-B0 and
+    ViT-tiny: 8, 12, 14 and 12 blocks, gradients and buffers exactly the plain network's, checked
+    with timm 1.0.31 outside CI), BN-aware like ours; a network of plain layers has none."""
+    from mpl_fast.models.checkpointing import default_block_types, repeated_blocks
+    from mpl_fast.models.small_cnn import small_cnn
+
+    torch.manual_seed(8)
+    plain = _timm_like().double()
+    assert len(repeated_blocks(plain)) == 5
+    ckpt = copy.deepcopy(plain)
+    assert checkpoint_blocks(ckpt, limit=2) == 2
+    wrapped = [n for n, m in ckpt.named_modules() if isinstance(m, CheckpointedBlock)]
+    assert wrapped == ["1.0.0", "1.0.1"]  # the first two, in registration order
+    assert checkpoint_blocks(ckpt) == 3 and checkpoint_blocks(ckpt) == 0  # then the rest, once
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    for model in (plain, ckpt):
+        for _ in range(2):
+            model(x).square().mean().backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), n
+    for (n, a), (_, b) in zip(plain.state_dict().items(), ckpt.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert checkpoint_blocks(small_cnn(10, 3)) == 0
+    # our blocks, where a network has them, are what it checkpoints (not its Sequentials)
+    wrn = WideResNet(10, depth=16, widen=1)
+    assert checkpoint_blocks(wrn) == 6
+    assert {type(m.block) for m in wrn.modules() if isinstance(m, CheckpointedBlock)} \
+        == {default_block_types()[0]}

@@ -1248,7 +1248,7 @@ def test_checkpoint_blocks_limits_the_wrapped_blocks_and_is_validated(tmp_path):
         cfg.load("digits", TINY + ["model.checkpoint_blocks=3"])
     # a network without blocks (small_cnn, the default) would run without any checkpoint
     with pytest.raises(TrainError, match=r"^model.checkpoint=student: the student \(small_cnn\) "
-                       "has no WRN or ResNet blocks to checkpoint"):
+                       "has no blocks to checkpoint \\(WRN or ResNet blocks, or a Sequential"):
         Run(cfg.load("digits", TINY + ["model.checkpoint=student"]), tmp_path / "c")
 
 

@@ -108,6 +108,11 @@ def _entered(modes):
         yield
 
 
+# what a network checkpoint_blocks finds nothing in lacks, for the errors that say so
+NO_BLOCKS = ("no blocks to checkpoint (WRN or ResNet blocks, or a Sequential of two or more "
+             "blocks of one kind, as timm's ResNets, ConvNeXts, EfficientNets and ViTs have)")
+
+
 def default_block_types():
     from mpl_fast.models.resnet import _Bottleneck
     from mpl_fast.models.wrn import _Block
@@ -118,12 +123,13 @@ def default_block_types():
 def checkpoint_blocks(model: nn.Module, block_types: Iterable[Type[nn.Module]] = None,
                       limit: Optional[int] = None) -> int:
     """Wrap, in place, the sub-modules of one of `block_types` (default: the WRN and ResNet
-    blocks) in CheckpointedBlocks: all of them, or the first `limit` in the order the network
-    registers them (its forward order for WRN, ResNet and most timm models). The first blocks
-    see the largest feature maps, so they hold the most activation memory for the compute their
-    re-run costs: on WRN-28-2 the first 6 of its 12 blocks cut the saved bytes by 54% for 10%
-    more FLOPs, all 12 by 85% for 20% more (tests/test_checkpointing.py). Returns how many were
-    wrapped."""
+    blocks; in a network without them, the repeated blocks of its Sequentials: `repeated_blocks`,
+    timm's ResNets, ConvNeXts, EfficientNets, ViTs) in CheckpointedBlocks: all of them, or the
+    first `limit` in the order the network registers them (its forward order for WRN, ResNet and
+    most timm models). The first blocks see the largest feature maps, so they hold the most
+    activation memory for the compute their re-run costs: on WRN-28-2 the first 6 of its 12
+    blocks cut the saved bytes by 54% for 10% more FLOPs, all 12 by 85% for 20% more
+    (tests/test_checkpointing.py). Returns how many were wrapped."""
     types = tuple(block_types or default_block_types())
     found = []
 
@@ -136,7 +142,34 @@ def checkpoint_blocks(model: nn.Module, block_types: Iterable[Type[nn.Module]] =
             else:
                 collect(child)
     collect(model)
+    if block_types is None and not any(isinstance(m, types) for m in model.modules()):
+        found = repeated_blocks(model)
     chosen = found if limit is None else found[:limit]
     for parent, name, child in chosen:
         setattr(parent, name, CheckpointedBlock(child))
     return len(chosen)
+
+
+def repeated_blocks(model: nn.Module):
+    """(parent, name, block) for the blocks of the innermost Sequentials that hold two or more
+    modules of one class, each with sub-modules and parameters of its own (a stage of residual
+    blocks, a ViT's blocks; not a plain run of layers), in registration order. Blocks wrapped
+    already count by their class and are left out (a second call wraps the rest)."""
+    def unwrapped(m):
+        return m.block if isinstance(m, CheckpointedBlock) else m
+
+    def is_block(m):
+        m = unwrapped(m)
+        return next(m.children(), None) is not None and next(m.parameters(), None) is not None
+
+    def search(module):  # (whether a Sequential of blocks lies here, its unwrapped blocks)
+        inner = [search(c) for c in module.children() if not isinstance(c, CheckpointedBlock)]
+        if any(held for held, _ in inner):
+            return True, [b for _, blocks in inner for b in blocks]
+        children = list(module.named_children())
+        if isinstance(module, nn.Sequential) and len(children) >= 2 and all(map(is_block, module)) \
+                and len({type(unwrapped(c)) for c in module}) == 1:
+            return True, [(module, n, c) for n, c in children
+                          if not isinstance(c, CheckpointedBlock)]
+        return False, []
+    return search(model)[1]

@@ -14,7 +14,7 @@ from torch.profiler import record_function
 from mpl_fast.data.dali_stream import resume_seed
 from mpl_fast.data.image_folder import DataError
 from mpl_fast.data.sources import build_data, eval_share
-from mpl_fast.models.checkpointing import checkpoint_blocks
+from mpl_fast.models.checkpointing import NO_BLOCKS, checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
@@ -110,9 +110,8 @@ class Run:
                 raise TrainError(f"model: {err}") from err
             if m["checkpoint"] in (role, "both") and not checkpoint_blocks(
                     net, limit=m["checkpoint_blocks"]):  # silently nothing would be checkpointed
-                raise TrainError(f"model.checkpoint={m['checkpoint']}: the {role} ({name}) has no "
-                                 "WRN or ResNet blocks to checkpoint (wrn28_2, wrn28_8, resnet50 "
-                                 "have)")
+                raise TrainError(f"model.checkpoint={m['checkpoint']}: the {role} ({name}) has "
+                                 f"{NO_BLOCKS}")
             net = net.to(memory_format=torch.channels_last) if self.channels_last else net
             if self.dist.enabled and t["sync_bn"]:
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
