@@ -1228,6 +1228,35 @@ def test_an_emulated_replay_sees_the_captured_step_and_what_prepare_replay_wrote
     assert [out["device"] for out in seen] == [0, 1, 2, 3, 4]
 
 
+def test_a_network_that_cannot_take_the_images_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    """A network whose downsampling outruns the data's images (timm's ConvNeXt on the 8x8 digits)
+    stops before the run writes anything, in one line naming it; a network that takes them is
+    left as it was (training mode, buffers unchanged)."""
+    from mpl_fast.train import loop
+
+    real = loop.build_model
+
+    def build(name, classes, channels, **kw):
+        if name == "small_cnn":
+            return real(name, classes, channels, **kw)
+        return nn.Sequential(nn.Conv2d(channels, 4, 9), nn.Flatten(), nn.LazyLinear(classes))
+
+    monkeypatch.setattr(loop, "build_model", build)
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", "2", "--set", "model.student=too_small"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "mpl-fast: error: model: too_small cannot take the data's 1x8x8 images (")
+    assert not out.exists()
+    run = Run(cfg.load("digits", TINY), tmp_path / "fine")
+    assert run.student.training and run.teacher.training
+    fresh = real("small_cnn", 10, 1, image_size=8)
+    for (n, a), b in zip(run.student.state_dict().items(), fresh.state_dict().values()):
+        if "running" in n or "num_batches" in n:
+            assert torch.equal(a, b), n
+
+
 def test_checkpoint_blocks_limits_the_wrapped_blocks_and_is_validated(tmp_path):
     from mpl_fast.models.checkpointing import CheckpointedBlock
 

@@ -108,6 +108,7 @@ class Run:
                                   image_size=self.data.image_size, **model_kw).to(self.device)
             except (ValueError, TypeError) as err:
                 raise TrainError(f"model: {err}") from err
+            _check_takes_images(net, name, in_ch, self.data.image_size, self.device)
             if m["checkpoint"] in (role, "both") and not checkpoint_blocks(
                     net, limit=m["checkpoint_blocks"]):  # silently nothing would be checkpointed
                 raise TrainError(f"model.checkpoint={m['checkpoint']}: the {role} ({name}) has "
@@ -320,6 +321,22 @@ class Run:
                     moved[id(t)] = mv(t)
                 setattr(batch, field, moved[id(t)])
         return batch
+
+
+def _check_takes_images(net, name, channels, size, device):
+    """A network that cannot take the data's images (timm's ConvNeXt on the 8x8 digits: its
+    downsampling outruns them) stops here in one line, not in a traceback at the first step. One
+    image in evaluation mode: no buffer or random state changes."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, channels, size, size, device=device))
+    except RuntimeError as err:
+        raise TrainError(f"model: {name} cannot take the data's {channels}x{size}x{size} images "
+                         f"({str(err).splitlines()[0]})") from err
+    finally:
+        net.train(was_training)
 
 
 def run_from_checkpoint(path, overrides=()):
