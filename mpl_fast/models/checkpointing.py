@@ -167,8 +167,9 @@ def repeated_blocks(model: nn.Module):
         if any(held for held, _ in inner):
             return True, [b for _, blocks in inner for b in blocks]
         children = list(module.named_children())
-        if isinstance(module, nn.Sequential) and len(children) >= 2 and all(map(is_block, module)) \
-                and len({type(unwrapped(c)) for c in module}) == 1:
+        if isinstance(module, nn.Sequential) and len(children) >= 2 \
+                and all(is_block(c) for _, c in children) \
+                and len({type(unwrapped(c)) for _, c in children}) == 1:
             return True, [(module, n, c) for n, c in children
                           if not isinstance(c, CheckpointedBlock)]
         return False, []
