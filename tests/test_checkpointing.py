@@ -30,15 +30,24 @@ def _check_equal(make, shape):
     ckpt = copy.deepcopy(plain)
     assert checkpoint_blocks(ckpt) > 0
     x = torch.randn(*shape, dtype=torch.float64)
+    _assert_trains_alike(plain, ckpt, x)
+    return plain, ckpt, x
+
+
+def _assert_trains_alike(plain, ckpt, x, mode=contextlib.nullcontext, rows=None):
+    """Two training steps of each on x (float64; the loss on its first `rows` rows, under
+    `mode`): the same gradients, and state dicts (BN buffers included) equal key for key."""
     for model in (plain, ckpt):
         model.train()
         for _ in range(2):  # two steps: running statistics compound
-            model(x).square().mean().backward()
+            with mode():
+                z = model(x)
+            z[:rows].square().mean().backward()
     for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), n
-    for (n, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14), n
-    return plain, ckpt, x
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    for (n, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), n
 
 
 def test_wrn_checkpointed_equals_plain_and_counts_bn_once():
@@ -101,16 +110,7 @@ def test_checkpointed_blocks_recompute_under_the_forwards_function_modes():
     ckpt = copy.deepcopy(plain)
     checkpoint_blocks(ckpt)
     x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
-    for model in (plain, ckpt):
-        model.train()
-        for _ in range(2):
-            with constant_rows(6, 2):
-                z = model(x)
-            z[:4].square().mean().backward()
-    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), n
-    for (n, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14), n
+    _assert_trains_alike(plain, ckpt, x, mode=lambda: constant_rows(6, 2), rows=4)
     tracked = [int(b) for n, b in ckpt.named_buffers() if n.endswith("num_batches_tracked")]
     assert set(tracked) == {2}
 
@@ -232,14 +232,7 @@ def test_checkpointing_a_limited_number_of_blocks_equals_plain():
     plain = WideResNet(10, depth=16, widen=1).double()
     ckpt = copy.deepcopy(plain)
     assert checkpoint_blocks(ckpt, limit=2) == 2
-    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    for model in (plain, ckpt):
-        for _ in range(2):
-            model(x).square().mean().backward()
-    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), n
-    for (n, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
-        assert torch.equal(a, b), n
+    _assert_trains_alike(plain, ckpt, torch.randn(4, 3, 16, 16, dtype=torch.float64))
 
 
 def test_checkpointed_teacher_with_the_weak_rows_constant_in_the_mpl_step():
@@ -302,14 +295,7 @@ def test_networks_without_our_blocks_checkpoint_their_repeated_blocks():
     wrapped = [n for n, m in ckpt.named_modules() if isinstance(m, CheckpointedBlock)]
     assert wrapped == ["1.0.0", "1.0.1"]  # the first two, in registration order
     assert checkpoint_blocks(ckpt) == 3 and checkpoint_blocks(ckpt) == 0  # then the rest, once
-    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
-    for model in (plain, ckpt):
-        for _ in range(2):
-            model(x).square().mean().backward()
-    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), n
-    for (n, a), (_, b) in zip(plain.state_dict().items(), ckpt.state_dict().items()):
-        assert torch.equal(a, b), n
+    _assert_trains_alike(plain, ckpt, torch.randn(3, 3, 8, 8, dtype=torch.float64))
     assert checkpoint_blocks(small_cnn(10, 3)) == 0
     # our blocks, where a network has them, are what it checkpoints (not its Sequentials)
     wrn = WideResNet(10, depth=16, widen=1)
