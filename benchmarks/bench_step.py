@@ -1,7 +1,7 @@
 """The MPL step's speed against what a user writes by hand.
 
     mpl-fast bench step --model wrn28_2|resnet50|<timm name> [--batch-size B] [--mu M]
-                        [--image-size S] [--estimator E] [--weak-no-grad [joint]]
+                        [--image-size S] [--estimator E] [--weak-no-grad [joint|shared]]
                         [--ce-old-forward separate|joint] [--no-graph]
                         [--compile MODE] [--checkpoint WHICH] [--checkpoint-blocks N]
                         [--max-batch] [--cudnn-benchmark] [--work-only] ...
@@ -10,7 +10,8 @@ Measures, in one run and on one card: ours (MPLStep with the fused ops, bf16 aut
 channels_last, fused SGD, optionally the networks compiled, and the whole step captured in one CUDA
 graph; the teacher's weak view as the trainer runs it by default, apart without autograd for a
 teacher without BatchNorm only, or with --weak-no-grad for any teacher, or with --weak-no-grad
-joint in the joint forward with its rows outside autograd); (a) a plain PyTorch MPL
+joint in the joint forward with its rows outside autograd, or with --weak-no-grad shared apart,
+normalised with the labeled + strong forward's BN statistics); (a) a plain PyTorch MPL
 step written here as a user would (autocast bf16, channels_last, torch SGD, kekmodel-style
 losses), eager; (b) the same step with both networks under
 torch.compile(mode="max-autotune-no-cudagraphs", or --reference-compile) and the whole step in one
@@ -310,13 +311,15 @@ def main(argv=None):
     p.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
     p.add_argument("--estimator", default="loss_diff", choices=["loss_diff", "dot"],
                    help="our step's feedback estimator (default: %(default)s)")
-    p.add_argument("--weak-no-grad", nargs="?", const=True, default=False, choices=["joint"],
-                   metavar="joint",
+    p.add_argument("--weak-no-grad", nargs="?", const=True, default=False,
+                   choices=["joint", "shared"], metavar="joint|shared",
                    help="the teacher's weak view in a forward of its own without autograd, "
                    "whatever the teacher (default: only for one without BatchNorm, as the "
                    "trainer; with BatchNorm it changes training: docs/cifar10.md); "
                    "'--weak-no-grad joint': in the joint forward, its rows outside autograd "
-                   "(mpl.teacher_weak_no_grad=joint)")
+                   "(mpl.teacher_weak_no_grad=joint); '--weak-no-grad shared': apart, "
+                   "normalised with the labeled + strong forward's BN statistics "
+                   "(mpl.teacher_weak_no_grad=shared)")
     p.add_argument("--ce-old-forward", default="separate", choices=["separate", "joint"],
                    help="our student's CE_old: from a labeled forward of its own without autograd "
                         "(the paper preset) or from its training forward on x_us + x_l, as the "
@@ -374,7 +377,7 @@ def main(argv=None):
         p.error("--max-batch needs a CUDA device (it probes for out-of-memory)")
     if args.work_only and args.max_batch:
         p.error("--work-only times nothing and probes nothing: leave out --max-batch")
-    # ours as the trainer runs it (mpl.teacher_weak_no_grad: auto, or joint): the weak view apart
+    # ours as the trainer runs it (mpl.teacher_weak_no_grad: auto, joint or shared): apart
     # for a teacher without BatchNorm, where it computes the same, even without --weak-no-grad
     if not uses_batch_statistics(build_model(args.model, args.num_classes, 3)):
         args.weak_no_grad = True

@@ -580,32 +580,35 @@ def test_bench_step_counts_what_each_variant_computes(tmp_path, capsys, monkeypa
 def test_bench_step_runs_ours_with_the_trainers_default_weak_view(tmp_path):
     """Without --weak-no-grad, ours takes the weak view as mpl.teacher_weak_no_grad 'auto' does:
     apart for a teacher without BatchNorm (the mlp: the same work as with the flag, and as with
-    'joint', which takes the forward apart there too), in the joint forward for one with it (the
-    WRN case is in the test above)."""
+    'joint' and 'shared', which take the forward apart there too), in the joint forward for one
+    with it (the WRN case is in the test above)."""
     common = ["bench", "step", "--model", "mlp", "--batch-size", "2", "--mu", "3",
               "--image-size", "8", "--device", "cpu", "--work-only", "--out", str(tmp_path)]
-    for extra in ([], ["--weak-no-grad"], ["--weak-no-grad", "joint"]):
+    for extra in ([], ["--weak-no-grad"], ["--weak-no-grad", "joint"],
+                  ["--weak-no-grad", "shared"]):
         assert cli.main([*common, *extra]) == 0
     records = [json.loads(line) for line in (tmp_path / "step_work.jsonl").read_text()
                .splitlines()]
-    assert [r["weak_no_grad"] for r in records] == [True] * 3  # what the step ran
+    assert [r["weak_no_grad"] for r in records] == [True] * 4  # what the step ran
     assert all(r["gflops_by_variant"] == records[0]["gflops_by_variant"] for r in records)
 
 
 def test_bench_step_weak_view_in_the_joint_forward_without_autograd(tmp_path, capsys):
     """--weak-no-grad joint: a BatchNorm teacher's weak view in the joint forward with its rows
-    outside autograd, counted as the forward apart's work (and less than the joint forward's);
-    any other word after the flag is refused."""
+    outside autograd, and --weak-no-grad shared, apart with the other views' statistics, each
+    counted as the forward apart's work (and less than the joint forward's); any other word
+    after the flag is refused."""
     common = ["bench", "step", "--model", "small_cnn", "--batch-size", "2", "--mu", "3",
               "--image-size", "8", "--device", "cpu", "--work-only", "--out", str(tmp_path)]
-    for extra in ([], ["--weak-no-grad"], ["--weak-no-grad", "joint"]):
+    for extra in ([], ["--weak-no-grad"], ["--weak-no-grad", "joint"],
+                  ["--weak-no-grad", "shared"]):
         assert cli.main([*common, *extra]) == 0
-    joint_forward, apart, rows_constant = [
+    joint_forward, apart, rows_constant, shared = [
         json.loads(line) for line in (tmp_path / "step_work.jsonl").read_text().splitlines()]
-    assert [r["weak_no_grad"] for r in (joint_forward, apart, rows_constant)] == [
-        False, True, "joint"]
+    assert [r["weak_no_grad"] for r in (joint_forward, apart, rows_constant, shared)] == [
+        False, True, "joint", "shared"]
     assert rows_constant["gflops_by_variant"]["ours"] == apart["gflops_by_variant"]["ours"] \
-        < joint_forward["gflops_by_variant"]["ours"]
+        == shared["gflops_by_variant"]["ours"] < joint_forward["gflops_by_variant"]["ours"]
     with pytest.raises(SystemExit):
         cli.main([*common, "--weak-no-grad", "apart"])
     assert "invalid choice: 'apart'" in capsys.readouterr().err

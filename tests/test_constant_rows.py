@@ -253,7 +253,7 @@ def test_config_takes_joint_and_names_the_choices():
     from mpl_fast.train import config as cfg
 
     assert MPLConfig(teacher_weak_no_grad="joint").teacher_weak_no_grad == "joint"
-    with pytest.raises(ValueError, match="must be true, false, auto or joint"):
+    with pytest.raises(ValueError, match="must be true, false, auto, joint or shared"):
         MPLConfig(teacher_weak_no_grad="apart")
     # a run's config: a later --set replaces an earlier one of another kind, and a wrong word
     # names the choices whatever came before it
@@ -267,7 +267,7 @@ def test_config_takes_joint_and_names_the_choices():
         cfg.load("digits", [f"{key}=joint", f"model.checkpoint={checkpointed}"])
     for before in ([], [f"{key}=true"]):
         with pytest.raises(cfg.ConfigError, match=key + r" must be one of \[False, True, 'auto', "
-                           r"'joint'\], got 'apart'"):
+                           r"'joint', 'shared'\], got 'apart'"):
             cfg.load("digits", before + [f"{key}=apart"])
 
 

@@ -10,6 +10,8 @@ MPL_TERMS = ("score", "official_soft")
 CE_OLD_FORWARDS = ("separate", "joint")
 AUTO = "auto"
 WEAK_JOINT = "joint"  # teacher_weak_no_grad: the weak view's rows constant in the joint forward
+WEAK_SHARED = "shared"  # teacher_weak_no_grad: apart, with the labeled + strong batch's statistics
+WEAK_MODES = (AUTO, WEAK_JOINT, WEAK_SHARED)  # teacher_weak_no_grad's values besides true, false
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,12 @@ class MPLConfig:
                      'joint': the weak view stays in the joint forward (the same values and BN
                      statistics as false) with its rows outside autograd (mpl_fast.mpl.
                      constant_rows: about the backward work `true` saves; the teacher's gradient
-                     leaves out how the weak view's activations move the BN statistics). Same as
-                     true for a teacher without batch statistics.
+                     leaves out how the weak view's activations move the BN statistics).
+                     'shared': the weak view apart as with true, normalised layer by layer with
+                     the labeled + strong forward's batch statistics (mpl_fast.mpl.
+                     shared_statistics: true's work; both views of an image see one
+                     normalisation, as in the joint forward, whose statistics also count the
+                     weak view). Both same as true for a teacher without batch statistics.
     ce_old_forward:  where CE_old, the student's labeled loss before its step, comes from:
                      'separate' (a forward of x_l of its own with the old weights, without
                      autograd and not counted in the BN running statistics: normalised with the
@@ -78,7 +84,7 @@ class MPLConfig:
         # Types first, so a value like 'none' (YAML's null is `null`) fails with its key named.
         for field in dataclasses.fields(self):
             if field.name == "teacher_weak_no_grad":
-                continue  # true, false, 'auto' or 'joint': checked below
+                continue  # true, false or one of WEAK_MODES: checked below
             value, optional = getattr(self, field.name), type(None) in get_args(field.type)
             kind = next(a for a in get_args(field.type) if a is not type(None)) if optional \
                 else field.type
@@ -96,9 +102,9 @@ class MPLConfig:
             if kind is float and not math.isfinite(value):  # NaN would pass every range test
                 bad(field.name, f"must be finite, got {value}")
         if not (isinstance(self.teacher_weak_no_grad, bool)
-                or self.teacher_weak_no_grad in (AUTO, WEAK_JOINT)):
-            bad("teacher_weak_no_grad", f"must be true, false, {AUTO} or {WEAK_JOINT}, got "
-                f"{self.teacher_weak_no_grad!r}")
+                or self.teacher_weak_no_grad in WEAK_MODES):
+            bad("teacher_weak_no_grad", f"must be true, false, {', '.join(WEAK_MODES[:-1])} or "
+                f"{WEAK_MODES[-1]}, got {self.teacher_weak_no_grad!r}")
         if self.pseudo_labels not in PSEUDO_LABELS:
             bad("pseudo_labels", f"must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}")
         if self.pseudo_label_view not in ("strong", "weak"):

@@ -39,8 +39,9 @@ _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 def check_network(model: nn.Module, what: str) -> None:
     """ValueError where a layer would compute batch statistics outside F.batch_norm (so the
-    constant rows would get their gradient back, or the statistics would differ). Checkpointed
-    blocks (mpl_fast.models.checkpointing) recompute under the mode the forward ran under."""
+    constant rows would get their gradient back, or the statistics would differ; for
+    shared_statistics, the weak view would be normalised with its own). Checkpointed blocks
+    (mpl_fast.models.checkpointing) recompute under the mode the forward ran under."""
     for name, m in model.named_modules():
         if isinstance(m, nn.SyncBatchNorm):
             raise ValueError(f"{what}: SyncBatchNorm ({name}) is not supported: it computes "
@@ -49,8 +50,7 @@ def check_network(model: nn.Module, what: str) -> None:
             continue
         if keeps_running_statistics(m):
             raise ValueError(f"{what}: {name or 'the network'} ({type(m).__name__}) keeps batch "
-                             "statistics outside BatchNorm; the weak view's rows cannot be made "
-                             "constant in its joint forward")
+                             "statistics outside BatchNorm, out of this setting's reach")
 
 
 def _with_zero_tail(grad_head, like):

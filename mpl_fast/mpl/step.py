@@ -18,8 +18,9 @@ from torch.profiler import record_function
 from mpl_fast import ops
 from mpl_fast.mpl import feedback, nonfinite
 from mpl_fast.mpl.bn import frozen_bn_stats, uses_batch_statistics
-from mpl_fast.mpl.config import AUTO, WEAK_JOINT, MPLConfig
+from mpl_fast.mpl.config import AUTO, WEAK_JOINT, WEAK_SHARED, MPLConfig
 from mpl_fast.mpl.constant_rows import check_network, constant_rows
+from mpl_fast.mpl.shared_statistics import SharedStatistics
 
 # the profiler ranges an MPLStep records, in order (see mpl_fast.train.profiling);
 # teacher_forward also holds the teacher's losses and the pseudo labels
@@ -98,7 +99,9 @@ def teacher_views(teacher: nn.Module, batch: MPLBatch, weak_no_grad, weak_read: 
       running statistics (those come from the labeled + strong forward, once a step); z_uw is
       None there where nothing reads it (weak_read false);
     - 'joint': one forward of the three, the weak view's rows last and outside autograd
-      (mpl_fast.mpl.constant_rows): the values and statistics of False, a backward without them.
+      (mpl_fast.mpl.constant_rows): the values and statistics of False, a backward without them;
+    - 'shared': as True, the weak view normalised with the labeled + strong forward's batch
+      statistics (mpl_fast.mpl.shared_statistics) instead of its own.
     """
     t_l, t_uw, t_us = batch.teacher_inputs()
     n_l, n_u = t_l.shape[0], t_us.shape[0]
@@ -109,6 +112,12 @@ def teacher_views(teacher: nn.Module, batch: MPLBatch, weak_no_grad, weak_read: 
         return z_l, z_uw.detach(), z_us
     if not weak_no_grad:
         return teacher(torch.cat([t_l, t_uw, t_us])).split([n_l, n_u, n_u])
+    if weak_no_grad == WEAK_SHARED and weak_read:
+        shared = SharedStatistics()
+        with shared.recorded():
+            z_l, z_us = teacher(torch.cat([t_l, t_us])).split([n_l, n_u])
+        with torch.no_grad(), shared.applied(teacher):
+            return z_l, teacher(t_uw), z_us
     z_l, z_us = teacher(torch.cat([t_l, t_us])).split([n_l, n_u])
     if not weak_read:
         return z_l, None, z_us
@@ -149,13 +158,13 @@ class MPLStep(nn.Module):
                          if config.baseline_decay is not None else None)
         # config.teacher_weak_no_grad resolved: 'auto' is on where it changes nothing (a teacher
         # without batch statistics computes each image alike whichever forward it is in), and
-        # so is 'joint' there, where the forward apart computes the same for less
+        # so are 'joint' and 'shared' there, where the forward apart computes the same
         wanted = config.teacher_weak_no_grad
-        if wanted in (AUTO, WEAK_JOINT) and not uses_batch_statistics(teacher):
+        if wanted in (AUTO, WEAK_JOINT, WEAK_SHARED) and not uses_batch_statistics(teacher):
             wanted = True
         self.weak_no_grad = False if wanted == AUTO else wanted
-        if self.weak_no_grad == WEAK_JOINT:
-            check_network(teacher, "mpl.teacher_weak_no_grad=joint")
+        if self.weak_no_grad in (WEAK_JOINT, WEAK_SHARED):
+            check_network(teacher, f"mpl.teacher_weak_no_grad={self.weak_no_grad}")
         # whether anything reads the teacher's weak view (UDA's targets, weak pseudo labels)
         self.weak_view_read = config.uda_weight > 0 or config.pseudo_label_view == "weak"
         # True: an optimizer step whose losses are not finite is skipped on the device (no host

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from mpl_fast.data.placement import DECODE_DEVICES, DEVICES, placement
-from mpl_fast.mpl.config import AUTO, WEAK_JOINT, MPLConfig, preset as mpl_preset
+from mpl_fast.mpl.config import WEAK_JOINT, WEAK_MODES, WEAK_SHARED, MPLConfig, \
+    preset as mpl_preset
 from mpl_fast.train.graphed import WARMUP_STEPS as GRAPH_WARMUP_STEPS
 
 
@@ -108,7 +109,7 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "off"),
     "train.channels_last": ("auto", True, False),
     "train.cuda_graph": (False, True, "emulate"),
-    "mpl.teacher_weak_no_grad": (False, True, AUTO, WEAK_JOINT),
+    "mpl.teacher_weak_no_grad": (False, True) + WEAK_MODES,
     "data.decode_device": DECODE_DEVICES,
     "data.augment_device": DEVICES,
 }
@@ -369,12 +370,14 @@ def validate(config):
                           f"got {t['profile_from']}")
     mpl = mpl_config(config)  # MPL settings: validated by MPLConfig itself
     _validate_reduced(config, mpl)
-    if config["method"] == "mpl" and mpl.teacher_weak_no_grad == WEAK_JOINT:
-        # the weak view's rows constant in the teacher's forward (mpl_fast.mpl.constant_rows):
-        # SyncBatchNorm's statistics across processes would be computed outside it
+    if config["method"] == "mpl" and mpl.teacher_weak_no_grad in (WEAK_JOINT, WEAK_SHARED):
+        # the weak view's rows constant in the teacher's forward (mpl_fast.mpl.constant_rows), or
+        # normalised with the other views' statistics (shared_statistics): SyncBatchNorm's
+        # statistics across processes would be computed outside either
         if t["sync_bn"]:
-            raise ConfigError("mpl.teacher_weak_no_grad=joint does not go with train.sync_bn "
-                              "(SyncBatchNorm computes its statistics outside the step's reach)")
+            raise ConfigError(f"mpl.teacher_weak_no_grad={mpl.teacher_weak_no_grad} does not go "
+                              "with train.sync_bn (SyncBatchNorm computes its statistics outside "
+                              "the step's reach)")
 
 
 REDUCED = "reduced"  # model.teacher: Reduced MPL's teacher

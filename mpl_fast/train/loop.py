@@ -18,7 +18,7 @@ from mpl_fast.models.checkpointing import NO_BLOCKS, checkpoint_blocks
 from mpl_fast.models.compiling import compile_net
 from mpl_fast.models.registry import build_model
 from mpl_fast.mpl import MPLStep
-from mpl_fast.mpl.config import WEAK_JOINT
+from mpl_fast.mpl.config import WEAK_JOINT, WEAK_SHARED
 from mpl_fast.ops import backend
 from mpl_fast.progress import ProgressLines
 from mpl_fast.train import checkpoint, config as cfg_mod, distributed, optim, schedules
@@ -413,8 +413,10 @@ def start_line(config, described, run, resume) -> str:
     resolved = getattr(run.step_fn, "weak_no_grad", False)
     weak = ("" if not resolved
             else " (weak view in the joint forward, without autograd)" if resolved == WEAK_JOINT
-            else " (weak view apart, without autograd)" if run.step_fn.weak_view_read
-            else " (weak view unread: not computed)")
+            else " (weak view unread: not computed)" if not run.step_fn.weak_view_read
+            else " (weak view apart, without autograd, with the other views' BN statistics)"
+            if resolved == WEAK_SHARED
+            else " (weak view apart, without autograd)")
     return (f"{method_label(config)} on {d['name']} ({described['labeled']} labeled of "
             f"{described['train']}, {described['test']} test), {nets}, batch {d['batch_size']}"
             + (f" + {d['mu']}x unlabeled{weak}" if config["method"] == "mpl" else "")
