@@ -88,11 +88,12 @@ def _colour(c, i):
     return (40 + 60 * c, 30 + 30 * i, 200 - 50 * c)
 
 
-@pytest.mark.parametrize("weak", [True, "joint"], ids=["weak_apart", "weak_joint"])
+@pytest.mark.parametrize("weak", [True, "joint", "shared"],
+                         ids=["weak_apart", "weak_joint", "weak_shared"])
 def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses(weak):
     """#7's fastest path (model.compile + train.cuda_graph): inductor's kernels captured with
-    the rest of the step, the gradient-free weak view (apart, or its rows constant in the joint
-    forward) and frozen-BN forwards included (each a variant dynamo compiles during the eager
+    the rest of the step, the gradient-free weak view (apart, its rows constant in the joint
+    forward, or apart with the other views' statistics) and frozen-BN forwards included (each a variant dynamo compiles during the eager
     warm-up steps, none during capture)."""
     from mpl_fast.models.compiling import compile_net
     from mpl_fast.train.graphed import GraphedStep
@@ -111,11 +112,13 @@ def test_compiled_networks_in_a_cuda_graph_give_the_eager_losses(weak):
     assert graphed.graph is not None
 
 
-@pytest.mark.parametrize("weak", [False, "joint"], ids=["weak_in_autograd", "weak_joint"])
+@pytest.mark.parametrize("weak", [False, "joint", "shared"],
+                         ids=["weak_in_autograd", "weak_joint", "weak_shared"])
 def test_compiled_checkpointed_networks_in_a_cuda_graph_give_the_eager_losses(weak):
     """model.compile + model.checkpoint=both + train.cuda_graph: each checkpoint traced as
-    dynamo's higher-order op (or, with the weak rows constant, run eagerly and recomputed under
-    that mode), the recomputation captured in the graph's backward."""
+    dynamo's higher-order op (or, under a torch-function mode, the weak rows constant or the
+    statistics recorded, run eagerly and recomputed under that mode), the recomputation captured
+    in the graph's backward."""
     from mpl_fast.models.checkpointing import checkpoint_blocks
     from mpl_fast.models.compiling import compile_net
     from mpl_fast.models.wrn import WideResNet

@@ -188,6 +188,40 @@ def test_bf16_autocast_keeps_the_dtype_and_stays_near_float32():
     assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_teacher_gives_the_eager_views():
+    """model.compile: dynamo traces both modes (the statistics recorded in the compiled
+    training forward, applied in the compiled forward apart; no graph break): the eager views,
+    gradient and buffers."""
+    from torch._dynamo.utils import counters
+
+    from mpl_fast.models.compiling import compile_net
+    from mpl_fast.models.wrn import WideResNet
+    from mpl_fast.mpl import MPLBatch
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(19)
+    net = WideResNet(5, depth=10, widen=1).train()
+    g = torch.Generator().manual_seed(20)
+    x = lambda n: torch.randn(n, 3, 16, 16, generator=g)  # noqa: E731
+    b = MPLBatch(x(4), torch.randint(0, 5, (4,), generator=g), x(6), x(6))
+    results = []
+    for compiled in (False, True):
+        teacher = copy.deepcopy(net)
+        if compiled:
+            compile_net(teacher, "default")
+        for _ in range(2):  # the second call runs the compiled code without compiling
+            teacher.zero_grad()
+            z_l, z_uw, z_us = teacher_views(teacher, b, "shared")
+            (z_l.logsumexp(1).sum() + z_us[:, 0].sum()).backward()
+        results.append([z_l, z_uw, z_us] + [p.grad for p in teacher.parameters()]
+                       + list(teacher.buffers()))
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
+    for a, b_ in zip(*results):
+        assert torch.allclose(a.float(), b_.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

@@ -73,9 +73,11 @@ def _into_the_block(state_dict, prefix, *_):
         state_dict[prefix + "block." + key[len(prefix):]] = state_dict.pop(key)
 
 
-# Under torch.compile this runs eagerly (its inner frames compiled as frames of their own): a
-# torch-function mode active (constant_rows's) would be re-entered by no compiled recomputation,
-# and inside the traced higher-order op an autograd.Function's own backward is not used.
+# Under torch.compile this runs eagerly (its inner frames compiled as frames of their own) where a
+# torch-function mode is active (constant_rows's, shared_statistics'): dynamo hands the traced
+# checkpoint, a higher-order op, to the mode and runs the mode's handler with the mode popped, so
+# the block's layers would be traced without it (torch 2.14: the plain network's gradient), and
+# entering the mode inside the checkpointed function is refused as a side effect.
 @torch.compiler.disable(recursive=False)
 def _checkpoint_eagerly(block, x):
     first_pass = []  # BN tracking flags of the original forward
