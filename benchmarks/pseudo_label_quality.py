@@ -1,7 +1,7 @@
 """How good are the pseudo labels a run's student learns from?
 
     python benchmarks/pseudo_label_quality.py RUN_OR_CHECKPOINT [--batches N] [--set KEY=VALUE ...]
-                                              [--teacher-bn eval|joint|apart] [--out DIR]
+                                              [--teacher-bn eval|joint|apart|shared] [--out DIR]
 
 An MPL (or UDA-only) student sees no labels until it is finetuned: it learns from labels its
 teacher draws on the unlabeled images' strong views (the `paper` preset samples them from the
@@ -16,7 +16,8 @@ uda_threshold) with the top-1 of the rows it keeps. The teacher's BatchNorm laye
 their running statistics (--teacher-bn eval, the default) or, as a training step does, with the
 batch's statistics (running statistics left alone): of the labeled, weak and strong views
 together (joint), or of the labeled and strong views together and the weak view apart (apart, as
-with mpl.teacher_weak_no_grad). One JSON line is appended to OUT/pseudo_labels.jsonl with the
+with mpl.teacher_weak_no_grad=true), or of the labeled and strong views together, the weak view
+apart normalised with them (shared, as with mpl.teacher_weak_no_grad=shared). One JSON line is appended to OUT/pseudo_labels.jsonl with the
 checkpoint, its step, device, versions and date.
 """
 import sys
@@ -62,7 +63,9 @@ def finish(sums):
 # --teacher-bn: how the teacher's BatchNorm layers normalise (the record's `teacher_bn`)
 TEACHER_BN = {"eval": "eval (running statistics)",
               "joint": "batch statistics, labeled, weak and strong views together",
-              "apart": "batch statistics, labeled and strong views together, weak view apart"}
+              "apart": "batch statistics, labeled and strong views together, weak view apart",
+              "shared": "batch statistics, labeled and strong views together, weak view apart "
+                        "normalised with theirs"}
 
 
 def teacher_logits(teacher, batch, bn):
@@ -77,15 +80,17 @@ def teacher_logits(teacher, batch, bn):
         return teacher(t_uw), teacher(t_us)
     teacher.train()
     with frozen_bn_stats(teacher):
-        _, z_uw, z_us = teacher_views(teacher, batch, weak_no_grad=bn == "apart")
+        _, z_uw, z_us = teacher_views(teacher, batch,
+                                      weak_no_grad={"joint": False, "apart": True}.get(bn, bn))
     return z_uw, z_us
 
 
 def _add_arguments(parser):
     parser.add_argument("--teacher-bn", choices=sorted(TEACHER_BN), default="eval",
                         help="the teacher's BatchNorm: running statistics (eval), or a training "
-                        "step's batch statistics with the weak view in the batch (joint) or apart "
-                        "(apart) (default: %(default)s)")
+                        "step's batch statistics with the weak view in the batch (joint), apart "
+                        "(apart), or apart normalised with the other views' statistics (shared) "
+                        "(default: %(default)s)")
 
 
 def main(argv=None):

@@ -97,7 +97,8 @@ def test_the_script_on_a_run_appends_one_record(tmp_path, capsys):
 
 def test_teacher_logits_normalise_as_each_bn_setting_says():
     """eval: running statistics; joint: one batch of the three views; apart: the labeled and
-    strong views in one batch, the weak view in its own; running statistics never move."""
+    strong views in one batch, the weak view in its own; shared: the weak view normalised with
+    the labeled and strong views' statistics; running statistics never move."""
     from torch import nn
 
     from mpl_fast.mpl import MPLBatch
@@ -112,7 +113,7 @@ def test_teacher_logits_normalise_as_each_bn_setting_says():
     x_us = x_uw * 2 + 0.5  # the strong view: another distribution, so the batches differ
     b = MPLBatch(x_l, torch.zeros(5, dtype=torch.int64), x_uw, x_us)
     with torch.no_grad():
-        got = {bn: teacher_logits(net, b, bn) for bn in ("eval", "joint", "apart")}
+        got = {bn: teacher_logits(net, b, bn) for bn in ("eval", "joint", "apart", "shared")}
         for k, v in net.state_dict().items():
             assert torch.equal(v, saved[k]), k
         net.eval()
@@ -123,10 +124,16 @@ def test_teacher_logits_normalise_as_each_bn_setting_says():
         want_joint = (joint[5:12], joint[12:])
         want_apart = (net(x_uw), net(torch.cat([x_l, x_us]))[5:])
         net.load_state_dict(stats)
-    for bn, want in (("eval", want_eval), ("joint", want_joint), ("apart", want_apart)):
+        h = net[0](torch.cat([x_l, x_us]))
+        bn = net[1]
+        h_uw = (net[0](x_uw) - h.mean(0)) / (h.var(0, unbiased=False) + bn.eps).sqrt()
+        want_shared = (net[3](torch.relu(h_uw * bn.weight + bn.bias)), want_apart[1])
+    for bn, want in (("eval", want_eval), ("joint", want_joint), ("apart", want_apart),
+                     ("shared", want_shared)):
         for g, w in zip(got[bn], want):
             assert torch.allclose(g, w, rtol=1e-12, atol=1e-12), bn
     assert not torch.allclose(got["apart"][0], got["joint"][0])
+    assert not torch.allclose(got["shared"][0], got["apart"][0])
     assert not torch.allclose(got["eval"][0], got["joint"][0])
 
 
