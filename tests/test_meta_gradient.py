@@ -398,8 +398,8 @@ def test_config_rejects_bad_values(bad):
     ("mpl_weight", "2", "must be a number, got '2'"),
     ("uda_ramp_steps", 1.5, "must be an integer"),
     ("feedback_sign", True, "must be an integer"),
-    ("teacher_weak_no_grad", 1, "must be true, false, auto or joint, got 1"),
-    ("teacher_weak_no_grad", "yes", "must be true, false, auto or joint, got 'yes'"),
+    ("teacher_weak_no_grad", 1, "must be true, false, auto, joint or shared, got 1"),
+    ("teacher_weak_no_grad", "yes", "must be true, false, auto, joint or shared, got 'yes'"),
     ("estimator", 3, "must be a string"),
 ])
 def test_config_names_the_key_of_a_value_of_the_wrong_type(key, value, message):
