@@ -17,8 +17,8 @@ their running statistics (--teacher-bn eval, the default) or, as a training step
 batch's statistics (running statistics left alone): of the labeled, weak and strong views
 together (joint), or of the labeled and strong views together and the weak view apart (apart, as
 with mpl.teacher_weak_no_grad=true), or of the labeled and strong views together, the weak view
-apart normalised with them (shared, as with mpl.teacher_weak_no_grad=shared). One JSON line is appended to OUT/pseudo_labels.jsonl with the
-checkpoint, its step, device, versions and date.
+apart normalised with them (shared, as with mpl.teacher_weak_no_grad=shared). One JSON line is
+appended to OUT/pseudo_labels.jsonl with the checkpoint, its step, device, versions and date.
 """
 import sys
 from pathlib import Path

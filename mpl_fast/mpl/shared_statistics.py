@@ -13,8 +13,9 @@ F.batch_norm's batch mean and inverse standard deviation (torch's native_batch_n
 them with its output: no extra pass, the same values, gradient and running-statistics update as
 F.batch_norm); `.applied(model)` around the forward without autograd normalises the n-th
 training-mode F.batch_norm of the network with the n-th recorded statistics, leaving the running
-statistics and the batch counters alone. Any network built from torch's layers needs no change; a layer that computes batch
-statistics some other way (SyncBatchNorm) is refused by constant_rows.check_network.
+statistics and the batch counters alone. Any network built from torch's layers needs no change;
+a layer that computes batch statistics some other way (SyncBatchNorm) is refused by
+constant_rows.check_network.
 """
 import contextlib
 
