@@ -184,7 +184,7 @@ class constant_rows(TorchFunctionMode):
             a = _bind_linear(*args, **kwargs)
             return _autocast(_Linear.apply, x, a["weight"], a["bias"], self.head)
         if func is F.batch_norm:
-            a = _bind_batch_norm(*args, **kwargs)
+            a = bind_batch_norm(*args, **kwargs)
             if a["training"]:
                 return _BatchNorm.apply(x, a["weight"], a["bias"], a["running_mean"],
                                         a["running_var"], a["momentum"], a["eps"], self.head)
@@ -219,7 +219,8 @@ def _bind_linear(input, weight, bias=None):
     return dict(weight=weight, bias=bias)
 
 
-def _bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                     momentum=0.1, eps=1e-5):
+def bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5):
+    """F.batch_norm's arguments but its input, by name (also for shared_statistics)."""
     return dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
                 training=training, momentum=momentum, eps=eps)

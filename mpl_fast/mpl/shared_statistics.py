@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mpl_fast.mpl.bn import frozen_bn_stats
+from mpl_fast.mpl.constant_rows import bind_batch_norm
 
 
 class SharedStatistics:
@@ -49,7 +50,8 @@ def _training_batch_norm(func, args, kwargs):
     """F.batch_norm's arguments as a dict where the call normalises with batch statistics."""
     if func is not F.batch_norm:
         return None
-    a = _bind_batch_norm(*args, **kwargs)
+    a = bind_batch_norm(*args, **kwargs)
+    a["input"] = args[0] if args else kwargs["input"]
     return a if a["training"] else None
 
 
@@ -106,9 +108,3 @@ class _Applying(TorchFunctionMode):
         if a["bias"] is not None:
             y = y + a["bias"].to(wide).view(shape)
         return y.to(x.dtype)
-
-
-def _bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                     momentum=0.1, eps=1e-5):
-    return dict(input=input, running_mean=running_mean, running_var=running_var, weight=weight,
-                bias=bias, training=training, momentum=momentum, eps=eps)

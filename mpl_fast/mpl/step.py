@@ -112,16 +112,12 @@ def teacher_views(teacher: nn.Module, batch: MPLBatch, weak_no_grad, weak_read: 
         return z_l, z_uw.detach(), z_us
     if not weak_no_grad:
         return teacher(torch.cat([t_l, t_uw, t_us])).split([n_l, n_u, n_u])
-    if weak_no_grad == WEAK_SHARED and weak_read:
-        shared = SharedStatistics()
-        with shared.recorded():
-            z_l, z_us = teacher(torch.cat([t_l, t_us])).split([n_l, n_u])
-        with torch.no_grad(), shared.applied(teacher):
-            return z_l, teacher(t_uw), z_us
-    z_l, z_us = teacher(torch.cat([t_l, t_us])).split([n_l, n_u])
+    shared = SharedStatistics() if weak_no_grad == WEAK_SHARED and weak_read else None
+    with shared.recorded() if shared else contextlib.nullcontext():
+        z_l, z_us = teacher(torch.cat([t_l, t_us])).split([n_l, n_u])
     if not weak_read:
         return z_l, None, z_us
-    with torch.no_grad(), frozen_bn_stats(teacher):
+    with torch.no_grad(), shared.applied(teacher) if shared else frozen_bn_stats(teacher):
         return z_l, teacher(t_uw), z_us
 
 
