@@ -12,6 +12,9 @@ AUTO = "auto"
 WEAK_JOINT = "joint"  # teacher_weak_no_grad: the weak view's rows constant in the joint forward
 WEAK_SHARED = "shared"  # teacher_weak_no_grad: apart, with the labeled + strong batch's statistics
 WEAK_MODES = (AUTO, WEAK_JOINT, WEAK_SHARED)  # teacher_weak_no_grad's values besides true, false
+# the settings that reach the teacher's BatchNorm through a torch-function mode (SyncBatchNorm,
+# whose statistics are computed outside F.batch_norm, refused)
+WEAK_THROUGH_BATCH_NORM = (WEAK_JOINT, WEAK_SHARED)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from torch.profiler import record_function
 from mpl_fast import ops
 from mpl_fast.mpl import feedback, nonfinite
 from mpl_fast.mpl.bn import frozen_bn_stats, uses_batch_statistics
-from mpl_fast.mpl.config import AUTO, WEAK_JOINT, WEAK_SHARED, MPLConfig
+from mpl_fast.mpl.config import (AUTO, WEAK_JOINT, WEAK_MODES, WEAK_SHARED,
+                                  WEAK_THROUGH_BATCH_NORM, MPLConfig)
 from mpl_fast.mpl.constant_rows import check_network, constant_rows
 from mpl_fast.mpl.shared_statistics import SharedStatistics
 
@@ -156,10 +157,10 @@ class MPLStep(nn.Module):
         # without batch statistics computes each image alike whichever forward it is in), and
         # so are 'joint' and 'shared' there, where the forward apart computes the same
         wanted = config.teacher_weak_no_grad
-        if wanted in (AUTO, WEAK_JOINT, WEAK_SHARED) and not uses_batch_statistics(teacher):
+        if wanted in WEAK_MODES and not uses_batch_statistics(teacher):
             wanted = True
         self.weak_no_grad = False if wanted == AUTO else wanted
-        if self.weak_no_grad in (WEAK_JOINT, WEAK_SHARED):
+        if self.weak_no_grad in WEAK_THROUGH_BATCH_NORM:
             check_network(teacher, f"mpl.teacher_weak_no_grad={self.weak_no_grad}")
         # whether anything reads the teacher's weak view (UDA's targets, weak pseudo labels)
         self.weak_view_read = config.uda_weight > 0 or config.pseudo_label_view == "weak"

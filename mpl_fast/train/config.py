@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from mpl_fast.data.placement import DECODE_DEVICES, DEVICES, placement
-from mpl_fast.mpl.config import WEAK_JOINT, WEAK_MODES, WEAK_SHARED, MPLConfig, \
+from mpl_fast.mpl.config import WEAK_MODES, WEAK_THROUGH_BATCH_NORM, MPLConfig, \
     preset as mpl_preset
 from mpl_fast.train.graphed import WARMUP_STEPS as GRAPH_WARMUP_STEPS
 
@@ -370,7 +370,7 @@ def validate(config):
                           f"got {t['profile_from']}")
     mpl = mpl_config(config)  # MPL settings: validated by MPLConfig itself
     _validate_reduced(config, mpl)
-    if config["method"] == "mpl" and mpl.teacher_weak_no_grad in (WEAK_JOINT, WEAK_SHARED):
+    if config["method"] == "mpl" and mpl.teacher_weak_no_grad in WEAK_THROUGH_BATCH_NORM:
         # the weak view's rows constant in the teacher's forward (mpl_fast.mpl.constant_rows), or
         # normalised with the other views' statistics (shared_statistics): SyncBatchNorm's
         # statistics across processes would be computed outside either
