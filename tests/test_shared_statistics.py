@@ -38,6 +38,30 @@ def test_rows_normalised_with_their_batchs_statistics_are_that_batchs_rows():
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("name", ["resnet18d", "efficientnet_b0", "densenet121"])
+def test_timm_networks_record_each_batch_norm_and_apply_it(name):
+    """timm's own normalisation layers (BatchNormAct2d in EfficientNet, BN in DenseNet's
+    concatenating blocks) reach F.batch_norm too: the same property as above, every layer
+    counted (not in CI, which has no timm)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(21)
+    net = timm.create_model(name, num_classes=10).double().train()
+    n_layers = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    x = torch.randn(6, 3, 64, 64, dtype=torch.double)
+    plain = copy.deepcopy(net)
+    want = plain(x)
+    shared = SharedStatistics()
+    with shared.recorded():
+        z = net(x)
+    with torch.no_grad(), shared.applied(net):
+        z_apart = net(x[[4, 1]])
+    assert len(shared.statistics) == n_layers > 10
+    assert torch.equal(z, want)
+    assert torch.allclose(z_apart, want[[4, 1]], rtol=1e-10, atol=1e-10)
+    for got, expected in zip(net.buffers(), plain.buffers()):
+        assert torch.equal(got, expected)
+
+
 def test_the_forward_apart_is_not_normalised_with_its_own_statistics():
     """The weak view's rows differ from the forward of that view alone (its own statistics,
     mpl.teacher_weak_no_grad=true), and from a joint forward of all the rows."""
