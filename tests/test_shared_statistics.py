@@ -50,16 +50,14 @@ def test_timm_networks_record_each_batch_norm_and_apply_it(name):
     x = torch.randn(6, 3, 64, 64, dtype=torch.double)
     plain = copy.deepcopy(net)
     want = plain(x)
-    shared = SharedStatistics()
-    with shared.recorded():
-        z = net(x)
-    with torch.no_grad(), shared.applied(net):
-        z_apart = net(x[[4, 1]])
-    assert len(shared.statistics) == n_layers > 10
+    z, z_apart, buffers = _recorded_then_applied(net, x, x[[4, 1]])
     assert torch.equal(z, want)
     assert torch.allclose(z_apart, want[[4, 1]], rtol=1e-10, atol=1e-10)
-    for got, expected in zip(net.buffers(), plain.buffers()):
+    for got, expected in zip(buffers, plain.buffers()):
         assert torch.equal(got, expected)
+    with SharedStatistics().recorded() as recording:  # every layer counted
+        net(x)
+    assert len(recording.statistics) == n_layers > 10
 
 
 def test_the_forward_apart_is_not_normalised_with_its_own_statistics():
