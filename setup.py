@@ -3,7 +3,9 @@
 The extension is compiled against the torch that is already installed (build with
 `pip install --no-build-isolation ...`), so the same source builds CPU-only and CUDA variants.
 """
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,12 +19,26 @@ ROOT = Path(__file__).resolve().parent
 # pyproject.toml's license is an SPDX string (PEP 639): older setuptools reject it with a
 # schema error, newer ones deprecate the table form it replaced (an error from 2027-02-18)
 MIN_SETUPTOOLS = 77
+# torch.compile's checkpoint (the higher-order op the checkpointed blocks are traced as) replays
+# the BatchNorm buffer updates in its recomputation before torch 2.9: statistics counted twice
+# (tests/test_checkpointing.py failed with 2.5, 2.6 and 2.8, passed with 2.9.1, 2.10 and newer)
+MIN_TORCH = (2, 9)
 
 
 def _check_setuptools(version: str) -> None:
     if int(version.split(".")[0]) < MIN_SETUPTOOLS:
         sys.exit(f"mpl-fast build needs setuptools>={MIN_SETUPTOOLS}, found {version}: "
                  f"pip install 'setuptools>={MIN_SETUPTOOLS}', then install mpl-fast again")
+
+
+def _check_torch(version: str) -> None:
+    """Stops before the build where the installed torch is too old: the extension is compiled
+    against it, and pip would replace it only after the build (an extension for the wrong torch)."""
+    major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
+    if (major, minor) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        sys.exit(f"mpl-fast needs torch>={need}, found {version}: pip install 'torch>={need}', "
+                 "then install mpl-fast again")
 
 
 def _nvcc():
@@ -73,6 +89,10 @@ class CMakeBuild(build_ext):
 
 if __name__ == "__main__":  # (as setuptools' build backend runs it; a test imports it)
     _check_setuptools(setuptools.__version__)
+    try:
+        _check_torch(importlib.metadata.version("torch"))
+    except importlib.metadata.PackageNotFoundError:
+        pass  # build_ext says to install torch first
     setup(
         ext_modules=[CMakeExtension("mpl_fast._C")],
         cmdclass={"build_ext": CMakeBuild},

@@ -32,6 +32,11 @@ def pytest_configure(config):
     value = os.environ.setdefault(seeds.ENV, str(random.SystemRandom().randrange(2**31)))
     if not value.isdigit():
         raise pytest.UsageError(f"{seeds.ENV} must be a non-negative integer, got {value!r}")
+    from mpl_fast.ops.backend import interpreter_problem
+
+    problem = interpreter_problem()  # the kernels' CPU tests would all fail, each saying less
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 def pytest_terminal_summary(terminalreporter):

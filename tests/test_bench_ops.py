@@ -102,7 +102,8 @@ def test_bench_ops_kernels_says_where_each_call_goes(tmp_path, capsys):
     assert any("SoftCrossEntropy" in name for name in names["soft_cross_entropy"])
     assert any("UdaLoss" in name for name in names["uda_loss"])
     eager = [name for name, _ in rows["soft_cross_entropy"]["kernels"]["eager"]]
-    assert any("log_softmax" in name for name in eager), eager
+    # eager's own ops (which of them makes the costliest eight on a CPU varies with the torch)
+    assert any("log_softmax" in name or "nll_loss" in name for name in eager), eager
     assert capsys.readouterr().out.count("    ours: ") == 3
     # no device kernels off CUDA: our kernel's own share is not made up from CPU ops
     for r in rows.values():

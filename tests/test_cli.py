@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import torch
+
 from mpl_fast import __version__
 
 
@@ -58,6 +60,33 @@ def test_a_backend_the_ops_cannot_run_stops_a_command_before_any_work(tmp_path, 
         monkeypatch.delenv("MPL_FAST_BACKEND")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_stops_a_command_before_any_work(
+        tmp_path, monkeypatch, capsys):
+    """triton 3.6's interpreter with numpy 2.4 failed in every persistent kernel's loop (triton
+    3.1's returned garbage labels): on CPU tensors under TRITON_INTERPRET=1 a command stops in one
+    line naming the fix; with MPL_FAST_BACKEND=torch the kernels are not used, and nothing says so."""
+    from mpl_fast import cli
+    from mpl_fast.ops import backend
+
+    conflict = backend.interpreter_conflict("3.6.0", "2.4.6")
+    assert "triton 3.6.0" in conflict and "numpy 2.4.6" in conflict and "'numpy<2.4'" in conflict
+    for fine in (("3.7.1", "2.4.6"), ("3.6.0", "2.3.5"), ("3.10.0", "2.10.1"), ("3.1.0", "1.26.4")):
+        assert backend.interpreter_conflict(*fine) is None, fine
+    assert backend.interpreter_conflict("3.6.0", "2.10.0")  # 2.10 > 2.4: compared as numbers
+    monkeypatch.setattr(backend, "_installed_conflict", lambda: conflict)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert conflict in err and err.count("\n") == 1, err
+    assert not out.exists()
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    backend.check(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter off: no conflict to report
+    monkeypatch.delenv("MPL_FAST_BACKEND")
+    backend.check(torch.device("cpu"))
 
 def test_commands_that_write_shared_files_refuse_torchrun(tmp_path, monkeypatch, capsys):
     """Under torchrun every process ran two-moons and the benchmarks (each writing the same

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_train import _run_ok
 
@@ -50,10 +51,12 @@ def test_the_group_outlives_shutdown_and_the_process_ends_without_teardown(tmp_p
     done = _run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", str(script)], env)
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    # the group's threads (3 under torch 2.13, 2 under torch 2.11) still there after shutdown
+    # the group's threads (3 under torch 2.13, 2 under torch 2.11; torch 2.9 names none of them,
+    # so there only the rest is checked) still there after shutdown
     found = [re.fullmatch(r"rank (\d) total 2 gloo threads (\d+) -> (\d+)", line) for line in lines]
     assert [m and m[1] for m in found] == ["0", "1"], done.stdout
-    assert all(int(m[2]) >= 2 and m[2] == m[3] for m in found), done.stdout
+    named = tuple(int(v) for v in torch.__version__.split(".")[:2]) > (2, 9)
+    assert all((int(m[2]) >= 2 or not named) and m[2] == m[3] for m in found), done.stdout
     assert "interpreter teardown" not in done.stdout
 
 

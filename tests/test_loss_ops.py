@@ -1150,3 +1150,24 @@ def test_interpreted_kernels_warn_nothing(use, backend, c):
     assert torch.equal(labels.labels, x.argmax(1))
     assert torch.allclose(xg.grad.double(), x64.grad, atol=1e-5)
     assert torch.allclose((2 * hard + 3 * soft + uda).double(), want, atol=1e-4)
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_named_at_the_call(monkeypatch):
+    """Where the installed triton's interpreter fails with the installed numpy, a loss op on CPU
+    tensors under TRITON_INTERPRET=1 says so (triton 3.1 returned garbage argmax labels, 3.5 and
+    3.6 failed deep inside Triton), and the torch backend still runs."""
+    from mpl_fast.ops import backend
+
+    conflict = backend.interpreter_conflict("3.5.1", "2.4.6")
+    monkeypatch.setattr(backend, "_installed_conflict", lambda: conflict)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    logits = torch.randn(3, 7)
+    for name in (None, "triton"):
+        if name:
+            monkeypatch.setenv("MPL_FAST_BACKEND", name)
+        with pytest.raises(RuntimeError, match=r"triton 3\.5\.1's interpreter .* numpy 2\.4\.6"):
+            ops.pseudo_labels(logits)
+        with pytest.raises(RuntimeError, match="'numpy<2.4'"):
+            ops.uda_loss(logits, logits.clone().requires_grad_())
+    monkeypatch.setenv("MPL_FAST_BACKEND", "torch")
+    assert torch.equal(ops.pseudo_labels(logits).labels, logits.argmax(1))

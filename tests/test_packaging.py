@@ -48,3 +48,24 @@ def test_metadata_builds_without_a_warning(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     info = tmp_path / done.stdout.strip().splitlines()[-1] / "METADATA"
     assert "License-Expression: Apache-2.0" in info.read_text()
+
+
+def test_an_older_torch_stops_the_build_with_one_line():
+    """Before torch 2.9 compiled checkpoints count BatchNorm statistics twice: the build stops
+    there, before the extension is compiled against a torch pip would then replace."""
+    setup = _setup_module()
+    need = ".".join(map(str, setup["MIN_TORCH"]))
+    for old in ("2.8.0", "2.5.1+cu124", "1.13.1"):
+        with pytest.raises(SystemExit) as stop:
+            setup["_check_torch"](old)
+        message = str(stop.value.code)
+        assert "\n" not in message and old in message and f"torch>={need}" in message
+    for fine in (f"{need}.1", "2.10.0a0+git1234567", "2.13.0+cpu", "3.0.0"):
+        setup["_check_torch"](fine)
+
+
+def test_the_torch_floor_is_the_same_everywhere_it_is_stated():
+    need = ".".join(map(str, _setup_module()["MIN_TORCH"]))
+    build, project = (ROOT / "pyproject.toml").read_text().split("[project]")
+    assert f'"torch>={need}"' in build and f'"torch>={need}"' in project
+    assert f"any build >= {need}" in (ROOT / "README.md").read_text()

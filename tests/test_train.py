@@ -2,6 +2,7 @@
 SIGKILL (also during a save), non-finite skipping, outputs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,7 +229,13 @@ def _run_ok(cmd, env, **kwargs):
     launch's tail names the rank and the error), not only its exit status."""
     done = subprocess.run(cmd, capture_output=True, timeout=600, env=env, text=True, **kwargs)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-4000:]}"
+    # torch 2.9's gloo prints a line of its own on stdout as each process joins a group
+    done.stdout = "".join(line for line in done.stdout.splitlines(keepends=True)
+                          if not GLOO_JOINED.match(line))
     return done
+
+
+GLOO_JOINED = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
 
 
 def _train_cmd(out, steps, *extra):

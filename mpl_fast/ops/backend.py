@@ -5,7 +5,11 @@
   torch   the plain-torch reference beside each op
 unset     the best available: compiled/Triton kernels where they can run, else the reference
 """
+import functools
+import importlib.metadata
 import os
+import re
+from typing import Optional
 
 import torch
 
@@ -26,12 +30,45 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _major_minor(version: str):
+    return tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def interpreter_conflict(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels, or None. Before triton 3.7 it converts
+    one-element arrays to Python ints, which numpy 2.4 refuses: every persistent kernel's loop
+    fails (seen with triton 3.5 and 3.6; triton 3.1 also returned garbage labels)."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
+                f"{numpy_version}: pip install 'numpy<2.4', or triton>=3.7")
+    return None
+
+
+def interpreter_problem() -> Optional[str]:
+    """interpreter_conflict for the installed triton and numpy, where the interpreter is on."""
+    return _installed_conflict() if triton_interpreted() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_conflict() -> Optional[str]:
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # no Triton kernels at all: their import says so
+    import numpy
+
+    return interpreter_conflict(triton_version, numpy.__version__)
+
+
 def triton_usable(t: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU tensors only through the interpreter."""
     return _triton_runs_on(t.device.type)
 
 
 def _triton_runs_on(device_type: str) -> bool:
+    problem = interpreter_problem() if device_type == "cpu" else None
+    if problem:  # one clear line rather than wrong results or an error deep in Triton
+        raise RuntimeError(problem)
     return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
 
 
@@ -44,6 +81,9 @@ def check(device: torch.device) -> None:
     """Raise ValueError (before any work) where MPL_FAST_BACKEND names no backend, or one whose
     loss kernels cannot run on `device`'s tensors."""
     name = requested()
+    problem = interpreter_problem() if device.type == "cpu" and name != "torch" else None
+    if problem:
+        raise ValueError(problem)
     if name in ("triton", "cuda") and not _triton_runs_on(device.type):
         raise ValueError(_cannot_run(name, device.type))
 
