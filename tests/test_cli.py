@@ -61,7 +61,6 @@ def test_a_backend_the_ops_cannot_run_stops_a_command_before_any_work(tmp_path, 
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-
 def test_an_interpreter_that_cannot_run_the_kernels_stops_a_command_before_any_work(
         tmp_path, monkeypatch, capsys):
     """triton 3.6's interpreter with numpy 2.4 failed in every persistent kernel's loop (triton
@@ -87,6 +86,7 @@ def test_an_interpreter_that_cannot_run_the_kernels_stops_a_command_before_any_w
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter off: no conflict to report
     monkeypatch.delenv("MPL_FAST_BACKEND")
     backend.check(torch.device("cpu"))
+
 
 def test_commands_that_write_shared_files_refuse_torchrun(tmp_path, monkeypatch, capsys):
     """Under torchrun every process ran two-moons and the benchmarks (each writing the same
